@@ -1,0 +1,25 @@
+"""VITA-Audio model core: wav -> audio ids (encoder) -> LLM + MCTP (llm, generate) -> audio ids -> wav (decoder).
+
+Pure PyTorch + transformers; never imports Ray. Importing this package registers the `qwen2_mtp`
+model type with transformers' Auto classes, so `AutoModelForCausalLM.from_pretrained(dir)` works
+on VITA-Audio checkpoints without `trust_remote_code`.
+"""
+from __future__ import annotations
+
+from pipeline.llm import Qwen2MTPConfig, Qwen2MTPForCausalLM, load_llm
+
+__all__ = ["Qwen2MTPConfig", "Qwen2MTPForCausalLM", "load_llm", "load_encoder", "load_decoder"]
+
+
+def load_encoder(path, device="cpu", dtype=None):
+    """Load a glm-4-voice-tokenizer folder as a `SpeechTokenizer` (waveform -> 12.5 Hz audio ids)."""
+    from pipeline.encoder import load_encoder as _load
+
+    return _load(path, device=device, dtype=dtype)
+
+
+def load_decoder(path, device="cpu", dtype=None):
+    """Load a glm-4-voice-decoder folder as a `SpeechDecoder` (audio ids -> 22.05 kHz waveform)."""
+    from pipeline.decoder import load_decoder as _load
+
+    return _load(path, device=device, dtype=dtype)

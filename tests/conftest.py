@@ -1,0 +1,61 @@
+"""Shared fixtures: paths to ../shared, the tiny model set, and one Ray instance per test session.
+
+Ray settings follow ../shared/research/environment.md §7 (short temp dir, small object store, no
+dashboard) so the suite stays fast and two suites can run side by side.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("VITA_AUDIO_SHARED", REPO.parent / "shared"))
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"shared folder not found at {SHARED} (set VITA_AUDIO_SHARED)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """The built-in tiny set (llm/, encoder/, decoder/), written once per session in released formats."""
+    from pipeline.tiny import write_tiny_set
+
+    out = tmp_path_factory.mktemp("tiny-models")
+    write_tiny_set(out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray per session with 3 logical GPUs (one per pipeline stage)."""
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="vr", dir="/tmp")
+    ray.init(
+        num_cpus=2,
+        num_gpus=3,
+        include_dashboard=False,
+        object_store_memory=256 * 2**20,
+        log_to_driver=False,
+        _temp_dir=temp,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
