@@ -1,0 +1,580 @@
+"""GLM-4-Voice speech tokenizer: 16 kHz speech -> 12.5 Hz audio ids (spec §4).
+
+Data path, for one 30 s window of a clip:
+
+    waveform (L,) --WhisperFeatureExtractor--> log-mel (128, T_f) at 100 Hz
+      -> causal conv1 (k3) + GELU -> causal conv2 (k3, stride 2) + GELU  -> (T_f/2, D) at 50 Hz
+      -> + embed_positions -> `quantize_position` Whisper encoder layers (pre-LN), block-causal mask
+         (a frame sees its own 200-frame block and everything before it, never padding)
+      -> average pooling by 4 after layer `pooling_position`               -> (T_f/8, D) at 12.5 Hz
+      -> nearest codebook vector (squared L2) after layer `quantize_position` -> ids (T_f/8,)
+
+The encoder layers are transformers' own `WhisperEncoderLayer` (same weights, names and pre-LN
+numerics as the original `WhisperVQEncoderLayer`); the features are transformers'
+`WhisperFeatureExtractor` configured from the checkpoint folder. `SpeechTokenizer` adds what the
+original `extract_speech_token` does around the model (30 s windows, padding to a multiple of one
+token, keeping the valid tokens) and batches clips of different lengths in one forward with
+results identical to tokenizing them one by one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from huggingface_hub.dataclasses import strict
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import WhisperConfig, WhisperFeatureExtractor
+from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer, sinusoids
+
+from pipeline.audio import AudioError, load_audio
+
+__all__ = [
+    "WhisperVQConfig",
+    "WhisperVQEncoder",
+    "SpeechTokenizer",
+    "load_encoder",
+    "write_tiny_encoder",
+    "write_random_encoder",
+    "tiny_encoder_config",
+]
+
+# generic PreTrainedConfig fields that transformers 5 adds to to_dict() but the released config.json lacks
+_NOT_IN_RELEASED_CONFIG = {
+    "dtype", "_name_or_path", "chunk_size_feed_forward", "id2label", "label2id", "output_attentions",
+    "output_hidden_states", "problem_type", "return_dict", "suppress_tokens", "tie_word_embeddings",
+}
+TRAINING_ONLY_KEYS = ("ema_count", "ema_weight")  # EMA codebook statistics: in the release, unused here
+KEY_PREFIXES = ("model.encoder.", "encoder.", "model.")  # tolerated in front of every key
+
+
+@strict
+class WhisperVQConfig(WhisperConfig):
+    """`WhisperConfig` plus the GLM-4-Voice pooling/quantizer fields (released config.json, model_type "whisper")."""
+
+    model_type = "whisper"
+
+    pooling_kernel_size: int | None = None
+    pooling_type: str = "max"
+    pooling_position: int = 0  # pool after this many layers (0: never)
+    quantize_vocab_size: int | None = None
+    quantize_position: int = 16  # quantize after this many layers
+    quantize_commit_coefficient: float | int = 0.25
+    quantize_loss_scale: float | int = 1.0
+    quantize_ema_decay: float | None = None  # set -> the EMA buffers exist in the state dict
+    quantize_restart_interval: int | None = None
+    quantize_encoder_only: bool = False  # True: only layers < quantize_position exist, no final layer_norm
+    quantize_causal_encoder: bool = False
+    quantize_causal_block_size: int | None = None  # in 50 Hz frames; 200 = 4 s
+    skip_language_detection: bool = False
+    encoder_causal_attention: bool = False
+    encoder_causal_convolution: bool = False
+
+
+def _validate(config: WhisperVQConfig) -> None:
+    if config.quantize_vocab_size is None or config.quantize_vocab_size < 1:
+        raise ValueError(f"quantize_vocab_size must be a positive int, got {config.quantize_vocab_size!r}")
+    if config.quantize_position < 1:
+        raise ValueError(f"quantize_position must be >= 1, got {config.quantize_position}")
+    if not config.quantize_encoder_only and config.quantize_position > config.encoder_layers:
+        raise ValueError(
+            f"quantize_position {config.quantize_position} > encoder_layers {config.encoder_layers}"
+        )
+    if config.pooling_kernel_size is not None:
+        if config.pooling_type not in ("avg", "max"):
+            raise ValueError(f"pooling_type must be 'avg' or 'max', got {config.pooling_type!r}")
+        if config.pooling_position > config.quantize_position:
+            raise ValueError(
+                f"pooling_position {config.pooling_position} must not exceed quantize_position "
+                f"{config.quantize_position} (the quantizer works on pooled frames)"
+            )
+
+
+class CausalConv1d(nn.Conv1d):
+    """Conv1d padded on the left only, so frame t never sees frames after t."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0)
+        self.left_padding = self.dilation[0] * (kernel_size - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(nn.functional.pad(x, (self.left_padding, 0)))
+
+
+def attention_bias(
+    frame_mask: torch.Tensor, block_size: int | None, causal: bool, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive attention bias (B, 1, T, T): 0 where query t may see key s, dtype-min elsewhere.
+
+    A query sees a key when the key is a real frame (frame_mask) and, if `causal`, s <= t; with a
+    `block_size`, s <= t or s in t's block (block-causal); otherwise every real frame.
+    """
+    B, T = frame_mask.shape
+    t = torch.arange(T, device=frame_mask.device)
+    if causal:
+        allowed = t[None, :] <= t[:, None]
+    elif block_size is not None:
+        block = t // block_size
+        allowed = (t[None, :] <= t[:, None]) | (block[None, :] == block[:, None])
+    else:
+        allowed = torch.ones(T, T, dtype=torch.bool, device=frame_mask.device)
+    allowed = allowed[None] & frame_mask[:, None, :].bool()  # (B, T, T)
+    bias = torch.zeros(B, 1, T, T, dtype=dtype, device=frame_mask.device)
+    return bias.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+
+def vector_quantize(hidden: torch.Tensor, codebook: torch.Tensor, rows_per_chunk: int = 8192) -> torch.Tensor:
+    """Index of the nearest codebook row (squared L2) for every vector of hidden (..., D) -> (...).
+
+    Uses the original's ||c||^2 + ||x||^2 - 2 x.c in float32 so near-ties resolve the same way.
+    """
+    flat = hidden.reshape(-1, hidden.shape[-1]).float()  # (N, D)
+    codebook = codebook.float()
+    codebook_sqr = torch.sum(codebook**2, dim=1)  # (V,)
+    ids = []
+    for chunk in flat.split(rows_per_chunk):
+        distances = torch.addmm(codebook_sqr + torch.sum(chunk**2, dim=1, keepdim=True), chunk, codebook.t(),
+                                alpha=-2.0, beta=1.0)  # (n, V)
+        ids.append(torch.min(distances, dim=1).indices)
+    return torch.cat(ids).reshape(hidden.shape[:-1])
+
+
+@dataclass
+class WhisperVQOutput:
+    token_ids: torch.Tensor  # (B, N) long, N = T_f / (conv stride * pooling kernel)
+    token_mask: torch.Tensor  # (B, N) bool: token comes from real audio
+    pre_vq_hidden: torch.Tensor  # (B, N, D) the states that enter the quantizer
+
+
+class WhisperVQEncoder(nn.Module):
+    """The WhisperVQ encoder up to its quantizer; state-dict names as in the released model.safetensors."""
+
+    def __init__(self, config: WhisperVQConfig):
+        super().__init__()
+        _validate(config)
+        if config._attn_implementation is None:
+            config._attn_implementation = "sdpa"
+        self.config = config
+        D = config.d_model
+        conv = CausalConv1d if config.encoder_causal_convolution else _CenteredConv1d
+        self.conv1 = conv(config.num_mel_bins, D, kernel_size=3)
+        self.conv2 = conv(D, D, kernel_size=3, stride=2)
+        self.embed_positions = nn.Embedding(config.max_source_positions, D)
+        # Only the layers before the quantizer decide the ids; later ones (if a checkpoint has them) are skipped.
+        self.layers = nn.ModuleList(WhisperEncoderLayer(config) for _ in range(config.quantize_position))
+        pools = bool(config.pooling_kernel_size) and config.pooling_position >= 1
+        self.pool_kernel = config.pooling_kernel_size if pools else 1
+        self.pool_after = config.pooling_position if pools else 0  # after this many layers (0: never)
+        self.pooling = {"avg": nn.AvgPool1d, "max": nn.MaxPool1d}[config.pooling_type](self.pool_kernel) \
+            if self.pool_after else None
+        self.codebook = nn.Embedding(config.quantize_vocab_size, D)
+        self.embed_positions2 = nn.Embedding(math.ceil(config.max_source_positions / self.pool_kernel), D)
+        self.causal = bool(config.encoder_causal_attention or config.quantize_causal_encoder)
+
+    @property
+    def frame_stride(self) -> int:
+        """Feature frames (100 Hz) per encoder frame."""
+        return self.conv1.stride[0] * self.conv2.stride[0]
+
+    @property
+    def token_stride(self) -> int:
+        """Feature frames (100 Hz) per token."""
+        return self.frame_stride * self.pool_kernel
+
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        attention_mask: torch.Tensor,
+        feature_lengths: torch.Tensor | None = None,
+    ) -> WhisperVQOutput:
+        """input_features (B, n_mels, T_f), attention_mask (B, T_f) 1 = real frame -> ids (B, T_f / token_stride).
+
+        feature_lengths (B,): each row's own padded length when rows of different windows are batched;
+        frames past it are zeroed where the convolutions' and the pooling's zero padding would be, so a
+        row gives the same result as running it alone at that length.
+        """
+        B, _, T_f = input_features.shape
+        if T_f % self.token_stride:
+            raise ValueError(f"input_features length {T_f} must be a multiple of {self.token_stride} frames")
+        if T_f // self.frame_stride > self.config.max_source_positions:
+            raise ValueError(
+                f"input_features has {T_f} frames, more than max_source_positions "
+                f"{self.config.max_source_positions} x {self.frame_stride} (30 s windows)"
+            )
+        if attention_mask is None or attention_mask.shape != (B, T_f):
+            raise ValueError(f"attention_mask must have shape {(B, T_f)}, got "
+                             f"{None if attention_mask is None else tuple(attention_mask.shape)}")
+        dtype = self.conv1.weight.dtype
+        lengths = feature_lengths if feature_lengths is not None else torch.full((B,), T_f)
+        lengths = lengths.to(input_features.device)
+
+        x = nn.functional.gelu(self.conv1(input_features.to(dtype)))  # (B, D, T_f)
+        lengths = lengths // self.conv1.stride[0]
+        x = _zero_past(x, lengths, dim=2)
+        x = nn.functional.gelu(self.conv2(x))  # (B, D, T)
+        lengths = lengths // self.conv2.stride[0]
+        x = x.transpose(1, 2)  # (B, T, D)
+        T = x.shape[1]
+        x = x + self.embed_positions.weight[:T]
+
+        frame_mask = attention_mask[:, :: self.frame_stride].bool()  # (B, T)
+        block = self.config.quantize_causal_block_size
+        bias = attention_bias(frame_mask, block, self.causal, dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, bias)
+            if i + 1 == self.pool_after:
+                x = _zero_past(x, lengths, dim=1)
+                x = x.transpose(1, 2)  # (B, D, T)
+                if x.shape[-1] % self.pool_kernel:
+                    x = nn.functional.pad(x, (0, self.pool_kernel - x.shape[-1] % self.pool_kernel))
+                x = self.pooling(x).transpose(1, 2)  # (B, T / k, D)
+                lengths = (lengths + self.pool_kernel - 1) // self.pool_kernel
+                frame_mask = frame_mask[:, :: self.pool_kernel]
+                bias = attention_bias(frame_mask, block // self.pool_kernel if block else None, self.causal, dtype)
+        token_ids = vector_quantize(x, self.codebook.weight)  # (B, N)
+        return WhisperVQOutput(token_ids=token_ids, token_mask=frame_mask, pre_vq_hidden=x)
+
+
+class _CenteredConv1d(nn.Conv1d):
+    """Whisper's original (non-causal) convolution: padding 1 on both sides."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2)
+
+
+def _zero_past(x: torch.Tensor, lengths: torch.Tensor, dim: int) -> torch.Tensor:
+    """Zero the positions >= lengths[b] along `dim` (a no-op when every length covers the tensor)."""
+    T = x.shape[dim]
+    if bool((lengths >= T).all()):
+        return x
+    keep = torch.arange(T, device=x.device)[None, :] < lengths[:, None]  # (B, T)
+    shape = [x.shape[0], 1, 1]
+    shape[dim] = T
+    return x * keep.reshape(shape).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# the tokenizer: waveform(s) -> ids
+
+
+class SpeechTokenizer:
+    """WhisperFeatureExtractor + WhisperVQEncoder: audio (path, bytes or array) -> list of audio ids.
+
+    One clip is cut into `chunk_length` (30 s) windows; each clip's windows go through the feature
+    extractor together, padded to the clip's longest window and to a multiple of one token (1280
+    samples), exactly as the original `extract_speech_token` does per file. Windows of many clips
+    then share one forward (in groups of `max_batch_windows`), which gives the same ids as
+    tokenizing each clip alone.
+    """
+
+    def __init__(
+        self,
+        model: WhisperVQEncoder,
+        feature_extractor: WhisperFeatureExtractor,
+        *,
+        channel: int | None = 0,
+        max_seconds: float | None = 600.0,
+        max_batch_windows: int = 128,
+    ):
+        if feature_extractor.feature_size != model.config.num_mel_bins:
+            raise ValueError(
+                f"feature extractor has {feature_extractor.feature_size} mel bins, "
+                f"the encoder expects {model.config.num_mel_bins}"
+            )
+        if max_batch_windows < 1:
+            raise ValueError(f"max_batch_windows must be >= 1, got {max_batch_windows}")
+        self.model = model.eval()
+        self.feature_extractor = feature_extractor
+        self.channel = channel
+        self.max_seconds = max_seconds
+        self.max_batch_windows = max_batch_windows
+        self.sample_rate: int = int(feature_extractor.sampling_rate)
+        self.samples_per_token: int = model.token_stride * feature_extractor.hop_length  # 1280
+        self.tokens_per_second: float = self.sample_rate / self.samples_per_token  # 12.5
+        self.window_samples: int = int(feature_extractor.n_samples)  # 30 s
+
+    @property
+    def codebook_size(self) -> int:
+        return self.model.config.quantize_vocab_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.codebook.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.codebook.weight.dtype
+
+    def load(self, audio, sample_rate: int | None = None) -> np.ndarray:
+        """Any accepted audio source -> float32 mono at `sample_rate` (16 kHz)."""
+        return load_audio(audio, sample_rate, target_sample_rate=self.sample_rate, channel=self.channel,
+                          max_seconds=self.max_seconds)
+
+    def tokenize(self, audio, sample_rate: int | None = None) -> list[int]:
+        """One clip (path, encoded bytes, or array with its sample_rate) -> its audio ids (12.5 per second)."""
+        return self.tokenize_batch([audio], [sample_rate])[0]
+
+    def tokenize_batch(self, audios: list, sample_rates: list[int | None] | None = None) -> list[list[int]]:
+        """Several clips of any lengths -> one id list per clip, equal to calling `tokenize` on each."""
+        if not isinstance(audios, (list, tuple)):
+            raise ValueError(f"audios must be a list of clips, got {type(audios).__name__}")
+        if sample_rates is None:
+            sample_rates = [None] * len(audios)
+        if len(sample_rates) != len(audios):
+            raise ValueError(f"sample_rates has {len(sample_rates)} entries for {len(audios)} audios")
+        waveforms = []
+        for i, (audio, rate) in enumerate(zip(audios, sample_rates)):
+            try:
+                waveforms.append(self.load(audio, rate))
+            except AudioError as err:
+                raise AudioError(f"audios[{i}]: {err}" if len(audios) > 1 else str(err)) from None
+        return self.tokenize_waveforms(waveforms)
+
+    def features(self, waveform: np.ndarray) -> dict[str, torch.Tensor]:
+        """One 16 kHz clip -> its windows' model inputs: input_features (W, n_mels, T_f), attention_mask (W, T_f)."""
+        windows = [waveform[start : start + self.window_samples]
+                   for start in range(0, len(waveform), self.window_samples)]
+        batch = self.feature_extractor(
+            windows, sampling_rate=self.sample_rate, return_attention_mask=True, return_tensors="pt",
+            padding="longest", pad_to_multiple_of=self.samples_per_token,
+            device=str(self.device) if self.device.type == "cuda" else "cpu",
+        )
+        return {"input_features": batch["input_features"], "attention_mask": batch["attention_mask"]}
+
+    @torch.inference_mode()
+    def tokenize_waveforms(self, waveforms: list[np.ndarray]) -> list[list[int]]:
+        """16 kHz mono float32 clips -> id lists; all windows of all clips batched by length."""
+        windows = []  # (clip index, window index, features (n_mels, T_f), mask (T_f,))
+        for clip, waveform in enumerate(waveforms):
+            if waveform.ndim != 1 or waveform.size == 0:
+                raise AudioError(f"waveform {clip} must be a non-empty 1-D array, got shape {waveform.shape}")
+            inputs = self.features(waveform)
+            for w in range(inputs["input_features"].shape[0]):
+                windows.append((clip, w, inputs["input_features"][w], inputs["attention_mask"][w]))
+        ids_per_window = {}
+        windows.sort(key=lambda item: -item[2].shape[-1])  # longest first: little padding per forward
+        for start in range(0, len(windows), self.max_batch_windows):
+            group = windows[start : start + self.max_batch_windows]
+            out = self.model(**self._collate(group))
+            ids = out.token_ids.cpu()
+            keep = out.token_mask.cpu()
+            for row, (clip, w, _, _) in enumerate(group):
+                ids_per_window[clip, w] = ids[row][keep[row]].tolist()
+        tokens: list[list[int]] = [[] for _ in waveforms]
+        for clip, w in sorted(ids_per_window):
+            tokens[clip].extend(ids_per_window[clip, w])
+        return tokens
+
+    def _collate(self, group: list) -> dict[str, torch.Tensor]:
+        """Pad windows to the longest along time; keep each window's own length for the model."""
+        T = max(item[2].shape[-1] for item in group)
+        n_mels = group[0][2].shape[0]
+        features = torch.zeros(len(group), n_mels, T)
+        mask = torch.zeros(len(group), T, dtype=torch.long)
+        lengths = torch.zeros(len(group), dtype=torch.long)
+        for row, (_, _, feats, frame_mask) in enumerate(group):
+            features[row, :, : feats.shape[-1]] = feats
+            mask[row, : frame_mask.shape[-1]] = frame_mask
+            lengths[row] = feats.shape[-1]
+        return {
+            "input_features": features.to(self.device, self.dtype),
+            "attention_mask": mask.to(self.device),
+            "feature_lengths": lengths.to(self.device),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# loading the released folder
+
+
+def load_encoder(path, device="cpu", dtype=None, **tokenizer_kwargs) -> SpeechTokenizer:
+    """glm-4-voice-tokenizer folder (config.json, model*.safetensors, preprocessor_config.json) -> SpeechTokenizer.
+
+    Keys may carry a `model.encoder.`/`encoder.`/`model.` prefix; the EMA buffers and any layers
+    after the quantizer (or a final layer_norm / decoder, in a full WhisperVQ checkpoint) are
+    ignored, as the original `load_quantize_encoder` does. Everything else must match exactly.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"encoder path {str(path)!r} is not a folder")
+    for name in ("config.json", "preprocessor_config.json"):
+        if not (folder / name).is_file():
+            raise ValueError(f"encoder folder {folder} has no {name}")
+    weight_files = sorted(folder.glob("model*.safetensors"))
+    if not weight_files:
+        raise ValueError(f"encoder folder {folder} has no model*.safetensors")
+
+    config_dict = json.loads((folder / "config.json").read_text())
+    if config_dict.get("model_type") != "whisper":
+        raise ValueError(f"{folder / 'config.json'}: model_type must be 'whisper', got {config_dict.get('model_type')!r}")
+    config = WhisperVQConfig.from_dict(config_dict)
+    config._attn_implementation = "sdpa"
+    feature_extractor = WhisperFeatureExtractor.from_json_file(str(folder / "preprocessor_config.json"))
+
+    model = WhisperVQEncoder(config)
+    state = {}
+    for file in weight_files:
+        state.update(load_file(str(file)))
+    model.load_state_dict(_map_state_dict(state, model), strict=True)
+    dtype = _resolve_dtype(dtype)
+    model.to(device=torch.device(device), dtype=dtype)
+    return SpeechTokenizer(model, feature_extractor, **tokenizer_kwargs)
+
+
+def _map_state_dict(state: dict[str, torch.Tensor], model: WhisperVQEncoder) -> dict[str, torch.Tensor]:
+    """Checkpoint keys -> our parameter names; asserts the key set and every shape."""
+    expected = model.state_dict()
+    prefix = next((p for p in KEY_PREFIXES if any(k.startswith(p + "conv1.") for k in state)), "")
+    mapped, ignored = {}, []
+    for key, tensor in state.items():
+        name = key[len(prefix):] if prefix and key.startswith(prefix) else key
+        if name in expected:
+            if tuple(tensor.shape) != tuple(expected[name].shape):
+                raise ValueError(f"checkpoint {key}: shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(expected[name].shape)}")
+            mapped[name] = tensor
+        elif _ignorable(name, model.config.quantize_position) or (prefix and not key.startswith(prefix)):
+            ignored.append(key)
+        else:
+            raise ValueError(f"unexpected key in encoder checkpoint: {key!r}")
+    missing = sorted(set(expected) - set(mapped))
+    if missing:
+        raise ValueError(f"encoder checkpoint lacks {len(missing)} key(s), e.g. {missing[:4]}")
+    return mapped
+
+
+def _ignorable(name: str, quantize_position: int) -> bool:
+    if name in TRAINING_ONLY_KEYS or name.startswith("layer_norm."):
+        return True
+    parts = name.split(".")
+    return parts[0] == "layers" and len(parts) > 1 and parts[1].isdigit() and int(parts[1]) >= quantize_position
+
+
+def _resolve_dtype(dtype) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).replace("torch.", ""), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype or its name, got {dtype!r}")
+    return resolved
+
+
+# ---------------------------------------------------------------------------------------------
+# random checkpoints in the released format
+
+
+def tiny_encoder_config(**overrides) -> WhisperVQConfig:
+    """The released glm-4-voice-tokenizer structure at small widths (real codebook size 16384)."""
+    fields = dict(
+        d_model=32, encoder_attention_heads=2, encoder_ffn_dim=64, encoder_layers=4,
+        decoder_attention_heads=2, decoder_ffn_dim=64, decoder_layers=2,
+        num_mel_bins=128, max_source_positions=1500, vocab_size=51866,
+        pooling_kernel_size=4, pooling_type="avg", pooling_position=2,
+        quantize_vocab_size=16384, quantize_position=2, quantize_encoder_only=True,
+        quantize_causal_block_size=200, encoder_causal_convolution=True,
+        quantize_ema_decay=0.99, quantize_commit_coefficient=0.25, quantize_loss_scale=10.0,
+        quantize_restart_interval=100, skip_language_detection=True,
+        begin_suppress_tokens=[220, 50257], bos_token_id=50257, eos_token_id=50257,
+        decoder_start_token_id=50258, pad_token_id=50256,
+    )
+    fields.update(overrides)
+    if "quantize_position" in overrides and "pooling_position" not in overrides:
+        fields["pooling_position"] = fields["quantize_position"]
+    config = WhisperVQConfig(**fields)
+    config.architectures = ["WhisperVQEncoder"]
+    return config
+
+
+def write_tiny_encoder(out_dir, seed: int = 0) -> Path:
+    """Write a tiny random glm-4-voice-tokenizer folder (d_model 32, 2 layers, codebook 16384); deterministic."""
+    return write_random_encoder(out_dir, tiny_encoder_config(), seed=seed)
+
+
+def write_random_encoder(out_dir, config: WhisperVQConfig, seed: int = 0) -> Path:
+    """Random weights for `config` in the released on-disk format; the codebook is fitted to speech-like input.
+
+    Convolutions and projections get fan-in scaled Gaussians, LayerNorms are perturbed, positions
+    are Whisper's sinusoids (embed_positions2 a copy of the first rows, as the class initialises
+    it), and the codebook is drawn around the per-channel mean/std of the pre-VQ states of a
+    synthetic speech-like signal, so that real speech uses many codes. `ema_weight` equals the
+    codebook and `ema_count` is 1, as a freshly initialised EMA quantizer stores them.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(int(seed))
+    model = WhisperVQEncoder(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith(("embed_positions", "codebook")):
+                continue
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=generator))
+            elif name.endswith("bias"):
+                param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+            else:
+                fan_in = param[0].numel()
+                param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(fan_in))
+        model.embed_positions.weight.copy_(sinusoids(*model.embed_positions.weight.shape))
+        model.embed_positions2.weight.copy_(model.embed_positions.weight[: model.embed_positions2.num_embeddings])
+
+        feature_extractor = _feature_extractor(config)
+        tokenizer = SpeechTokenizer(model, feature_extractor)
+        speech = _speech_like(8.0, tokenizer.sample_rate, np.random.default_rng(int(seed)))
+        inputs = tokenizer.features(speech)
+        hidden = model(**inputs).pre_vq_hidden.reshape(-1, config.d_model).double()
+        # rounded so the written codebook does not depend on BLAS rounding of these statistics
+        mean = torch.from_numpy(np.round(hidden.mean(0).numpy(), 3)).float()
+        std = torch.from_numpy(np.round(hidden.std(0).numpy(), 3)).float().clamp_min(1e-3)
+        codebook = mean + std * torch.randn(model.codebook.weight.shape, generator=generator)
+        model.codebook.weight.copy_(codebook)
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if config.quantize_ema_decay is not None:
+        state["ema_count"] = torch.ones(config.quantize_vocab_size)
+        state["ema_weight"] = codebook.clone()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config_dict = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_RELEASED_CONFIG}
+    config_dict.update(model_type="whisper", architectures=["WhisperVQEncoder"], torch_dtype="float32",
+                       num_hidden_layers=config.encoder_layers)
+    (out / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    feature_extractor.to_json_file(str(out / "preprocessor_config.json"))
+    return out
+
+
+def _feature_extractor(config: WhisperVQConfig) -> WhisperFeatureExtractor:
+    """The released preprocessor: 16 kHz, n_fft 400, hop 160, 30 s chunks, `num_mel_bins` bins."""
+    fe = WhisperFeatureExtractor(feature_size=config.num_mel_bins, sampling_rate=16000, hop_length=160,
+                                 chunk_length=30, n_fft=400, padding_value=0.0, return_attention_mask=False)
+    fe.processor_class = "WhisperProcessor"
+    return fe
+
+
+def _speech_like(seconds: float, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
+    """A deterministic speech-like test signal: voiced syllables (harmonics of a gliding f0 shaped by
+    random formant weights), unvoiced noise bursts and short pauses."""
+    pieces = []
+    total = int(seconds * sample_rate)
+    while sum(len(p) for p in pieces) < total:
+        n = int(rng.uniform(0.08, 0.3) * sample_rate)
+        t = np.arange(n) / sample_rate
+        kind = rng.random()
+        if kind < 0.6:  # voiced
+            f0 = rng.uniform(90, 250) * (1 + rng.uniform(-0.2, 0.2) * t / t[-1])
+            phase = 2 * np.pi * np.cumsum(f0) / sample_rate
+            formants = rng.uniform(300, 3500, size=3)
+            signal = sum(np.exp(-((k * f0.mean() - formants) ** 2).min() / 2e5) / k * np.sin(k * phase)
+                         for k in range(1, int(4000 / f0.max())))
+        elif kind < 0.85:  # unvoiced: noise, slightly coloured
+            signal = np.convolve(rng.standard_normal(n), rng.standard_normal(8), mode="same") * 0.1
+        else:  # pause
+            signal = 1e-3 * rng.standard_normal(n)
+        pieces.append(np.hanning(n) * signal)
+    speech = np.concatenate(pieces)[:total]
+    return (0.5 * speech / np.abs(speech).max()).astype(np.float32)
