@@ -37,21 +37,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vita-audio", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
+        mod = _import(module)
+        if mod is None:
+            continue
         p = sub.add_parser(name)
         p.set_defaults(_module=module)
-        _import(module).add_arguments(p, name)
+        mod.add_arguments(p, name)
     bench = sub.add_parser("bench", help="benchmarks -> JSON + markdown report")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     for name, module in BENCHMARKS.items():
+        mod = _import(module)
+        if mod is None:
+            continue
         p = bench_sub.add_parser(name)
         p.add_argument("--out", default="bench-results", help="folder for the JSON + markdown report")
+        p.add_argument("--json", action="store_true", help="print the results as one JSON line")
         p.set_defaults(_module=module)
-        _import(module).add_arguments(p, name)
+        mod.add_arguments(p, name)
     return parser
 
 
 def _import(module: str):
-    return importlib.import_module(module)
+    """Import a command module; None if that module is not part of this install (other import errors raise)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name == module:
+            return None
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
