@@ -1,0 +1,2 @@
+class DecoderStream: pass
+GLM4VoiceStream=IncrementalStream=VitaPrefixStream=DecoderStream
