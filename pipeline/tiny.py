@@ -220,8 +220,6 @@ def write_tiny_llm(out_dir, seed: int = 0, cfg: TinyLLMConfig = TinyLLMConfig())
         _write_json(tmp / "config.json", config_json)
         _write_json(tmp / "generation_config.json", generation_config_dict(layout, cfg))
         tokenizer.save_pretrained(tmp, save_jinja_files=False)  # chat template inside tokenizer_config.json
-        for f in tmp.iterdir():
-            f.chmod(0o644)
     return out
 
 
@@ -324,6 +322,8 @@ def _atomic_dir(final: Path):
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the final folder should not be
     try:
         yield tmp
+        for f in tmp.rglob("*"):  # some writers create private (0600) files; a model folder is read by others
+            f.chmod(0o755 if f.is_dir() else 0o644)
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
             os.replace(final, old / final.name)
