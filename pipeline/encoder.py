@@ -186,17 +186,12 @@ class WhisperVQEncoder(nn.Module):
         """Feature frames (100 Hz) per token."""
         return self.frame_stride * self.pool_kernel
 
-    def forward(
-        self,
-        input_features: torch.Tensor,
-        attention_mask: torch.Tensor,
-        feature_lengths: torch.Tensor | None = None,
-    ) -> WhisperVQOutput:
+    def forward(self, input_features: torch.Tensor, attention_mask: torch.Tensor) -> WhisperVQOutput:
         """input_features (B, n_mels, T_f), attention_mask (B, T_f) 1 = real frame -> ids (B, T_f / token_stride).
 
-        feature_lengths (B,): each row's own padded length when rows of different windows are batched;
-        frames past it are zeroed where the convolutions' and the pooling's zero padding would be, so a
-        row gives the same result as running it alone at that length.
+        A row padded with zero features beyond a multiple of `token_stride` frames gives the same
+        ids as the row alone: the convolutions' own zero padding sees the same zeros, padded frames
+        are never attention keys, and pooling groups stay aligned, so nothing reaches a real token.
         """
         B, _, T_f = input_features.shape
         if T_f % self.token_stride:
@@ -210,14 +205,8 @@ class WhisperVQEncoder(nn.Module):
             raise ValueError(f"attention_mask must have shape {(B, T_f)}, got "
                              f"{None if attention_mask is None else tuple(attention_mask.shape)}")
         dtype = self.conv1.weight.dtype
-        lengths = feature_lengths if feature_lengths is not None else torch.full((B,), T_f)
-        lengths = lengths.to(input_features.device)
-
         x = nn.functional.gelu(self.conv1(input_features.to(dtype)))  # (B, D, T_f)
-        lengths = lengths // self.conv1.stride[0]
-        x = _zero_past(x, lengths, dim=2)
         x = nn.functional.gelu(self.conv2(x))  # (B, D, T)
-        lengths = lengths // self.conv2.stride[0]
         x = x.transpose(1, 2)  # (B, T, D)
         T = x.shape[1]
         x = x + self.embed_positions.weight[:T]
@@ -228,12 +217,10 @@ class WhisperVQEncoder(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, bias)
             if i + 1 == self.pool_after:
-                x = _zero_past(x, lengths, dim=1)
                 x = x.transpose(1, 2)  # (B, D, T)
                 if x.shape[-1] % self.pool_kernel:
                     x = nn.functional.pad(x, (0, self.pool_kernel - x.shape[-1] % self.pool_kernel))
                 x = self.pooling(x).transpose(1, 2)  # (B, T / k, D)
-                lengths = (lengths + self.pool_kernel - 1) // self.pool_kernel
                 frame_mask = frame_mask[:, :: self.pool_kernel]
                 bias = attention_bias(frame_mask, block // self.pool_kernel if block else None, self.causal, dtype)
         token_ids = vector_quantize(x, self.codebook.weight)  # (B, N)
@@ -245,17 +232,6 @@ class _CenteredConv1d(nn.Conv1d):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2)
-
-
-def _zero_past(x: torch.Tensor, lengths: torch.Tensor, dim: int) -> torch.Tensor:
-    """Zero the positions >= lengths[b] along `dim` (a no-op when every length covers the tensor)."""
-    T = x.shape[dim]
-    if bool((lengths >= T).all()):
-        return x
-    keep = torch.arange(T, device=x.device)[None, :] < lengths[:, None]  # (B, T)
-    shape = [x.shape[0], 1, 1]
-    shape[dim] = T
-    return x * keep.reshape(shape).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,20 +347,17 @@ class SpeechTokenizer:
         return tokens
 
     def _collate(self, group: list) -> dict[str, torch.Tensor]:
-        """Pad windows to the longest along time; keep each window's own length for the model."""
+        """Pad windows to the longest along time with zero features (see WhisperVQEncoder.forward)."""
         T = max(item[2].shape[-1] for item in group)
         n_mels = group[0][2].shape[0]
         features = torch.zeros(len(group), n_mels, T)
         mask = torch.zeros(len(group), T, dtype=torch.long)
-        lengths = torch.zeros(len(group), dtype=torch.long)
         for row, (_, _, feats, frame_mask) in enumerate(group):
             features[row, :, : feats.shape[-1]] = feats
             mask[row, : frame_mask.shape[-1]] = frame_mask
-            lengths[row] = feats.shape[-1]
         return {
             "input_features": features.to(self.device, self.dtype),
             "attention_mask": mask.to(self.device),
-            "feature_lengths": lengths.to(self.device),
         }
 
 
