@@ -141,7 +141,7 @@ class HiFTGenerator(nn.Module):
 
     def harmonic_source(self, f0: torch.Tensor, generator: torch.Generator | None,
                         start_phases: torch.Tensor | None = None, phase_offset: torch.Tensor | None = None):
-        """F0 (B, T) -> source (B, 1, T*256) and the running phase fraction after the last sample (B, H).
+        """F0 (B, T) -> source (B, 1, T*256) and the cumulative phase (in turns) at every sample (B, H, T*256).
 
         Draws, in the original order: start phases (unless given), sine noise, uv noise.
         `phase_offset` (B, H) continues the cumulative phase of an earlier piece (streaming)."""
@@ -162,7 +162,7 @@ class HiFTGenerator(nn.Module):
         sine = sine * uv + noise_amp * noise
         torch.randn((B, sine.shape[-1], 1), generator=generator)  # the original's unused uv noise draw
         merged = torch.tanh(self.m_source.l_linear(sine.transpose(1, 2)))  # (B, S, 1)
-        return merged.transpose(1, 2), (cum[:, :, -1] % 1)
+        return merged.transpose(1, 2), cum
 
     # ---- filter ------------------------------------------------------------------------------
 
