@@ -1,0 +1,100 @@
+"""DecoderStage: audio codes -> 22.05 kHz PCM, one incremental stream per request, concurrent chunks batched.
+
+Each request's chunks arrive in order (`push`); the stage keeps that request's decoder stream (its
+flow-matching / vocoder state) until the final chunk, `close`, or `idle_timeout_s` without a push.
+Chunks of different requests that arrive while a forward runs go together into the next
+`decode_batch` call (one forward for all of them).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from actors.batching import MicroBatcher
+from actors.config import DecoderStageConfig
+from actors.payloads import DecodeChunk, PCMChunk
+from actors.placement import StagePlacement, describe, stage_device
+
+
+@dataclass
+class _Stream:
+    stream: object  # pipeline.decoder DecoderStream
+    last_used: float
+    forwards: int = 0
+
+
+class DecoderStage:
+    def __init__(self, config: DecoderStageConfig):
+        from pipeline.decoder import load_decoder
+
+        self.config = config
+        if config.resources.torch_threads:
+            torch.set_num_threads(config.resources.torch_threads)
+        self.device, self.dtype = stage_device()
+        self.decoder = load_decoder(config.path, device=self.device, dtype=self.dtype)
+        self.sample_rate = self.decoder.sample_rate
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")
+        self.batcher = MicroBatcher(self._decode_batch, config.max_batch_size, self.executor, key=lambda item: item[0])
+        self.streams: dict[str, _Stream] = {}
+        self.started_at = time.time()
+
+    def _decode_batch(self, items: list[tuple[str, _Stream, list[int], bool]]) -> list[np.ndarray]:
+        with torch.inference_mode():
+            if len(items) == 1:  # nothing to share a forward with: the stream's own push (same result)
+                _, state, codes, final = items[0]
+                return [state.stream.push(codes, final)]
+            return self.decoder.decode_batch([(s.stream, codes, final) for _, s, codes, final in items])
+
+    async def push(self, chunk: DecodeChunk) -> PCMChunk:
+        """PCM for the next chunk of a request's codes (`final` also flushes the tail and frees the stream)."""
+        if not isinstance(chunk, DecodeChunk):
+            raise ValueError(f"chunk must be a DecodeChunk, got {type(chunk).__name__}")
+        self._drop_idle()
+        state = self.streams.get(chunk.request_id)
+        if state is None:
+            stream = self.decoder.stream(mode=self.config.stream_mode, n_steps=self.config.n_steps, seed=self.config.seed)
+            state = self.streams[chunk.request_id] = _Stream(stream, time.monotonic())
+        state.last_used = time.monotonic()
+        try:
+            pcm = await self.batcher.submit((chunk.request_id, state, list(chunk.codes), chunk.final))
+        except BaseException:
+            self.streams.pop(chunk.request_id, None)  # a failed stream cannot continue
+            raise
+        state.forwards += 1
+        if chunk.final:
+            self.streams.pop(chunk.request_id, None)
+        return PCMChunk(chunk.request_id, np.asarray(pcm, dtype=np.float32).reshape(-1), self.sample_rate, state.forwards)
+
+    async def decode(self, codes: list[int]) -> np.ndarray:
+        """Whole-utterance decode (no streaming state)."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self._decode_whole, list(codes))
+
+    def _decode_whole(self, codes: list[int]) -> np.ndarray:
+        with torch.inference_mode():
+            return self.decoder.decode(codes, n_steps=self.config.n_steps, seed=self.config.seed)
+
+    async def close(self, request_id: str) -> bool:
+        """Free a request's stream (a consumer that stopped early); True if it existed."""
+        return self.streams.pop(request_id, None) is not None
+
+    async def stats(self) -> dict:
+        return {"forwards": self.batcher.batches, "largest_batch": self.batcher.largest_batch,
+                "open_streams": len(self.streams)}
+
+    async def placement(self) -> StagePlacement:
+        return describe("decoder", self.device, self.dtype)
+
+    async def check_health(self) -> None:
+        if self.executor._shutdown:
+            raise RuntimeError("decoder stage executor is shut down")
+
+    def _drop_idle(self) -> None:
+        now = time.monotonic()
+        for request_id, state in list(self.streams.items()):
+            if now - state.last_used > self.config.idle_timeout_s:
+                self.streams.pop(request_id, None)

@@ -1,0 +1,51 @@
+"""EncoderStage: waveform -> audio codes (GLM-4-Voice speech tokenizer), concurrent calls batched.
+
+A plain class (tests build it directly); `actors.builder` turns it into a Ray actor with resources.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from actors.batching import MicroBatcher
+from actors.config import EncoderStageConfig
+from actors.payloads import AudioPayload
+from actors.placement import StagePlacement, describe, stage_device
+
+
+class EncoderStage:
+    def __init__(self, config: EncoderStageConfig):
+        from pipeline.encoder import load_encoder
+
+        self.config = config
+        if config.resources.torch_threads:
+            torch.set_num_threads(config.resources.torch_threads)
+        self.device, self.dtype = stage_device()
+        self.encoder = load_encoder(config.path, device=self.device, dtype=self.dtype)
+        self.sample_rate = self.encoder.sample_rate
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
+        self.batcher = MicroBatcher(self._tokenize_batch, config.max_batch_size, self.executor)
+        self.started_at = time.time()
+
+    def _tokenize_batch(self, payloads: list[AudioPayload]) -> list[list[int]]:
+        with torch.inference_mode():
+            return self.encoder.tokenize_batch([p.pcm for p in payloads], [p.sample_rate for p in payloads])
+
+    async def tokenize(self, audio: AudioPayload) -> list[int]:
+        """Audio codes of one waveform (shares a forward with concurrent calls)."""
+        if not isinstance(audio, AudioPayload):
+            raise ValueError(f"audio must be an AudioPayload, got {type(audio).__name__}")
+        return await self.batcher.submit(audio)
+
+    async def stats(self) -> dict:
+        return {"forwards": self.batcher.batches, "largest_batch": self.batcher.largest_batch}
+
+    async def placement(self) -> StagePlacement:
+        return describe("encoder", self.device, self.dtype)
+
+    async def check_health(self) -> None:
+        """Raises if the stage cannot serve (Ray restarts an actor whose health check keeps failing in Serve)."""
+        if self.executor._shutdown:
+            raise RuntimeError("encoder stage executor is shut down")

@@ -1,0 +1,266 @@
+"""What flows between the stages, as typed dataclasses, and the named glue functions that convert them.
+
+    wav --load_waveform--> AudioPayload --EncoderStage--> codes
+    SpeechRequest --build_prompt/to_generation_request--> GenerationRequest --LLMStage--> LLMOutput ...
+    LLMOutput.audio_chunks --DecoderStage.push--> PCMChunk ...           (the decoder starts on chunk 1)
+    everything --Pipeline--> TextDelta | AudioChunk | Done | ErrorEvent  (what a client sees)
+
+Token ids come from `pipeline.tokens.TokenLayout` (read from the tokenizer), never literals. The same glue
+runs in the Ray stages and in the in-process composition (`actors.local`), so both give the same output.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:  # pipeline.generate is imported lazily: actors import cheaply in drivers and tests
+    from pipeline.generate import GenerationRequest, SamplingParams
+
+TASKS = ("tts", "asr", "chat")
+# The output layout each task asks of the decode engine. A trained model follows the layout by itself;
+# the constraint makes random (tiny) weights follow it too (audio chunks for TTS/chat, plain text for ASR).
+TASK_CONSTRAINTS = {"tts": "interleaved", "asr": "text", "chat": "interleaved"}
+TASK_DEFAULT = "task"  # constraint value meaning "the task's entry in TASK_CONSTRAINTS"
+
+
+def new_request_id(task: str) -> str:
+    return f"{task}-{uuid.uuid4().hex[:12]}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage inputs
+
+
+@dataclass
+class AudioPayload:
+    """A mono float32 waveform at the encoder's sample rate (checked and resampled by the driver)."""
+
+    pcm: np.ndarray  # (T,) float32 in [-1, 1]
+    sample_rate: int = 16000
+    name: str = ""  # file name or "array", for error messages
+
+    @property
+    def seconds(self) -> float:
+        return len(self.pcm) / self.sample_rate
+
+
+@dataclass
+class SpeechRequest:
+    """One request to the LLM stage: the task's inputs plus decoding settings (prompt built in the stage)."""
+
+    task: str  # "tts" | "asr" | "chat"
+    request_id: str = ""
+    text: str | None = None  # tts: the text to speak; chat: a text turn
+    codes: list[int] | None = None  # asr / chat: the user's speech as codebook indices
+    history: tuple = ()  # chat: earlier turns ({"role", "content", optional "audios"})
+    voice_codes: list[int] | None = None  # tts / chat: voice prompt as codebook indices
+    system: str | None = None  # chat: system turn (None: the default persona)
+    mode: Any = None  # None (the checkpoint's default) | "vanilla" | "balance" | "boost" | "turbo" | "exact" | [..]
+    max_new_tokens: int = 256
+    sampling: "SamplingParams | None" = None  # None: greedy
+    constraint: str | None = TASK_DEFAULT
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task={self.task!r}; expected one of {TASKS}")
+        if not self.request_id:
+            self.request_id = new_request_id(self.task)
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be a positive integer")
+        if self.task == "tts" and (not isinstance(self.text, str) or not self.text.strip()):
+            raise ValueError(f"text={self.text!r}: TTS needs a non-empty text")
+        if self.task == "asr" and not self.codes:
+            raise ValueError("codes: ASR needs the speech as audio codes (run the encoder first)")
+        if self.task == "chat" and not self.codes and not (isinstance(self.text, str) and self.text.strip()):
+            raise ValueError("chat needs speech (codes) or a non-empty text turn")
+
+    @property
+    def resolved_constraint(self) -> str | None:
+        return TASK_CONSTRAINTS[self.task] if self.constraint == TASK_DEFAULT else self.constraint
+
+
+@dataclass
+class DecodeChunk:
+    """Audio codes for one request's decoder stream; `final` flushes the stream's tail and frees it."""
+
+    request_id: str
+    codes: list[int]
+    final: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage outputs
+
+
+@dataclass
+class LLMEnd:
+    reason: str  # "stop" | "length" | "aborted"
+    usage: dict  # the engine's usage (backbone_forwards, mtp_forwards, ...) plus the stage's counters
+    token_ids: list[int]  # every generated id, in order (for checks and logs)
+    finished_at: float  # wall-clock time.time() in the stage when the engine finished this request
+
+
+@dataclass
+class LLMOutput:
+    """One streamed item of the LLM stage: what was generated since the previous item."""
+
+    request_id: str
+    text: str = ""  # detokenized text delta
+    text_ids: list[int] = field(default_factory=list)
+    audio_chunks: list[list[int]] = field(default_factory=list)  # codebook indices, one list per chunk
+    end: LLMEnd | None = None
+
+
+@dataclass
+class PCMChunk:
+    request_id: str
+    pcm: np.ndarray  # (T,) float32
+    sample_rate: int
+    forwards: int = 0  # decoder forwards that produced this chunk (1 per batched call it took part in)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a client of the Pipeline sees
+
+
+@dataclass
+class TextDelta:
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class AudioChunk:
+    pcm: np.ndarray  # (T,) float32
+    sample_rate: int
+    index: int  # 0, 1, ... per request
+
+
+@dataclass
+class Done:
+    reason: str  # "stop" | "length" | "aborted"
+    text: str
+    token_ids: list[int]
+    audio_codes: list[int]  # every codebook index sent to the decoder
+    usage: dict  # per stage: {"encoder": {...}, "llm": {...}, "decoder": {...}}
+    timings: dict  # seconds from submission: time_to_first_text, time_to_first_audio, llm_done, total
+
+
+@dataclass
+class ErrorEvent:
+    """The request failed; the message says which stage and why. Always the last event of a request."""
+
+    stage: str  # "input" | "encoder" | "llm" | "decoder" | "pipeline"
+    message: str
+    request_id: str = ""
+
+
+PipelineEvent = TextDelta | AudioChunk | Done | ErrorEvent
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Glue: request -> prompt ids -> engine request
+
+
+def load_waveform(audio, sample_rate: int | None = None, target_sample_rate: int = 16000) -> AudioPayload:
+    """Path / bytes / array -> a checked 16 kHz mono AudioPayload (raises pipeline.audio.AudioError)."""
+    from pipeline.audio import load_audio
+
+    name = os.fspath(audio) if isinstance(audio, (str, os.PathLike)) else type(audio).__name__
+    pcm = load_audio(audio, sample_rate, target_sample_rate=target_sample_rate)
+    return AudioPayload(pcm=pcm, sample_rate=target_sample_rate, name=name)
+
+
+def build_prompt(request: SpeechRequest, tokenizer, layout) -> list[int]:
+    """The chat prompt ids of a request (spec §2.2 prompts from pipeline.tokens)."""
+    from pipeline import tokens
+
+    if request.task == "tts":
+        messages, audios = tokens.tts_messages(request.text, voice_codes=request.voice_codes)
+    elif request.task == "asr":
+        messages, audios = tokens.asr_messages(request.codes)
+    else:
+        turn = request.codes if request.codes else request.text
+        messages, audios = tokens.chat_messages(
+            turn, history=request.history, voice_codes=request.voice_codes, system=request.system
+        )
+    return tokens.encode_chat(tokenizer, layout, messages, audios)
+
+
+def to_generation_request(request: SpeechRequest, prompt_ids: Sequence[int]) -> "GenerationRequest":
+    from pipeline.generate import GenerationRequest, SamplingParams
+
+    return GenerationRequest(
+        prompt_ids=list(prompt_ids),
+        mode=request.mode,
+        max_new_tokens=request.max_new_tokens,
+        sampling=request.sampling or SamplingParams(),
+        constraint=request.resolved_constraint,
+        request_id=request.request_id,
+    )
+
+
+class TextDetokenizer:
+    """Incremental detokenization: feed text ids, get the new printable text (holds back split UTF-8)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the decoded text already returned
+
+    def push(self, ids: Sequence[int]) -> str:
+        self.ids.extend(int(i) for i in ids)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its next byte
+            return ""
+        delta, self.emitted = text[self.emitted :], len(text)
+        return delta
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        delta, self.emitted = text[self.emitted :], len(text)
+        return delta
+
+
+def engine_events_to_output(request_id: str, events, layout, detok: TextDetokenizer, token_ids: list[int]) -> LLMOutput:
+    """Fold the engine events of one request (one or more steps) into one LLMOutput.
+
+    Text ids are the non-audio tokens other than the audio span markers and end-of-turn ids; audio comes
+    as whole chunks (the engine emits one at each end-of-audio). `token_ids` collects every id.
+    """
+    from pipeline.generate import AudioChunkEvent, EndEvent, TokenEvent
+
+    out = LLMOutput(request_id=request_id)
+    markers = {layout.boa, layout.eoa, *layout.eos_ids}
+    for event in events:
+        if isinstance(event, TokenEvent):
+            token_ids.append(int(event.token_id))
+            if not event.is_audio and int(event.token_id) not in markers:
+                out.text_ids.append(int(event.token_id))
+        elif isinstance(event, AudioChunkEvent):
+            if len(event.codes):
+                out.audio_chunks.append([int(c) for c in event.codes])
+        elif isinstance(event, EndEvent):
+            usage = dict(event.usage) if isinstance(event.usage, dict) else dataclasses.asdict(event.usage)
+            out.end = LLMEnd(reason=event.reason, usage=usage, token_ids=list(token_ids), finished_at=time.time())
+    out.text = detok.push(out.text_ids) if out.text_ids else ""
+    if out.end is not None:
+        out.text += detok.flush()
+    return out
+
+
+def merge_outputs(a: LLMOutput, b: LLMOutput) -> LLMOutput:
+    """Two consecutive outputs of one request as one (used when a consumer is behind)."""
+    return LLMOutput(
+        request_id=a.request_id,
+        text=a.text + b.text,
+        text_ids=a.text_ids + b.text_ids,
+        audio_chunks=a.audio_chunks + b.audio_chunks,
+        end=b.end or a.end,
+    )
