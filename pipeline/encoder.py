@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import WhisperConfig, WhisperFeatureExtractor
@@ -77,6 +79,11 @@ class WhisperVQConfig(WhisperConfig):
 
 
 def _validate(config: WhisperVQConfig) -> None:
+    for name in ("quantize_vocab_size", "quantize_position", "pooling_position", "pooling_kernel_size",
+                 "quantize_causal_block_size"):
+        value = getattr(config, name, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"config {name} must be an integer, got {value!r}")
     if config.quantize_vocab_size is None or config.quantize_vocab_size < 1:
         raise ValueError(f"quantize_vocab_size must be a positive int, got {config.quantize_vocab_size!r}")
     if config.quantize_position < 1:
@@ -104,6 +111,13 @@ class CausalConv1d(nn.Conv1d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(nn.functional.pad(x, (self.left_padding, 0)))
+
+
+class _CenteredConv1d(nn.Conv1d):
+    """Whisper's original (non-causal) convolution: padding 1 on both sides."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2)
 
 
 def attention_bias(
@@ -194,8 +208,8 @@ class WhisperVQEncoder(nn.Module):
         are never attention keys, and pooling groups stay aligned, so nothing reaches a real token.
         """
         B, _, T_f = input_features.shape
-        if T_f % self.token_stride:
-            raise ValueError(f"input_features length {T_f} must be a multiple of {self.token_stride} frames")
+        if T_f % self.frame_stride:
+            raise ValueError(f"input_features length {T_f} must be a multiple of {self.frame_stride} frames")
         if T_f // self.frame_stride > self.config.max_source_positions:
             raise ValueError(
                 f"input_features has {T_f} frames, more than max_source_positions "
@@ -225,13 +239,6 @@ class WhisperVQEncoder(nn.Module):
                 bias = attention_bias(frame_mask, block // self.pool_kernel if block else None, self.causal, dtype)
         token_ids = vector_quantize(x, self.codebook.weight)  # (B, N)
         return WhisperVQOutput(token_ids=token_ids, token_mask=frame_mask, pre_vq_hidden=x)
-
-
-class _CenteredConv1d(nn.Conv1d):
-    """Whisper's original (non-causal) convolution: padding 1 on both sides."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1):
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,14 +392,20 @@ def load_encoder(path, device="cpu", dtype=None, **tokenizer_kwargs) -> SpeechTo
     config_dict = json.loads((folder / "config.json").read_text())
     if config_dict.get("model_type") != "whisper":
         raise ValueError(f"{folder / 'config.json'}: model_type must be 'whisper', got {config_dict.get('model_type')!r}")
-    config = WhisperVQConfig.from_dict(config_dict)
+    try:
+        config = WhisperVQConfig.from_dict(config_dict)
+    except StrictDataclassError as err:
+        raise ValueError(f"{folder / 'config.json'}: {err}") from None
     config._attn_implementation = "sdpa"
     feature_extractor = WhisperFeatureExtractor.from_json_file(str(folder / "preprocessor_config.json"))
 
     model = WhisperVQEncoder(config)
     state = {}
     for file in weight_files:
-        state.update(load_file(str(file)))
+        try:
+            state.update(load_file(str(file)))
+        except SafetensorError as err:
+            raise ValueError(f"cannot read {file}: {err}") from None
     model.load_state_dict(_map_state_dict(state, model), strict=True)
     dtype = _resolve_dtype(dtype)
     model.to(device=torch.device(device), dtype=dtype)

@@ -328,6 +328,16 @@ def test_loader_rejects_bad_checkpoints(tiny_dir, tmp_path):
         load_encoder(tmp_path / "empty")
     with pytest.raises(ValueError, match="dtype"):
         load_encoder(tiny_dir, dtype="int8")
+    corrupt = _copy_with_state(tiny_dir, tmp_path / "corrupt", state)
+    (corrupt / "model.safetensors").write_bytes(b"123")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_encoder(corrupt)
+    config = json.loads((tiny_dir / "config.json").read_text())
+    for field, value in (("quantize_position", "two"), ("d_model", "wide"), ("model_type", "qwen2")):
+        broken = _copy_with_state(tiny_dir, tmp_path / f"cfg_{field}", state)
+        (broken / "config.json").write_text(json.dumps(dict(config, **{field: value})))
+        with pytest.raises(ValueError, match=field):
+            load_encoder(broken)
 
 
 def test_device_and_dtype_parameters(tiny_dir, corpus_files):
