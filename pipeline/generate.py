@@ -1,0 +1,725 @@
+"""The LLM + MCTP decode engine: schedules, caches, batching, streaming events (spec §3.1-§3.3).
+
+One engine step gives every active request exactly one forward: a backbone forward (prefill, a single new
+token, or the multi-token catch-up over tokens the MCTP modules produced since the last backbone call) or
+one MCTP module forward. Which one comes from the request's schedule (`mtp_inference_mode`, e.g. Boost
+[1, 10, 4, 10] = "M mmmmmmmmmm MMMM mmmmmmmmmm ..."), exactly as the original model's `generate`:
+
+- 'M': the backbone ingests every token it has not seen and predicts the next one.
+- 'm': the next module of the burst (0 after an 'M', then 1, 2, ...) predicts from the backbone's last
+  position; it first catches up every row it has not processed (its cache covers the whole history).
+  A burst longer than the number of modules N falls back to a backbone step and restarts at module 0.
+- MCTP tokens are emitted unverified (the original behaviour). With `mode="exact"` (or `verify=True`) the
+  modules only draft: the backbone's next catch-up chunk checks the drafts, keeps the longest prefix equal to
+  its own choices plus its own token at the first difference, and the caches are rolled back past it.
+  Greedy output is then identical to Vanilla with fewer backbone forwards; sampled output has exactly the
+  backbone's distribution.
+
+The requests of one step are grouped by what they run (backbone, or MCTP module k) and each group is one
+right-padded forward with explicit bottom-right-aligned causal masks and position ids, through
+transformers' own sdpa / eager attention. Requests join (`add_request`) and leave between steps.
+"""
+from __future__ import annotations
+
+import json
+import math
+import operator
+import os
+import time
+import uuid
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.kv_cache import GroupCache, HiddenBuffer, RequestCache, group_attention_mask
+from pipeline.sampling import CONSTRAINTS, OutputConstraint, SamplingParams, TokenSampler
+from pipeline.tokens import BOOST_RATIO, MODES, TokenLayout, check_ratio
+
+__all__ = [
+    "SamplingParams", "GenerationRequest", "TokenEvent", "AudioChunkEvent", "EndEvent", "DecodeEngine",
+    "GenerationResult", "generate", "expand_schedule", "resolve_mode", "default_layout", "EXACT",
+]
+
+EXACT = "exact"  # lossless MCTP: draft with every module, verify with the backbone
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Requests and events
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    mode: str | list[int] | None = None  # None = checkpoint default; "exact" = lossless; "1,10,4,10" or a list
+    max_new_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop_ids: list[int] | None = None  # None = the layout's eos ids (<|im_end|>, <|endoftext|>)
+    constraint: str | None = None  # None | "text" | "interleaved"
+    request_id: str = ""  # auto uuid if empty
+    verify: bool = False  # verify MCTP drafts with the backbone (lossless) under any MCTP schedule
+    constraint_ratio: list[int] | None = None  # "interleaved" layout; None = the mode's list or [1, 10, 4, 10]
+
+
+@dataclass
+class TokenEvent:
+    request_id: str
+    token_id: int
+    is_audio: bool
+    producer: str  # "backbone" | "mtp{k}"
+
+
+@dataclass
+class AudioChunkEvent:
+    request_id: str
+    codes: list[int]  # codebook indices (id - audio_offset)
+
+
+@dataclass
+class EndEvent:
+    request_id: str
+    reason: str  # "stop" | "length" | "aborted"
+    usage: dict
+
+
+@dataclass
+class GenerationResult:
+    ids: list[int]
+    end_reason: str
+    backbone_forwards: int
+    mtp_forwards: int
+    usage: dict
+    trace: dict | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Schedules (spec §3.1)
+
+
+def _parse_mode_list(mode) -> list[int]:
+    try:
+        values = [operator.index(v) for v in mode]
+    except TypeError:
+        raise ValueError(f"mode must be a name, a list of integers or a string like '1,10,4,10', got {mode!r}") from None
+    if len(values) < 2 or len(values) % 2:
+        raise ValueError(f"mode {values} must have an even length >= 2: [M1, m1, M2, m2, ...]")
+    if any(v < 0 for v in values):
+        raise ValueError(f"mode {values} has a negative count")
+    if values[0] < 1:
+        raise ValueError(f"mode {values} must start with a backbone step (M1 >= 1): the prompt needs a prefill")
+    if values[-2] + values[-1] < 1:
+        raise ValueError(f"mode {values}: the last (M, m) pair repeats and must not be (0, 0)")
+    return values
+
+
+def checkpoint_default_mode(model) -> list[int]:
+    """generation_config `mtp_inference_mode` of the checkpoint, else [1, N] (the original's fallback)."""
+    gen = getattr(model, "generation_config", None)
+    mode = getattr(gen, "mtp_inference_mode", None) if gen is not None else None
+    if mode is None:
+        path = os.path.join(str(getattr(model, "name_or_path", "") or ""), "generation_config.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                mode = json.load(f).get("mtp_inference_mode")
+    if mode is None:
+        return [1, model.config.num_nextn_predict_layers]
+    return _parse_mode_list(mode)
+
+
+def resolve_mode(mode, model) -> list[int] | str:
+    """A mode name (vanilla, balance, boost, turbo, exact), a list, or a string "1,10,4,10" -> list or "exact".
+
+    None = the checkpoint default. Raises ValueError on anything else.
+    """
+    if mode is None:
+        return checkpoint_default_mode(model)
+    if isinstance(mode, str):
+        name = mode.strip().lower()
+        if name == EXACT:
+            return EXACT
+        if name in MODES:
+            return list(MODES[name])
+        parts = [p.strip() for p in name.strip("[]() ").split(",")]
+        if len(parts) > 1 and all(p.isdigit() for p in parts):
+            return _parse_mode_list(int(p) for p in parts)
+        raise ValueError(f"unknown mode {mode!r}: use one of {sorted([*MODES, EXACT])} or a list like '1,10,4,10'")
+    if isinstance(mode, (list, tuple)):
+        return _parse_mode_list(mode)
+    raise ValueError(f"mode must be a name, a list of integers or None, got {type(mode).__name__} {mode!r}")
+
+
+def expand_schedule(mode: list[int], length: int) -> str:
+    """[M1, m1, M2, m2, ...] -> "M"*M1 + "m"*m1 + ... with the last pair repeated, cut to `length` chars."""
+    values = _parse_mode_list(mode)
+    if not isinstance(length, int) or length < 0:
+        raise ValueError(f"length must be an integer >= 0, got {length!r}")
+    pieces, total = [], 0
+    pairs = list(zip(values[::2], values[1::2]))
+    for i, (M, m) in enumerate(pairs):
+        if total >= length:
+            break
+        if i == len(pairs) - 1:
+            period = "M" * M + "m" * m
+            repeats = -(-(length - total) // len(period))
+            pieces.append(period * repeats)
+        else:
+            pieces.append("M" * M + "m" * m)
+        total += len(pieces[-1])
+    return "".join(pieces)[:length]
+
+
+def _m_run(schedule: str, start: int) -> int:
+    """Number of consecutive 'm' in `schedule` from index `start`."""
+    n = 0
+    while start + n < len(schedule) and schedule[start + n] == "m":
+        n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Token layout of a model
+
+
+_LAYOUTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def default_layout(model) -> TokenLayout:
+    """The model's token layout: from the tokenizer saved next to the weights, else derived from the config.
+
+    Without a tokenizer the released id order is assumed (spec §2.1): Qwen's 22 specials start at
+    <|endoftext|> (= bos_token_id), VITA's 20 specials follow (BOA = +31, EOA = +32), then the codebook at
+    `speech_token_offset`; the codebook size is the largest power of two that fits in the rows left
+    (16384 of the 16387 released rows; the rest are padding).
+    """
+    if model in _LAYOUTS:
+        return _LAYOUTS[model]
+    layout = None
+    path = str(getattr(model, "name_or_path", "") or "")
+    if path and os.path.isdir(path) and (
+        os.path.isfile(os.path.join(path, "tokenizer.json")) or os.path.isfile(os.path.join(path, "tokenizer_config.json"))
+    ):
+        from pipeline.tokens import load_tokenizer
+
+        layout = TokenLayout.from_tokenizer(load_tokenizer(path))
+    if layout is None:
+        layout = _layout_from_config(model.config, _generation_eos(model))
+    _LAYOUTS[model] = layout
+    return layout
+
+
+def _generation_eos(model) -> list[int] | None:
+    path = os.path.join(str(getattr(model, "name_or_path", "") or ""), "generation_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+        if eos is not None:
+            return [eos] if isinstance(eos, int) else list(eos)
+    return None
+
+
+def _layout_from_config(config, eos: list[int] | None) -> TokenLayout:
+    endoftext = config.bos_token_id if config.bos_token_id is not None else config.pad_token_id
+    offset = config.speech_token_offset
+    if endoftext is None:
+        raise ValueError("cannot derive the token layout: the config has no bos_token_id and no tokenizer was found")
+    im_end = endoftext + 2
+    vita = endoftext + 22
+    plus = offset == vita + 21  # Plus variants insert <|context_of_audio|> after EOA
+    rows = config.vocab_size - offset
+    if rows <= 0:
+        raise ValueError(f"speech_token_offset={offset} is beyond vocab_size={config.vocab_size}")
+    return TokenLayout(
+        boa=vita + 9,
+        eoa=vita + 10,
+        audio_offset=offset,
+        codebook_size=1 << (rows.bit_length() - 1),
+        audio_placeholder=offset - 1,
+        im_start=endoftext + 1,
+        im_end=im_end,
+        endoftext=endoftext,
+        eos_ids=tuple(eos) if eos else (im_end, endoftext),
+        vocab_size=config.vocab_size,
+        context_of_audio=vita + 11 if plus else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-request decode state
+
+
+class _Sequence:
+    """Decode state of one request: tokens, caches, hidden buffers, schedule position, counters."""
+
+    def __init__(self, engine: "DecodeEngine", request: GenerationRequest, mode, verify: bool, sampler, stop_ids):
+        self.request = request
+        self.id = request.request_id
+        self.prompt_len = len(request.prompt_ids)
+        self.max_new = request.max_new_tokens
+        self.mode = mode
+        self.verify = verify
+        self.sampler: TokenSampler = sampler
+        self.stop_ids = stop_ids
+        N = engine.num_modules
+        self.schedule = None if mode == EXACT else expand_schedule(mode, self.max_new)
+        self.tokens = [int(t) for t in request.prompt_ids]  # committed: prompt + generated
+        capacity = self.prompt_len + self.max_new + N + 2
+        self.ids = torch.zeros(1, capacity, dtype=torch.long, device=engine.device)  # tokens, then drafts
+        self.ids[0, : self.prompt_len] = torch.tensor(self.tokens, dtype=torch.long)
+        self.cache = RequestCache(engine.num_layers, min_capacity=self.prompt_len + min(self.max_new, 256) + N + 1)
+        used = self._modules_used(N)
+        self.hidden = [HiddenBuffer() if k < N and used[k] else None for k in range(N + 1)]
+        self.hidden_slack = N + 1 if verify else 0  # rejected drafts can roll a module back by up to N rows
+        self.bb_len = 0  # positions in the backbone cache
+        self.mod_len = [0] * N  # rows processed by each module (its cache length)
+        self.chain_k = -1  # module of the last MCTP step of the current burst
+        self.drafts: list[int] = []
+        self.draft_target = 0
+        self.pending_codes: list[int] = []
+        self.backbone_calls = 0
+        self.backbone_positions = 0
+        self.mtp_calls = [0] * N
+        self.mtp_positions = [0] * N
+        self.accepted_drafts = 0
+        self.drafted = 0
+        self.verify_calls = 0
+        self.trace = {"producer": [], "q_len": [], "pos_first": [], "pos_last": []} if engine.trace else None
+        if self.trace is not None and engine.trace_logits:
+            self.trace["logits"] = []
+        self.finished: str | None = None
+
+    def _modules_used(self, N: int) -> list[bool]:
+        used = [False] * N
+        if self.mode == EXACT:
+            return [True] * N
+        if self.verify:
+            longest, i = 0, 0
+            while i < len(self.schedule):
+                run = _m_run(self.schedule, i)
+                longest, i = max(longest, run), i + max(run, 1)
+            return [k < min(N, longest) for k in range(N)]
+        k = -1
+        for c in self.schedule[1:]:
+            k = -1 if c == "M" else k + 1
+            if 0 <= k < N:
+                used[k] = True
+            elif k >= N:
+                k = -1
+        return used
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    def next_action(self, N: int) -> int:
+        """-1 = backbone forward, k >= 0 = MCTP module k forward."""
+        if self.bb_len == 0:
+            return -1
+        if self.verify:
+            return len(self.drafts) if len(self.drafts) < self.draft_target else -1
+        if self.schedule[self.generated] == "M":
+            return -1
+        k = self.chain_k + 1
+        return k if k < N else -1  # quirk: a burst longer than N falls back to the backbone
+
+    def set_draft_target(self, N: int) -> None:
+        remaining = self.max_new - self.generated
+        run = N if self.mode == EXACT else _m_run(self.schedule, self.generated)
+        self.draft_target = max(0, min(N, run, remaining - 1))
+
+    def usage(self) -> dict:
+        usage = {
+            "prompt_tokens": self.prompt_len,
+            "generated_tokens": self.generated,
+            "backbone_forwards": self.backbone_calls,
+            "mtp_forwards": sum(self.mtp_calls),
+            "forward_calls": self.backbone_calls + sum(self.mtp_calls),
+            "backbone_positions": self.backbone_positions,
+            "mtp_forwards_per_module": list(self.mtp_calls),
+            "mtp_positions_per_module": list(self.mtp_positions),
+            "mode": self.mode,
+            "verify": self.verify,
+        }
+        if self.verify:
+            usage["drafted_tokens"] = self.drafted
+            usage["accepted_drafts"] = self.accepted_drafts
+            usage["acceptance_length"] = self.accepted_drafts / max(self.verify_calls, 1)
+        return usage
+
+    def record(self, producer: str, q_len: int, pos_first: int, logits: torch.Tensor | None = None) -> None:
+        if self.trace is None:
+            return
+        self.trace["producer"].append(producer)
+        self.trace["q_len"].append(q_len)
+        self.trace["pos_first"].append(pos_first)
+        self.trace["pos_last"].append(pos_first + q_len - 1)
+        if "logits" in self.trace and logits is not None:
+            self.trace["logits"].append(logits.detach().float().cpu())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Engine
+
+
+class DecodeEngine:
+    """Batched LLM + MCTP decoding with streaming events (see the module docstring).
+
+    `device` / `dtype` move the model if given (bf16 on GPU for real checkpoints, float32 on CPU).
+    `trace=True` records per request every forward (producer, q_len, first and last rotary position).
+    """
+
+    def __init__(
+        self,
+        model,
+        layout: TokenLayout | None = None,
+        device=None,
+        dtype=None,
+        max_batch_size: int = 16,
+        trace: bool = False,
+        trace_logits: bool = False,
+        profile: bool = False,
+    ):
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        param = next(model.parameters())
+        if (device is not None and torch.device(device) != param.device) or (dtype is not None and dtype != param.dtype):
+            model = model.to(device=device or param.device, dtype=dtype or param.dtype)
+        self.model = model.eval()
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.layout = layout if layout is not None else default_layout(model)
+        self.max_batch_size = max_batch_size
+        self.trace = trace
+        self.trace_logits = trace_logits
+        self.num_modules = model.num_mtp_modules
+        self.num_backbone = model.num_backbone_layers
+        self.num_layers = model.config.num_hidden_layers
+        self.vocab_size = model.config.vocab_size
+        self.waiting: list[_Sequence] = []
+        self.active: list[_Sequence] = []
+        self._ended: list[EndEvent] = []
+        self._traces: dict[str, dict] = {}
+        self.profile = profile
+        self.forward_log: list[tuple[str, int, int, float]] = []  # (kind, group size, max q_len, seconds)
+        self.forward_seconds = 0.0
+
+    # --- requests -----------------------------------------------------------------------------------------
+    def add_request(self, request: GenerationRequest) -> str:
+        """Validate and queue a request; it joins the batch at the next step. Returns its id."""
+        if not isinstance(request, GenerationRequest):
+            raise ValueError(f"request must be a GenerationRequest, got {type(request).__name__}")
+        prompt = request.prompt_ids
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.flatten().tolist()
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence) or len(prompt) == 0:
+            raise ValueError(f"prompt_ids must be a non-empty list of token ids, got {str(prompt)[:60]!r}")
+        try:
+            prompt = [operator.index(t) for t in prompt]
+        except TypeError:
+            raise ValueError(f"prompt_ids must hold integers, got {str(request.prompt_ids)[:60]!r}") from None
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt_ids out of range [0, {self.vocab_size}): {bad[:5]}")
+        request.prompt_ids = prompt
+        mnt = request.max_new_tokens
+        if isinstance(mnt, bool) or not isinstance(mnt, int) or mnt < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {mnt!r}")
+        if not isinstance(request.sampling, SamplingParams):
+            raise ValueError(f"sampling must be a SamplingParams, got {type(request.sampling).__name__}")
+        mode = resolve_mode(request.mode, self.model)
+        verify = mode == EXACT or bool(request.verify)
+        if request.constraint not in CONSTRAINTS:
+            raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {request.constraint!r}")
+        stop_ids = self.layout.eos_ids if request.stop_ids is None else request.stop_ids
+        try:
+            stop_ids = frozenset(operator.index(t) for t in stop_ids)
+        except TypeError:
+            raise ValueError(f"stop_ids must be a list of integers, got {request.stop_ids!r}") from None
+        if not request.request_id:
+            request.request_id = uuid.uuid4().hex
+        if any(s.id == request.request_id for s in (*self.waiting, *self.active)):
+            raise ValueError(f"request_id {request.request_id!r} is already running")
+        constraint = None
+        if request.constraint is not None:
+            ratio = request.constraint_ratio
+            if ratio is None:
+                mtp_modes = [MODES[n] for n in ("balance", "boost", "turbo")]
+                ratio = mode if mode != EXACT and list(mode) in mtp_modes else list(BOOST_RATIO)
+            constraint = OutputConstraint(request.constraint, self.layout, self.vocab_size, self.device, check_ratio(ratio))
+        sampler = TokenSampler(request.sampling, self.device, constraint)
+        self.waiting.append(_Sequence(self, request, mode, verify, sampler, stop_ids))
+        return request.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its caches; its EndEvent(reason="aborted") comes with the next step."""
+        for queue in (self.waiting, self.active):
+            for seq in queue:
+                if seq.id == request_id:
+                    queue.remove(seq)
+                    self._ended.append(EndEvent(seq.id, "aborted", seq.usage()))
+                    seq.cache = seq.hidden = None
+                    return
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.active or self._ended)
+
+    def trace_of(self, request_id: str) -> dict | None:
+        """The recorded trace of a finished request (trace=True), removed once read."""
+        return self._traces.pop(request_id, None)
+
+    # --- stepping -----------------------------------------------------------------------------------------
+    def step(self) -> list:
+        """One engine step: every active request runs one forward. Returns the events in order."""
+        events: list = list(self._ended)
+        self._ended.clear()
+        while self.waiting and len(self.active) < self.max_batch_size:
+            self.active.append(self.waiting.pop(0))
+        if not self.active:
+            return events
+        groups: dict[int, list[_Sequence]] = {}
+        for seq in self.active:
+            groups.setdefault(seq.next_action(self.num_modules), []).append(seq)
+        with torch.inference_mode():
+            for action in sorted(groups):
+                if action < 0:
+                    self._backbone_step(groups[action], events)
+                else:
+                    self._mtp_step(action, groups[action], events)
+        self.active = [s for s in self.active if s.finished is None]
+        return events
+
+    def stream(self, request: GenerationRequest) -> Iterator:
+        """Run one request alone (other queued requests run alongside) and yield its events."""
+        rid = self.add_request(request)
+        while True:
+            for event in self.step():
+                if event.request_id == rid:
+                    yield event
+                    if isinstance(event, EndEvent):
+                        return
+
+    # --- forwards -----------------------------------------------------------------------------------------
+    def _timed(self, kind: str, G: int, Q: int, fn):
+        if not self.profile:
+            return fn()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        out = fn()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        self.forward_seconds += dt
+        self.forward_log.append((kind, G, Q, dt))
+        return out
+
+    def _pad(self, rows: list[list[int]], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token rows and their first rotary positions -> right-padded ids and position ids [G, Q]."""
+        G, Q = len(rows), max(len(r) for r in rows)
+        if G == 1:
+            ids = torch.tensor(rows, dtype=torch.long, device=self.device)
+            pos = torch.arange(starts[0], starts[0] + Q, device=self.device)[None]
+            return ids, pos
+        ids = torch.zeros(G, Q, dtype=torch.long)
+        pos = torch.zeros(G, Q, dtype=torch.long)
+        for i, (r, s) in enumerate(zip(rows, starts)):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            pos[i] = torch.arange(s, s + Q).clamp(max=s + len(r) - 1)  # padding repeats the last position
+        return ids.to(self.device), pos.to(self.device)
+
+    def _cache_for(self, group: list[_Sequence], q_lens: list[int]):
+        return group[0].cache if len(group) == 1 else GroupCache([s.cache for s in group], q_lens)
+
+    def _backbone_step(self, group: list[_Sequence], events: list) -> None:
+        model = self.model
+        rows = [(s.tokens + s.drafts)[s.bb_len :] for s in group]
+        q_lens = [len(r) for r in rows]
+        past = [s.bb_len for s in group]
+        ids, pos = self._pad(rows, past)
+        mask = group_attention_mask(past, q_lens, self.dtype, self.device)
+        cache = self._cache_for(group, q_lens)
+
+        def forward():
+            hidden = model.run_backbone(model.model.embed_tokens(ids), pos, mask, cache)  # (G, Q, H)
+            # logits of the last position, or of the last 1 + #drafts positions when verifying
+            picks = [(i, q - 1 - len(s.drafts) + j) for i, (s, q) in enumerate(zip(group, q_lens)) for j in range(len(s.drafts) + 1)]
+            if all(len(s.drafts) == 0 for s in group):
+                last = hidden[torch.arange(len(group), device=self.device), torch.tensor(q_lens, device=self.device) - 1]
+            else:
+                index = torch.tensor(picks, device=self.device)
+                last = hidden[index[:, 0], index[:, 1]]
+            return hidden, model.lm_head(last).float(), picks
+
+        hidden, logits, picks = self._timed("backbone", len(group), max(q_lens), forward)
+        row = 0
+        for i, seq in enumerate(group):
+            q = q_lens[i]
+            seq.backbone_calls += 1
+            seq.backbone_positions += q
+            if seq.hidden[0] is not None:
+                seq.hidden[0].append(hidden[i, :q])
+            n_logits = len(seq.drafts) + 1
+            seq_logits = logits[row : row + n_logits]
+            row += n_logits
+            seq.record("backbone", q, past[i], seq_logits[-1] if not seq.verify else None)
+            if seq.verify:
+                self._verify(seq, seq_logits, events)
+            else:
+                seq.bb_len += q
+                seq.chain_k = -1
+                token = seq.sampler.choose(seq.ids[:, : len(seq.tokens)], seq_logits[-1:], seq.generated)
+                self._emit(seq, token, "backbone", events)
+
+    def _mtp_step(self, k: int, group: list[_Sequence], events: list) -> None:
+        model = self.model
+        firsts = [s.mod_len[k] for s in group]
+        ends = [s.bb_len for s in group]  # rows first..B-1, B = backbone positions
+        q_lens = [b - f for f, b in zip(firsts, ends)]
+        # row t consumes token t+k+1 at rotary position t+k+1
+        rows = [(s.tokens + s.drafts)[f + k + 1 : b + k + 1] for s, f, b in zip(group, firsts, ends)]
+        ids, pos = self._pad(rows, [f + k + 1 for f in firsts])
+        G, Q = ids.shape
+        if G == 1:
+            h_in = group[0].hidden[k].get(firsts[0], ends[0])[None]
+        else:
+            h_in = torch.zeros(G, Q, model.config.hidden_size, dtype=self.dtype, device=self.device)
+            for i, (s, f, b) in enumerate(zip(group, firsts, ends)):
+                h_in[i, : b - f] = s.hidden[k].get(f, b)
+        mask = group_attention_mask(firsts, q_lens, self.dtype, self.device)
+        cache = self._cache_for(group, q_lens)
+
+        def forward():
+            out = model.run_mtp_module(k, h_in, model.model.embed_tokens(ids), pos, mask, cache)  # (G, Q, H)
+            last = out[torch.arange(G, device=self.device), torch.tensor(q_lens, device=self.device) - 1]
+            return out, model.lm_head(last).float()
+
+        out, logits = self._timed(f"mtp{k}", G, Q, forward)
+        for i, seq in enumerate(group):
+            q = q_lens[i]
+            seq.mtp_calls[k] += 1
+            seq.mtp_positions[k] += q
+            seq.mod_len[k] = ends[i]
+            seq.hidden[k].trim(ends[i] - seq.hidden_slack)
+            if k + 1 < self.num_modules and seq.hidden[k + 1] is not None:
+                seq.hidden[k + 1].append(out[i, :q])
+            seq.record(f"mtp{k}", q, firsts[i] + k + 1, logits[i] if not seq.verify else None)
+            L = len(seq.tokens)
+            if seq.verify:
+                index = L + len(seq.drafts)
+                draft = seq.sampler.draft(seq.ids[:, :index], logits[i : i + 1], index - seq.prompt_len)
+                seq.ids[0, index] = draft
+                seq.drafts.append(draft)
+                seq.drafted += 1
+            else:
+                seq.chain_k = k
+                token = seq.sampler.choose(seq.ids[:, :L], logits[i : i + 1], seq.generated)
+                self._emit(seq, token, f"mtp{k}", events)
+
+    def _verify(self, seq: _Sequence, logits: torch.Tensor, events: list) -> None:
+        """Accept the longest prefix of drafts equal to the backbone's own choices, plus its next token.
+
+        logits [d+1, V]: row j is the backbone at the position of draft j-1 (row 0: of the last committed
+        token), so it predicts the position of draft j. Caches are cut back past the first rejection.
+        """
+        L, drafts = len(seq.tokens), seq.drafts
+        accepted = 0
+        for j in range(len(drafts) + 1):
+            token = seq.sampler.choose(seq.ids[:, : L + j], logits[j : j + 1], L + j - seq.prompt_len)
+            if j < len(drafts) and token == drafts[j]:
+                accepted += 1
+                continue
+            break
+        seq.verify_calls += 1 if drafts else 0  # backbone forwards that checked at least one draft
+        seq.accepted_drafts += accepted
+        # backbone keeps positions 0..L+accepted-1 (committed tokens and accepted drafts)
+        seq.bb_len = L + accepted
+        seq.cache.truncate(range(self.num_backbone), seq.bb_len)
+        if seq.hidden[0] is not None:
+            seq.hidden[0].truncate(seq.bb_len)
+        # module j row t consumed tokens up to t+j+1: valid iff t+j+1 <= L+accepted-1
+        for j in range(self.num_modules):
+            valid = max(0, min(seq.mod_len[j], L + accepted - j - 1))
+            if valid < seq.mod_len[j]:
+                seq.mod_len[j] = valid
+                seq.cache.truncate([self.num_backbone + j], valid)
+                if j + 1 < self.num_modules and seq.hidden[j + 1] is not None:
+                    seq.hidden[j + 1].truncate(valid)
+        emitted = [(d, f"mtp{j}") for j, d in enumerate(drafts[:accepted])] + [(token, "backbone")]
+        seq.drafts = []
+        for tok, producer in emitted:
+            self._emit(seq, tok, producer, events)
+            if seq.finished is not None:
+                return
+        seq.set_draft_target(self.num_modules)
+
+    def _emit(self, seq: _Sequence, token: int, producer: str, events: list) -> None:
+        layout = self.layout
+        seq.ids[0, len(seq.tokens)] = token
+        seq.tokens.append(token)
+        is_audio = layout.is_audio(token)
+        events.append(TokenEvent(seq.id, token, is_audio, producer))
+        if is_audio:
+            seq.pending_codes.append(token - layout.audio_offset)
+        elif token == layout.eoa and seq.pending_codes:
+            events.append(AudioChunkEvent(seq.id, seq.pending_codes))
+            seq.pending_codes = []
+        if token in seq.stop_ids:
+            self._finish(seq, "stop", events)
+        elif seq.generated >= seq.max_new:
+            self._finish(seq, "length", events)
+
+    def _finish(self, seq: _Sequence, reason: str, events: list) -> None:
+        if seq.pending_codes:  # the stream ended inside an audio span: flush what was decoded so far
+            events.append(AudioChunkEvent(seq.id, seq.pending_codes))
+            seq.pending_codes = []
+        seq.finished = reason
+        if seq.trace is not None:
+            seq.trace["hidden_state_lengths"] = [seq.bb_len, *seq.mod_len]  # rows of backbone / module outputs
+            self._traces[seq.id] = seq.trace
+        events.append(EndEvent(seq.id, reason, seq.usage()))
+        seq.cache = seq.hidden = None  # free memory now; the sequence leaves the batch after this step
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One-shot API
+
+
+def generate(
+    model,
+    prompt_ids,
+    mode=None,
+    max_new_tokens: int = 256,
+    sampling: SamplingParams | None = None,
+    stop_ids=None,
+    layout: TokenLayout | None = None,
+    constraint: str | None = None,
+    trace: bool = False,
+    verify: bool = False,
+    trace_logits: bool = False,
+) -> GenerationResult:
+    """Generate for one prompt and return the new ids with forward counts (and the trace if asked)."""
+    engine = DecodeEngine(model, layout=layout, trace=trace or trace_logits, trace_logits=trace_logits)
+    request = GenerationRequest(
+        prompt_ids=prompt_ids,
+        mode=mode,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling if sampling is not None else SamplingParams(),
+        stop_ids=stop_ids,
+        constraint=constraint,
+        verify=verify,
+    )
+    ids, end = [], None
+    for event in engine.stream(request):
+        if isinstance(event, TokenEvent):
+            ids.append(event.token_id)
+        elif isinstance(event, EndEvent):
+            end = event
+    usage = end.usage
+    return GenerationResult(
+        ids=ids,
+        end_reason=end.reason,
+        backbone_forwards=usage["backbone_forwards"],
+        mtp_forwards=usage["mtp_forwards"],
+        usage=usage,
+        trace=engine.trace_of(request.request_id),
+    )

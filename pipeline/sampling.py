@@ -1,0 +1,158 @@
+"""Token selection for the decode engine: HF sampling semantics plus the output constraint.
+
+Scores are processed exactly as transformers' `generate` does (logits in float32; repetition penalty over
+prompt + generated ids, applied to every step including MCTP ones; then, when sampling, temperature ->
+top-k -> top-p; greedy = argmax of the processed scores, sampling = multinomial over their softmax), using
+transformers' own LogitsProcessor classes. Each request has its own seeded `torch.Generator`, so a
+request's samples do not depend on what else is in the batch.
+
+The output constraint (`"text"` / `"interleaved"`) masks ids by generated-token index: with random weights
+it guarantees decodable audio spans in the training layout of spec §2.3; a trained model already follows
+that layout, so there it changes nothing.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from pipeline.tokens import TokenLayout, check_ratio
+
+CONSTRAINTS = (None, "text", "interleaved")
+
+
+@dataclass
+class SamplingParams:
+    """HF generation settings of one request. greedy=True ignores temperature / top_k / top_p."""
+
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off; HF semantics (divide positive scores, multiply negative)
+    seed: int | None = None  # None = nondeterministic
+
+    def __post_init__(self):
+        if not isinstance(self.greedy, bool):
+            raise ValueError(f"greedy must be a bool, got {self.greedy!r}")
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        rp = self.repetition_penalty
+        if not (isinstance(rp, (int, float)) and math.isfinite(rp) and rp > 0):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {rp!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
+            raise ValueError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
+
+
+class OutputConstraint:
+    """Allowed ids per generated-token index, as an additive float32 bias over the vocabulary.
+
+    "text": no audio ids, BOA or EOA anywhere (ASR). "interleaved": the spec §2.3 layout of `ratio`
+    [T1, A1, T2, A2, ...]: T1 text slots (text ids, eos included), BOA, A1-2 audio slots (audio ids only),
+    EOA, T2 text slots, ...; the last pair repeats. Ids without a token (padding rows) are never allowed.
+    """
+
+    def __init__(self, kind: str, layout: TokenLayout, vocab_size: int, device, ratio: Sequence[int] | None = None):
+        if kind not in ("text", "interleaved"):
+            raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {kind!r}")
+        self.kind = kind
+        ids = torch.arange(vocab_size, device=device)
+        audio = (ids >= layout.audio_offset) & (ids < layout.audio_offset + layout.codebook_size)
+        real = ids < layout.vocab_size
+        text = real & ~audio & (ids != layout.boa) & (ids != layout.eoa)
+        neg = torch.finfo(torch.float32).min
+
+        def bias(allowed: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(vocab_size, device=device).masked_fill(~allowed, neg)[None]  # (1, V)
+
+        self.bias = {"text": bias(text), "audio": bias(audio), "boa": bias(ids == layout.boa), "eoa": bias(ids == layout.eoa)}
+        self.segments: list[tuple[str, int]] = []
+        if kind == "interleaved":
+            values = check_ratio(ratio)
+            for t, a in zip(values[::2], values[1::2]):
+                self.segments.append([("text", t), ("boa", 1), ("audio", a - 2), ("eoa", 1)])
+        self.prefix = sum(n for pair in self.segments[:-1] for _, n in pair) if self.segments else 0
+
+    def slot(self, index: int) -> str:
+        """Kind of generated token `index`: "text", "boa", "audio" or "eoa"."""
+        if self.kind == "text":
+            return "text"
+        i = index
+        for pair in self.segments[:-1]:
+            for kind, n in pair:
+                if i < n:
+                    return kind
+                i -= n
+        last = self.segments[-1]
+        i %= sum(n for _, n in last)
+        for kind, n in last:
+            if i < n:
+                return kind
+            i -= n
+        raise AssertionError("unreachable")
+
+    def __call__(self, scores: torch.Tensor, index: int) -> torch.Tensor:
+        return scores + self.bias[self.slot(index)]
+
+
+class TokenSampler:
+    """One request's score processing and token choice (HF order: processors, then warpers)."""
+
+    def __init__(self, params: SamplingParams, device, constraint: OutputConstraint | None = None):
+        self.params = params
+        self.constraint = constraint
+        self.penalty = (
+            RepetitionPenaltyLogitsProcessor(params.repetition_penalty) if params.repetition_penalty != 1.0 else None
+        )
+        warpers = []
+        if not params.greedy:
+            if params.temperature != 1.0:
+                warpers.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k > 0:
+                warpers.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(params.top_p))
+        self.warpers = LogitsProcessorList(warpers)
+        self.generator = None
+        if not params.greedy:
+            self.generator = torch.Generator(device=device)
+            if params.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(params.seed)
+
+    def process(self, prefix_ids: torch.Tensor, logits: torch.Tensor, index: int) -> torch.Tensor:
+        """prefix_ids [1, L] (prompt + generated before this token), logits [1, V] -> processed float32 scores."""
+        scores = logits.float()
+        if self.penalty is not None:
+            scores = self.penalty(prefix_ids, scores)
+        if self.constraint is not None:
+            scores = self.constraint(scores, index)
+        return scores
+
+    def choose(self, prefix_ids: torch.Tensor, logits: torch.Tensor, index: int) -> int:
+        """The request's token for this step: argmax (greedy) or a sample of the warped distribution."""
+        scores = self.process(prefix_ids, logits, index)
+        if self.params.greedy:
+            return int(scores.argmax(-1))
+        scores = self.warpers(prefix_ids, scores)
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, num_samples=1, generator=self.generator))
+
+    def draft(self, prefix_ids: torch.Tensor, logits: torch.Tensor, index: int) -> int:
+        """An MCTP draft for verification: the most likely id under the processed scores (never sampled:
+        argmax maximises the chance that the backbone's own sample equals it)."""
+        return int(self.process(prefix_ids, logits, index).argmax(-1))

@@ -1,0 +1,314 @@
+"""The decode engine (pipeline/generate.py): parity with the original's generate, exact mode, events, errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.generate import (
+    AudioChunkEvent,
+    DecodeEngine,
+    EndEvent,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+    default_layout,
+    expand_schedule,
+    generate,
+    resolve_mode,
+)
+from pipeline.llm import load_llm
+
+MODELS = {"mtp10": "model", "mtp1": "model_mtp1"}
+END_REASONS = {"max_new_tokens": "length", "eos": "stop"}
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread (two threads contend on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def parity(shared_dir):
+    root = shared_dir / "parity" / "llm"
+    return {
+        "root": root,
+        "inputs": json.loads((root / "inputs.json").read_text()),
+        "gen": json.loads((root / "generation.json").read_text()),
+        "npz": np.load(root / "expected.npz"),
+    }
+
+
+@pytest.fixture(scope="module")
+def models(parity):
+    return {name: load_llm(parity["root"] / d, dtype=torch.float32) for name, d in MODELS.items()}
+
+
+def make_drafting_model(model, broken_modules=()):
+    """Turn a random model into one whose MCTP modules predict what the backbone will predict.
+
+    The backbone's attention / MLP outputs are scaled down so its next token depends (almost) only on the
+    current token; each module's projection passes the embedding half through and its layer is an
+    identity, so module k at row t outputs norm(embed(x_{t+k+1})): the backbone's prediction for x_{t+k+2}.
+    Modules in `broken_modules` keep their random weights, so their drafts are (mostly) rejected.
+    """
+    H = model.config.hidden_size
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            scale = 0.05 if i < model.num_backbone_layers else 0.0
+            layer.self_attn.o_proj.weight.mul_(scale)
+            layer.mlp.down_proj.weight.mul_(scale)
+        for k in range(model.num_mtp_modules):
+            if k in broken_modules:
+                continue
+            model.mtp_projs[k].weight.zero_()
+            model.mtp_projs[k].weight[:, :H] = torch.eye(H)
+            model.mtp_embed_norms[k].weight.fill_(1.0)
+    return model
+
+
+# --- parity with the original (../shared/parity/llm/generation.json) ----------------------------------------
+
+RUNS = [
+    (name, run)
+    for name in MODELS
+    for run in (
+        "vanilla__rp1", "vanilla__rp1.05", "balance__rp1", "balance_eosprobe__rp1", "balance__rp1.05", "boost__rp1",
+        "boost__rp1.05", "turbo__rp1", "turbo__rp1.05", "code_default__rp1", "code_default__rp1.05", "custom__rp1",
+        "custom__rp1.05",
+    )
+]
+
+
+@pytest.mark.parametrize("name,run", RUNS, ids=[f"{n}-{r}" for n, r in RUNS])
+def test_generation_matches_original(parity, models, name, run):
+    ref = parity["gen"][name].get(run)
+    if ref is None:
+        pytest.skip(f"fixture has no run {run} for {name}")
+    model = models[name]
+    max_new = parity["inputs"]["max_new_tokens"]
+    mode = ref["mtp_inference_mode"]
+    if run.startswith("code_default"):
+        model = load_llm(parity["root"] / MODELS[name], dtype=torch.float32)
+        model.name_or_path = ""  # no generation_config.json: the code default [1, N] applies
+        mode = None
+    stop = ref.get("eos_token_id_override") or parity["inputs"]["generation_settings"]["eos_token_id"]
+    result = generate(
+        model,
+        parity["inputs"]["generation_prompt"],
+        mode=mode,
+        max_new_tokens=max_new,
+        sampling=SamplingParams(greedy=True, repetition_penalty=ref["repetition_penalty"]),
+        stop_ids=stop,
+        trace=True,
+        trace_logits=True,
+    )
+    assert result.ids == ref["generated_ids"]
+    assert result.end_reason == END_REASONS[ref["end_reason"]]
+    assert resolve_mode(mode, model) == ref["mtp_inference_mode"]
+    if "schedule" in ref:
+        assert expand_schedule(ref["mtp_inference_mode"], max_new) == ref["schedule"]
+    counts, usage = ref["counts"], result.usage
+    assert usage["forward_calls"] == counts["forward_calls"]
+    assert usage["backbone_forwards"] == result.backbone_forwards == counts["backbone_calls"]
+    assert usage["backbone_positions"] == counts["backbone_positions"]
+    K = model.num_mtp_modules
+    assert usage["mtp_forwards_per_module"] == [counts["mtp_calls_per_module"][f"mtp{k}"] for k in range(K)]
+    assert usage["mtp_positions_per_module"] == [counts["mtp_positions_per_module"][f"mtp{k}"] for k in range(K)]
+    assert result.mtp_forwards == sum(usage["mtp_forwards_per_module"])
+    trace = ref.get("trace")
+    if trace is not None:
+        for key in ("producer", "q_len", "pos_first", "pos_last"):
+            assert result.trace[key] == trace[key], key
+    if "hidden_state_lengths" in ref:
+        used = [k for k in range(K) if usage["mtp_forwards_per_module"][k]]
+        expect = ref["hidden_state_lengths"]
+        assert result.trace["hidden_state_lengths"][0] == expect[0]
+        assert [result.trace["hidden_state_lengths"][k + 1] for k in used] == [expect[k + 1] for k in used]
+    key = f"{name}__gen__{run.split('__')[0]}__step_logits"
+    if ref["repetition_penalty"] == 1.0 and key in parity["npz"] and "eosprobe" not in run:
+        logits = torch.stack(result.trace["logits"]).numpy()
+        np.testing.assert_allclose(logits, parity["npz"][key], atol=1e-4, rtol=1e-4)
+
+
+def test_eager_attention_gives_the_same_generation(parity, models):
+    """The original breaks with eager/sdpa under MCTP; our explicit masks make them agree with the fixture."""
+    model = load_llm(parity["root"] / "model", dtype=torch.float32)
+    model.config._attn_implementation = "eager"
+    ref = parity["gen"]["mtp10"]["balance__rp1"]
+    result = generate(model, parity["inputs"]["generation_prompt"], mode="balance", max_new_tokens=80, stop_ids=[130, 128])
+    assert result.ids == ref["generated_ids"]
+
+
+# --- schedules -----------------------------------------------------------------------------------------------
+
+
+def test_schedules_and_modes(models):
+    model = models["mtp10"]
+    assert expand_schedule([8192, 0], 12) == expand_schedule([1, 0], 12) == "M" * 12
+    assert expand_schedule([1, 10, 4, 10], 30) == "M" + "m" * 10 + "MMMM" + "m" * 10 + "MMMM" + "m"
+    assert expand_schedule([2, 3, 1, 12], 20) == "MMmmm" + "M" + "m" * 12 + "Mm"
+    assert resolve_mode("boost", model) == [1, 10, 4, 10]
+    assert resolve_mode("Turbo", model) == [1, 10]
+    assert resolve_mode("1,4,3,8,4,10", model) == [1, 4, 3, 8, 4, 10]
+    assert resolve_mode([2, 3, 1, 12], model) == [2, 3, 1, 12]
+    assert resolve_mode("exact", model) == "exact"
+    assert resolve_mode(None, model) == [1, 4, 3, 8, 4, 10]  # generation_config.json of the checkpoint
+    for bad, match in [
+        ("fast", "unknown mode 'fast'"),
+        ("1,2,3", "even length"),
+        ([0, 10], "must start with a backbone step"),
+        ([1, -2], "negative"),
+        ([1, 2, 0, 0], r"must not be \(0, 0\)"),
+        (3.5, "mode must be"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            resolve_mode(bad, model)
+
+
+def test_mode_with_fewer_modules_falls_back_to_backbone(models, parity):
+    """K=1 with Turbo [1, 10]: steps alternate backbone / module 0 (the original's quirk)."""
+    result = generate(models["mtp1"], parity["inputs"]["generation_prompt"], mode="turbo", max_new_tokens=9, trace=True)
+    assert result.trace["producer"] == ["backbone", "mtp0"] * 4 + ["backbone"]
+
+
+# --- exact (lossless) MCTP -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.05])
+def test_exact_equals_vanilla_on_random_model(parity, models, penalty):
+    prompt = parity["inputs"]["generation_prompt"]
+    sampling = SamplingParams(repetition_penalty=penalty)
+    for name in MODELS:
+        vanilla = generate(models[name], prompt, mode="vanilla", max_new_tokens=40, sampling=sampling)
+        exact = generate(models[name], prompt, mode="exact", max_new_tokens=40, sampling=sampling)
+        boost = generate(models[name], prompt, mode="boost", verify=True, max_new_tokens=40, sampling=sampling)
+        assert exact.ids == vanilla.ids == boost.ids
+        assert exact.usage["generated_tokens"] == 40
+
+
+@pytest.mark.parametrize("broken", [(), (3,), (0, 6)])
+def test_exact_uses_fewer_backbone_forwards_when_drafts_agree(parity, broken):
+    model = make_drafting_model(load_llm(parity["root"] / "model", dtype=torch.float32), broken)
+    prompt = parity["inputs"]["generation_prompt"]
+    for penalty in (1.0, 1.05):
+        sampling = SamplingParams(repetition_penalty=penalty)
+        vanilla = generate(model, prompt, mode="vanilla", max_new_tokens=60, sampling=sampling)
+        exact = generate(model, prompt, mode="exact", max_new_tokens=60, sampling=sampling)
+        assert exact.ids == vanilla.ids
+        first_broken = min(broken, default=model.num_mtp_modules)
+        if first_broken > 0:
+            assert exact.usage["accepted_drafts"] > 0
+            assert exact.backbone_forwards < vanilla.backbone_forwards
+            assert exact.usage["acceptance_length"] > 1.0
+        assert exact.usage["acceptance_length"] <= first_broken
+
+
+def test_exact_sampling_is_seeded_and_follows_the_backbone(parity):
+    model = make_drafting_model(load_llm(parity["root"] / "model", dtype=torch.float32))
+    prompt = parity["inputs"]["generation_prompt"]
+    sampling = SamplingParams(greedy=False, temperature=0.7, top_k=3, seed=5)
+    a = generate(model, prompt, mode="exact", max_new_tokens=40, sampling=sampling, trace=True)
+    b = generate(model, prompt, mode="exact", max_new_tokens=40, sampling=sampling)
+    assert a.ids == b.ids
+    assert a.usage["accepted_drafts"] > 0
+    # every emitted token is among the backbone's top-3 at its position (top_k=3 is the backbone's, not a draft's)
+    ids = torch.tensor([prompt + a.ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1]
+    top3 = logits.topk(3, dim=-1).indices
+    assert all(tok in top3[i].tolist() for i, tok in enumerate(a.ids))
+
+
+# --- sampling, stop ids, events ------------------------------------------------------------------------------
+
+
+def test_sampling_is_seeded_per_request(parity, models):
+    prompt = parity["inputs"]["generation_prompt"]
+    run = lambda seed, mode: generate(  # noqa: E731
+        models["mtp10"], prompt, mode=mode, max_new_tokens=30,
+        sampling=SamplingParams(greedy=False, temperature=1.3, top_p=0.9, seed=seed),
+    ).ids
+    assert run(1, "boost") == run(1, "boost")
+    assert run(1, "boost") != run(2, "boost")
+    greedy = generate(models["mtp10"], prompt, mode="boost", max_new_tokens=30).ids
+    assert run(1, "boost") != greedy
+
+
+def test_events_audio_chunks_and_stop(parity, models):
+    model = models["mtp10"]
+    layout = default_layout(model)
+    assert (layout.boa, layout.eoa, layout.audio_offset, layout.codebook_size) == (159, 160, 170, 256)
+    assert layout.eos_ids == (130, 128)
+    engine = DecodeEngine(model)
+    request = GenerationRequest(parity["inputs"]["generation_prompt"], mode="boost", max_new_tokens=37, constraint="interleaved")
+    events = list(engine.stream(request))
+    tokens = [e for e in events if isinstance(e, TokenEvent)]
+    chunks = [e for e in events if isinstance(e, AudioChunkEvent)]
+    end = events[-1]
+    assert isinstance(end, EndEvent) and end.reason == "length" and len(tokens) == 37
+    ids = [t.token_id for t in tokens]
+    # Boost layout: T [a x8] TTTT [a x8] TTTT [a x8] ... ; 37 tokens end inside the third span (flushed)
+    assert [t.producer for t in tokens[:12]] == ["backbone"] + [f"mtp{k}" for k in range(10)] + ["backbone"]
+    assert ids[1] == layout.boa and ids[10] == layout.eoa and ids[15] == layout.boa and ids[24] == layout.eoa
+    assert all(layout.is_audio(i) for i in ids[2:10] + ids[16:24] + ids[30:37])
+    assert [len(c.codes) for c in chunks] == [8, 8, 7]
+    assert chunks[0].codes == [i - layout.audio_offset for i in ids[2:10]]
+    assert all(t.is_audio == layout.is_audio(t.token_id) for t in tokens)
+    # a stop id ends the stream after that token, with reason "stop"
+    stop = ids[5]
+    result = generate(model, parity["inputs"]["generation_prompt"], mode="boost", max_new_tokens=37, stop_ids=[stop], constraint="interleaved")
+    assert result.ids == ids[:6] and result.end_reason == "stop"
+
+
+def test_text_constraint_forbids_audio(parity, models):
+    layout = default_layout(models["mtp10"])
+    free = generate(models["mtp10"], parity["inputs"]["generation_prompt"], mode="turbo", max_new_tokens=60)
+    assert any(layout.is_audio(i) or i in (layout.boa, layout.eoa) for i in free.ids)  # the random model emits audio
+    text = generate(models["mtp10"], parity["inputs"]["generation_prompt"], mode="turbo", max_new_tokens=60, constraint="text")
+    assert not any(layout.is_audio(i) or i in (layout.boa, layout.eoa) for i in text.ids)
+
+
+def test_abort_frees_and_reports(parity, models):
+    engine = DecodeEngine(models["mtp10"])
+    rid = engine.add_request(GenerationRequest(parity["inputs"]["generation_prompt"], mode="boost", max_new_tokens=50))
+    engine.step()
+    engine.step()
+    engine.abort(rid)
+    events = engine.step()
+    assert [type(e) for e in events] == [EndEvent] and events[0].reason == "aborted"
+    assert events[0].usage["generated_tokens"] == 2
+    assert not engine.has_unfinished()
+    engine.abort("unknown")  # no-op
+
+
+def test_bad_input_names_the_problem(models):
+    model = models["mtp10"]
+    for kwargs, match in [
+        (dict(prompt_ids=[]), "prompt_ids must be a non-empty"),
+        (dict(prompt_ids=[1, 432]), r"out of range \[0, 432\): \[432\]"),
+        (dict(prompt_ids=[1, -1]), "out of range"),
+        (dict(prompt_ids="hello"), "prompt_ids must be"),
+        (dict(prompt_ids=[1, 2], mode="warp"), "unknown mode 'warp'"),
+        (dict(prompt_ids=[1, 2], max_new_tokens=0), "max_new_tokens must be"),
+        (dict(prompt_ids=[1, 2], constraint="audio"), "constraint must be one of"),
+        (dict(prompt_ids=[1, 2], stop_ids=["x"]), "stop_ids"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            DecodeEngine(model).add_request(GenerationRequest(**kwargs))
+    for kwargs, match in [
+        (dict(temperature=0.0, greedy=False), "temperature"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(repetition_penalty=0), "repetition_penalty"),
+        (dict(seed=-3), "seed"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            SamplingParams(**kwargs)
