@@ -346,6 +346,9 @@ def test_device_and_dtype_parameters(tiny_dir, corpus_files):
     tokens = half.tokenize(corpus_files[0])
     assert len(tokens) == expected_token_count(sf.info(corpus_files[0]).frames)
     assert load_encoder(tiny_dir, device="cpu", dtype=torch.float32).device.type == "cpu"
+    import pipeline
+
+    assert isinstance(pipeline.load_encoder(tiny_dir), SpeechTokenizer)  # the package-level entry point
 
 
 def test_config_validation():
