@@ -35,7 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per mode (best is reported)")
     parser.add_argument("--batch-windows", type=int, default=128, help="30 s windows per forward when batched")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print the results as one JSON line")
 
 
 def run(args: argparse.Namespace) -> dict:
