@@ -387,10 +387,12 @@ class FlowModel(nn.Module):
     def n_frames(self, n_tokens: int) -> int:
         return frames_for_tokens(n_tokens, self.cfg.input_frame_rate)
 
-    def mu(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, N) ids -> mu (B, 80, frames(N)): the conditioning mean the ODE is steered by."""
+    def mu(self, tokens: torch.Tensor, n_frames: int | None = None) -> torch.Tensor:
+        """(B, N) ids -> mu (B, 80, n_frames): the conditioning mean the ODE is steered by.
+
+        n_frames defaults to the original's frames(N); streaming windows pass their own count."""
         h = self.encoder(self.input_embedding(tokens.clamp(min=0)))
-        return self.length_regulator(self.encoder_proj(h), self.n_frames(tokens.shape[1]))
+        return self.length_regulator(self.encoder_proj(h), n_frames or self.n_frames(tokens.shape[1]))
 
     def speaker(self, batch: int, device, dtype) -> torch.Tensor:
         """Zero x-vector -> L2-normalised (stays 0) -> affine = the bias, (B, 80)."""
@@ -399,8 +401,9 @@ class FlowModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, noise: torch.Tensor, prompt_feat: torch.Tensor | None, n_steps: int) -> torch.Tensor:
         """tokens (B, N) = prompt + new ids; noise (B, 80, T); prompt_feat (B, P, 80) or None
-        -> mel (B, 80, T - P): the frames after the P prompt frames."""
-        mu = self.mu(tokens)
+        -> mel (B, 80, T - P): the frames after the P prompt frames. The noise length T sets the
+        frame count (the original's frames(N) for a plain decode)."""
+        mu = self.mu(tokens, noise.shape[-1])
         B, C, T = mu.shape
         cond = torch.zeros(B, T, C, device=mu.device, dtype=mu.dtype)
         P = 0 if prompt_feat is None else prompt_feat.shape[1]

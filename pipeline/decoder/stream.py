@@ -271,16 +271,21 @@ class IncrementalStream(DecoderStream):
     """Bounded-window streaming: constant cost per chunk, so total cost is linear in the audio length.
 
     context_tokens: earlier ids re-encoded as left context (window start aligned down to the
-    encoder's block grid); their final mel is the flow prompt. overlap_frames: mel frames held back
+    encoder's block grid, its first frame on the whole decode's frame grid and stride-2 parity);
+    flow noise is per absolute frame (`position_noise`). overlap_frames: mel frames held back
     and re-generated with the next chunk (hamming cross-fade), capped at half a chunk so the
     first chunk of 2 ids already yields audio. hift_context_frames / hift_hold_frames: HiFT left
     context (mel + source) and frames vocoded but not yet emitted. min_tokens: ids to collect
-    before running the flow (except at the end)."""
+    before running the flow (except at the end). record_mel keeps every final mel frame in
+    `mel_log` (to measure the distance to a whole decode). prompt_mel: condition the flow on the
+    context's final mel as GLM-4-Voice's streaming does; off by default, so the conditioning stays
+    empty as in a whole decode, which keeps the result closer to it (the context ids still shape mu)."""
 
     mode = "incremental"
 
     def __init__(self, decoder: SpeechDecoder, n_steps: int = 10, seed: int = 42, context_tokens: int = 30,
-                 overlap_frames: int = 34, hift_context_frames: int = 16, hift_hold_frames: int = 4, min_tokens: int = 1):
+                 overlap_frames: int = 34, hift_context_frames: int = 16, hift_hold_frames: int = 4, min_tokens: int = 1,
+                 record_mel: bool = False, prompt_mel: bool = False):
         super().__init__(decoder, n_steps, seed)
         for name, value, low in (("context_tokens", context_tokens, 0), ("overlap_frames", overlap_frames, 0),
                                  ("hift_context_frames", hift_context_frames, 0), ("hift_hold_frames", hift_hold_frames, 0),
@@ -304,6 +309,9 @@ class IncrementalStream(DecoderStream):
         self.phase = torch.zeros(B, decoder.hift.n_harmonics, device=decoder.device, dtype=torch.float32)
         self.flow_calls = 0
         self.hift_calls = 0
+        self.mel_log: list[torch.Tensor] | None = [] if record_mel else None  # every final mel piece (diagnostics)
+        self.prompt_mel = bool(prompt_mel)
+        self.frame_align = 2 ** (len(decoder.config.flow.channels) - 1)  # the estimator's down-sampling factor
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -323,11 +331,12 @@ class IncrementalStream(DecoderStream):
         done = self.tokens_done
         if end == done or (end - done < self.min_tokens and not final):
             return None
-        block = dec.block_size
+        block, align = dec.block_size, self.frame_align
         frames_end, final_frames = dec.n_frames(end), self.final_frames
         start = max(0, (done - self.context_tokens) // block * block)
         while True:  # the window must reach back over the frames already final (its prompt)
-            start_frame = frames_end - dec.n_frames(end - start)
+            # on the whole decode's frame grid, and on its parity for the U-Net's stride-2 levels
+            start_frame = dec.n_frames(start) // align * align
             if start == 0 or start_frame <= final_frames - 1:
                 break
             start = max(0, start - block)
@@ -337,12 +346,22 @@ class IncrementalStream(DecoderStream):
         noise = position_noise(dec, start_frame, frames_end, self.seed)
         n_prompt = final_frames - start_frame
         prompt = self.mel[:, :, start_frame - self.mel_base:].transpose(1, 2) if n_prompt else None
+        if prompt is not None and not self.prompt_mel:
+            prompt = torch.zeros_like(prompt)  # context ids only: conditioning left empty as in a whole decode
         return FlowJob(tokens, noise, prompt, self.n_steps)
+
+    def recorded_mel(self) -> torch.Tensor:
+        """All final mel frames so far (1, 80, T); needs `record_mel=True`."""
+        if self.mel_log is None:
+            raise DecoderError("recorded_mel needs a stream made with record_mel=True")
+        return torch.cat(self.mel_log, dim=-1) if self.mel_log else torch.zeros(1, self.decoder.mel_bins, 0)
 
     def _release_held(self):
         """The end arrived with no new ids: the held-back frames become final as they are."""
         if self.held is not None:
             self.mel = torch.cat([self.mel, self.held], dim=-1)
+            if self.mel_log is not None:
+                self.mel_log.append(self.held.float().cpu())
             self.held = None
 
     def _apply_flow(self, mel: torch.Tensor, final: bool):
@@ -355,6 +374,8 @@ class IncrementalStream(DecoderStream):
         hold = 0 if final else min(self.overlap_frames, mel.shape[-1] // 2)
         self.held = mel[..., mel.shape[-1] - hold:] if hold else None
         self.mel = torch.cat([self.mel, mel[..., : mel.shape[-1] - hold]], dim=-1)
+        if self.mel_log is not None:
+            self.mel_log.append(mel[..., : mel.shape[-1] - hold].float().cpu())
         self.tokens_done = self.codes_base + len(self.codes)
         self.flow_calls += 1
         self._trim()
