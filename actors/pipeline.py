@@ -38,7 +38,6 @@ from actors.payloads import (
     Done,
     ErrorEvent,
     LLMEnd,
-    LLMOutput,
     PipelineEvent,
     SpeechRequest,
     TextDelta,
@@ -229,8 +228,8 @@ class Pipeline:
         payloads = [p for p in (audio, voice) if p is not None]
         if not payloads:
             return None, None
-        refs = [self.stages.encoder.tokenize.remote(p) for p in payloads]
-        results = [await self._await("encoder", ref) for ref in refs]
+        results = [await self._await_restarting("encoder", lambda p=p: self.stages.encoder.tokenize.remote(p))
+                   for p in payloads]
         trace.mark("encoded")
         trace.usage["encoder"] = {"waveforms": len(payloads), "seconds_of_audio": sum(p.seconds for p in payloads),
                                   "codes": sum(len(r) for r in results)}
@@ -246,15 +245,21 @@ class Pipeline:
         decoder_usage = {"chunks": 0, "forwards": 0}
         trace.usage["decoder"] = decoder_usage
 
-        async def read_llm() -> None:
-            generator = self.stages.llm.generate.options(
+        def start_llm():
+            return self.stages.llm.generate.options(
                 num_returns="streaming", _generator_backpressure_num_objects=self.config.llm.queue_size,
             ).remote(request)
+
+        async def read_llm() -> None:
+            generator, first = await self._start_stream(start_llm)
             sent_audio = False
             while True:
                 try:
-                    ref = await asyncio.wait_for(generator.__anext__(), timeout=self.config.stage_timeout_s)
-                    item: LLMOutput = await self._await("llm", ref)
+                    if first is not None:
+                        item, first = first, None
+                    else:
+                        ref = await asyncio.wait_for(generator.__anext__(), timeout=self.config.stage_timeout_s)
+                        item = await self._await("llm", ref)
                 except StopAsyncIteration:
                     raise StageFailure("llm", "LLM stream ended without an end marker") from None
                 except StageFailure:
@@ -267,7 +272,15 @@ class Pipeline:
                 for codes in item.audio_chunks:
                     trace.mark("first_audio_codes")
                     trace.audio_codes.extend(codes)
-                    await pending_pcm.put(self.stages.decoder.push.remote(DecodeChunk(request.request_id, codes)))
+                    chunk = DecodeChunk(request.request_id, codes)
+                    if not sent_audio:  # the decoder may still be restarting: its stream starts on this chunk,
+                        # and later chunks are sent only once that stream exists (on the restarted actor)
+                        first_pcm = asyncio.get_running_loop().create_future()
+                        first_pcm.set_result(await self._await_restarting(
+                            "decoder", lambda c=chunk: self.stages.decoder.push.remote(c)))
+                        await pending_pcm.put(first_pcm)
+                    else:
+                        await pending_pcm.put(self.stages.decoder.push.remote(chunk))
                     sent_audio = True
                 if item.end is not None:
                     trace.end = item.end
@@ -296,6 +309,44 @@ class Pipeline:
         finally:
             for task in tasks:
                 task.cancel()
+
+    async def _await_restarting(self, stage: str, make_ref):
+        """Await a call that is safe to resend while the stage restarts (it never ran on a restarting actor)."""
+        deadline = time.monotonic() + self.config.stage_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                return await asyncio.wait_for(make_ref(), timeout=max(deadline - time.monotonic(), 0.0))
+            except ray.exceptions.ActorUnavailableError as err:
+                if time.monotonic() + delay >= deadline:
+                    raise describe_failure(stage, err, self.config.stage_timeout_s) from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                raise describe_failure(stage, err, self.config.stage_timeout_s) from None
+
+    async def _start_stream(self, start):
+        """Start the LLM stream and read its first item, waiting out a restart of the stage (nothing ran yet)."""
+        deadline = time.monotonic() + self.config.stage_timeout_s
+        delay = 0.05
+        while True:
+            generator = start()
+            try:
+                ref = await asyncio.wait_for(generator.__anext__(), timeout=max(deadline - time.monotonic(), 0.0))
+                return generator, await asyncio.wait_for(ref, timeout=max(deadline - time.monotonic(), 0.0))
+            except ray.exceptions.ActorUnavailableError as err:
+                if time.monotonic() + delay >= deadline:
+                    raise describe_failure("llm", err, self.config.stage_timeout_s) from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+            except StopAsyncIteration:
+                raise StageFailure("llm", "LLM stream ended without an end marker") from None
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                raise describe_failure("llm", err, self.config.stage_timeout_s) from None
 
     async def _await(self, stage: str, ref):
         try:
