@@ -1,0 +1,80 @@
+"""`vita-audio tts|asr|chat`: the real CLI on the tiny set (one run as a subprocess with its own local Ray and
+3 logical GPUs, the others in-process on the session Ray), JSON report, wav output, bad input -> exit 2."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from jobs.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wav(tmp_path_factory) -> Path:
+    """1.5 s of a voiced-like 16 kHz signal (harmonics + noise)."""
+    rng = np.random.default_rng(0)
+    t = np.arange(24000) / 16000
+    pcm = 0.3 * np.sin(2 * np.pi * 140 * t) + 0.1 * np.sin(2 * np.pi * 280 * t) + 0.02 * rng.standard_normal(t.size)
+    path = tmp_path_factory.mktemp("cli") / "question.wav"
+    sf.write(path, pcm.astype(np.float32), 16000, subtype="PCM_16")
+    return path
+
+
+def test_tts_subprocess_local_ray_with_three_logical_gpus(tiny_models, tmp_path):
+    out = tmp_path / "hello.wav"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "tts", "Hello there.", "-o", str(out), "--models", str(tiny_models),
+         "--num-gpus", "3", "--num-cpus", "2", "--max-new-tokens", "24", "--mode", "boost", "--json"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    gpus = [tuple(report["placement"][stage]["gpu_ids"]) for stage in ("encoder", "llm", "decoder")]
+    assert len(set(gpus)) == 3 and all(len(g) == 1 for g in gpus)
+    assert report["time_to_first_audio_s"] > 0 and report["total_s"] >= report["time_to_first_audio_s"]
+    assert report["forwards"]["llm_backbone"] + report["forwards"]["llm_mtp"] == 24
+    assert report["forwards"]["llm_mtp"] > 0 and report["forwards"]["decoder"] > 0
+    pcm, rate = sf.read(out)
+    assert rate == 22050 and len(pcm) / rate == pytest.approx(report["seconds_of_audio"], abs=1e-3)
+
+
+def test_asr_and_chat_in_process_on_session_ray(ray_session, tiny_models, wav, tmp_path, capsys):
+    code = main(["asr", str(wav), str(wav), "--models", str(tiny_models), "--max-new-tokens", "8", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["audio"] for r in report["results"]] == [str(wav), str(wav)]
+    assert report["results"][0]["text"] == report["results"][1]["text"]  # greedy: same input, same text
+    assert report["results"][0]["forwards"]["encoder"] == 1
+
+    out = tmp_path / "answer.wav"
+    code = main(["chat", str(wav), "-o", str(out), "--models", str(tiny_models), "--max-new-tokens", "30",
+                 "--temperature", "0.8", "--top-k", "50", "--seed", "3", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["output"] == str(out) and out.is_file()
+    assert report["generated_tokens"] == 30 and report["audio_codes"] > 0
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["tts", "  ", "-o", "x.wav"], "empty"),
+    (["asr", "/nonexistent/a.wav"], "a.wav"),
+    (["chat", "CORRUPT", "-o", "x.wav"], "corrupt.wav"),
+    (["tts", "Hi", "-o", "x.wav", "--mode", "1,x"], "--mode"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(argv, needle, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00garbage")
+    argv = [str(corrupt) if a == "CORRUPT" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
