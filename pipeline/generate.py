@@ -12,6 +12,8 @@ one MCTP module forward. Which one comes from the request's schedule (`mtp_infer
 - MCTP tokens are emitted unverified (the original behaviour). With `mode="exact"` (or `verify=True`) the
   modules only draft: the backbone's next catch-up chunk checks the drafts, keeps the longest prefix equal to
   its own choices plus its own token at the first difference, and the caches are rolled back past it.
+  `verify=True` drafts as many tokens as the schedule's next 'm' run; "exact" adapts the draft length to
+  the acceptance (so a model whose drafts never agree costs about one extra MCTP step per token).
   Greedy output is then identical to Vanilla with fewer backbone forwards; sampled output has exactly the
   backbone's distribution.
 
@@ -275,6 +277,7 @@ class _Sequence:
         self.chain_k = -1  # module of the last MCTP step of the current burst
         self.drafts: list[int] = []
         self.draft_target = 0
+        self.exact_draft = N  # exact mode: current draft length
         self.pending_codes: list[int] = []
         self.backbone_calls = 0
         self.backbone_positions = 0
@@ -323,8 +326,10 @@ class _Sequence:
         return k if k < N else -1  # quirk: a burst longer than N falls back to the backbone
 
     def set_draft_target(self, N: int) -> None:
+        """Drafts before the next verifying backbone forward: the schedule's next 'm' run (verify=True), or
+        in exact mode an adaptive length (doubles while every draft is accepted, else accepted + 1)."""
         remaining = self.max_new - self.generated
-        run = N if self.mode == EXACT else _m_run(self.schedule, self.generated)
+        run = self.exact_draft if self.mode == EXACT else _m_run(self.schedule, self.generated)
         self.draft_target = max(0, min(N, run, remaining - 1))
 
     def usage(self) -> dict:
@@ -631,6 +636,8 @@ class DecodeEngine:
             break
         seq.verify_calls += 1 if drafts else 0  # backbone forwards that checked at least one draft
         seq.accepted_drafts += accepted
+        if drafts:
+            seq.exact_draft = min(2 * len(drafts), self.num_modules) if accepted == len(drafts) else accepted + 1
         # backbone keeps positions 0..L+accepted-1 (committed tokens and accepted drafts)
         seq.bb_len = L + accepted
         seq.cache.truncate(range(self.num_backbone), seq.bb_len)

@@ -19,11 +19,11 @@ from pipeline.generate import (
     generate,
     resolve_mode,
 )
+from jobs.bench.decode import make_drafting_model
 from pipeline.llm import load_llm
 
 MODELS = {"mtp10": "model", "mtp1": "model_mtp1"}
 END_REASONS = {"max_new_tokens": "length", "eos": "stop"}
-
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -49,29 +49,6 @@ def parity(shared_dir):
 @pytest.fixture(scope="module")
 def models(parity):
     return {name: load_llm(parity["root"] / d, dtype=torch.float32) for name, d in MODELS.items()}
-
-
-def make_drafting_model(model, broken_modules=()):
-    """Turn a random model into one whose MCTP modules predict what the backbone will predict.
-
-    The backbone's attention / MLP outputs are scaled down so its next token depends (almost) only on the
-    current token; each module's projection passes the embedding half through and its layer is an
-    identity, so module k at row t outputs norm(embed(x_{t+k+1})): the backbone's prediction for x_{t+k+2}.
-    Modules in `broken_modules` keep their random weights, so their drafts are (mostly) rejected.
-    """
-    H = model.config.hidden_size
-    with torch.no_grad():
-        for i, layer in enumerate(model.model.layers):
-            scale = 0.05 if i < model.num_backbone_layers else 0.0
-            layer.self_attn.o_proj.weight.mul_(scale)
-            layer.mlp.down_proj.weight.mul_(scale)
-        for k in range(model.num_mtp_modules):
-            if k in broken_modules:
-                continue
-            model.mtp_projs[k].weight.zero_()
-            model.mtp_projs[k].weight[:, :H] = torch.eye(H)
-            model.mtp_embed_norms[k].weight.fill_(1.0)
-    return model
 
 
 # --- parity with the original (../shared/parity/llm/generation.json) ----------------------------------------
@@ -312,3 +289,46 @@ def test_bad_input_names_the_problem(models):
     ]:
         with pytest.raises(ValueError, match=match):
             SamplingParams(**kwargs)
+
+
+# --- command line and benchmark plumbing ---------------------------------------------------------------------
+
+
+def test_cli_generate(parity, models, capsys):
+    from jobs.cli import main
+
+    llm = str(parity["root"] / "model")
+    prompt = ",".join(map(str, parity["inputs"]["generation_prompt"]))
+    assert main(["generate", "--llm", llm, "--prompt-ids", prompt, "--mode", "1,4,3,8,4,10", "--max-new-tokens", "20",
+                 "--greedy", "--stop-ids", "130,128", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["ids"] == parity["gen"]["mtp10"]["balance__rp1"]["generated_ids"][:20]
+    assert (out["backbone_forwards"], out["mtp_forwards"]) == (8, 12)  # MmmmmMMMmmmmmmmmMMMM
+    assert main(["generate", "--llm", llm, "--prompt-ids", prompt, "--exact", "--max-new-tokens", "12", "--greedy",
+                 "--repetition-penalty", "1.05", "--json"]) == 0
+    exact = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert exact["ids"] == parity["gen"]["mtp10"]["vanilla__rp1.05"]["generated_ids"][:12]
+    for argv, match in [
+        (["--prompt-ids", "1,999"], "out of range"),
+        (["--prompt-ids", ","], "--prompt-ids is empty"),
+        (["--prompt-ids", "1,a"], "comma-separated integers"),
+        (["--prompt-ids", "1,2", "--mode", "fast"], "unknown mode 'fast'"),
+    ]:
+        assert main(["generate", "--llm", llm, *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # (earlier lines: weight-loading progress)
+        assert err.startswith("vita-audio generate: error:") and match in err
+    assert main(["generate", "--llm", str(parity["root"]), "--prompt-ids", "1"]) == 2
+    assert "config.json" in capsys.readouterr().err
+
+
+def test_bench_decode_plumbing(models):
+    """The benchmark's bookkeeping on a tiny model: forward classes, predicted time, ids stable across runs."""
+    from jobs.bench.decode import bench_models, summarise
+
+    timed = bench_models({"m": models["mtp10"]}, {"m": ["vanilla", "boost", "exact"]}, [0] * 8, 24, runs=2)
+    rows, step_ms = summarise(timed, 24)
+    by_mode = {r["mode"]: r for r in rows}
+    assert by_mode["vanilla"]["backbone_fwd"] == 24 and by_mode["boost"]["backbone_fwd"] == 5  # M + 10m + MMMM + 9m
+    assert by_mode["exact"]["same_ids_as_vanilla"] and not by_mode["boost"]["same_ids_as_vanilla"]
+    assert all(r["predicted_s"] > 0 and r["of_ceiling"] > 0 for r in rows)
+    assert {"prefill", "backbone_1tok", "catchup_11tok", "mtp_first_use"} <= {c for _, c in step_ms}
