@@ -473,7 +473,7 @@ def decode_batch(decoder: SpeechDecoder, items: list) -> list[np.ndarray]:
     incremental = []
     for i, (stream, codes, final) in enumerate(items):
         if isinstance(stream, IncrementalStream):
-            stream._accept(codes, bool(final))
+            stream._accept(codes)
             incremental.append(i)
         else:
             outputs[i] = stream.push(codes, bool(final))

@@ -207,9 +207,9 @@ def init_random(module: nn.Module, generator: torch.Generator) -> None:
 def calibrate_f0(flow: FlowModel, hift: HiFTGenerator, generator: torch.Generator, f0_std: float = 40.0,
                  target_rms: float = 0.03) -> None:
     """Rescale the F0 head (F0 before `abs`: mean 0, std `f0_std` Hz) and the loudness on a random decode."""
-    codes = torch.randint(0, flow.cfg.vocab_size, (1, 40), generator=generator)
-    noise = torch.randn((1, flow.cfg.output_size, flow.n_frames(40)), generator=generator)
-    mel = flow(codes, noise, None, 4)
+    codes = torch.randint(0, flow.cfg.vocab_size, (1, 30), generator=generator)
+    noise = torch.randn((1, flow.cfg.output_size, flow.n_frames(30)), generator=generator)
+    mel = flow(codes, noise, None, 2)
     predictor: F0Predictor = hift.f0_predictor
     raw = predictor.classifier(predictor.condnet(mel).transpose(1, 2)).squeeze(-1)
     mean, std = raw.mean(), raw.std().clamp(min=1e-6)
