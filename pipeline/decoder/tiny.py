@@ -228,16 +228,22 @@ def tiny_config() -> DecoderConfig:
     return DecoderConfig(flow=FlowConfig(**TINY_FLOW), hift=HiFTConfig(**TINY_HIFT))
 
 
-def write_decoder(out_dir, config: DecoderConfig, seed: int = 0) -> Path:
-    """Write `config` with seeded random weights as config.yaml + flow.pt + hift.pt into `out_dir`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def random_modules(config: DecoderConfig, seed: int = 0) -> tuple[FlowModel, HiFTGenerator]:
+    """Flow + HiFT for `config` with seeded random weights (calibrated F0 and loudness), eval mode."""
     generator = torch.Generator().manual_seed(int(seed))
     flow, hift = FlowModel(config.flow), HiFTGenerator(config.hift)
     init_random(flow, generator)
     init_random(hift, generator)
     flow.eval(), hift.eval()
     calibrate_f0(flow, hift, generator)
+    return flow, hift
+
+
+def write_decoder(out_dir, config: DecoderConfig, seed: int = 0) -> Path:
+    """Write `config` with seeded random weights as config.yaml + flow.pt + hift.pt into `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    flow, hift = random_modules(config, seed)
     (out / "config.yaml").write_text(render_config(config, seed))
     torch.save({k: v.contiguous().clone() for k, v in flow.state_dict().items()}, out / "flow.pt")
     torch.save({k: v.contiguous().clone() for k, v in hift.state_dict().items()}, out / "hift.pt")
