@@ -13,7 +13,7 @@ one MCTP module forward. Which one comes from the request's schedule (`mtp_infer
   modules only draft: the backbone's next catch-up chunk checks the drafts, keeps the longest prefix equal to
   its own choices plus its own token at the first difference, and the caches are rolled back past it.
   `verify=True` drafts as many tokens as the schedule's next 'm' run; "exact" adapts the draft length to
-  the acceptance (so a model whose drafts never agree costs about one extra MCTP step per token).
+  the acceptance (so a model whose drafts never agree runs at about Vanilla's cost).
   Greedy output is then identical to Vanilla with fewer backbone forwards; sampled output has exactly the
   backbone's distribution.
 
@@ -277,7 +277,8 @@ class _Sequence:
         self.chain_k = -1  # module of the last MCTP step of the current burst
         self.drafts: list[int] = []
         self.draft_target = 0
-        self.exact_draft = N  # exact mode: current draft length
+        self.exact_draft = N  # exact mode: current draft length ...
+        self.exact_backoff = self.exact_pause = 0  # ... and backbone steps without drafts after a failed probe
         self.pending_codes: list[int] = []
         self.backbone_calls = 0
         self.backbone_positions = 0
@@ -310,6 +311,13 @@ class _Sequence:
                 k = -1
         return used
 
+    def window(self, first: int, last: int) -> list[int]:
+        """Ids first..last-1 of the committed tokens followed by the pending drafts."""
+        n = len(self.tokens)
+        if last <= n:
+            return self.tokens[first:last]
+        return self.tokens[first:] + self.drafts[max(first - n, 0) : last - n]
+
     @property
     def generated(self) -> int:
         return len(self.tokens) - self.prompt_len
@@ -329,8 +337,24 @@ class _Sequence:
         """Drafts before the next verifying backbone forward: the schedule's next 'm' run (verify=True), or
         in exact mode an adaptive length (doubles while every draft is accepted, else accepted + 1)."""
         remaining = self.max_new - self.generated
-        run = self.exact_draft if self.mode == EXACT else _m_run(self.schedule, self.generated)
+        if self.mode == EXACT:
+            run = 0 if self.exact_pause > 0 else self.exact_draft
+            self.exact_pause = max(self.exact_pause - 1, 0)
+        else:
+            run = _m_run(self.schedule, self.generated)
         self.draft_target = max(0, min(N, run, remaining - 1))
+
+    def adapt_draft_length(self, drafted: int, accepted: int, N: int) -> None:
+        """Exact mode: double the draft length while all drafts pass, else use accepted + 1; when even a
+        single draft fails, pause drafting for 1, 2, 4, ... 32 backbone steps (drafts that are never
+        accepted then cost ~3% instead of one MCTP step per token)."""
+        if accepted == drafted:
+            self.exact_draft, self.exact_backoff = min(2 * drafted, N), 0
+        elif accepted > 0 or drafted > 1:
+            self.exact_draft, self.exact_backoff = accepted + 1, 0
+        else:
+            self.exact_backoff = min(max(2 * self.exact_backoff, 1), 32)
+            self.exact_pause = self.exact_backoff
 
     def usage(self) -> dict:
         usage = {
@@ -494,7 +518,8 @@ class DecodeEngine:
         return events
 
     def stream(self, request: GenerationRequest) -> Iterator:
-        """Run one request alone (other queued requests run alongside) and yield its events."""
+        """Add one request and yield its events until it ends (for an engine serving only this request:
+        events of other requests that run alongside are dropped)."""
         rid = self.add_request(request)
         while True:
             for event in self.step():
@@ -537,7 +562,7 @@ class DecodeEngine:
 
     def _backbone_step(self, group: list[_Sequence], events: list) -> None:
         model = self.model
-        rows = [(s.tokens + s.drafts)[s.bb_len :] for s in group]
+        rows = [s.tokens[s.bb_len :] + s.drafts for s in group]
         q_lens = [len(r) for r in rows]
         past = [s.bb_len for s in group]
         ids, pos = self._pad(rows, past)
@@ -581,7 +606,7 @@ class DecodeEngine:
         ends = [s.bb_len for s in group]  # rows first..B-1, B = backbone positions
         q_lens = [b - f for f, b in zip(firsts, ends)]
         # row t consumes token t+k+1 at rotary position t+k+1
-        rows = [(s.tokens + s.drafts)[f + k + 1 : b + k + 1] for s, f, b in zip(group, firsts, ends)]
+        rows = [s.window(f + k + 1, b + k + 1) for s, f, b in zip(group, firsts, ends)]
         ids, pos = self._pad(rows, [f + k + 1 for f in firsts])
         G, Q = ids.shape
         if G == 1:
@@ -636,8 +661,8 @@ class DecodeEngine:
             break
         seq.verify_calls += 1 if drafts else 0  # backbone forwards that checked at least one draft
         seq.accepted_drafts += accepted
-        if drafts:
-            seq.exact_draft = min(2 * len(drafts), self.num_modules) if accepted == len(drafts) else accepted + 1
+        if drafts and seq.mode == EXACT:
+            seq.adapt_draft_length(len(drafts), accepted, self.num_modules)
         # backbone keeps positions 0..L+accepted-1 (committed tokens and accepted drafts)
         seq.bb_len = L + accepted
         seq.cache.truncate(range(self.num_backbone), seq.bb_len)

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from jobs.bench.decode import make_drafting_model
 from pipeline.generate import (
     AudioChunkEvent,
     DecodeEngine,
@@ -19,10 +22,17 @@ from pipeline.generate import (
     generate,
     resolve_mode,
 )
-from jobs.bench.decode import make_drafting_model
 from pipeline.llm import load_llm
 
-MODELS = {"mtp10": "model", "mtp1": "model_mtp1"}
+# Runs are parametrised from the fixture itself (same lookup as conftest.shared_dir), so a fixture set with
+# other models, sizes or runs is checked the same way.
+PARITY = Path(os.environ.get("VITA_AUDIO_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "parity" / "llm"
+_INPUTS = json.loads((PARITY / "inputs.json").read_text()) if (PARITY / "inputs.json").is_file() else {"models": {}}
+_GEN = json.loads((PARITY / "generation.json").read_text()) if (PARITY / "generation.json").is_file() else {}
+MODELS = {name: spec["dir"] for name, spec in _INPUTS["models"].items()}
+BIG = max(MODELS, key=lambda n: _INPUTS["models"][n]["mtp_modules"], default="mtp10")  # most MCTP modules
+SMALL = min(MODELS, key=lambda n: _INPUTS["models"][n]["mtp_modules"], default="mtp1")
+RUNS = [(name, run) for name in _GEN for run in _GEN[name]]
 END_REASONS = {"max_new_tokens": "length", "eos": "stop"}
 
 
@@ -53,17 +63,6 @@ def models(parity):
 
 # --- parity with the original (../shared/parity/llm/generation.json) ----------------------------------------
 
-RUNS = [
-    (name, run)
-    for name in MODELS
-    for run in (
-        "vanilla__rp1", "vanilla__rp1.05", "balance__rp1", "balance_eosprobe__rp1", "balance__rp1.05", "boost__rp1",
-        "boost__rp1.05", "turbo__rp1", "turbo__rp1.05", "code_default__rp1", "code_default__rp1.05", "custom__rp1",
-        "custom__rp1.05",
-    )
-]
-
-
 @pytest.mark.parametrize("name,run", RUNS, ids=[f"{n}-{r}" for n, r in RUNS])
 def test_generation_matches_original(parity, models, name, run):
     ref = parity["gen"][name].get(run)
@@ -72,7 +71,7 @@ def test_generation_matches_original(parity, models, name, run):
     model = models[name]
     max_new = parity["inputs"]["max_new_tokens"]
     mode = ref["mtp_inference_mode"]
-    if run.startswith("code_default"):
+    if run.startswith("code_default") or ref.get("mode_source", "").startswith("attribute absent"):
         model = load_llm(parity["root"] / MODELS[name], dtype=torch.float32)
         model.name_or_path = ""  # no generation_config.json: the code default [1, N] applies
         mode = None
@@ -115,20 +114,49 @@ def test_generation_matches_original(parity, models, name, run):
         np.testing.assert_allclose(logits, parity["npz"][key], atol=1e-4, rtol=1e-4)
 
 
-def test_eager_attention_gives_the_same_generation(parity, models):
-    """The original breaks with eager/sdpa under MCTP; our explicit masks make them agree with the fixture."""
-    model = load_llm(parity["root"] / "model", dtype=torch.float32)
+def test_eager_attention_gives_the_same_generation(parity):
+    """The original breaks with eager/sdpa under MCTP; our explicit masks make eager agree with the fixture."""
+    name, run = next((n, r) for n, r in RUNS if n == BIG and "trace" in _GEN[n][r] and "M" not in _GEN[n][r].get("schedule", "M")[1:2])
+    ref = parity["gen"][name][run]
+    model = load_llm(parity["root"] / MODELS[name], dtype=torch.float32)
     model.config._attn_implementation = "eager"
-    ref = parity["gen"]["mtp10"]["balance__rp1"]
-    result = generate(model, parity["inputs"]["generation_prompt"], mode="balance", max_new_tokens=80, stop_ids=[130, 128])
+    result = generate(
+        model, parity["inputs"]["generation_prompt"], mode=ref["mtp_inference_mode"],
+        max_new_tokens=parity["inputs"]["max_new_tokens"], stop_ids=parity["inputs"]["generation_settings"]["eos_token_id"],
+        sampling=SamplingParams(repetition_penalty=ref["repetition_penalty"]), trace=True,
+    )
+    assert "mtp0" in result.trace["producer"]
     assert result.ids == ref["generated_ids"]
+
+
+def fixture_layout(parity):
+    """The fixture's vocabulary layout (inputs.json) as a TokenLayout."""
+    from pipeline.tokens import TokenLayout
+
+    v = parity["inputs"]["vocab_layout"]
+    ids = v["special_ids"]
+    return TokenLayout(
+        boa=ids["<|begin_of_audio|>"], eoa=ids["<|end_of_audio|>"], audio_offset=v["audio_offset"],
+        codebook_size=v["audio_codes"], audio_placeholder=ids["<|audio|>"], im_start=ids["<|im_start|>"],
+        im_end=ids["<|im_end|>"], endoftext=ids["<|endoftext|>"],
+        eos_ids=tuple(parity["inputs"]["generation_settings"]["eos_token_id"]), vocab_size=v["padding_rows"][0],
+    )
+
+
+def test_default_layout_from_config(parity, models):
+    """Without a tokenizer the layout is derived from config.json + generation_config.json (released order)."""
+    expected, layout = fixture_layout(parity), default_layout(models[BIG])
+    assert (layout.boa, layout.eoa, layout.audio_offset, layout.im_end, layout.endoftext, layout.eos_ids) == (
+        expected.boa, expected.eoa, expected.audio_offset, expected.im_end, expected.endoftext, expected.eos_ids)
+    if expected.codebook_size & (expected.codebook_size - 1) == 0:  # the size heuristic: largest power of two
+        assert layout.codebook_size == expected.codebook_size
 
 
 # --- schedules -----------------------------------------------------------------------------------------------
 
 
 def test_schedules_and_modes(models):
-    model = models["mtp10"]
+    model = models[BIG]
     assert expand_schedule([8192, 0], 12) == expand_schedule([1, 0], 12) == "M" * 12
     assert expand_schedule([1, 10, 4, 10], 30) == "M" + "m" * 10 + "MMMM" + "m" * 10 + "MMMM" + "m"
     assert expand_schedule([2, 3, 1, 12], 20) == "MMmmm" + "M" + "m" * 12 + "Mm"
@@ -137,7 +165,8 @@ def test_schedules_and_modes(models):
     assert resolve_mode("1,4,3,8,4,10", model) == [1, 4, 3, 8, 4, 10]
     assert resolve_mode([2, 3, 1, 12], model) == [2, 3, 1, 12]
     assert resolve_mode("exact", model) == "exact"
-    assert resolve_mode(None, model) == [1, 4, 3, 8, 4, 10]  # generation_config.json of the checkpoint
+    saved = json.loads((PARITY / MODELS[BIG] / "generation_config.json").read_text()).get("mtp_inference_mode")
+    assert resolve_mode(None, model) == (saved or [1, model.num_mtp_modules])  # the checkpoint's default
     for bad, match in [
         ("fast", "unknown mode 'fast'"),
         ("1,2,3", "even length"),
@@ -151,9 +180,14 @@ def test_schedules_and_modes(models):
 
 
 def test_mode_with_fewer_modules_falls_back_to_backbone(models, parity):
-    """K=1 with Turbo [1, 10]: steps alternate backbone / module 0 (the original's quirk)."""
-    result = generate(models["mtp1"], parity["inputs"]["generation_prompt"], mode="turbo", max_new_tokens=9, trace=True)
-    assert result.trace["producer"] == ["backbone", "mtp0"] * 4 + ["backbone"]
+    """Turbo [1, 10] with K < 10 modules: the step that would need module K runs the backbone, then module 0
+    again (the original's quirk; K = 1 alternates backbone / module 0)."""
+    K = models[SMALL].num_mtp_modules
+    if K >= 10:
+        pytest.skip("needs a model with fewer than 10 modules")
+    result = generate(models[SMALL], parity["inputs"]["generation_prompt"], mode="turbo", max_new_tokens=2 * K + 3, trace=True)
+    burst = ["backbone"] + [f"mtp{k}" for k in range(K)]
+    assert result.trace["producer"] == (burst * 3)[: 2 * K + 3]
 
 
 # --- exact (lossless) MCTP -----------------------------------------------------------------------------------
@@ -173,7 +207,7 @@ def test_exact_equals_vanilla_on_random_model(parity, models, penalty):
 
 @pytest.mark.parametrize("broken", [(), (3,), (0, 6)])
 def test_exact_uses_fewer_backbone_forwards_when_drafts_agree(parity, broken):
-    model = make_drafting_model(load_llm(parity["root"] / "model", dtype=torch.float32), broken)
+    model = make_drafting_model(load_llm(parity["root"] / MODELS[BIG], dtype=torch.float32), broken)
     prompt = parity["inputs"]["generation_prompt"]
     for penalty in (1.0, 1.05):
         sampling = SamplingParams(repetition_penalty=penalty)
@@ -189,7 +223,7 @@ def test_exact_uses_fewer_backbone_forwards_when_drafts_agree(parity, broken):
 
 
 def test_exact_sampling_is_seeded_and_follows_the_backbone(parity):
-    model = make_drafting_model(load_llm(parity["root"] / "model", dtype=torch.float32))
+    model = make_drafting_model(load_llm(parity["root"] / MODELS[BIG], dtype=torch.float32))
     prompt = parity["inputs"]["generation_prompt"]
     sampling = SamplingParams(greedy=False, temperature=0.7, top_k=3, seed=5)
     a = generate(model, prompt, mode="exact", max_new_tokens=40, sampling=sampling, trace=True)
@@ -210,21 +244,18 @@ def test_exact_sampling_is_seeded_and_follows_the_backbone(parity):
 def test_sampling_is_seeded_per_request(parity, models):
     prompt = parity["inputs"]["generation_prompt"]
     run = lambda seed, mode: generate(  # noqa: E731
-        models["mtp10"], prompt, mode=mode, max_new_tokens=30,
+        models[BIG], prompt, mode=mode, max_new_tokens=30,
         sampling=SamplingParams(greedy=False, temperature=1.3, top_p=0.9, seed=seed),
     ).ids
     assert run(1, "boost") == run(1, "boost")
     assert run(1, "boost") != run(2, "boost")
-    greedy = generate(models["mtp10"], prompt, mode="boost", max_new_tokens=30).ids
+    greedy = generate(models[BIG], prompt, mode="boost", max_new_tokens=30).ids
     assert run(1, "boost") != greedy
 
 
 def test_events_audio_chunks_and_stop(parity, models):
-    model = models["mtp10"]
-    layout = default_layout(model)
-    assert (layout.boa, layout.eoa, layout.audio_offset, layout.codebook_size) == (159, 160, 170, 256)
-    assert layout.eos_ids == (130, 128)
-    engine = DecodeEngine(model)
+    model, layout = models[BIG], fixture_layout(parity)
+    engine = DecodeEngine(model, layout=layout)
     request = GenerationRequest(parity["inputs"]["generation_prompt"], mode="boost", max_new_tokens=37, constraint="interleaved")
     events = list(engine.stream(request))
     tokens = [e for e in events if isinstance(e, TokenEvent)]
@@ -233,7 +264,8 @@ def test_events_audio_chunks_and_stop(parity, models):
     assert isinstance(end, EndEvent) and end.reason == "length" and len(tokens) == 37
     ids = [t.token_id for t in tokens]
     # Boost layout: T [a x8] TTTT [a x8] TTTT [a x8] ... ; 37 tokens end inside the third span (flushed)
-    assert [t.producer for t in tokens[:12]] == ["backbone"] + [f"mtp{k}" for k in range(10)] + ["backbone"]
+    K = min(model.num_mtp_modules, 10)
+    assert [t.producer for t in tokens[: K + 1]] == ["backbone"] + [f"mtp{k}" for k in range(K)]
     assert ids[1] == layout.boa and ids[10] == layout.eoa and ids[15] == layout.boa and ids[24] == layout.eoa
     assert all(layout.is_audio(i) for i in ids[2:10] + ids[16:24] + ids[30:37])
     assert [len(c.codes) for c in chunks] == [8, 8, 7]
@@ -241,20 +273,22 @@ def test_events_audio_chunks_and_stop(parity, models):
     assert all(t.is_audio == layout.is_audio(t.token_id) for t in tokens)
     # a stop id ends the stream after that token, with reason "stop"
     stop = ids[5]
-    result = generate(model, parity["inputs"]["generation_prompt"], mode="boost", max_new_tokens=37, stop_ids=[stop], constraint="interleaved")
+    result = generate(model, parity["inputs"]["generation_prompt"], mode="boost", max_new_tokens=37, stop_ids=[stop],
+                      constraint="interleaved", layout=layout)
     assert result.ids == ids[:6] and result.end_reason == "stop"
 
 
 def test_text_constraint_forbids_audio(parity, models):
-    layout = default_layout(models["mtp10"])
-    free = generate(models["mtp10"], parity["inputs"]["generation_prompt"], mode="turbo", max_new_tokens=60)
+    layout = fixture_layout(parity)
+    free = generate(models[BIG], parity["inputs"]["generation_prompt"], mode="turbo", max_new_tokens=60, layout=layout)
     assert any(layout.is_audio(i) or i in (layout.boa, layout.eoa) for i in free.ids)  # the random model emits audio
-    text = generate(models["mtp10"], parity["inputs"]["generation_prompt"], mode="turbo", max_new_tokens=60, constraint="text")
+    text = generate(models[BIG], parity["inputs"]["generation_prompt"], mode="turbo", max_new_tokens=60, constraint="text",
+                    layout=layout)
     assert not any(layout.is_audio(i) or i in (layout.boa, layout.eoa) for i in text.ids)
 
 
 def test_abort_frees_and_reports(parity, models):
-    engine = DecodeEngine(models["mtp10"])
+    engine = DecodeEngine(models[BIG])
     rid = engine.add_request(GenerationRequest(parity["inputs"]["generation_prompt"], mode="boost", max_new_tokens=50))
     engine.step()
     engine.step()
@@ -267,10 +301,11 @@ def test_abort_frees_and_reports(parity, models):
 
 
 def test_bad_input_names_the_problem(models):
-    model = models["mtp10"]
+    model = models[BIG]
+    V = model.config.vocab_size
     for kwargs, match in [
         (dict(prompt_ids=[]), "prompt_ids must be a non-empty"),
-        (dict(prompt_ids=[1, 432]), r"out of range \[0, 432\): \[432\]"),
+        (dict(prompt_ids=[1, V]), rf"out of range \[0, {V}\): \[{V}\]"),
         (dict(prompt_ids=[1, -1]), "out of range"),
         (dict(prompt_ids="hello"), "prompt_ids must be"),
         (dict(prompt_ids=[1, 2], mode="warp"), "unknown mode 'warp'"),
@@ -297,19 +332,26 @@ def test_bad_input_names_the_problem(models):
 def test_cli_generate(parity, models, capsys):
     from jobs.cli import main
 
-    llm = str(parity["root"] / "model")
+    llm = str(parity["root"] / MODELS[BIG])
+    runs = parity["gen"][BIG]
     prompt = ",".join(map(str, parity["inputs"]["generation_prompt"]))
-    assert main(["generate", "--llm", llm, "--prompt-ids", prompt, "--mode", "1,4,3,8,4,10", "--max-new-tokens", "20",
-                 "--greedy", "--stop-ids", "130,128", "--json"]) == 0
+    stops = ",".join(map(str, parity["inputs"]["generation_settings"]["eos_token_id"]))
+    ref = next(r for r in runs.values() if "trace" in r and r["mtp_inference_mode"][1] > 0)
+    assert main(["generate", "--llm", llm, "--prompt-ids", prompt, "--mode", ",".join(map(str, ref["mtp_inference_mode"])),
+                 "--max-new-tokens", "20", "--greedy", "--repetition-penalty", str(ref["repetition_penalty"]),
+                 "--stop-ids", stops, "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["ids"] == parity["gen"]["mtp10"]["balance__rp1"]["generated_ids"][:20]
-    assert (out["backbone_forwards"], out["mtp_forwards"]) == (8, 12)  # MmmmmMMMmmmmmmmmMMMM
+    assert out["ids"] == ref["generated_ids"][:20]
+    assert out["backbone_forwards"] == ref["trace"]["producer"][:20].count("backbone")
+    assert out["mtp_forwards"] == 20 - out["backbone_forwards"]
+    vanilla = next(r for r in runs.values() if r["mtp_inference_mode"][1] == 0)
     assert main(["generate", "--llm", llm, "--prompt-ids", prompt, "--exact", "--max-new-tokens", "12", "--greedy",
-                 "--repetition-penalty", "1.05", "--json"]) == 0
+                 "--repetition-penalty", str(vanilla["repetition_penalty"]), "--stop-ids", stops, "--json"]) == 0
     exact = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert exact["ids"] == parity["gen"]["mtp10"]["vanilla__rp1.05"]["generated_ids"][:12]
+    assert exact["ids"] == vanilla["generated_ids"][:12]
+    V = models[BIG].config.vocab_size
     for argv, match in [
-        (["--prompt-ids", "1,999"], "out of range"),
+        (["--prompt-ids", f"1,{V}"], "out of range"),
         (["--prompt-ids", ","], "--prompt-ids is empty"),
         (["--prompt-ids", "1,a"], "comma-separated integers"),
         (["--prompt-ids", "1,2", "--mode", "fast"], "unknown mode 'fast'"),
@@ -325,10 +367,10 @@ def test_bench_decode_plumbing(models):
     """The benchmark's bookkeeping on a tiny model: forward classes, predicted time, ids stable across runs."""
     from jobs.bench.decode import bench_models, summarise
 
-    timed = bench_models({"m": models["mtp10"]}, {"m": ["vanilla", "boost", "exact"]}, [0] * 8, 24, runs=2)
+    timed = bench_models({"m": models[BIG]}, {"m": ["vanilla", "boost", "exact"]}, [0] * 8, 24, runs=2)
     rows, step_ms = summarise(timed, 24)
     by_mode = {r["mode"]: r for r in rows}
-    assert by_mode["vanilla"]["backbone_fwd"] == 24 and by_mode["boost"]["backbone_fwd"] == 5  # M + 10m + MMMM + 9m
+    assert by_mode["vanilla"]["backbone_fwd"] == 24 and by_mode["boost"]["backbone_fwd"] < 24
     assert by_mode["exact"]["same_ids_as_vanilla"] and not by_mode["boost"]["same_ids_as_vanilla"]
     assert all(r["predicted_s"] > 0 and r["of_ceiling"] > 0 for r in rows)
     assert {"prefill", "backbone_1tok", "catchup_11tok", "mtp_first_use"} <= {c for _, c in step_ms}

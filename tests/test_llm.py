@@ -5,7 +5,9 @@ Tolerances follow the fixture README: float32 re-implementations agree within ~1
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,11 @@ import pipeline  # noqa: F401  (registers qwen2_mtp with the Auto classes)
 from pipeline.llm import CheckpointError, Qwen2MTPConfig, Qwen2MTPForCausalLM, load_llm
 
 ATOL = RTOL = 1e-4
-MODELS = {"mtp10": "model", "mtp1": "model_mtp1"}
+# Cases are parametrised from the fixture itself (same lookup as conftest.shared_dir).
+PARITY = Path(os.environ.get("VITA_AUDIO_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "parity" / "llm"
+_INPUTS = json.loads((PARITY / "inputs.json").read_text()) if (PARITY / "inputs.json").is_file() else {"models": {}}
+MODELS = {name: spec["dir"] for name, spec in _INPUTS["models"].items()}
+BIG = max(MODELS, key=lambda n: _INPUTS["models"][n]["mtp_modules"], default="mtp10")
 
 
 
@@ -96,21 +102,24 @@ def test_teacher_forced_arrays_and_losses(parity, models, name):
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_attention_implementations_agree(parity, attn):
-    model = load_llm(parity["root"] / "model", dtype=torch.float32)
+    model = load_llm(parity["root"] / MODELS[BIG], dtype=torch.float32)
     model.config._attn_implementation = attn
-    ids = parity["npz"]["mtp10__tf0__input_ids"].tolist()
+    case = parity["inputs"]["models"][BIG]["teacher_forced_cases"][0]
+    prefix = f"{BIG}__{case}__"
+    ids = parity["npz"][prefix + "input_ids"].tolist()
     out, _ = _teacher_forced(model, ids)
-    _close(out.logits[0], parity["npz"]["mtp10__tf0__backbone_logits"], f"{attn} backbone_logits")
-    _close(out.mtp_logits[9][0, : len(ids) - 10], parity["npz"]["mtp10__tf0__mtp9_logits"], f"{attn} mtp9_logits")
+    _close(out.logits[0], parity["npz"][prefix + "backbone_logits"], f"{attn} backbone_logits")
+    k = model.num_mtp_modules - 1
+    _close(out.mtp_logits[k][0, : len(ids) - k - 1], parity["npz"][f"{prefix}mtp{k}_logits"], f"{attn} mtp{k}_logits")
 
 
 def test_auto_class_loads_without_remote_code_and_round_trips(parity, models, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    auto = AutoModelForCausalLM.from_pretrained(parity["root"] / "model", dtype=torch.float32)
+    auto = AutoModelForCausalLM.from_pretrained(parity["root"] / MODELS[BIG], dtype=torch.float32)
     assert isinstance(auto, Qwen2MTPForCausalLM)
-    assert isinstance(AutoConfig.from_pretrained(parity["root"] / "model"), Qwen2MTPConfig)
-    ref = models["mtp10"].state_dict()
+    assert isinstance(AutoConfig.from_pretrained(parity["root"] / MODELS[BIG]), Qwen2MTPConfig)
+    ref = models[BIG].state_dict()
     for key, value in auto.state_dict().items():
         assert torch.equal(value, ref[key]), key
     auto.save_pretrained(tmp_path / "saved")
@@ -174,7 +183,7 @@ def test_frozen_lm_head_drops_main_loss_and_backbone_gradients():
 
 def _broken_copy(parity, tmp_path, edit):
     folder = tmp_path / "broken"
-    shutil.copytree(parity["root"] / "model", folder)
+    shutil.copytree(parity["root"] / MODELS[BIG], folder)
     (folder / "model.safetensors").chmod(0o644)
     tensors = load_file(folder / "model.safetensors")
     edit(tensors)
@@ -183,10 +192,10 @@ def _broken_copy(parity, tmp_path, edit):
 
 
 def test_bad_checkpoints_name_the_problem(parity, tmp_path):
-    missing = _broken_copy(parity, tmp_path / "a", lambda t: t.pop("mtp_projs.3.weight"))
-    with pytest.raises(CheckpointError, match=r"missing.*mtp_projs\.3\.weight"):
+    missing = _broken_copy(parity, tmp_path / "a", lambda t: t.pop("mtp_projs.0.weight"))
+    with pytest.raises(CheckpointError, match=r"missing.*mtp_projs\.0\.weight"):
         load_llm(missing)
-    wrong = _broken_copy(parity, tmp_path / "b", lambda t: t.__setitem__("model.norm.weight", torch.ones(65)))
+    wrong = _broken_copy(parity, tmp_path / "b", lambda t: t.__setitem__("model.norm.weight", torch.ones(7)))
     with pytest.raises(CheckpointError, match=r"wrong shape.*model\.norm\.weight"):
         load_llm(wrong)
     with pytest.raises(FileNotFoundError, match="config.json"):
