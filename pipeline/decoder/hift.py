@@ -166,15 +166,15 @@ class HiFTGenerator(nn.Module):
 
     # ---- filter ------------------------------------------------------------------------------
 
-    def _stft(self, x):
-        spec = torch.stft(x, self.cfg.n_fft, self.cfg.hop_len, self.cfg.n_fft, window=self.stft_window, return_complex=True)
+    def _stft(self, x):  # (I)STFT in float32 whatever the module dtype
+        spec = torch.stft(x, self.cfg.n_fft, self.cfg.hop_len, self.cfg.n_fft, window=self.stft_window.float(), return_complex=True)
         spec = torch.view_as_real(spec)  # (B, F, frames, 2)
         return torch.cat([spec[..., 0], spec[..., 1]], dim=1)
 
     def _istft(self, magnitude, phase):
         magnitude = torch.clip(magnitude, max=1e2)
         spec = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
-        return torch.istft(spec, self.cfg.n_fft, self.cfg.hop_len, self.cfg.n_fft, window=self.stft_window)
+        return torch.istft(spec, self.cfg.n_fft, self.cfg.hop_len, self.cfg.n_fft, window=self.stft_window.float())
 
     def synthesize(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         """mel (B, 80, T) + source (B, 1, 256 T) -> speech (B, 256 T)."""
