@@ -28,10 +28,11 @@ class MicroBatcher:
         self.largest_batch = 0
 
     async def submit(self, item) -> Any:
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self.pending.append((item, future))
-        if self.runner is None or self.runner.done():
-            self.runner = asyncio.get_running_loop().create_task(self._run())
+        if self.runner is None or self.runner.done() or self.runner.get_loop() is not loop:
+            self.runner = loop.create_task(self._run())
         return await future
 
     def _take_batch(self) -> list:

@@ -63,6 +63,7 @@ class LLMStageConfig:
     max_batch_size: int = 16  # requests sharing one decode step (continuous batching)
     queue_size: int = 4  # per-request output items buffered before the engine waits for that consumer
     stall_timeout_s: float = 30.0  # a consumer that takes nothing for this long is aborted (frees its KV cache)
+    stream_interval_s: float = 0.02  # text-only output is sent at most this often (audio chunks go at once)
 
 
 @dataclass

@@ -5,8 +5,9 @@ applies aborts, and runs one `engine.step()` over every active request on a work
 go to per-request bounded queues that the requests' streaming generators drain. So concurrent requests
 share decode steps and join or leave between steps.
 
-Backpressure: before a step the loop waits until every active request's queue has room. A consumer that
-takes nothing for `stall_timeout_s` is aborted (its KV cache is freed) so it cannot stall the batch forever.
+Backpressure: a request whose consumer is `queue_size` items behind is paused (taken out of the batch with
+its KV caches) while the others go on; it rejoins once its consumer takes an item. A consumer that takes
+nothing for `stall_timeout_s` is aborted (its KV cache is freed).
 A consumer that goes away (cancelled generator, explicit `abort`) is aborted at the next step.
 """
 from __future__ import annotations
@@ -40,7 +41,7 @@ class _Request:
     request_id: str
     queue: asyncio.Queue  # LLMOutput items; one spare slot beyond queue_size for a terminal error
     detok: TextDetokenizer
-    room: asyncio.Event = field(default_factory=asyncio.Event)  # set when the consumer took an item
+    full_since: float | None = None  # monotonic time the queue became full (consumer behind)
     token_ids: list[int] = field(default_factory=list)
     finished: bool = False
 
@@ -64,6 +65,7 @@ class LLMStage:
         self.requests: dict[str, _Request] = {}
         self.to_add: list = []  # GenerationRequests admitted at the next step
         self.to_abort: set[str] = set()
+        self.paused: dict[str, object] = {}  # request id -> engine sequence taken out of the batch (backpressure)
         self.wake: asyncio.Event | None = None
         self.loop_task: asyncio.Task | None = None
         self.loop_error: BaseException | None = None
@@ -84,17 +86,20 @@ class LLMStage:
         self.requests[request.request_id] = state
         self.to_add.append(to_generation_request(request, prompt_ids))
         self.wake.set()
+        interval = self.config.stream_interval_s
         try:
             while True:
-                item = await state.queue.get()
-                state.room.set()
-                if isinstance(item, BaseException):
-                    raise item
+                item = await self._next(state)
+                last = time.monotonic()
+                # Text alone waits up to stream_interval_s for more (fewer, larger items); an audio chunk or
+                # the end goes out at once (the decoder starts on it).
+                while not item.audio_chunks and item.end is None and (wait := last + interval - time.monotonic()) > 0:
+                    try:
+                        item = merge_outputs(item, await asyncio.wait_for(self._next(state), wait))
+                    except asyncio.TimeoutError:
+                        break
                 while item.end is None and not state.queue.empty():  # behind: send what piled up as one item
-                    more = state.queue.get_nowait()
-                    if isinstance(more, BaseException):
-                        raise more
-                    item = merge_outputs(item, more)
+                    item = merge_outputs(item, await self._next(state))
                 yield item
                 if item.end is not None:
                     return
@@ -103,6 +108,14 @@ class LLMStage:
             if not state.finished:
                 self.to_abort.add(request.request_id)
                 self.wake.set()
+
+    async def _next(self, state: _Request) -> LLMOutput:
+        item = await state.queue.get()
+        if state.full_since is not None:  # the consumer caught up: let the engine loop resume the request
+            self.wake.set()
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     async def abort(self, request_id: str) -> bool:
         """Stop a request and free its KV cache; True if it was running."""
@@ -129,26 +142,31 @@ class LLMStage:
     def _ensure_loop(self) -> None:
         if self.loop_error is not None:
             raise RuntimeError(f"LLM engine loop failed: {self.loop_error!r}")
-        if self.wake is None:
+        loop = asyncio.get_running_loop()
+        if self.loop_task is None or self.loop_task.done() or self.loop_task.get_loop() is not loop:
+            # first request, or a new event loop (a plain-class stage driven by successive asyncio.run calls)
             self.wake = asyncio.Event()
-        if self.loop_task is None or self.loop_task.done():
-            self.loop_task = asyncio.get_running_loop().create_task(self._engine_loop())
+            self.loop_task = loop.create_task(self._engine_loop())
 
     async def _engine_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self.to_add and not self.to_abort and not self.engine.has_unfinished():
+            full = self._full_requests()
+            runnable = self.to_add or self.to_abort or self.engine.has_unfinished() or set(self.paused) - full
+            if not runnable:  # idle, or every request waits for its consumer: sleep until something changes
                 self.wake.clear()
-                await self.wake.wait()
+                try:
+                    await asyncio.wait_for(self.wake.wait(), timeout=1.0 if self.paused else None)
+                except asyncio.TimeoutError:
+                    pass
                 continue
-            await self._wait_for_room()
             adds, self.to_add = self.to_add, []
             aborts, self.to_abort = self.to_abort, set()
             try:
-                events, rejected = await loop.run_in_executor(self.executor, self._step, adds, aborts)
+                events, rejected = await loop.run_in_executor(self.executor, self._step, adds, aborts, full)
             except Exception as err:  # the engine is in an unknown state: fail everyone, keep the actor up
                 self._fail_all(RequestAborted(f"LLM engine step failed: {err!r}"))
-                self.engine = self._reset_engine()
+                self.engine, self.paused = self._reset_engine(), {}
                 continue
             for request_id, err in rejected.items():  # bad request (mode, prompt): fails alone
                 state = self.requests.pop(request_id, None)
@@ -157,23 +175,53 @@ class LLMStage:
                     state.queue.put_nowait(err)
             self._dispatch(events)
 
-    def _step(self, adds: list, aborts: set[str]) -> tuple[list, dict[str, Exception]]:
-        """On the engine thread: apply aborts and admissions, then one decode step over all active requests."""
+    def _full_requests(self) -> set[str]:
+        """Requests whose consumer is `queue_size` items behind (paused); abort those stalled too long."""
+        full, now = set(), time.monotonic()
+        for request_id, state in list(self.requests.items()):
+            if state.finished or state.queue.qsize() < self.config.queue_size:
+                state.full_since = None
+                continue
+            state.full_since = state.full_since or now
+            if now - state.full_since > self.config.stall_timeout_s:
+                self.requests.pop(request_id, None)
+                self.to_abort.add(request_id)
+                state.queue.put_nowait(RequestAborted(  # the spare slot: queue_size + 1
+                    f"request {request_id!r} aborted: its consumer took nothing for "
+                    f"{self.config.stall_timeout_s:g} s (stall_timeout_s)"))
+                continue
+            full.add(request_id)
+        return full
+
+    def _step(self, adds: list, aborts: set[str], full: set[str]) -> tuple[list, dict[str, Exception]]:
+        """On the engine thread: pause/resume for backpressure, apply aborts and admissions, then one decode
+        step over every active request.
+
+        A paused request (its consumer is behind) leaves the engine's batch with its caches intact and rejoins
+        at the front of the queue once its consumer caught up; the others go on meanwhile.
+        """
+        engine = self.engine
+        for queue in (engine.active, engine.waiting):
+            for seq in [seq for seq in queue if seq.id in full]:
+                queue.remove(seq)
+                self.paused[seq.id] = seq
+        for request_id in [rid for rid in self.paused if rid not in full or rid in aborts]:
+            engine.waiting.insert(0, self.paused.pop(request_id))
         for request_id in aborts:
-            self.engine.abort(request_id)
+            engine.abort(request_id)
         rejected = {}
         for request in adds:
             if request.request_id not in self.requests:  # cancelled while waiting to be admitted
                 continue
             try:
-                self.engine.add_request(request)
+                engine.add_request(request)
             except ValueError as err:
                 rejected[request.request_id] = err
-        if not self.engine.has_unfinished():
+        if not engine.has_unfinished():
             return [], rejected
-        batch = min(len(self.engine.active) + len(self.engine.waiting), self.engine.max_batch_size)
+        batch = min(len(engine.active) + len(engine.waiting), engine.max_batch_size)
         with torch.inference_mode():
-            events = self.engine.step()
+            events = engine.step()
         self.steps += 1
         self.largest_batch = max(self.largest_batch, batch)
         return events, rejected
@@ -192,22 +240,6 @@ class LLMStage:
                 state.finished = True
             if output.text or output.audio_chunks or output.end is not None:
                 state.queue.put_nowait(output)
-                state.room.clear()
-
-    async def _wait_for_room(self) -> None:
-        """Backpressure: wait until every active request can take one more item; abort stalled consumers."""
-        for state in list(self.requests.values()):
-            if state.finished or state.queue.qsize() < self.config.queue_size:
-                continue
-            state.room.clear()
-            try:
-                await asyncio.wait_for(state.room.wait(), timeout=self.config.stall_timeout_s)
-            except asyncio.TimeoutError:
-                if self.requests.pop(state.request_id, None) is not None:
-                    self.to_abort.add(state.request_id)
-                    state.queue.put_nowait(RequestAborted(
-                        f"request {state.request_id!r} aborted: its consumer took nothing for "
-                        f"{self.config.stall_timeout_s:g} s (stall_timeout_s)"))
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id, state in list(self.requests.items()):

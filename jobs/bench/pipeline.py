@@ -1,0 +1,249 @@
+"""`vita-audio bench pipeline`: the staged Ray pipeline versus the in-process composition of the same modules.
+
+Part 1, latency (bench-sized models): time to first audio and total time of a TTS request, through the three
+Ray stage actors (local Ray, 3 logical GPUs) and through `actors.local.LocalPipeline` in this process, side
+by side in one run (1 warm-up each, then round robin; medians). Ray overhead = staged - in-process.
+Models: an LLM sized like the decode bench (28 backbone layers + 10 MCTP modules, hidden 256, intermediate
+1376, 4 heads / 1 KV head; the tiny tokenizer, so its vocab is the tiny one) written with
+`pipeline.tiny.write_tiny_llm`, and the bench-sized decoder of ../shared/research/original-speed.md (flow
+encoder d 128 / FFN 512 x 6, estimator channels 64, 2 heads x 16, 4 blocks per level, 12 mid blocks; HiFT
+base 128), both random, written to a temp folder; the tiny encoder (TTS does not use it).
+
+On one machine the stages share the CPU: while the decoder works on chunk 1 the LLM goes on decoding, which
+the in-process composition never does. So part of the measured overhead is CPU contention that separate GPUs
+would not have; the report gives both times and the LLM's own time to its first audio chunk.
+
+Part 2, throughput (tiny default set): aggregate LLM tokens/s of 8 concurrent TTS streams versus 1 stream,
+(a) through the LLM stage alone (continuous batching) and (b) through the whole staged pipeline.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+TEXT = "The quick brown fox jumps over the lazy dog."
+TEXTS = ["Hello there.", "How are you today?", "The cat sat on the mat.", "One two three.",
+         "Good morning!", "A short test.", "Streaming speech.", "Last one here."]
+BENCH_FLOW = dict(input_size=128, encoder_dim=128, encoder_heads=2, encoder_ffn=512, encoder_blocks=6,
+                  channels=(64, 64), attention_head_dim=16, num_heads=2, n_blocks=4, num_mid_blocks=12)
+BENCH_HIFT = dict(base_channels=128, f0_cond_channels=128)
+
+
+def add_arguments(p, name: str) -> None:
+    p.add_argument("--runs", type=int, default=3, help="timed rounds per side (after one warm-up each)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per latency request")
+    p.add_argument("--n-steps", type=int, default=10, help="flow-matching ODE steps per chunk")
+    p.add_argument("--threads", type=int, default=2, help="torch threads in this process and in each stage")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--throughput-tokens", type=int, default=96, help="tokens per stream in the throughput part")
+    p.add_argument("--models", type=Path, default=None, help="tiny set for part 2 (default: the cached tiny set)")
+    p.add_argument("--skip-latency", action="store_true")
+    p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--quick", action="store_true", help="1 round, 32 tokens, 4 ODE steps (a smoke run)")
+
+
+def build_bench_models(out_dir: Path, seed: int = 11) -> Path:
+    """llm/ (decode-bench size), encoder/ (tiny), decoder/ (original-speed.md bench size) under out_dir."""
+    from pipeline.decoder.config import DecoderConfig, FlowConfig, HiFTConfig
+    from pipeline.decoder.tiny import write_decoder
+    from pipeline.encoder import write_tiny_encoder
+    from pipeline.tiny import TinyLLMConfig, write_tiny_llm
+
+    write_tiny_llm(out_dir / "llm", seed=seed, cfg=TinyLLMConfig(
+        hidden_size=256, intermediate_size=1376, backbone_layers=28, mtp_modules=10,
+        num_attention_heads=4, num_key_value_heads=1))
+    write_tiny_encoder(out_dir / "encoder", seed)
+    write_decoder(out_dir / "decoder", DecoderConfig(flow=FlowConfig(**BENCH_FLOW), hift=HiFTConfig(**BENCH_HIFT)), seed)
+    return out_dir
+
+
+def run(args) -> dict:
+    import ray
+    import torch
+
+    from jobs.bench.report import markdown_table, write_report
+
+    if args.quick:
+        args.runs, args.max_new_tokens, args.n_steps, args.throughput_tokens = 1, 32, 4, 48
+    torch.set_num_threads(args.threads)
+    started = False
+    if not ray.is_initialized():
+        repo = str(Path(__file__).resolve().parents[2])
+        ray.init(num_cpus=os.cpu_count(), num_gpus=3, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=256 * 2**20, runtime_env={"env_vars": {"PYTHONPATH": repo}})
+        started = True
+    results, markdown = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                                  if not k.startswith("_")}}, ""
+    try:
+        if not args.skip_latency:
+            results["latency"] = latency(args)
+            rows = results["latency"]["rows"]
+            markdown += "## Time to first audio, staged Ray vs in-process (bench-sized models, TTS)\n\n"
+            markdown += markdown_table(rows) + "\n" + _latency_summary(results["latency"]) + "\n"
+        if not args.skip_throughput:
+            results["throughput"] = throughput(args)
+            markdown += f"## Aggregate tokens/s, {args.concurrency} concurrent streams vs 1 (tiny set)\n\n"
+            columns = ["path", "tokens_per_s_1_stream", f"tokens_per_s_{args.concurrency}_streams", "speedup", "tokens",
+                       "error"]
+            markdown += markdown_table(results["throughput"]["rows"], columns) + "\n"
+    finally:
+        if started:
+            ray.shutdown()
+    json_path, md_path = write_report("pipeline", results, markdown, args.out)
+    print(markdown)
+    results["report"] = {"json": str(json_path), "markdown": str(md_path)}
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Part 1: latency
+
+
+def latency(args) -> dict:
+    from actors.config import PipelineConfig
+    from actors.local import LocalPipeline
+    from actors.pipeline import Pipeline, collect
+
+    tmp = Path(tempfile.mkdtemp(prefix="vita-bench-pipeline-"))
+    try:
+        t0 = time.perf_counter()
+        models = build_bench_models(tmp / "models")
+        build_s = time.perf_counter() - t0
+        config = PipelineConfig.from_models_dir(models, stage_timeout_s=300, request_timeout_s=1800)
+        config.decoder.n_steps = args.n_steps
+        config = config.with_resources(torch_threads=args.threads)
+        local = LocalPipeline(config)
+        pipe = Pipeline.start(config)
+        try:
+            sides = {"staged (Ray)": pipe, "in-process": local}
+            samples = {name: [] for name in sides}
+            for round_index in range(args.runs + 1):  # round 0 warms both up
+                for name, side in sides.items():
+                    result = collect(side.tts(TEXT, max_new_tokens=args.max_new_tokens))
+                    if not result.ok:
+                        raise RuntimeError(f"{name}: {result.error}")
+                    if round_index:
+                        samples[name].append(result)
+            staged, inproc = samples["staged (Ray)"][0], samples["in-process"][0]
+            same_ids = all(s.token_ids == inproc.token_ids for s in samples["staged (Ray)"])
+            placement = {s: p.gpu_ids for s, p in pipe.placement().items()}
+        finally:
+            pipe.shutdown()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    rows = []
+    for name, results in samples.items():
+        timings = [r.done.timings for r in results]
+        rows.append({
+            "path": name,
+            "time_to_first_audio_s": statistics.median(t["time_to_first_audio"] for t in timings),
+            "llm_first_audio_codes_s": statistics.median(t.get("first_audio_codes", float("nan")) for t in timings),
+            "total_s": statistics.median(t["total"] for t in timings),
+            "tokens": len(results[0].token_ids),
+            "audio_s": len(results[0].pcm) / results[0].sample_rate,
+            "chunks": len(results[0].chunks),
+        })
+    ray_row, local_row = rows
+    overhead = ray_row["time_to_first_audio_s"] - local_row["time_to_first_audio_s"]
+    return {
+        "rows": rows,
+        "ttfa_overhead_s": overhead,
+        "ttfa_overhead_fraction": overhead / local_row["time_to_first_audio_s"],
+        "total_ratio": ray_row["total_s"] / local_row["total_s"],
+        "same_ids": same_ids,
+        "placement_gpu_ids": placement,
+        "build_models_s": build_s,
+        "models": "llm 28+10 layers hidden 256 (tiny tokenizer), decoder original-speed.md bench size, random",
+        "target": "Ray overhead <= 10% of time to first audio",
+        "per_run": {name: [r.done.timings for r in results] for name, results in samples.items()},
+    }
+
+
+def _latency_summary(lat: dict) -> str:
+    return (f"Ray overhead on time to first audio: {lat['ttfa_overhead_s'] * 1000:.1f} ms = "
+            f"{lat['ttfa_overhead_fraction'] * 100:.1f} % (target <= 10 %); total time staged / in-process: "
+            f"{lat['total_ratio']:.2f}; identical ids: {lat['same_ids']}; stage GPUs: {lat['placement_gpu_ids']}\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Part 2: throughput
+
+
+def throughput(args) -> dict:
+    import ray
+
+    from actors.config import PipelineConfig
+    from actors.payloads import SpeechRequest
+    from actors.pipeline import Pipeline, collect
+
+    models = args.models or os.environ.get("VITA_AUDIO_MODELS")
+    if models is None:
+        from pipeline.tiny import default_models_dir
+
+        models = default_models_dir()
+    config = PipelineConfig.from_models_dir(models, stage_timeout_s=300, request_timeout_s=1800)
+    config.decoder.n_steps = args.n_steps
+    config.llm.max_batch_size = max(16, args.concurrency)
+    config = config.with_resources(torch_threads=args.threads)
+    pipe = Pipeline.start(config)
+    n, tokens = args.concurrency, args.throughput_tokens
+    texts = [TEXTS[i % len(TEXTS)] for i in range(n)]
+
+    async def llm_only(text: str) -> int:
+        request = SpeechRequest(task="tts", text=text, max_new_tokens=tokens)
+        count = 0
+        async for ref in pipe.stages.llm.generate.options(num_returns="streaming").remote(request):
+            item = await ref
+            if item.end is not None:
+                count = len(item.end.token_ids)
+        return count
+
+    async def llm_many(k: int) -> int:
+        return sum(await asyncio.gather(*(llm_only(texts[i]) for i in range(k))))
+
+    def pipeline_many(k: int) -> int:
+        results = [None] * k
+
+        def one(i):
+            results[i] = collect(pipe.tts(texts[i], max_new_tokens=tokens))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(k)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        failed = [r.error for r in results if not r.ok]
+        if failed:
+            raise RuntimeError(f"pipeline throughput run failed: {failed[0]}")
+        return sum(len(r.token_ids) for r in results)
+
+    def timed(fn, k):
+        t0 = time.perf_counter()
+        count = fn(k)
+        return count / (time.perf_counter() - t0), count
+
+    rows = []
+    try:
+        loop_run = lambda k: asyncio.run(llm_many(k))  # noqa: E731
+        for name, fn in (("LLM stage (continuous batching)", loop_run), ("whole pipeline (TTS)", pipeline_many)):
+            try:
+                fn(1)  # warm-up
+                one, _ = timed(fn, 1)
+                many, count = timed(fn, n)
+            except RuntimeError as err:  # reported in the table, the other rows still count
+                rows.append({"path": name, "error": str(err)[:200]})
+                continue
+            rows.append({"path": name, "tokens_per_s_1_stream": one, f"tokens_per_s_{n}_streams": many,
+                         "speedup": many / one, "tokens": count})
+        stats = pipe.stats()
+    finally:
+        pipe.shutdown()
+    return {"rows": rows, "target": f">= 4x at {n} streams", "llm_largest_batch": stats["llm"]["largest_batch"],
+            "decoder_largest_batch": stats["decoder"]["largest_batch"], "models": str(models)}

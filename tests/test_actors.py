@@ -1,0 +1,197 @@
+"""Stage actors as plain classes (no Ray): config checks, micro-batching, the LLM stage's continuous
+batching / abort / per-request errors, the decoder stage's per-stream batching, the encoder stage."""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from actors.batching import MicroBatcher
+from actors.config import PipelineConfig, StageResources
+from actors.payloads import AudioPayload, DecodeChunk, SpeechRequest
+
+def assert_same_audio(batched: np.ndarray, single: np.ndarray) -> None:
+    """Same audio up to float reordering: a batched decoder forward sums in another order than a single one."""
+    assert batched.shape == single.shape and len(single) > 0
+    np.testing.assert_allclose(batched, single, rtol=0, atol=1e-2)
+    assert np.sqrt(np.mean((batched - single) ** 2)) < 1e-2 * np.sqrt(np.mean(single ** 2))
+
+
+TEXTS = ["Hello there.", "How are you today?", "The cat sat on the mat.", "One two three."]
+
+
+@pytest.fixture(scope="module")
+def config(tiny_models) -> PipelineConfig:
+    config = PipelineConfig.from_models_dir(tiny_models)
+    config.decoder.n_steps = 2
+    return config
+
+
+# --- config ---------------------------------------------------------------------------------------------
+
+
+def test_config_checks_and_bundles(tmp_path):
+    with pytest.raises(ValueError, match="placement_strategy"):
+        PipelineConfig(placement_strategy="RANDOM")
+    with pytest.raises(ValueError, match="num_gpus"):
+        StageResources(num_gpus=1.5)
+    with pytest.raises(ValueError, match="max_inflight_chunks"):
+        PipelineConfig(max_inflight_chunks=0)
+    with pytest.raises(FileNotFoundError, match="llm/"):
+        PipelineConfig.from_models_dir(tmp_path)
+    assert StageResources(num_gpus=0.5, num_cpus=1, memory=2**30).bundle() == {"GPU": 0.5, "CPU": 1, "memory": 2**30}
+    assert StageResources(num_gpus=0).bundle() == {"CPU": 0.01}  # Ray refuses empty bundles
+    cpu_only = PipelineConfig().with_resources(num_gpus=0, torch_threads=1)
+    assert all(cpu_only.stage(s).resources.num_gpus == 0 for s in ("encoder", "llm", "decoder"))
+    assert PipelineConfig().llm.resources.num_gpus == 1  # with_resources made copies
+
+
+# --- micro-batching -------------------------------------------------------------------------------------
+
+
+def test_micro_batcher_batches_concurrent_calls_and_keeps_per_key_order():
+    calls = []
+
+    def fn(items):
+        calls.append(list(items))
+        return [f"{key}:{value}" for key, value in items]
+
+    async def main():
+        batcher = MicroBatcher(fn, max_batch_size=4, executor=ThreadPoolExecutor(1), key=lambda item: item[0])
+        items = [("a", 0), ("b", 0), ("a", 1), ("c", 0), ("b", 1), ("a", 2)]
+        return await asyncio.gather(*(batcher.submit(item) for item in items)), batcher
+
+    results, batcher = asyncio.run(main())
+    assert results == ["a:0", "b:0", "a:1", "c:0", "b:1", "a:2"]
+    for batch in calls:  # one item per key per forward
+        assert len({key for key, _ in batch}) == len(batch)
+    order = [value for batch in calls for key, value in batch if key == "a"]
+    assert order == [0, 1, 2]
+    assert batcher.largest_batch > 1 and batcher.batches == len(calls) < 6
+
+
+def test_micro_batcher_fails_every_call_of_a_failed_forward():
+    def fn(items):
+        raise RuntimeError("boom")
+
+    async def main():
+        batcher = MicroBatcher(fn, max_batch_size=4, executor=ThreadPoolExecutor(1))
+        return await asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True)
+
+    assert all(isinstance(r, RuntimeError) for r in asyncio.run(main()))
+
+
+# --- LLM stage ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llm_stage(config):
+    from actors.llm_stage import LLMStage
+
+    return LLMStage(config.llm)
+
+
+async def _generate(stage, request):
+    items = [item async for item in stage.generate(request)]
+    return items
+
+
+def test_llm_stage_streams_and_batches_concurrent_requests(llm_stage):
+    def requests():
+        return [SpeechRequest(task="tts", text=t, max_new_tokens=24, request_id=f"r{i}") for i, t in enumerate(TEXTS)]
+
+    async def one_by_one():
+        return [await _generate(llm_stage, r) for r in requests()]
+
+    async def together():
+        return await asyncio.gather(*(_generate(llm_stage, r) for r in requests()))
+
+    sequential = asyncio.run(one_by_one())
+    largest_before = llm_stage.largest_batch
+    concurrent = asyncio.run(together())
+    for seq, par in zip(sequential, concurrent):
+        assert seq[-1].end is not None and par[-1].end is not None
+        assert par[-1].end.token_ids == seq[-1].end.token_ids and len(seq[-1].end.token_ids) == 24
+        assert sum(len(i.audio_chunks) for i in par) == sum(len(i.audio_chunks) for i in seq) > 0
+        assert "".join(i.text for i in par) == "".join(i.text for i in seq)
+        assert all(item.end is None for item in par[:-1])
+    assert largest_before == 1 and llm_stage.largest_batch > 1  # the concurrent requests shared steps
+    assert not llm_stage.engine.has_unfinished() and not llm_stage.requests
+
+
+def test_llm_stage_abort_and_bad_request_affect_only_their_request(llm_stage):
+    async def main():
+        long = SpeechRequest(task="tts", text="A long one.", max_new_tokens=400, request_id="long")
+        bad = SpeechRequest(task="tts", text="Bad mode.", mode="warp-speed", request_id="bad")
+        good = SpeechRequest(task="asr", codes=[1, 2, 3, 4, 5], max_new_tokens=8, request_id="good")
+        stream = llm_stage.generate(long)
+        first = await stream.__anext__()
+        with pytest.raises(ValueError, match="warp-speed"):
+            await _generate(llm_stage, bad)
+        good_items = await _generate(llm_stage, good)
+        assert await llm_stage.abort("long") is True
+        with pytest.raises(RuntimeError, match="aborted"):
+            async for _ in stream:
+                pass
+        for _ in range(3):  # the engine drops the aborted request at its next step
+            if not llm_stage.engine.has_unfinished():
+                break
+            await asyncio.sleep(0.05)
+        return first, good_items
+
+    first, good_items = asyncio.run(main())
+    assert first.end is None
+    assert good_items[-1].end.reason == "length" and not any(i.audio_chunks for i in good_items)  # ASR: text only
+    assert not llm_stage.engine.active and not llm_stage.engine.waiting and not llm_stage.requests
+
+
+# --- decoder and encoder stages -------------------------------------------------------------------------
+
+
+def test_decoder_stage_batches_streams_and_matches_plain_stream_pushes(config):
+    from actors.decoder_stage import DecoderStage
+
+    stage = DecoderStage(config.decoder)
+    rng = np.random.default_rng(0)
+    chunks = {f"s{i}": [rng.integers(0, 16384, 8).tolist() for _ in range(3)] for i in range(3)}
+
+    async def push_all():
+        async def one(rid):
+            out = [await stage.push(DecodeChunk(rid, codes)) for codes in chunks[rid]]
+            out.append(await stage.push(DecodeChunk(rid, [], final=True)))
+            return np.concatenate([c.pcm for c in out])
+        return await asyncio.gather(*(one(rid) for rid in chunks))
+
+    batched = asyncio.run(push_all())
+    assert stage.batcher.largest_batch > 1 and not stage.streams  # final chunks freed the streams
+    for rid, pcm in zip(chunks, batched):
+        stream = stage.decoder.stream(mode="incremental", n_steps=config.decoder.n_steps, seed=config.decoder.seed)
+        reference = np.concatenate([stream.push(c) for c in chunks[rid]] + [stream.finish()])
+        assert_same_audio(pcm, reference)
+
+    async def open_and_close():
+        await stage.push(DecodeChunk("x", chunks["s0"][0]))
+        return len(stage.streams), await stage.close("x"), await stage.close("x")
+
+    assert asyncio.run(open_and_close()) == (1, True, False)
+    placement = asyncio.run(stage.placement())
+    assert placement.device == "cpu" and placement.gpu_ids == [] and placement.stage == "decoder"
+
+
+def test_encoder_stage_batches_and_matches_the_encoder(config):
+    from actors.encoder_stage import EncoderStage
+
+    stage = EncoderStage(config.encoder)
+    rng = np.random.default_rng(1)
+    waves = [(0.1 * rng.standard_normal(16000 * s)).astype(np.float32) for s in (1, 2, 1)]
+
+    async def main():
+        return await asyncio.gather(*(stage.tokenize(AudioPayload(w, 16000)) for w in waves))
+
+    codes = asyncio.run(main())
+    assert codes == [stage.encoder.tokenize(w, 16000) for w in waves]
+    assert all(len(c) > 0 for c in codes)
+    with pytest.raises(ValueError, match="AudioPayload"):
+        asyncio.run(stage.tokenize(waves[0]))
