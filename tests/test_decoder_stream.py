@@ -9,6 +9,16 @@ from pipeline.decoder import load_decoder, write_tiny_decoder
 from pipeline.decoder.stream import IncrementalStream, position_noise
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread for this module (restored after): on the shared 2-core machine two OpenMP
+    threads stall on other processes and make these small decodes 10x slower, never faster."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def tiny_decoder(tmp_path_factory):
     return load_decoder(write_tiny_decoder(tmp_path_factory.mktemp("dec") / "decoder", seed=0))
@@ -123,3 +133,32 @@ def test_decode_batch_matches_individual_pushes(tiny_decoder):
     assert all(s.finished for s in streams)
     with pytest.raises(ValueError, match="twice"):
         tiny_decoder.decode_batch([(alone[0], [1], False), (alone[0], [2], False)])
+
+
+def test_glm4voice_finish_flushes_held_frames(tiny_decoder):
+    """Our extension: the end arrives with no new ids -> the 34 held-back frames are vocoded."""
+    stream = tiny_decoder.stream("glm4voice", n_steps=2)
+    first = stream.push(_codes(10, 6))
+    second = stream.push(_codes(10, 7))
+    tail = stream.finish()
+    assert first.size and second.size and tail.size == 256 * (1 + stream.mel_overlap)
+    assert stream.finished and stream.finish().size == 0
+
+
+def test_bench_decoder_smoke(tmp_path):
+    """`vita-audio bench decoder` on a tiny input: report files and the fields the report promises."""
+    import argparse
+    import json
+
+    from jobs.bench import decoder as bench
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    bench.add_arguments(parser, "decoder")
+    args = parser.parse_args(["--out", str(tmp_path), "--sizes", "tiny", "--seconds", "1,2", "--steps", "1"])
+    result = bench.run(args)
+    data = json.loads((tmp_path / "decoder.json").read_text())
+    assert (tmp_path / "decoder.md").exists() and "incremental_2s_over_1s" in result["ratios"]["tiny"]
+    entry = data["sizes"]["tiny"]["per_length"]["2"]
+    assert entry["incremental"]["samples"] == entry["offline"]["samples"] == entry["vita_prefix"]["samples"]
+    assert entry["incremental"]["mel_snr_db"] > 5
