@@ -146,7 +146,9 @@ class HiFTGenerator(nn.Module):
         Draws, in the original order: start phases (unless given), sine noise, uv noise.
         `phase_offset` (B, H) continues the cumulative phase of an earlier piece (streaming)."""
         B = f0.shape[0]
-        f0 = f0.repeat_interleave(self.samples_per_frame, dim=1)[:, None, :]  # (B, 1, S)
+        f0 = f0.float().repeat_interleave(self.samples_per_frame, dim=1)[:, None, :]  # (B, 1, S); phases in float32
+        if phase_offset is not None:
+            phase_offset = phase_offset.float()
         harmonics = torch.arange(1, self.n_harmonics + 1, device=f0.device, dtype=f0.dtype)[None, :, None]
         f_mat = f0 * harmonics / self.cfg.sampling_rate  # (B, H, S)
         cum = torch.cumsum(f_mat, dim=-1)
@@ -161,7 +163,7 @@ class HiFTGenerator(nn.Module):
         noise = torch.randn(sine.shape, generator=generator, dtype=torch.float32).to(sine.device, sine.dtype)
         sine = sine * uv + noise_amp * noise
         torch.randn((B, sine.shape[-1], 1), generator=generator)  # the original's unused uv noise draw
-        merged = torch.tanh(self.m_source.l_linear(sine.transpose(1, 2)))  # (B, S, 1)
+        merged = torch.tanh(self.m_source.l_linear(sine.transpose(1, 2).to(self.m_source.l_linear.weight.dtype)))  # (B, S, 1)
         return merged.transpose(1, 2), cum
 
     # ---- filter ------------------------------------------------------------------------------

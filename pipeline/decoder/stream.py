@@ -309,6 +309,10 @@ class IncrementalStream(DecoderStream):
         self.phase = torch.zeros(B, decoder.hift.n_harmonics, device=decoder.device, dtype=torch.float32)
         self.flow_calls = 0
         self.hift_calls = 0
+        # set by _plan_hift for the matching _apply_hift (the NSF source of the new frames, its phase, window)
+        self._emit_end, self._window_start = 0, 0
+        self._new_source: torch.Tensor | None = None
+        self._cum: torch.Tensor | None = None
         self.mel_log: list[torch.Tensor] | None = [] if record_mel else None  # every final mel piece (diagnostics)
         self.prompt_mel = bool(prompt_mel)
         self.frame_align = 2 ** (len(decoder.config.flow.channels) - 1)  # the estimator's down-sampling factor
