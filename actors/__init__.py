@@ -1,0 +1,36 @@
+"""Ray actors wrapping one pipeline stage each, and the streaming Pipeline that chains them.
+
+    config         PipelineConfig: paths, resources per stage (GPUs, CPUs, memory, restarts), placement, timeouts
+    payloads       typed stage payloads, client events, and the glue functions between stages
+    encoder_stage  EncoderStage: waveform -> audio codes (batched)
+    llm_stage      LLMStage: prompt -> text deltas + audio chunks (continuous batching, per-request backpressure)
+    decoder_stage  DecoderStage: audio chunks -> PCM (one incremental stream per request, batched)
+    builder        placement group + ray.remote + resources (the only module that knows Ray options)
+    pipeline       Pipeline: tts / asr / chat streaming over the three actors
+    local          LocalPipeline: the same modules composed in one process (reference and baseline)
+
+Nothing here knows HTTP; `serve/` builds on these classes.
+"""
+from __future__ import annotations
+
+_EXPORTS = {
+    "PipelineConfig": "actors.config",
+    "StageResources": "actors.config",
+    "Pipeline": "actors.pipeline",
+    "collect": "actors.pipeline",
+    "LocalPipeline": "actors.local",
+    "EncoderStage": "actors.encoder_stage",
+    "LLMStage": "actors.llm_stage",
+    "DecoderStage": "actors.decoder_stage",
+    "build_stages": "actors.builder",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):  # lazy: `import actors.config` stays free of torch and ray
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'actors' has no attribute {name!r}")

@@ -90,6 +90,7 @@ class LocalPipeline:
                 timings.setdefault("time_to_first_text", time.perf_counter() - start)
                 yield TextDelta(output.text, output.text_ids)
             for chunk in output.audio_chunks:
+                timings.setdefault("first_audio_codes", time.perf_counter() - start)
                 audio_codes.extend(chunk)
                 if stream is None:
                     stream = self.decoder.stream(mode=self.config.decoder.stream_mode, n_steps=self.config.decoder.n_steps,
