@@ -258,5 +258,7 @@ def test_dtype_parameter(tmp_path):
     wide = load_decoder(out, dtype=torch.float64)
     assert wide.dtype == torch.float64 and next(wide.flow.parameters()).dtype == torch.float64
     np.testing.assert_allclose(wide.decode(codes, n_steps=2), ref, atol=2e-3, rtol=1e-2)
+    half = load_decoder(out, dtype=torch.bfloat16).decode(codes, n_steps=2)  # runs end to end in bfloat16
+    assert half.dtype == np.float32 and half.shape == ref.shape and np.isfinite(half).all()
     with pytest.raises(DecoderError, match="dtype"):
         load_decoder(out, dtype="float77")

@@ -321,7 +321,7 @@ class ConditionalDecoder(nn.Module):
 
     def forward(self, x, mu, t, spks, cond):
         """x, mu, cond: (B, 80, T); t: () time; spks: (B, 80). Masks are all ones (full-length items) and omitted."""
-        t = self.time_mlp(sinusoidal_time_embedding(t, self.time_dim))  # (1, 4 * channels[0])
+        t = self.time_mlp(sinusoidal_time_embedding(t, self.time_dim).to(x.dtype))  # (1, 4 * channels[0])
         x = torch.cat([x, mu, spks[:, :, None].expand(-1, -1, x.shape[-1]), cond], dim=1)  # (B, 320, T)
         hiddens = []
         for resnet, blocks, downsample in self.down_blocks:
