@@ -103,7 +103,9 @@ def _parse_mode_list(mode) -> list[int]:
     try:
         values = [operator.index(v) for v in mode]
     except TypeError:
-        raise ValueError(f"mode must be a name, a list of integers or a string like '1,10,4,10', got {mode!r}") from None
+        raise ValueError(
+            f"mode must be a name, a list of integers or a string like '1,10,4,10', got {mode!r}"
+        ) from None
     if len(values) < 2 or len(values) % 2:
         raise ValueError(f"mode {values} must have an even length >= 2: [M1, m1, M2, m2, ...]")
     if any(v < 0 for v in values):
@@ -198,9 +200,7 @@ def default_layout(model) -> TokenLayout:
         return _LAYOUTS[model]
     layout = None
     path = str(getattr(model, "name_or_path", "") or "")
-    if path and os.path.isdir(path) and (
-        os.path.isfile(os.path.join(path, "tokenizer.json")) or os.path.isfile(os.path.join(path, "tokenizer_config.json"))
-    ):
+    if path and any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
         from pipeline.tokens import load_tokenizer
 
         layout = TokenLayout.from_tokenizer(load_tokenizer(path))
@@ -277,7 +277,7 @@ class _Sequence:
         self.chain_k = -1  # module of the last MCTP step of the current burst
         self.drafts: list[int] = []
         self.draft_target = 0
-        self.exact_draft = N  # exact mode: current draft length ...
+        self.exact_draft = 1  # exact mode: current draft length (grows 1, 2, 4, ... while drafts pass) ...
         self.exact_backoff = self.exact_pause = 0  # ... and backbone steps without drafts after a failed probe
         self.pending_codes: list[int] = []
         self.backbone_calls = 0
@@ -411,7 +411,8 @@ class DecodeEngine:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
         param = next(model.parameters())
-        if (device is not None and torch.device(device) != param.device) or (dtype is not None and dtype != param.dtype):
+        moved = device is not None and torch.device(device) != param.device
+        if moved or (dtype is not None and dtype != param.dtype):
             model = model.to(device=device or param.device, dtype=dtype or param.dtype)
         self.model = model.eval()
         param = next(model.parameters())
@@ -474,7 +475,8 @@ class DecodeEngine:
             if ratio is None:
                 mtp_modes = [MODES[n] for n in ("balance", "boost", "turbo")]
                 ratio = mode if mode != EXACT and list(mode) in mtp_modes else list(BOOST_RATIO)
-            constraint = OutputConstraint(request.constraint, self.layout, self.vocab_size, self.device, check_ratio(ratio))
+            ratio = check_ratio(ratio)
+            constraint = OutputConstraint(request.constraint, self.layout, self.vocab_size, self.device, ratio)
         sampler = TokenSampler(request.sampling, self.device, constraint)
         self.waiting.append(_Sequence(self, request, mode, verify, sampler, stop_ids))
         return request.request_id
@@ -572,15 +574,16 @@ class DecodeEngine:
         def forward():
             hidden = model.run_backbone(model.model.embed_tokens(ids), pos, mask, cache)  # (G, Q, H)
             # logits of the last position, or of the last 1 + #drafts positions when verifying
-            picks = [(i, q - 1 - len(s.drafts) + j) for i, (s, q) in enumerate(zip(group, q_lens)) for j in range(len(s.drafts) + 1)]
-            if all(len(s.drafts) == 0 for s in group):
-                last = hidden[torch.arange(len(group), device=self.device), torch.tensor(q_lens, device=self.device) - 1]
-            else:
-                index = torch.tensor(picks, device=self.device)
-                last = hidden[index[:, 0], index[:, 1]]
-            return hidden, model.lm_head(last).float(), picks
+            picks = [  # (row, position): the last 1 + #drafts positions of each row
+                (i, q - 1 - len(s.drafts) + j)
+                for i, (s, q) in enumerate(zip(group, q_lens))
+                for j in range(len(s.drafts) + 1)
+            ]
+            index = torch.tensor(picks, device=self.device)
+            last = hidden[index[:, 0], index[:, 1]]  # (rows picked, H)
+            return hidden, model.lm_head(last).float()
 
-        hidden, logits, picks = self._timed("backbone", len(group), max(q_lens), forward)
+        hidden, logits = self._timed("backbone", len(group), max(q_lens), forward)
         row = 0
         for i, seq in enumerate(group):
             q = q_lens[i]

@@ -44,7 +44,8 @@ class SamplingParams:
     def __post_init__(self):
         if not isinstance(self.greedy, bool):
             raise ValueError(f"greedy must be a bool, got {self.greedy!r}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature > 0):
+        t = self.temperature
+        if not (isinstance(t, (int, float)) and math.isfinite(t) and t > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
@@ -78,13 +79,14 @@ class OutputConstraint:
         def bias(allowed: torch.Tensor) -> torch.Tensor:
             return torch.zeros(vocab_size, device=device).masked_fill(~allowed, neg)[None]  # (1, V)
 
-        self.bias = {"text": bias(text), "audio": bias(audio), "boa": bias(ids == layout.boa), "eoa": bias(ids == layout.eoa)}
-        self.segments: list[tuple[str, int]] = []
+        self.bias = {
+            "text": bias(text), "audio": bias(audio), "boa": bias(ids == layout.boa), "eoa": bias(ids == layout.eoa)
+        }
+        self.segments: list[list[tuple[str, int]]] = []  # per (T, A) pair: (slot kind, count) in order
         if kind == "interleaved":
             values = check_ratio(ratio)
             for t, a in zip(values[::2], values[1::2]):
                 self.segments.append([("text", t), ("boa", 1), ("audio", a - 2), ("eoa", 1)])
-        self.prefix = sum(n for pair in self.segments[:-1] for _, n in pair) if self.segments else 0
 
     def slot(self, index: int) -> str:
         """Kind of generated token `index`: "text", "boa", "audio" or "eoa"."""
