@@ -61,8 +61,10 @@ def _run_batched(model, specs, max_batch_size: int = 16, profile: bool = False):
     return ids, ends, engine
 
 
-@pytest.mark.parametrize("max_batch_size", [16, 3])
-def test_batched_greedy_equals_alone(model, max_batch_size):
+@pytest.mark.parametrize("max_batch_size,attn", [(16, "sdpa"), (3, "sdpa"), (16, "eager")])
+def test_batched_greedy_equals_alone(shared_dir, max_batch_size, attn):
+    model = load_llm(shared_dir / "parity" / "llm" / "model", dtype=torch.float32)
+    model.config._attn_implementation = attn
     ids, ends, engine = _run_batched(model, REQUESTS, max_batch_size=max_batch_size, profile=True)
     assert max(G for _, G, _, _ in engine.forward_log) > 1, "no forward ran more than one request"
     for i, (n, mode, max_new, rp, _) in enumerate(REQUESTS):
@@ -122,3 +124,19 @@ def test_abort_in_a_batch_leaves_the_others_unchanged(model):
     for i in (0, 2):
         n, mode, max_new = specs[i]
         assert ids[f"a{i}"] == generate(model, _prompt(n, i), mode=mode, max_new_tokens=max_new).ids
+
+
+def test_bfloat16_batch_runs(shared_dir):
+    """dtype is a parameter: the same engine in bfloat16 (what real checkpoints use on GPU)."""
+    model = load_llm(shared_dir / "parity" / "llm" / "model", dtype=torch.float32)
+    engine = DecodeEngine(model, dtype=torch.bfloat16)
+    assert engine.dtype == torch.bfloat16 and next(model.parameters()).dtype == torch.bfloat16
+    for i, mode in enumerate(["vanilla", "boost", "exact"]):
+        engine.add_request(GenerationRequest(_prompt(5 + 3 * i, i), mode=mode, max_new_tokens=15, request_id=mode))
+    ids = {}
+    while engine.has_unfinished():
+        for event in engine.step():
+            if isinstance(event, TokenEvent):
+                ids.setdefault(event.request_id, []).append(event.token_id)
+    assert {k: len(v) for k, v in ids.items()} == {"vanilla": 15, "boost": 15, "exact": 15}
+    assert all(0 <= t < model.config.vocab_size for v in ids.values() for t in v)
