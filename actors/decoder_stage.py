@@ -43,12 +43,16 @@ class DecoderStage:
         self.streams: dict[str, _Stream] = {}
         self.started_at = time.time()
 
-    def _decode_batch(self, items: list[tuple[str, _Stream, list[int], bool]]) -> list[np.ndarray]:
+    def _decode_batch(self, items: list[tuple[str, _Stream, list[int], bool]]) -> list[tuple[np.ndarray, float]]:
+        start = time.perf_counter()
         with torch.inference_mode():
             if len(items) == 1:  # nothing to share a forward with: the stream's own push (same result)
                 _, state, codes, final = items[0]
-                return [state.stream.push(codes, final)]
-            return self.decoder.decode_batch([(s.stream, codes, final) for _, s, codes, final in items])
+                pcms = [state.stream.push(codes, final)]
+            else:
+                pcms = self.decoder.decode_batch([(s.stream, codes, final) for _, s, codes, final in items])
+        seconds = time.perf_counter() - start
+        return [(pcm, seconds) for pcm in pcms]
 
     async def push(self, chunk: DecodeChunk) -> PCMChunk:
         """PCM for the next chunk of a request's codes (`final` also flushes the tail and frees the stream)."""
@@ -61,14 +65,15 @@ class DecoderStage:
             state = self.streams[chunk.request_id] = _Stream(stream, time.monotonic())
         state.last_used = time.monotonic()
         try:
-            pcm = await self.batcher.submit((chunk.request_id, state, list(chunk.codes), chunk.final))
+            pcm, seconds = await self.batcher.submit((chunk.request_id, state, list(chunk.codes), chunk.final))
         except BaseException:
             self.streams.pop(chunk.request_id, None)  # a failed stream cannot continue
             raise
         state.forwards += 1
         if chunk.final:
             self.streams.pop(chunk.request_id, None)
-        return PCMChunk(chunk.request_id, np.asarray(pcm, dtype=np.float32).reshape(-1), self.sample_rate, state.forwards)
+        return PCMChunk(chunk.request_id, np.asarray(pcm, dtype=np.float32).reshape(-1), self.sample_rate, state.forwards,
+                        seconds)
 
     async def decode(self, codes: list[int]) -> np.ndarray:
         """Whole-utterance decode (no streaming state)."""

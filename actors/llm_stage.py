@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from actors.aio import within
 from actors.config import LLMStageConfig
 from actors.payloads import (
     LLMOutput,
@@ -95,7 +96,7 @@ class LLMStage:
                 # the end goes out at once (the decoder starts on it).
                 while not item.audio_chunks and item.end is None and (wait := last + interval - time.monotonic()) > 0:
                     try:
-                        item = merge_outputs(item, await asyncio.wait_for(self._next(state), wait))
+                        item = merge_outputs(item, await within(self._next(state), wait))
                     except asyncio.TimeoutError:
                         break
                 while item.end is None and not state.queue.empty():  # behind: send what piled up as one item
@@ -156,7 +157,7 @@ class LLMStage:
             if not runnable:  # idle, or every request waits for its consumer: sleep until something changes
                 self.wake.clear()
                 try:
-                    await asyncio.wait_for(self.wake.wait(), timeout=1.0 if self.paused else None)
+                    await within(self.wake.wait(), 1.0 if self.paused else None)
                 except asyncio.TimeoutError:
                     pass
                 continue

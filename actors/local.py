@@ -82,7 +82,7 @@ class LocalPipeline:
             return
         prompt_ids = build_prompt(request, self.tokenizer, self.layout)
         detok, token_ids, audio_codes, text_out = TextDetokenizer(self.tokenizer), [], [], ""
-        stream, index, end = None, 0, None
+        stream, index, end, decoder_compute = None, 0, None, 0.0
         for event in self.engine.stream(to_generation_request(request, prompt_ids)):
             output = engine_events_to_output(request_id, [event], self.layout, detok, token_ids)
             if output.text or output.text_ids:
@@ -95,8 +95,11 @@ class LocalPipeline:
                 if stream is None:
                     stream = self.decoder.stream(mode=self.config.decoder.stream_mode, n_steps=self.config.decoder.n_steps,
                                                  seed=self.config.decoder.seed)
+                pushed = time.perf_counter()
                 pcm = stream.push(chunk)
+                decoder_compute += time.perf_counter() - pushed
                 if len(pcm):
+                    timings.setdefault("first_audio_decoder_compute", decoder_compute)
                     timings.setdefault("time_to_first_audio", time.perf_counter() - start)
                     yield AudioChunk(pcm, self.decoder.sample_rate, index)
                     index += 1

@@ -122,7 +122,8 @@ class PCMChunk:
     request_id: str
     pcm: np.ndarray  # (T,) float32
     sample_rate: int
-    forwards: int = 0  # decoder forwards that produced this chunk (1 per batched call it took part in)
+    forwards: int = 0  # decoder forwards this request's stream took part in so far (batched calls count once)
+    compute_s: float = 0.0  # seconds of the decoder forward that produced this chunk (shared if batched)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import numpy as np
 import ray
 
 from actors.builder import StageHandles, build_stages, shutdown_stages
+from actors.aio import within
 from actors.config import STAGES, PipelineConfig
 from actors.payloads import (
     TASK_DEFAULT,
@@ -174,7 +175,7 @@ class Pipeline:
             while True:
                 remaining = deadline - time.monotonic()
                 try:
-                    event = await asyncio.wait_for(out.get(), timeout=max(remaining, 0.0))
+                    event = await within(out.get(), max(remaining, 0.0))
                 except asyncio.TimeoutError:
                     yield ErrorEvent("pipeline", f"request timed out after {timeout_s or self.config.request_timeout_s:g} s "
                                                  "(request_timeout_s)", request_id)
@@ -258,7 +259,7 @@ class Pipeline:
                     if first is not None:
                         item, first = first, None
                     else:
-                        ref = await asyncio.wait_for(generator.__anext__(), timeout=self.config.stage_timeout_s)
+                        ref = await within(generator.__anext__(), self.config.stage_timeout_s)
                         item = await self._await("llm", ref)
                 except StopAsyncIteration:
                     raise StageFailure("llm", "LLM stream ended without an end marker") from None
@@ -295,7 +296,10 @@ class Pipeline:
                 chunk = await self._await("decoder", ref)
                 decoder_usage["chunks"] += 1
                 decoder_usage["forwards"] = chunk.forwards
+                decoder_usage["compute_s"] = decoder_usage.get("compute_s", 0.0) + chunk.compute_s
                 if len(chunk.pcm):
+                    if not trace.chunks_out:  # decoder compute behind the first audio (the rest is hand-off)
+                        trace.timings["first_audio_decoder_compute"] = decoder_usage["compute_s"]
                     out.put_nowait(AudioChunk(chunk.pcm, chunk.sample_rate, trace.chunks_out))
                     trace.chunks_out += 1
 
@@ -316,7 +320,7 @@ class Pipeline:
         delay = 0.05
         while True:
             try:
-                return await asyncio.wait_for(make_ref(), timeout=max(deadline - time.monotonic(), 0.0))
+                return await within(make_ref(), max(deadline - time.monotonic(), 0.0))
             except ray.exceptions.ActorUnavailableError as err:
                 if time.monotonic() + delay >= deadline:
                     raise describe_failure(stage, err, self.config.stage_timeout_s) from None
@@ -334,8 +338,8 @@ class Pipeline:
         while True:
             generator = start()
             try:
-                ref = await asyncio.wait_for(generator.__anext__(), timeout=max(deadline - time.monotonic(), 0.0))
-                return generator, await asyncio.wait_for(ref, timeout=max(deadline - time.monotonic(), 0.0))
+                ref = await within(generator.__anext__(), max(deadline - time.monotonic(), 0.0))
+                return generator, await within(ref, max(deadline - time.monotonic(), 0.0))
             except ray.exceptions.ActorUnavailableError as err:
                 if time.monotonic() + delay >= deadline:
                     raise describe_failure("llm", err, self.config.stage_timeout_s) from None
@@ -350,7 +354,7 @@ class Pipeline:
 
     async def _await(self, stage: str, ref):
         try:
-            return await asyncio.wait_for(ref, timeout=self.config.stage_timeout_s)
+            return await within(ref, self.config.stage_timeout_s)
         except asyncio.CancelledError:
             raise
         except Exception as err:
