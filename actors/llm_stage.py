@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.generate import TokenEvent
+
 from actors.aio import within
 from actors.config import LLMStageConfig
 from actors.payloads import (
@@ -220,12 +222,30 @@ class LLMStage:
                 rejected[request.request_id] = err
         if not engine.has_unfinished():
             return [], rejected
-        batch = min(len(engine.active) + len(engine.waiting), engine.max_batch_size)
+        # Several steps per hand-off: thread switches and consumer wake-ups cost about as much as a step of a
+        # small model. Stop early for anything a client waits on (a first token, an audio chunk, an end) or for
+        # new work from the event loop, so batching saves time without delaying first text or audio.
+        events, deadline = [], time.monotonic() + self.config.stream_interval_s / 2
         with torch.inference_mode():
-            events = engine.step()
-        self.steps += 1
-        self.largest_batch = max(self.largest_batch, batch)
+            while engine.has_unfinished():
+                batch = min(len(engine.active) + len(engine.waiting), engine.max_batch_size)
+                new = engine.step()
+                events += new
+                self.steps += 1
+                self.largest_batch = max(self.largest_batch, batch)
+                if self.to_add or self.to_abort or time.monotonic() >= deadline or self._needs_dispatch(new):
+                    break
         return events, rejected
+
+    def _needs_dispatch(self, events: list) -> bool:
+        """True if a client is waiting for one of these events: an audio chunk, an end, or its first token."""
+        for event in events:
+            if not isinstance(event, TokenEvent):
+                return True
+            state = self.requests.get(event.request_id)
+            if state is None or not state.token_ids:
+                return True
+        return False
 
     def _dispatch(self, events: list) -> None:
         by_request: dict[str, list] = {}

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.kv_cache import GroupCache, HiddenBuffer, RequestCache, group_attention_mask
-from pipeline.sampling import CONSTRAINTS, OutputConstraint, SamplingParams, TokenSampler
+from pipeline.sampling import CONSTRAINTS, OutputConstraint, SamplingParams, TokenSampler, choose_batch
 from pipeline.tokens import BOOST_RATIO, MODES, TokenLayout, check_ratio
 
 __all__ = [
@@ -584,6 +584,8 @@ class DecodeEngine:
             return hidden, model.lm_head(last).float()
 
         hidden, logits = self._timed("backbone", len(group), max(q_lens), forward)
+        last_rows = torch.tensor(q_lens).new_tensor([len(s.drafts) for s in group]).add(1).cumsum(0) - 1
+        chosen = self._choose_unverified(group, logits[last_rows.to(logits.device)])
         row = 0
         for i, seq in enumerate(group):
             q = q_lens[i]
@@ -600,8 +602,7 @@ class DecodeEngine:
             else:
                 seq.bb_len += q
                 seq.chain_k = -1
-                token = seq.sampler.choose(seq.ids[:, : len(seq.tokens)], seq_logits[-1:], seq.generated)
-                self._emit(seq, token, "backbone", events)
+                self._emit(seq, chosen[i], "backbone", events)
 
     def _mtp_step(self, k: int, group: list[_Sequence], events: list) -> None:
         model = self.model
@@ -627,6 +628,7 @@ class DecodeEngine:
             return out, model.lm_head(last).float()
 
         out, logits = self._timed(f"mtp{k}", G, Q, forward)
+        chosen = self._choose_unverified(group, logits)
         for i, seq in enumerate(group):
             q = q_lens[i]
             seq.mtp_calls[k] += 1
@@ -645,8 +647,23 @@ class DecodeEngine:
                 seq.drafted += 1
             else:
                 seq.chain_k = k
-                token = seq.sampler.choose(seq.ids[:, :L], logits[i : i + 1], seq.generated)
-                self._emit(seq, token, f"mtp{k}", events)
+                self._emit(seq, chosen[i], f"mtp{k}", events)
+
+    def _choose_unverified(self, group: list[_Sequence], logits: torch.Tensor) -> list[int | None]:
+        """The next token of every unverified request of a group (logits [G, V], one row each) in one go;
+        None for verifying requests, which choose in `_verify`."""
+        rows = [i for i, s in enumerate(group) if not s.verify]
+        chosen: list[int | None] = [None] * len(group)
+        if rows:
+            tokens = choose_batch(
+                [group[i].sampler for i in rows],
+                [group[i].ids[:, : len(group[i].tokens)] for i in rows],
+                logits[rows],
+                [group[i].generated for i in rows],
+            )
+            for i, token in zip(rows, tokens):
+                chosen[i] = token
+        return chosen
 
     def _verify(self, seq: _Sequence, logits: torch.Tensor, events: list) -> None:
         """Accept the longest prefix of drafts equal to the backbone's own choices, plus its next token.
