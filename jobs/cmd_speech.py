@@ -43,9 +43,10 @@ def add_arguments(p, name: str) -> None:
     p.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
     p.add_argument("--mode", default=None, help="vanilla|balance|boost|turbo|exact or a list like 1,10,4,10")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--constraint", default="task", choices=["task", "interleaved", "text", "none"],
-                   help="output layout forced on the LLM ('task': interleaved for tts/chat, text for asr; a "
-                        "trained model follows the layout by itself, 'none' turns it off)")
+    p.add_argument("--constraint", default="auto", choices=["auto", "task", "interleaved", "text", "none"],
+                   help="output layout forced on the LLM ('task': interleaved for tts/chat, text for asr, which the "
+                        "random tiny weights need; 'none': the model's own layout, right for trained checkpoints; "
+                        "'auto' (default): 'task' on a tiny set (vita-audio tiny), else 'none')")
     p.add_argument("--temperature", type=float, default=None, help="sample with this temperature (default: greedy)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -64,6 +65,10 @@ def run(args) -> dict:
         from pipeline.tiny import default_models_dir
 
         models = default_models_dir()
+    if args.constraint == "auto":  # random tiny weights need the layout forced; trained ones follow their own
+        from pipeline.tiny import is_tiny_set
+
+        options["constraint"] = "task" if is_tiny_set(models) else None
     config = PipelineConfig.from_models_dir(models, placement_strategy=args.placement, request_timeout_s=args.timeout)
 
     import ray
@@ -105,7 +110,7 @@ def _check_inputs(args):
         except ValueError:
             raise ValueError(f"--mode {args.mode!r}: a list must be integers like 1,10,4,10") from None
     options = dict(mode=mode, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                   constraint=None if args.constraint == "none" else args.constraint)
+                   constraint=None if args.constraint in ("none", "auto") else args.constraint)
     if args.task == "tts":
         if not args.text.strip():
             raise ValueError("TEXT is empty: give the text to speak")

@@ -36,6 +36,7 @@ from pipeline.tokens import (
 )
 
 CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
+TINY_MARKER = "tiny-models.json"  # written at the root of a tiny set
 CODEBOOK_SIZE = 16384  # GLM-4-Voice VQ; the tiny encoder and decoder use the same codebook
 BPE_VOCAB = 256 + 2000  # upper bound (bytes + merges); the corpus yields a few hundred merges
 
@@ -260,7 +261,14 @@ def write_tiny_set(out_dir, seed: int = 0) -> dict[str, Path]:
         with _atomic_dir(out / name) as tmp:
             writer(tmp, seed)
         paths[name] = out / name
+    # Says what this folder is: tools use it to know the weights are random (e.g. to force the output layout).
+    (out / TINY_MARKER).write_text(json.dumps({"random_weights": True, "seed": seed, "writer": "vita-audio tiny"}) + "\n")
     return paths
+
+
+def is_tiny_set(root) -> bool:
+    """True for a folder written by `write_tiny_set` (random weights), False for real checkpoints."""
+    return (Path(os.fspath(root)) / TINY_MARKER).is_file()
 
 
 def default_models_dir() -> Path:
@@ -276,12 +284,12 @@ def default_models_dir() -> Path:
     cache = Path(os.environ.get("VITA_AUDIO_CACHE") or Path.home() / ".cache" / "vita-audio")
     root = cache / "tiny-seed0"
     marker = root / ".completed"
-    if marker.is_file():
+    if marker.is_file() and is_tiny_set(root):  # (a set cached by an older version lacks the tiny marker)
         return root
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / "tiny-seed0.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not marker.is_file():
+        if not (marker.is_file() and is_tiny_set(root)):
             write_tiny_set(root, seed=0)
             marker.write_text("tiny set, seed 0\n")
     return root
