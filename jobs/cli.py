@@ -19,13 +19,13 @@ BENCHMARKS = {
     "pipeline": "jobs.bench.pipeline",  # staged Ray pipeline vs in-process composition
 }
 
-# Subcommands implemented in their own modules: name -> module with add_arguments(p) and run(args) -> dict.
+# Subcommands implemented in their own modules: name -> (module with add_arguments(p, name) and run(args), help).
 COMMANDS = {
-    "tiny": "jobs.cmd_tiny",
-    "generate": "jobs.cmd_generate",
-    "tts": "jobs.cmd_speech",
-    "asr": "jobs.cmd_speech",
-    "chat": "jobs.cmd_speech",
+    "tiny": ("jobs.cmd_tiny", "write the tiny random model set (llm/, encoder/, decoder/) in the released formats"),
+    "generate": ("jobs.cmd_generate", "LLM + MCTP decoding from prompt ids (the decode engine alone)"),
+    "tts": ("jobs.cmd_speech", "text -> speech through the staged Ray pipeline"),
+    "asr": ("jobs.cmd_speech", "speech -> text through the staged Ray pipeline"),
+    "chat": ("jobs.cmd_speech", "speech (or text) -> text + speech through the staged Ray pipeline"),
 }
 
 
@@ -36,11 +36,11 @@ class CLIError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vita-audio", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, module in COMMANDS.items():
+    for name, (module, help_text) in COMMANDS.items():
         mod = _import(module)
         if mod is None:
             continue
-        p = sub.add_parser(name)
+        p = sub.add_parser(name, help=help_text)
         p.set_defaults(_module=module)
         mod.add_arguments(p, name)
     bench = sub.add_parser("bench", help="benchmarks -> JSON + markdown report")
