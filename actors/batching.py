@@ -28,12 +28,16 @@ class MicroBatcher:
         self.largest_batch = 0
 
     async def submit(self, item) -> Any:
+        return await self.enqueue(item)
+
+    def enqueue(self, item) -> asyncio.Future:
+        """Queue `item` now (items of one key run in the order they were queued); await the returned future."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.pending.append((item, future))
         if self.runner is None or self.runner.done() or self.runner.get_loop() is not loop:
             self.runner = loop.create_task(self._run())
-        return await future
+        return future
 
     def _take_batch(self) -> list:
         batch, keys, keep = [], set(), collections.deque()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,6 +26,8 @@ class _Stream:
     stream: object  # pipeline.decoder DecoderStream
     last_used: float
     forwards: int = 0
+    next_seq: int = 0  # the chunk this stream takes next (DecodeChunk.seq)
+    turn: asyncio.Condition = field(default_factory=asyncio.Condition)
 
 
 class DecoderStage:
@@ -65,7 +67,12 @@ class DecoderStage:
             state = self.streams[chunk.request_id] = _Stream(stream, time.monotonic())
         state.last_used = time.monotonic()
         try:
-            pcm, seconds = await self.batcher.submit((chunk.request_id, state, list(chunk.codes), chunk.final))
+            async with state.turn:  # chunks may arrive out of order: queue them by seq
+                await state.turn.wait_for(lambda: state.next_seq == chunk.seq)
+                result = self.batcher.enqueue((chunk.request_id, state, list(chunk.codes), chunk.final))
+                state.next_seq += 1
+                state.turn.notify_all()
+            pcm, seconds = await result
         except BaseException:
             self.streams.pop(chunk.request_id, None)  # a failed stream cannot continue
             raise

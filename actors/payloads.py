@@ -87,11 +87,16 @@ class SpeechRequest:
 
 @dataclass
 class DecodeChunk:
-    """Audio codes for one request's decoder stream; `final` flushes the stream's tail and frees it."""
+    """Audio codes for one request's decoder stream; `final` flushes the stream's tail and frees it.
+
+    `seq` numbers a request's chunks 0, 1, 2, ...: Ray does not keep the order of calls to an async actor,
+    so the DecoderStage feeds each stream its chunks by `seq`, whatever order they arrive in.
+    """
 
     request_id: str
     codes: list[int]
     final: bool = False
+    seq: int = 0
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -253,7 +253,7 @@ class Pipeline:
 
         async def read_llm() -> None:
             generator, first = await self._start_stream(start_llm)
-            sent_audio = False
+            sent_audio, n_chunks = False, 0
             while True:
                 try:
                     if first is not None:
@@ -273,7 +273,8 @@ class Pipeline:
                 for codes in item.audio_chunks:
                     trace.mark("first_audio_codes")
                     trace.audio_codes.extend(codes)
-                    chunk = DecodeChunk(request.request_id, codes)
+                    chunk = DecodeChunk(request.request_id, codes, seq=n_chunks)
+                    n_chunks += 1
                     if not sent_audio:  # the decoder may still be restarting: its stream starts on this chunk,
                         # and later chunks are sent only once that stream exists (on the restarted actor)
                         first_pcm = asyncio.get_running_loop().create_future()
@@ -288,7 +289,7 @@ class Pipeline:
                     trace.mark("llm_done")
                     break
             if sent_audio:  # flush the decoder stream's tail (and free it)
-                await pending_pcm.put(self.stages.decoder.push.remote(DecodeChunk(request.request_id, [], final=True)))
+                await pending_pcm.put(self.stages.decoder.push.remote(DecodeChunk(request.request_id, [], final=True, seq=n_chunks)))
             await pending_pcm.put(None)
 
         async def read_pcm() -> None:

@@ -159,8 +159,8 @@ def test_decoder_stage_batches_streams_and_matches_plain_stream_pushes(config):
 
     async def push_all():
         async def one(rid):
-            out = [await stage.push(DecodeChunk(rid, codes)) for codes in chunks[rid]]
-            out.append(await stage.push(DecodeChunk(rid, [], final=True)))
+            out = [await stage.push(DecodeChunk(rid, codes, seq=i)) for i, codes in enumerate(chunks[rid])]
+            out.append(await stage.push(DecodeChunk(rid, [], final=True, seq=len(chunks[rid]))))
             return np.concatenate([c.pcm for c in out])
         return await asyncio.gather(*(one(rid) for rid in chunks))
 
@@ -170,6 +170,16 @@ def test_decoder_stage_batches_streams_and_matches_plain_stream_pushes(config):
         stream = stage.decoder.stream(mode="incremental", n_steps=config.decoder.n_steps, seed=config.decoder.seed)
         reference = np.concatenate([stream.push(c) for c in chunks[rid]] + [stream.finish()])
         assert_same_audio(pcm, reference)
+
+    async def out_of_order(rid):  # Ray may run calls to an async actor in any order: seq restores it
+        calls = [stage.push(DecodeChunk(rid, codes, seq=i)) for i, codes in enumerate(chunks[rid])]
+        calls.append(stage.push(DecodeChunk(rid, [], final=True, seq=len(chunks[rid]))))
+        tasks = [asyncio.ensure_future(c) for c in reversed(calls)]  # final first, first chunk last
+        out = await asyncio.gather(*tasks)
+        return np.concatenate([c.pcm for c in reversed(out)])
+
+    assert_same_audio(asyncio.run(out_of_order("s1")), batched[1])
+    assert not stage.streams
 
     async def open_and_close():
         await stage.push(DecodeChunk("x", chunks["s0"][0]))
