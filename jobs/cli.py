@@ -69,6 +69,9 @@ def _import(module: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars in command output
     try:
         result = _import(args._module).run(args)
     except (CLIError, ValueError, FileNotFoundError) as err:
