@@ -9,14 +9,7 @@ from pipeline.decoder import load_decoder, write_tiny_decoder
 from pipeline.decoder.stream import IncrementalStream, position_noise
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread for this module (restored after): on the shared 2-core machine two OpenMP
-    threads stall on other processes and make these small decodes 10x slower, never faster."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -36,13 +36,7 @@ RUNS = [(name, run) for name in _GEN for run in _GEN[name]]
 END_REASONS = {"max_new_tokens": "length", "eos": "stop"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread (two threads contend on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,7 @@ from pipeline.generate import DecodeEngine, EndEvent, GenerationRequest, Samplin
 from pipeline.llm import load_llm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
