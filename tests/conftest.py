@@ -72,3 +72,20 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def llm_parity(shared_dir) -> dict:
+    """../shared/parity/llm: its folder and files (inputs, generation runs, teacher-forced scalars, arrays)."""
+    import json
+
+    import numpy as np
+
+    root = shared_dir / "parity" / "llm"
+    return {
+        "root": root,
+        "inputs": json.loads((root / "inputs.json").read_text()),
+        "gen": json.loads((root / "generation.json").read_text()),
+        "tf": json.loads((root / "teacher_forced.json").read_text()),
+        "npz": np.load(root / "expected.npz"),
+    }

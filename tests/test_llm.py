@@ -30,14 +30,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def parity(shared_dir):
-    root = shared_dir / "parity" / "llm"
-    return {
-        "root": root,
-        "inputs": json.loads((root / "inputs.json").read_text()),
-        "tf": json.loads((root / "teacher_forced.json").read_text()),
-        "npz": np.load(root / "expected.npz"),
-    }
+def parity(llm_parity):
+    return llm_parity
 
 
 @pytest.fixture(scope="module")
