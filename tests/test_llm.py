@@ -62,6 +62,11 @@ def _teacher_forced(model, ids: list[int]):
     return out, states[: model.num_backbone_layers]
 
 
+def test_parity_models_were_collected(parity):
+    """The parity tests are parametrised at collection time: an unreadable fixture must fail, not collect nothing."""
+    assert MODELS and set(MODELS) == set(parity["inputs"]["models"])
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_teacher_forced_arrays_and_losses(parity, models, name):
     model, npz = models[name], parity["npz"]
