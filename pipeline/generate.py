@@ -17,9 +17,12 @@ one MCTP module forward. Which one comes from the request's schedule (`mtp_infer
   Greedy output is then identical to Vanilla with fewer backbone forwards; sampled output has exactly the
   backbone's distribution.
 
-The requests of one step are grouped by what they run (backbone, or MCTP module k) and each group is one
-right-padded forward with explicit bottom-right-aligned causal masks and position ids, through
-transformers' own sdpa / eager attention. Requests join (`add_request`) and leave between steps.
+A step runs at most two right-padded forwards, whatever the batch: one for every request whose next action
+is the backbone (prefill, one token or a catch-up), one for every request on an MCTP module. Requests that
+joined at different times sit at different points of their schedules, so the second forward mixes modules
+(`model.run_mtp_modules`: per-module weights on each module's rows, attention shared). Masks are explicit
+bottom-right-aligned causal masks with per-row position ids, through transformers' own sdpa / eager
+attention; K/V live in one pool (`pipeline.kv_cache`). Requests join (`add_request`) and leave between steps.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.kv_cache import GroupCache, HiddenBuffer, RequestCache, group_attention_mask
+from pipeline.kv_cache import BatchKV, HiddenBuffer, KVPool, group_attention_mask
 from pipeline.sampling import CONSTRAINTS, OutputConstraint, SamplingParams, TokenSampler, choose_batch
 from pipeline.tokens import BOOST_RATIO, MODES, TokenLayout, check_ratio
 
@@ -268,7 +271,7 @@ class _Sequence:
         capacity = self.prompt_len + self.max_new + N + 2
         self.ids = torch.zeros(1, capacity, dtype=torch.long, device=engine.device)  # tokens, then drafts
         self.ids[0, : self.prompt_len] = torch.tensor(self.tokens, dtype=torch.long)
-        self.cache = RequestCache(engine.num_layers, min_capacity=self.prompt_len + min(self.max_new, 256) + N + 1)
+        self.slot: int | None = None  # KV pool slot, held while the request is active
         used = self._modules_used(N)
         self.hidden = [HiddenBuffer() if k < N and used[k] else None for k in range(N + 1)]
         self.hidden_slack = N + 1 if verify else 0  # rejected drafts can roll a module back by up to N rows
@@ -390,6 +393,20 @@ class _Sequence:
 # Engine
 
 
+@dataclass
+class _Forward:
+    """One group forward of a step: its requests, per-row query lengths and first positions, outputs, and
+    the hidden states to score (`last`); `modules` is None for the backbone group."""
+
+    group: list
+    q_lens: list[int]
+    starts: list[int]  # backbone: cached length before the step; MCTP: first row each module catches up
+    out: torch.Tensor  # (G, Q, H)
+    last: torch.Tensor  # (rows to score, H)
+    modules: list[int] | None = None
+    first_row: int = 0  # of this group's rows in the step's logits
+
+
 class DecodeEngine:
     """Batched LLM + MCTP decoding with streaming events (see the module docstring).
 
@@ -429,6 +446,8 @@ class DecodeEngine:
         self.active: list[_Sequence] = []
         self._ended: list[EndEvent] = []
         self._traces: dict[str, dict] = {}
+        # one pool entry per backbone layer, one for all MCTP modules (entry num_backbone)
+        self.kv = KVPool([1] * self.num_backbone + [self.num_modules], min_capacity=128)
         self.profile = profile
         self.forward_log: list[tuple[str, int, int, float]] = []  # (kind, group size, max q_len, seconds)
         self.forward_seconds = 0.0
@@ -488,7 +507,7 @@ class DecodeEngine:
                 if seq.id == request_id:
                     queue.remove(seq)
                     self._ended.append(EndEvent(seq.id, "aborted", seq.usage()))
-                    seq.cache = seq.hidden = None
+                    self._free(seq)
                     return
 
     def has_unfinished(self) -> bool:
@@ -503,19 +522,25 @@ class DecodeEngine:
         """One engine step: every active request runs one forward. Returns the events in order."""
         events: list = list(self._ended)
         self._ended.clear()
-        while self.waiting and len(self.active) < self.max_batch_size:
-            self.active.append(self.waiting.pop(0))
+        if self.waiting and len(self.active) < self.max_batch_size:
+            while self.waiting and len(self.active) < self.max_batch_size:
+                seq = self.waiting.pop(0)
+                if seq.slot is None:  # new; a request paused by its server comes back with its slot
+                    seq.slot = self.kv.acquire()
+                self.active.append(seq)
+            self.active.sort(key=lambda s: s.slot)  # groups on consecutive slots read the pool without a copy
         if not self.active:
             return events
-        groups: dict[int, list[_Sequence]] = {}
+        backbone, mtp, modules = [], [], []
         for seq in self.active:
-            groups.setdefault(seq.next_action(self.num_modules), []).append(seq)
+            k = seq.next_action(self.num_modules)
+            if k < 0:
+                backbone.append(seq)
+            else:
+                mtp.append(seq)
+                modules.append(k)
         with torch.inference_mode():
-            for action in sorted(groups):
-                if action < 0:
-                    self._backbone_step(groups[action], events)
-                else:
-                    self._mtp_step(action, groups[action], events)
+            self._run_step(backbone, mtp, modules, events)
         self.active = [s for s in self.active if s.finished is None]
         return events
 
@@ -547,56 +572,91 @@ class DecodeEngine:
 
     def _pad(self, rows: list[list[int]], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token rows and their first rotary positions -> right-padded ids and position ids [G, Q]."""
-        G, Q = len(rows), max(len(r) for r in rows)
-        if G == 1:
-            ids = torch.tensor(rows, dtype=torch.long, device=self.device)
-            pos = torch.arange(starts[0], starts[0] + Q, device=self.device)[None]
-            return ids, pos
-        ids = torch.zeros(G, Q, dtype=torch.long)
-        pos = torch.zeros(G, Q, dtype=torch.long)
-        for i, (r, s) in enumerate(zip(rows, starts)):
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            pos[i] = torch.arange(s, s + Q).clamp(max=s + len(r) - 1)  # padding repeats the last position
-        return ids.to(self.device), pos.to(self.device)
+        lens = [len(r) for r in rows]
+        Q = max(lens)
+        ids = torch.tensor([r + [0] * (Q - len(r)) for r in rows], dtype=torch.long, device=self.device)
+        first = torch.tensor(starts, device=self.device)[:, None]  # (G, 1)
+        pos = first + torch.arange(Q, device=self.device)  # (G, Q)
+        if min(lens) < Q:  # padding repeats the row's last position
+            pos = torch.minimum(pos, first + torch.tensor(lens, device=self.device)[:, None] - 1)
+        return ids, pos
 
-    def _cache_for(self, group: list[_Sequence], q_lens: list[int]):
-        return group[0].cache if len(group) == 1 else GroupCache([s.cache for s in group], q_lens)
 
-    def _backbone_step(self, group: list[_Sequence], events: list) -> None:
+    def _free(self, seq: _Sequence) -> None:
+        """Release a request's KV slot and hidden buffers (it leaves the batch after this step)."""
+        if seq.slot is not None:
+            self.kv.release(seq.slot)
+            seq.slot = None
+        seq.hidden = None
+
+    def _run_step(self, backbone: list[_Sequence], mtp: list[_Sequence], modules: list[int], events: list) -> None:
+        """The backbone forward and the MCTP forward, then one lm_head and one token choice over all their
+        rows (a step's fixed costs are paid once, not per group), then each request's bookkeeping."""
+        parts = []
+        if backbone:
+            parts.append(self._backbone_forward(backbone))
+        if mtp:
+            parts.append(self._mtp_forward(modules, mtp))
+        last = parts[0].last if len(parts) == 1 else torch.cat([part.last for part in parts])  # (rows, H)
+        logits = self._timed("lm_head", last.shape[0], 1, lambda: self.model.lm_head(last).float())  # (rows, V)
+        group, choice_rows, row = [], [], 0
+        for part in parts:  # a verifying backbone row has 1 + #drafts logits rows; it chooses from the last
+            part.first_row = row
+            for seq in part.group:
+                row += len(seq.drafts) + 1 if part.modules is None else 1
+                group.append(seq)
+                choice_rows.append(row - 1)
+        if len(choice_rows) < logits.shape[0]:
+            chosen = self._choose_unverified(group, logits[torch.tensor(choice_rows, device=logits.device)])
+        else:
+            chosen = self._choose_unverified(group, logits)
+        first = 0
+        for part in parts:
+            n = len(part.group)
+            if part.modules is None:
+                self._backbone_done(part, logits[part.first_row :], chosen[first : first + n], events)
+            else:
+                self._mtp_done(part, logits[part.first_row :], chosen[first : first + n], events)
+            first += n
+
+    def _backbone_forward(self, group: list[_Sequence]) -> "_Forward":
         model = self.model
         rows = [s.tokens[s.bb_len :] + s.drafts for s in group]
         q_lens = [len(r) for r in rows]
         past = [s.bb_len for s in group]
         ids, pos = self._pad(rows, past)
         mask = group_attention_mask(past, q_lens, self.dtype, self.device)
-        cache = self._cache_for(group, q_lens)
+        cache = BatchKV(self.kv, [s.slot for s in group], past, q_lens, self.device)
+        drafting = any(s.drafts for s in group)
 
         def forward():
             hidden = model.run_backbone(model.model.embed_tokens(ids), pos, mask, cache)  # (G, Q, H)
-            # logits of the last position, or of the last 1 + #drafts positions when verifying
-            picks = [  # (row, position): the last 1 + #drafts positions of each row
+            # hidden states to score: each row's last position, or its last 1 + #drafts positions when verifying
+            if not drafting and min(q_lens) == max(q_lens):
+                return hidden, hidden[:, -1]  # (G, H)
+            picks = [  # (row, position)
                 (i, q - 1 - len(s.drafts) + j)
                 for i, (s, q) in enumerate(zip(group, q_lens))
                 for j in range(len(s.drafts) + 1)
             ]
             index = torch.tensor(picks, device=self.device)
-            last = hidden[index[:, 0], index[:, 1]]  # (rows picked, H)
-            return hidden, model.lm_head(last).float()
+            return hidden, hidden[index[:, 0], index[:, 1]]  # (rows picked, H)
 
-        hidden, logits = self._timed("backbone", len(group), max(q_lens), forward)
-        last_rows = torch.tensor(q_lens).new_tensor([len(s.drafts) for s in group]).add(1).cumsum(0) - 1
-        chosen = self._choose_unverified(group, logits[last_rows.to(logits.device)])
+        hidden, last = self._timed("backbone", len(group), max(q_lens), forward)
+        return _Forward(group, q_lens, past, hidden, last)
+
+    def _backbone_done(self, part: "_Forward", logits: torch.Tensor, chosen: list, events: list) -> None:
         row = 0
-        for i, seq in enumerate(group):
-            q = q_lens[i]
+        for i, seq in enumerate(part.group):
+            q = part.q_lens[i]
             seq.backbone_calls += 1
             seq.backbone_positions += q
             if seq.hidden[0] is not None:
-                seq.hidden[0].append(hidden[i, :q])
+                seq.hidden[0].append(part.out[i, :q])
             n_logits = len(seq.drafts) + 1
             seq_logits = logits[row : row + n_logits]
             row += n_logits
-            seq.record("backbone", q, past[i], seq_logits[-1] if not seq.verify else None)
+            seq.record("backbone", q, part.starts[i], seq_logits[-1] if not seq.verify else None)
             if seq.verify:
                 self._verify(seq, seq_logits, events)
             else:
@@ -604,40 +664,45 @@ class DecodeEngine:
                 seq.chain_k = -1
                 self._emit(seq, chosen[i], "backbone", events)
 
-    def _mtp_step(self, k: int, group: list[_Sequence], events: list) -> None:
+    def _mtp_forward(self, modules: list[int], group: list[_Sequence]) -> "_Forward":
+        """Every request whose next action is an MCTP module, in one forward; request i runs modules[i]."""
         model = self.model
-        firsts = [s.mod_len[k] for s in group]
+        firsts = [s.mod_len[k] for s, k in zip(group, modules)]
         ends = [s.bb_len for s in group]  # rows first..B-1, B = backbone positions
         q_lens = [b - f for f, b in zip(firsts, ends)]
-        # row t consumes token t+k+1 at rotary position t+k+1
-        rows = [s.window(f + k + 1, b + k + 1) for s, f, b in zip(group, firsts, ends)]
-        ids, pos = self._pad(rows, [f + k + 1 for f in firsts])
+        # row t of module k consumes token t+k+1 at rotary position t+k+1
+        rows = [s.window(f + k + 1, b + k + 1) for s, k, f, b in zip(group, modules, firsts, ends)]
+        ids, pos = self._pad(rows, [f + k + 1 for k, f in zip(modules, firsts)])
         G, Q = ids.shape
-        if G == 1:
-            h_in = group[0].hidden[k].get(firsts[0], ends[0])[None]
+        h_rows = [s.hidden[k].get(f, b) for s, k, f, b in zip(group, modules, firsts, ends)]  # each (q_i, H)
+        if min(q_lens) == Q:
+            h_in = torch.stack(h_rows)  # (G, Q, H)
         else:
-            h_in = torch.zeros(G, Q, model.config.hidden_size, dtype=self.dtype, device=self.device)
-            for i, (s, f, b) in enumerate(zip(group, firsts, ends)):
-                h_in[i, : b - f] = s.hidden[k].get(f, b)
+            h_in = torch.nn.utils.rnn.pad_sequence(h_rows, batch_first=True)  # right-padded with zeros
         mask = group_attention_mask(firsts, q_lens, self.dtype, self.device)
-        cache = self._cache_for(group, q_lens)
+        cache = BatchKV(self.kv, [s.slot for s in group], firsts, q_lens, self.device, modules=modules,
+                        entry=self.num_backbone)
 
         def forward():
-            out = model.run_mtp_module(k, h_in, model.model.embed_tokens(ids), pos, mask, cache)  # (G, Q, H)
-            last = out[torch.arange(G, device=self.device), torch.tensor(q_lens, device=self.device) - 1]
-            return out, model.lm_head(last).float()
+            out = model.run_mtp_modules(modules, h_in, model.model.embed_tokens(ids), pos, mask, cache)  # (G, Q, H)
+            if min(q_lens) == Q:
+                return out, out[:, -1]
+            return out, out[torch.arange(G, device=self.device), torch.tensor(q_lens, device=self.device) - 1]
 
-        out, logits = self._timed(f"mtp{k}", G, Q, forward)
-        chosen = self._choose_unverified(group, logits)
-        for i, seq in enumerate(group):
-            q = q_lens[i]
+        kind = "mtp" + ",".join(str(k) for k in sorted(set(modules)))
+        out, last = self._timed(kind, G, Q, forward)
+        return _Forward(group, q_lens, firsts, out, last, modules)
+
+    def _mtp_done(self, part: "_Forward", logits: torch.Tensor, chosen: list, events: list) -> None:
+        for i, (seq, k) in enumerate(zip(part.group, part.modules)):
+            q, end = part.q_lens[i], part.starts[i] + part.q_lens[i]
             seq.mtp_calls[k] += 1
             seq.mtp_positions[k] += q
-            seq.mod_len[k] = ends[i]
-            seq.hidden[k].trim(ends[i] - seq.hidden_slack)
+            seq.mod_len[k] = end
+            seq.hidden[k].trim(end - seq.hidden_slack)
             if k + 1 < self.num_modules and seq.hidden[k + 1] is not None:
-                seq.hidden[k + 1].append(out[i, :q])
-            seq.record(f"mtp{k}", q, firsts[i] + k + 1, logits[i] if not seq.verify else None)
+                seq.hidden[k + 1].append(part.out[i, :q])
+            seq.record(f"mtp{k}", q, part.starts[i] + k + 1, logits[i] if not seq.verify else None)
             L = len(seq.tokens)
             if seq.verify:
                 index = L + len(seq.drafts)
@@ -658,7 +723,7 @@ class DecodeEngine:
             tokens = choose_batch(
                 [group[i].sampler for i in rows],
                 [group[i].ids[:, : len(group[i].tokens)] for i in rows],
-                logits[rows],
+                logits if len(rows) == len(group) else logits[rows],
                 [group[i].generated for i in rows],
             )
             for i, token in zip(rows, tokens):
@@ -683,9 +748,9 @@ class DecodeEngine:
         seq.accepted_drafts += accepted
         if drafts and seq.mode == EXACT:
             seq.adapt_draft_length(len(drafts), accepted, self.num_modules)
-        # backbone keeps positions 0..L+accepted-1 (committed tokens and accepted drafts)
+        # backbone keeps positions 0..L+accepted-1 (committed tokens and accepted drafts); the KV pool needs
+        # no cut: positions past a length are masked out and overwritten by the next writes
         seq.bb_len = L + accepted
-        seq.cache.truncate(range(self.num_backbone), seq.bb_len)
         if seq.hidden[0] is not None:
             seq.hidden[0].truncate(seq.bb_len)
         # module j row t consumed tokens up to t+j+1: valid iff t+j+1 <= L+accepted-1
@@ -693,7 +758,6 @@ class DecodeEngine:
             valid = max(0, min(seq.mod_len[j], L + accepted - j - 1))
             if valid < seq.mod_len[j]:
                 seq.mod_len[j] = valid
-                seq.cache.truncate([self.num_backbone + j], valid)
                 if j + 1 < self.num_modules and seq.hidden[j + 1] is not None:
                     seq.hidden[j + 1].truncate(valid)
         emitted = [(d, f"mtp{j}") for j, d in enumerate(drafts[:accepted])] + [(token, "backbone")]
@@ -729,7 +793,7 @@ class DecodeEngine:
             seq.trace["hidden_state_lengths"] = [seq.bb_len, *seq.mod_len]  # rows of backbone / module outputs
             self._traces[seq.id] = seq.trace
         events.append(EndEvent(seq.id, reason, seq.usage()))
-        seq.cache = seq.hidden = None  # free memory now; the sequence leaves the batch after this step
+        self._free(seq)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,100 +1,130 @@
 """KV caches and hidden-state buffers for the decode engine (`pipeline.generate`).
 
-Every request owns one `RequestCache`: one growable K/V store per layer of `model.layers` (backbone slots
-0..NB-1, MCTP module k in slot NB+k, as in the original's single DynamicCache, spec §3.3). Unlike
-DynamicCache it can be cut back (`truncate`) when drafted tokens are rejected, and it grows by doubling so a
-decode step appends in place instead of re-concatenating the whole history.
+All running requests share one `KVPool` and each holds one slot of it for its lifetime. The pool has one
+entry per backbone layer, a [1, slots, kv_heads, capacity, head_dim] K and V tensor, and one entry for all
+MCTP modules together, [N, slots, ...] (module k of request s at [k, s]), so a batch whose rows run
+different modules (requests at different points of their schedules) still reads its keys in one go.
 
-A forward over several requests at once goes through a `GroupCache`: the requests' caches are gathered into
-one right-padded [G, kv_heads, T_kv, head_dim] tensor per layer, and `group_attention_mask` builds the
-matching additive mask (bottom-right aligned causal inside each request, nothing on padding).
-Transformers' attention layers only ever call `cache.update(key, value, layer_idx)`, so both classes plug
-into `model.run_backbone` / `model.run_mtp_module` unchanged.
+A forward sees the pool through a `BatchKV`: it writes each row's new positions in place (one indexed copy
+per layer) and hands attention the rows' K/V as one right-padded [G, kv_heads, T_kv, head_dim] tensor: a
+plain view when the rows use one module and consecutive slots (requests in step with each other), else one
+gather. So the cost of a step barely grows with the number of requests.
+
+Which positions of a slot are valid is the engine's bookkeeping (backbone and module lengths), so rolling
+back rejected drafts is free: later writes overwrite them. `group_attention_mask` hides everything past a
+row's length (bottom-right aligned causal inside each row). Transformers' attention layers only call
+`cache.update(key, value, layer_idx)`, so `BatchKV` plugs into `model.run_backbone` / `model.run_mtp_modules`.
 """
 from __future__ import annotations
 
 import torch
 
 
-class LayerKV:
-    """K/V of one layer for one request: [1, kv_heads, capacity, head_dim] buffers and a fill length."""
+class KVPool:
+    """K/V of every running request: per entry a [modules, slots, kv_heads, capacity, head_dim] tensor pair.
 
-    def __init__(self, min_capacity: int):
-        self.min_capacity = max(int(min_capacity), 1)
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-        self.length = 0
-
-    def _reserve(self, key: torch.Tensor, needed: int) -> None:
-        if self.keys is not None and needed <= self.keys.shape[2]:
-            return
-        capacity = max(self.min_capacity, needed, 2 * (0 if self.keys is None else self.keys.shape[2]))
-        _, heads, _, dim = key.shape
-        keys = key.new_empty(1, heads, capacity, dim)
-        values = key.new_empty(1, heads, capacity, dim)
-        if self.keys is not None and self.length:
-            keys[:, :, : self.length] = self.keys[:, :, : self.length]
-            values[:, :, : self.length] = self.values[:, :, : self.length]
-        self.keys, self.values = keys, values
-
-    def append(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """key/value [1, kv_heads, q, head_dim] -> all keys/values so far [1, kv_heads, length, head_dim]."""
-        q = key.shape[2]
-        self._reserve(key, self.length + q)
-        self.keys[:, :, self.length : self.length + q] = key
-        self.values[:, :, self.length : self.length + q] = value
-        self.length += q
-        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
-
-    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
-
-    def truncate(self, length: int) -> None:
-        self.length = min(self.length, int(length))
-
-
-class RequestCache:
-    """One request's KV cache over every layer slot of `model.layers` (transformers' `update` interface)."""
-
-    def __init__(self, num_layers: int, min_capacity: int = 64):
-        self.layers = [LayerKV(min_capacity) for _ in range(num_layers)]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        return self.layers[layer_idx].append(key_states, value_states)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.layers[layer_idx].length
-
-    def truncate(self, layer_indices, length: int) -> None:
-        """Drop every cached position >= length in the given slots (rollback of rejected drafts)."""
-        for i in layer_indices:
-            self.layers[i].truncate(length)
-
-
-class GroupCache:
-    """A batch of G requests' caches seen as one padded cache for a single forward.
-
-    `update` appends each row's real new positions (the first q_lens[i] of the padded chunk) to that
-    request's own cache, then returns the right-padded gather [G, kv_heads, max(c_i + q_i), head_dim].
+    `widths[i]` is the module count of entry i (1 for a backbone layer, N for the MCTP entry). Slots and
+    capacity grow by doubling when a write needs them (entries are allocated at their first write, when heads
+    and head_dim are known). New memory is zeroed: masked-out positions must hold finite values, since an
+    additive mask on NaN garbage would still give NaN. A request paused by its server keeps its slot, so the
+    pool may hold more slots than the engine's batch size.
     """
 
-    def __init__(self, caches: list[RequestCache], q_lens: list[int]):
-        self.caches = caches
-        self.q_lens = q_lens
+    def __init__(self, widths: list[int], min_capacity: int = 64):
+        self.widths = list(widths)
+        self.min_capacity = max(int(min_capacity), 1)
+        self.keys: list[torch.Tensor | None] = [None] * len(widths)
+        self.values: list[torch.Tensor | None] = [None] * len(widths)
+        self.num_slots = 0  # slots handed out so far (the tensors catch up at their next write)
+        self.free: list[int] = []
+
+    def acquire(self) -> int:
+        """A free slot for a new request (the lowest, so running requests stay on consecutive slots)."""
+        if self.free:
+            self.free.sort()
+            return self.free.pop(0)
+        self.num_slots += 1
+        return self.num_slots - 1
+
+    def release(self, slot: int) -> None:
+        """Give a finished request's slot back; its stale K/V stays until overwritten (it is masked out)."""
+        self.free.append(slot)
+
+    def entry(self, index: int, like: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entry `index`'s K and V, grown to hold every slot handed out and `length` positions."""
+        keys = self.keys[index]
+        if keys is None or keys.shape[1] < self.num_slots or keys.shape[3] < length:
+            self.keys[index], self.values[index] = self._grow(index, like, length)
+        return self.keys[index], self.values[index]
+
+    def _grow(self, index: int, like: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        old_k, old_v = self.keys[index], self.values[index]
+        _, heads, _, dim = like.shape
+        slots, capacity = max(self.num_slots, 1), max(self.min_capacity, length)
+        if old_k is not None:
+            slots = max(slots, 2 * old_k.shape[1]) if slots > old_k.shape[1] else old_k.shape[1]
+            capacity = max(capacity, 2 * old_k.shape[3]) if length > old_k.shape[3] else old_k.shape[3]
+        keys = like.new_zeros(self.widths[index], slots, heads, capacity, dim)
+        values = like.new_zeros(self.widths[index], slots, heads, capacity, dim)
+        if old_k is not None:
+            s, t = old_k.shape[1], old_k.shape[3]
+            keys[:, :s, :, :t] = old_k
+            values[:, :s, :, :t] = old_v
+        return keys, values
+
+
+class BatchKV:
+    """The pool as seen by one forward over G rows: row i is (module, slot, cached length, new positions).
+
+    `update` stores row i's first q_lens[i] new positions at past_lens[i].. of its (module, slot) and
+    returns the rows' K/V right-padded to max(past + q) positions. `entry` fixes the pool entry (the MCTP
+    entry); by default it is the `layer_idx` transformers passes (backbone layer i = entry i).
+    """
+
+    def __init__(self, pool: KVPool, slots: list[int], past_lens: list[int], q_lens: list[int], device,
+                 modules: list[int] | None = None, entry: int | None = None):
+        G, Q = len(slots), max(q_lens)
+        self.pool, self.entry = pool, entry
+        self.modules = modules if modules is not None else [0] * G
+        self.slots, self.past, self.q = slots, past_lens, q_lens
+        self.total = max(p + q for p, q in zip(past_lens, q_lens))
+        first = (self.modules[0], slots[0])
+        self.view = first if len(set(self.modules)) == 1 and slots == list(range(slots[0], slots[0] + G)) else None
+        if G > 1:  # write positions, flattened over the real (row, query) pairs
+            module_index, slot_index, pos_index = [], [], []
+            for m, s, p, q in zip(self.modules, slots, past_lens, q_lens):
+                module_index += [m] * q
+                slot_index += [s] * q
+                pos_index += range(p, p + q)
+            self.write_index = (torch.tensor(module_index, device=device), torch.tensor(slot_index, device=device),
+                                torch.tensor(pos_index, device=device))
+            self.valid = None if min(q_lens) == Q else (
+                torch.arange(Q, device=device)[None, :] < torch.tensor(q_lens, device=device)[:, None])  # (G, Q)
+            self.read_index = None if self.view else (torch.tensor(self.modules, device=device),
+                                                      torch.tensor(slots, device=device))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        views = []
-        for i, cache in enumerate(self.caches):
-            q = self.q_lens[i]
-            views.append(cache.layers[layer_idx].append(key_states[i : i + 1, :, :q], value_states[i : i + 1, :, :q]))
-        total = max(k.shape[2] for k, _ in views)
-        G, heads, _, dim = key_states.shape
-        keys = key_states.new_zeros(G, heads, total, dim)
-        values = value_states.new_zeros(G, heads, total, dim)
-        for i, (k, v) in enumerate(views):
-            keys[i, :, : k.shape[2]] = k[0]
-            values[i, :, : v.shape[2]] = v[0]
-        return keys, values
+        keys, values = self.pool.entry(layer_idx if self.entry is None else self.entry, key_states, self.total)
+        G, T = len(self.slots), self.total
+        if G == 1:
+            m, s, p, q = self.modules[0], self.slots[0], self.past[0], self.q[0]
+            keys[m, s, :, p : p + q] = key_states[0, :, :q]
+            values[m, s, :, p : p + q] = value_states[0, :, :q]
+            return keys[m, s : s + 1, :, :T], values[m, s : s + 1, :, :T]
+        # [G, heads, Q, dim] -> the real positions [P, heads, dim]
+        new_k, new_v = key_states.transpose(1, 2), value_states.transpose(1, 2)
+        if self.valid is None:
+            new_k, new_v = new_k.flatten(0, 1), new_v.flatten(0, 1)
+        else:
+            new_k, new_v = new_k[self.valid], new_v[self.valid]
+        m, s, pos = self.write_index
+        keys[m, s, :, pos] = new_k
+        values[m, s, :, pos] = new_v
+        if self.view is not None:
+            m, s = self.view
+            return keys[m, s : s + G, :, :T], values[m, s : s + G, :, :T]
+        m, s = self.read_index
+        return keys[m, s, :, :T], values[m, s, :, :T]
 
 
 def group_attention_mask(

@@ -26,9 +26,19 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
 from transformers.modeling_outputs import ModelOutput
-from transformers.models.qwen2.modeling_qwen2 import Qwen2Model, Qwen2PreTrainedModel, Qwen2RMSNorm
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2Model,
+    Qwen2PreTrainedModel,
+    Qwen2RMSNorm,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
 
 IGNORE_INDEX = -100
+# `run_mtp_modules` gathers each row's module weights when rows x module size stays below this (small models,
+# CPU); larger modules run per module on their rows instead (a gather would copy more than it saves).
+MTP_GATHER_MAX_ELEMENTS = 1 << 21
 
 
 @strict
@@ -184,6 +194,147 @@ class Qwen2MTPForCausalLM(Qwen2PreTrainedModel):
         )
         y = self.model.norm(y)
         return (y, u) if return_layer_input else y
+
+    def run_mtp_modules(
+        self,
+        modules: list[int],
+        hidden: torch.Tensor,
+        next_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache,
+    ) -> torch.Tensor:
+        """`run_mtp_module` for a batch whose row i runs module modules[i]: [G, Q, H] in, [G, Q, H] out.
+
+        Continuously batched requests sit at different points of their schedules, so one step needs several
+        modules at once. Rather than one forward per module, the per-module parts (norms, projections, MLP)
+        run on each module's rows and everything shared (rotary, attention, final norm) runs once for the
+        whole batch. `cache.update(key, value, layer_idx)` receives the keys of every row together; it must
+        know each row's module (`pipeline.kv_cache.BatchKV` with `modules`). Same math as the decoder layer.
+        """
+        G, Q, _ = hidden.shape
+        if len(modules) != G:
+            raise ValueError(f"modules has {len(modules)} entries for {G} rows")
+        if len(set(modules)) > 1 and G * self._mtp_module_size() <= MTP_GATHER_MAX_ELEMENTS:
+            return self._run_mtp_modules_gathered(modules, hidden, next_embeds, position_ids, attention_mask, cache)
+        rows: dict[int, list[int]] = {}
+        for i, k in enumerate(modules):
+            rows.setdefault(self.mtp_layer_index(k) - self.num_backbone_layers, []).append(i)
+        index = {k: torch.tensor(r, device=hidden.device) for k, r in rows.items()} if len(rows) > 1 else None
+
+        def per_module(fn, x: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
+            """fn(k, rows of x, ...) for each module k, reassembled in row order."""
+            if index is None:
+                return fn(modules[0], x, *more)
+            out = None
+            for k, idx in index.items():
+                y = fn(k, x[idx], *(m[idx] for m in more))
+                if out is None:
+                    out = y.new_empty(G, *y.shape[1:])
+                out[idx] = y
+            return out
+
+        layers = self.model.layers
+        u = per_module(lambda k, h, e: self.mtp_layer_input(k, h, e), hidden, next_embeds)  # (G, Q, H)
+        cos, sin = self.model.rotary_emb(u, position_ids)
+        attn = layers[self.mtp_layer_index(modules[0])].self_attn  # config holder for the attention function
+        if attn.sliding_window is not None:
+            raise ValueError("run_mtp_modules does not support sliding-window attention layers")
+        D = attn.head_dim
+
+        def qkv(k: int, x: torch.Tensor) -> torch.Tensor:
+            a = layers[self.mtp_layer_index(k)].self_attn
+            x = layers[self.mtp_layer_index(k)].input_layernorm(x)
+            return torch.cat([a.q_proj(x), a.k_proj(x), a.v_proj(x)], dim=-1)
+
+        q, k_, v = per_module(qkv, u).split(
+            [attn.config.num_attention_heads * D, attn.config.num_key_value_heads * D,
+             attn.config.num_key_value_heads * D], dim=-1)
+        query = q.view(G, Q, -1, D).transpose(1, 2)  # (G, heads, Q, D)
+        key = k_.view(G, Q, -1, D).transpose(1, 2)  # (G, kv_heads, Q, D)
+        value = v.view(G, Q, -1, D).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        key, value = cache.update(key, value, self.mtp_layer_index(modules[0]))
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+        out, _ = interface(attn, query, key, value, attention_mask, dropout=0.0, scaling=attn.scaling)
+        out = out.reshape(G, Q, -1).contiguous()  # (G, Q, heads * D)
+
+        def rest(k: int, o: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+            layer = layers[self.mtp_layer_index(k)]
+            x = residual + layer.self_attn.o_proj(o)
+            return x + layer.mlp(layer.post_attention_layernorm(x))
+
+        return self.model.norm(per_module(rest, out, u))
+
+    def _mtp_module_size(self) -> int:
+        """Parameters of one MCTP module (its decoder layer, projection and norms)."""
+        if getattr(self, "_mtp_size", None) is None:
+            layer = self.model.layers[self.mtp_layer_index(0)] if self.num_mtp_modules else None
+            self._mtp_size = 0 if layer is None else (
+                sum(p.numel() for p in layer.parameters()) + self.mtp_projs[0].weight.numel() + 2 * self.config.hidden_size)
+        return self._mtp_size
+
+    def _stacked_mtp_weights(self) -> dict[str, torch.Tensor]:
+        """Every module's weights stacked on a leading module dim (built once, for `_run_mtp_modules_gathered`)."""
+        cached = getattr(self, "_mtp_stacked", None)
+        weight = self.mtp_projs[0].weight
+        if cached is not None and cached["proj"].device == weight.device and cached["proj"].dtype == weight.dtype:
+            return cached
+        layers = [self.model.layers[self.mtp_layer_index(k)] for k in range(self.num_mtp_modules)]
+
+        def stack(get) -> torch.Tensor:
+            return torch.stack([get(k, layer).detach() for k, layer in enumerate(layers)])
+
+        self._mtp_stacked = {
+            "embed_norm": stack(lambda k, _: self.mtp_embed_norms[k].weight),  # (N, H)
+            "hidden_norm": stack(lambda k, _: self.mtp_hidden_norms[k].weight),
+            "proj": stack(lambda k, _: self.mtp_projs[k].weight.t()),  # (N, 2H, H)
+            "input_norm": stack(lambda _, l: l.input_layernorm.weight),
+            "qkv": stack(lambda _, l: torch.cat([l.self_attn.q_proj.weight, l.self_attn.k_proj.weight,
+                                                 l.self_attn.v_proj.weight]).t()),  # (N, H, (heads + 2 kv) * D)
+            "qkv_bias": stack(lambda _, l: torch.cat([l.self_attn.q_proj.bias, l.self_attn.k_proj.bias,
+                                                      l.self_attn.v_proj.bias])),
+            "o": stack(lambda _, l: l.self_attn.o_proj.weight.t()),  # (N, heads * D, H)
+            "post_norm": stack(lambda _, l: l.post_attention_layernorm.weight),
+            "gate_up": stack(lambda _, l: torch.cat([l.mlp.gate_proj.weight, l.mlp.up_proj.weight]).t()),  # (N, H, 2I)
+            "down": stack(lambda _, l: l.mlp.down_proj.weight.t()),  # (N, I, H)
+        }
+        return self._mtp_stacked
+
+    def _run_mtp_modules_gathered(self, modules, hidden, next_embeds, position_ids, attention_mask, cache):
+        """`run_mtp_modules` for small modules: each row's weights are gathered and every projection is one
+        batched matmul, so a step costs about the same whether its rows share a module or not."""
+        G, Q, H = hidden.shape
+        w = self._stacked_mtp_weights()
+        ks = torch.tensor(modules, device=hidden.device)
+        eps = self.config.rms_norm_eps
+        layer0 = self.model.layers[self.mtp_layer_index(modules[0])]
+        attn = layer0.self_attn
+        if attn.sliding_window is not None:
+            raise ValueError("run_mtp_modules does not support sliding-window attention layers")
+
+        def norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # Qwen2RMSNorm with per-row weights
+            x32 = x.float()
+            x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+            return weight[ks][:, None, :] * x32.to(x.dtype)
+
+        z = torch.cat([norm(next_embeds, w["embed_norm"]), norm(hidden, w["hidden_norm"])], dim=-1)  # (G, Q, 2H)
+        u = torch.bmm(z, w["proj"][ks])  # (G, Q, H)
+        cos, sin = self.model.rotary_emb(u, position_ids)
+        D, heads, kv_heads = attn.head_dim, attn.config.num_attention_heads, attn.config.num_key_value_heads
+        qkv = torch.baddbmm(w["qkv_bias"][ks][:, None, :], norm(u, w["input_norm"]), w["qkv"][ks])
+        q, k_, v = qkv.split([heads * D, kv_heads * D, kv_heads * D], dim=-1)
+        query = q.view(G, Q, -1, D).transpose(1, 2)  # (G, heads, Q, D)
+        key = k_.view(G, Q, -1, D).transpose(1, 2)  # (G, kv_heads, Q, D)
+        value = v.view(G, Q, -1, D).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        key, value = cache.update(key, value, self.mtp_layer_index(modules[0]))
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
+        out, _ = interface(attn, query, key, value, attention_mask, dropout=0.0, scaling=attn.scaling)
+        x = u + torch.bmm(out.reshape(G, Q, -1), w["o"][ks])  # (G, Q, H)
+        gate, up = torch.bmm(norm(x, w["post_norm"]), w["gate_up"][ks]).chunk(2, dim=-1)  # (G, Q, I) each
+        x = x + torch.bmm(layer0.mlp.act_fn(gate) * up, w["down"][ks])
+        return self.model.norm(x)
 
     # --- teacher-forced / training forward --------------------------------------------------------------
     def forward(

@@ -58,6 +58,27 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
 
 
+_BIASES: dict = {}
+
+
+def _slot_biases(layout: TokenLayout, vocab_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Additive [1, V] float32 bias per slot kind; shared by every request of the same layout and device."""
+    key = (layout, vocab_size, device)
+    if key not in _BIASES:
+        ids = torch.arange(vocab_size, device=device)
+        audio = (ids >= layout.audio_offset) & (ids < layout.audio_offset + layout.codebook_size)
+        real = ids < layout.vocab_size
+        text = real & ~audio & (ids != layout.boa) & (ids != layout.eoa)
+        neg = torch.finfo(torch.float32).min
+
+        def bias(allowed: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(vocab_size, device=device).masked_fill(~allowed, neg)[None]  # (1, V)
+
+        _BIASES[key] = {"text": bias(text), "audio": bias(audio), "boa": bias(ids == layout.boa),
+                        "eoa": bias(ids == layout.eoa)}
+    return _BIASES[key]
+
+
 class OutputConstraint:
     """Allowed ids per generated-token index, as an additive float32 bias over the vocabulary.
 
@@ -70,18 +91,10 @@ class OutputConstraint:
         if kind not in ("text", "interleaved"):
             raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {kind!r}")
         self.kind = kind
-        ids = torch.arange(vocab_size, device=device)
-        audio = (ids >= layout.audio_offset) & (ids < layout.audio_offset + layout.codebook_size)
-        real = ids < layout.vocab_size
-        text = real & ~audio & (ids != layout.boa) & (ids != layout.eoa)
-        neg = torch.finfo(torch.float32).min
-
-        def bias(allowed: torch.Tensor) -> torch.Tensor:
-            return torch.zeros(vocab_size, device=device).masked_fill(~allowed, neg)[None]  # (1, V)
-
-        self.bias = {
-            "text": bias(text), "audio": bias(audio), "boa": bias(ids == layout.boa), "eoa": bias(ids == layout.eoa)
-        }
+        self.bias = _slot_biases(layout, vocab_size, torch.device(device))
+        # slots whose allowed ids are one range [lo, hi): greedy choice is an argmax over that slice
+        self.spans = {"audio": (layout.audio_offset, layout.audio_offset + layout.codebook_size),
+                      "boa": (layout.boa, layout.boa + 1), "eoa": (layout.eoa, layout.eoa + 1), "text": None}
         self.segments: list[list[tuple[str, int]]] = []  # per (T, A) pair: (slot kind, count) in order
         if kind == "interleaved":
             values = check_ratio(ratio)
@@ -105,6 +118,10 @@ class OutputConstraint:
                 return kind
             i -= n
         raise AssertionError("unreachable")
+
+    def span(self, index: int) -> tuple[int, int] | None:
+        """The allowed ids of generated token `index` as one range [lo, hi), or None if they are not one range."""
+        return self.spans[self.slot(index)]
 
     def __call__(self, scores: torch.Tensor | None, index: int, bias_only: bool = False) -> torch.Tensor:
         """scores [1, V] + the bias of slot `index`; with bias_only the [1, V] bias itself."""
@@ -164,21 +181,40 @@ class TokenSampler:
 
 def choose_batch(samplers: Sequence[TokenSampler], prefixes: Sequence[torch.Tensor], logits: torch.Tensor,
                  indices: Sequence[int]) -> list[int]:
-    """`choose` for several requests at once: logits [G, V] -> one token per row.
+    """`choose` for several requests at once: float32 logits [G, V] -> one token per row.
 
-    Plain greedy rows (no repetition penalty) take one batched bias-add + argmax, which for a small model
-    costs a fraction of G separate calls; every other row goes through its own `choose`. Same tokens either way.
+    Plain greedy rows (no repetition penalty) are chosen together, a few tensor ops for the whole batch
+    instead of a bias add over the vocabulary per row: rows without a constraint by one argmax, rows whose
+    constrained slot allows one id range by an argmax over that slice (a single allowed id needs none), other
+    constrained rows by one bias add + argmax per slot kind. Ties resolve to the lowest id in every case, so
+    the tokens equal those of `choose`. Every other row goes through its own `choose`.
     """
     tokens: list[int | None] = [None] * len(samplers)
-    fast = [i for i, s in enumerate(samplers) if s.params.greedy and s.penalty is None]
-    if len(fast) > 1:
-        rows = logits[fast].float()  # (F, V)
-        biases = [samplers[i].constraint(None, indices[i], bias_only=True) if samplers[i].constraint is not None
-                  else None for i in fast]
-        if any(b is not None for b in biases):
-            zero = torch.zeros_like(rows[:1])
-            rows = rows + torch.cat([zero if b is None else b for b in biases])
-        for i, token in zip(fast, rows.argmax(-1).tolist()):
+    kinds: dict[tuple, list[int]] = {}  # how a plain greedy row is chosen -> its rows
+    for i, sampler in enumerate(samplers):
+        if not sampler.params.greedy or sampler.penalty is not None:
+            continue
+        constraint = sampler.constraint
+        if constraint is None:
+            kinds.setdefault(("argmax",), []).append(i)
+            continue
+        span = constraint.span(indices[i])
+        kind = ("bias", constraint.slot(indices[i]), id(constraint.bias)) if span is None else ("span", *span)
+        kinds.setdefault(kind, []).append(i)
+    for kind, rows in kinds.items():
+        if kind[0] == "span" and kind[2] - kind[1] == 1:
+            chosen = [kind[1]] * len(rows)
+        else:
+            every = len(rows) == logits.shape[0]
+            if kind[0] == "span":
+                lo, hi = kind[1], kind[2]
+                chosen = (logits[:, lo:hi] if every else logits[rows, lo:hi]).argmax(-1).add(lo).tolist()
+            elif kind[0] == "bias":
+                bias = samplers[rows[0]].constraint.bias[kind[1]]
+                chosen = ((logits if every else logits[rows]) + bias).argmax(-1).tolist()
+            else:
+                chosen = (logits if every else logits[rows]).argmax(-1).tolist()
+        for i, token in zip(rows, chosen):
             tokens[i] = token
     for i, sampler in enumerate(samplers):
         if tokens[i] is None:

@@ -115,7 +115,12 @@ def run_once(model, layout, mode: str, prompt: list[int], max_new: int) -> dict:
             elif isinstance(event, EndEvent):
                 usage = event.usage
     wall = time.perf_counter() - t0
-    log = engine.forward_log
+    log = []  # one entry per forward, the step's lm_head time added to it (one request: one forward a step)
+    for entry in engine.forward_log:
+        if entry[0] == "lm_head" and log:
+            log[-1] = (*log[-1][:3], log[-1][3] + entry[3])
+        else:
+            log.append(entry)
     return {
         "wall": wall, "inside": engine.forward_seconds, "forwards": len(log), "ids": ids, "usage": usage, "t10": t10,
         "classes": _classify(log, len(prompt)), "seconds": [s for *_, s in log],
