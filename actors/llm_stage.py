@@ -63,7 +63,7 @@ class LLMStage:
         self.layout = TokenLayout.from_tokenizer(self.tokenizer)
         model = load_llm(config.path, device=self.device, dtype=self.dtype)
         self.engine = DecodeEngine(model, layout=self.layout, device=self.device, dtype=self.dtype,
-                                   max_batch_size=config.max_batch_size)
+                                   max_batch_size=config.max_batch_size, align_steps=config.align_steps)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-engine")
         self.requests: dict[str, _Request] = {}
         self.to_add: list = []  # GenerationRequests admitted at the next step
@@ -74,6 +74,7 @@ class LLMStage:
         self.loop_error: BaseException | None = None
         self.steps = 0
         self.largest_batch = 0  # most requests that shared one step
+        self.busy_s = 0.0  # time spent in engine steps (busy_s / uptime = engine utilisation)
         self.started_at = time.time()
 
     # --- the public (remote) methods ------------------------------------------------------------------
@@ -132,7 +133,8 @@ class LLMStage:
         return True
 
     async def stats(self) -> dict:
-        return {"steps": self.steps, "largest_batch": self.largest_batch, "active": len(self.requests)}
+        return {"steps": self.steps, "largest_batch": self.largest_batch, "active": len(self.requests),
+                "busy_s": self.busy_s, "uptime_s": time.time() - self.started_at}
 
     async def placement(self) -> StagePlacement:
         return describe("llm", self.device, self.dtype)
@@ -225,7 +227,8 @@ class LLMStage:
         # Several steps per hand-off: thread switches and consumer wake-ups cost about as much as a step of a
         # small model. Stop early for anything a client waits on (a first token, an audio chunk, an end) or for
         # new work from the event loop, so batching saves time without delaying first text or audio.
-        events, deadline = [], time.monotonic() + self.config.stream_interval_s / 2
+        started = time.monotonic()
+        events, deadline = [], started + self.config.stream_interval_s / 2
         with torch.inference_mode():
             while engine.has_unfinished():
                 batch = min(len(engine.active) + len(engine.waiting), engine.max_batch_size)
@@ -235,6 +238,7 @@ class LLMStage:
                 self.largest_batch = max(self.largest_batch, batch)
                 if self.to_add or self.to_abort or time.monotonic() >= deadline or self._needs_dispatch(new):
                     break
+        self.busy_s += time.monotonic() - started
         return events, rejected
 
     def _needs_dispatch(self, events: list) -> bool:
@@ -275,4 +279,5 @@ class LLMStage:
 
         engine = self.engine
         return DecodeEngine(engine.model, layout=self.layout, device=self.device, dtype=self.dtype,
-                            max_batch_size=self.config.max_batch_size)
+                            max_batch_size=self.config.max_batch_size,
+                            align_steps=self.config.align_steps)

@@ -44,7 +44,8 @@ class LocalPipeline:
         self.layout = TokenLayout.from_tokenizer(self.tokenizer)
         model = load_llm(config.llm.path, device=device, dtype=dtype)
         self.engine = DecodeEngine(model, layout=self.layout, device=device, dtype=dtype,
-                                   max_batch_size=config.llm.max_batch_size)
+                                   max_batch_size=config.llm.max_batch_size,
+                                   align_steps=config.llm.align_steps)
         self.decoder = load_decoder(config.decoder.path, device=device, dtype=dtype)
 
     def tts(self, text: str, *, voice=None, **options) -> Iterator[PipelineEvent]:

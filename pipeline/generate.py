@@ -294,6 +294,7 @@ class _Sequence:
         if self.trace is not None and engine.trace_logits:
             self.trace["logits"] = []
         self.finished: str | None = None
+        self.waited = 0  # steps spent waiting to join in phase with the running requests
 
     def _modules_used(self, N: int) -> list[bool]:
         used = [False] * N
@@ -324,6 +325,22 @@ class _Sequence:
     @property
     def generated(self) -> int:
         return len(self.tokens) - self.prompt_len
+
+    def future_actions(self, N: int, count: int) -> list[int] | None:
+        """The next `count` actions (as `next_action`), one per step; None if they depend on the outputs
+        (verification). Without verification every step emits exactly one token, so the schedule fixes them."""
+        if self.verify:
+            return None
+        actions, g, chain = [], self.generated, self.chain_k
+        if self.bb_len == 0:  # prefill
+            actions.append(-1)
+            g, chain = g + 1, -1
+        while len(actions) < count and g < self.max_new:
+            k = -1 if self.schedule[g] == "M" else chain + 1
+            k = k if k < N else -1
+            actions.append(k)
+            chain, g = k, g + 1
+        return actions
 
     def next_action(self, N: int) -> int:
         """-1 = backbone forward, k >= 0 = MCTP module k forward."""
@@ -424,9 +441,13 @@ class DecodeEngine:
         trace: bool = False,
         trace_logits: bool = False,
         profile: bool = False,
+        align_steps: int = 0,
     ):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
+        if not isinstance(align_steps, int) or align_steps < 0:
+            raise ValueError(f"align_steps must be an integer >= 0, got {align_steps!r}")
+        self.align_steps = align_steps
         param = next(model.parameters())
         moved = device is not None and torch.device(device) != param.device
         if moved or (dtype is not None and dtype != param.dtype):
@@ -523,12 +544,20 @@ class DecodeEngine:
         events: list = list(self._ended)
         self._ended.clear()
         if self.waiting and len(self.active) < self.max_batch_size:
-            while self.waiting and len(self.active) < self.max_batch_size:
-                seq = self.waiting.pop(0)
+            admitted = False
+            for seq in list(self.waiting):
+                if len(self.active) >= self.max_batch_size:
+                    break
+                if seq.slot is None and not self._in_phase(seq):  # new: may wait to join in phase
+                    seq.waited += 1
+                    continue
+                self.waiting.remove(seq)
                 if seq.slot is None:  # new; a request paused by its server comes back with its slot
                     seq.slot = self.kv.acquire()
                 self.active.append(seq)
-            self.active.sort(key=lambda s: s.slot)  # groups on consecutive slots read the pool without a copy
+                admitted = True
+            if admitted:
+                self.active.sort(key=lambda s: s.slot)  # groups on consecutive slots read the pool without a copy
         if not self.active:
             return events
         backbone, mtp, modules = [], [], []
@@ -543,6 +572,45 @@ class DecodeEngine:
             self._run_step(backbone, mtp, modules, events)
         self.active = [s for s in self.active if s.finished is None]
         return events
+
+    def _in_phase(self, seq: _Sequence, window: int = 32) -> bool:
+        """Whether a new request should join now rather than wait (at most `align_steps` steps) for a better
+        point of the running requests' schedules.
+
+        A step costs one forward per kind of action in it (backbone, MCTP), so a request whose backbone steps
+        fall on the others' MCTP steps (or the reverse) adds a forward to those steps for as long as they
+        run together. Joining after d steps costs d steps of waiting for each of the w new requests that
+        wait with it, and adds rate(d) * overlap forwards, rate(d) being the share of the next `window` steps
+        where the request's action kind is not already in the step. The request joins now if d = 0 is the
+        cheapest (with `align_steps` = 0: always).
+        """
+        if not self.align_steps or not self.active or seq.waited >= self.align_steps:
+            return True
+        N, horizon = self.num_modules, self.align_steps - seq.waited
+        own = seq.future_actions(N, window)
+        if own is None:
+            return True
+        kinds: list[set[bool]] = [set() for _ in range(window + horizon)]  # per future step: backbone? values
+        remaining = 0
+        for r in self.active:
+            actions = r.future_actions(N, window + horizon)
+            if actions is None:
+                return True  # verifying requests' steps depend on their outputs: no basis to wait
+            remaining = max(remaining, r.max_new - r.generated)
+            for j, k in enumerate(actions):
+                kinds[j].add(k < 0)
+        w = sum(1 for other in self.waiting if other.slot is None)  # new requests that would wait alike
+        best, best_cost = 0, None
+        for d in range(horizon + 1):
+            steps = [j for j in range(len(own)) if kinds[d + j]]
+            if not steps:  # the running requests end before this request would join
+                cost = float(d * w)
+            else:
+                rate = sum((own[j] < 0) not in kinds[d + j] for j in steps) / len(steps)
+                cost = d * w + rate * min(seq.max_new, max(remaining - d, 0))
+            if best_cost is None or cost < best_cost:
+                best, best_cost = d, cost
+        return best == 0
 
     def stream(self, request: GenerationRequest) -> Iterator:
         """Add one request and yield its events until it ends (for an engine serving only this request:

@@ -213,13 +213,14 @@ class Qwen2MTPForCausalLM(Qwen2PreTrainedModel):
         know each row's module (`pipeline.kv_cache.BatchKV` with `modules`). Same math as the decoder layer.
         """
         G, Q, _ = hidden.shape
-        if len(modules) != G:
-            raise ValueError(f"modules has {len(modules)} entries for {G} rows")
+        N, NB = self.num_mtp_modules, self.num_backbone_layers
+        if len(modules) != G or not all(0 <= k < N for k in modules):
+            raise ValueError(f"modules must hold one MCTP module index in [0, {N}) per row ({G} rows), got {modules}")
         if len(set(modules)) > 1 and G * self._mtp_module_size() <= MTP_GATHER_MAX_ELEMENTS:
             return self._run_mtp_modules_gathered(modules, hidden, next_embeds, position_ids, attention_mask, cache)
         rows: dict[int, list[int]] = {}
         for i, k in enumerate(modules):
-            rows.setdefault(self.mtp_layer_index(k) - self.num_backbone_layers, []).append(i)
+            rows.setdefault(k, []).append(i)
         index = {k: torch.tensor(r, device=hidden.device) for k, r in rows.items()} if len(rows) > 1 else None
 
         def per_module(fn, x: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
@@ -234,17 +235,17 @@ class Qwen2MTPForCausalLM(Qwen2PreTrainedModel):
                 out[idx] = y
             return out
 
-        layers = self.model.layers
+        layers = self.model.layers[NB:]  # MCTP module k's decoder layer is layers[k]
         u = per_module(lambda k, h, e: self.mtp_layer_input(k, h, e), hidden, next_embeds)  # (G, Q, H)
         cos, sin = self.model.rotary_emb(u, position_ids)
-        attn = layers[self.mtp_layer_index(modules[0])].self_attn  # config holder for the attention function
+        attn = layers[modules[0]].self_attn  # config holder for the attention function
         if attn.sliding_window is not None:
             raise ValueError("run_mtp_modules does not support sliding-window attention layers")
         D = attn.head_dim
 
         def qkv(k: int, x: torch.Tensor) -> torch.Tensor:
-            a = layers[self.mtp_layer_index(k)].self_attn
-            x = layers[self.mtp_layer_index(k)].input_layernorm(x)
+            a = layers[k].self_attn
+            x = layers[k].input_layernorm(x)
             return torch.cat([a.q_proj(x), a.k_proj(x), a.v_proj(x)], dim=-1)
 
         q, k_, v = per_module(qkv, u).split(
@@ -254,13 +255,13 @@ class Qwen2MTPForCausalLM(Qwen2PreTrainedModel):
         key = k_.view(G, Q, -1, D).transpose(1, 2)  # (G, kv_heads, Q, D)
         value = v.view(G, Q, -1, D).transpose(1, 2)
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        key, value = cache.update(key, value, self.mtp_layer_index(modules[0]))
+        key, value = cache.update(key, value, NB + modules[0])
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
         out, _ = interface(attn, query, key, value, attention_mask, dropout=0.0, scaling=attn.scaling)
         out = out.reshape(G, Q, -1).contiguous()  # (G, Q, heads * D)
 
         def rest(k: int, o: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-            layer = layers[self.mtp_layer_index(k)]
+            layer = layers[k]
             x = residual + layer.self_attn.o_proj(o)
             return x + layer.mlp(layer.post_attention_layernorm(x))
 

@@ -32,8 +32,8 @@ REQUESTS = [  # (prompt length, mode, max_new_tokens, repetition penalty, join a
 ]
 
 
-def _run_batched(model, specs, max_batch_size: int = 16, profile: bool = False):
-    engine = DecodeEngine(model, max_batch_size=max_batch_size, profile=profile)
+def _run_batched(model, specs, max_batch_size: int = 16, profile: bool = False, align_steps: int = 0):
+    engine = DecodeEngine(model, max_batch_size=max_batch_size, profile=profile, align_steps=align_steps)
     ids: dict[str, list[int]] = {}
     ends: dict[str, EndEvent] = {}
     step = 0
@@ -56,11 +56,13 @@ def _run_batched(model, specs, max_batch_size: int = 16, profile: bool = False):
     return ids, ends, engine
 
 
-@pytest.mark.parametrize("max_batch_size,attn", [(16, "sdpa"), (3, "sdpa"), (16, "eager")])
-def test_batched_greedy_equals_alone(shared_dir, max_batch_size, attn):
+@pytest.mark.parametrize("max_batch_size,attn,align_steps", [(16, "sdpa", 0), (3, "sdpa", 0), (16, "eager", 0),
+                                                               (16, "sdpa", 16)])
+def test_batched_greedy_equals_alone(shared_dir, max_batch_size, attn, align_steps):
     model = load_llm(shared_dir / "parity" / "llm" / "model", dtype=torch.float32)
     model.config._attn_implementation = attn
-    ids, ends, engine = _run_batched(model, REQUESTS, max_batch_size=max_batch_size, profile=True)
+    ids, ends, engine = _run_batched(model, REQUESTS, max_batch_size=max_batch_size, profile=True,
+                                     align_steps=align_steps)
     assert max(G for _, G, _, _ in engine.forward_log) > 1, "no forward ran more than one request"
     for i, (n, mode, max_new, rp, _) in enumerate(REQUESTS):
         alone = generate(model, _prompt(n, i), mode=mode, max_new_tokens=max_new, sampling=SamplingParams(repetition_penalty=rp))
@@ -72,11 +74,107 @@ def test_batched_greedy_equals_alone(shared_dir, max_batch_size, attn):
 
 
 def test_groups_mix_prefill_catchup_and_modules(model):
-    """One step runs one padded forward per group: backbone (prefill / 1 token / catch-up) and each module k."""
+    """A step runs at most two padded forwards: the backbone (prefill / 1 token / catch-up, mixed) and the MCTP
+    modules (different modules in one forward), then one lm_head over all their rows."""
     _, _, engine = _run_batched(model, REQUESTS[:5], profile=True)
     kinds = {kind for kind, G, _, _ in engine.forward_log if G > 1}
     assert "backbone" in kinds and any(k.startswith("mtp") for k in kinds)
     assert any(kind == "backbone" and G > 1 and Q > 1 for kind, G, Q, _ in engine.forward_log)
+    assert any(kind.startswith("mtp") and "," in kind for kind in kinds), "no forward mixed two modules"
+    steps, forwards = [], 0  # forwards between two lm_head calls = forwards of one step
+    for kind, *_ in engine.forward_log:
+        if kind == "lm_head":
+            steps.append(forwards)
+            forwards = 0
+        else:
+            forwards += 1
+    assert max(steps) == 2 and min(steps) == 1
+
+
+@pytest.mark.parametrize("gather_limit", [0, 1 << 30], ids=["per-module", "gathered"])
+def test_mixed_module_forward_equals_each_module(model, monkeypatch, gather_limit):
+    """run_mtp_modules (both ways: per-module projections, gathered weights) equals run_mtp_module row by row,
+    also on a second call that attends to the K/V the first one wrote to the pool."""
+    import pipeline.llm
+    from pipeline.kv_cache import BatchKV, KVPool, group_attention_mask
+
+    monkeypatch.setattr(pipeline.llm, "MTP_GATHER_MAX_ELEMENTS", gather_limit)
+    N, NB, H = model.num_mtp_modules, model.num_backbone_layers, model.config.hidden_size
+    modules, past, q_lens = [0, N - 1, 1 % N, 0], [0, 0, 0, 0], [3, 2, 3, 1]
+    g = torch.Generator().manual_seed(0)
+    calls = [(torch.randn(4, 3, H, generator=g), torch.randn(4, 3, H, generator=g)) for _ in range(2)]
+    batched_pool, alone_pools = KVPool([1] * NB + [N], min_capacity=2), [KVPool([1] * NB + [N], min_capacity=2) for _ in modules]
+    for _ in modules:
+        batched_pool.acquire()
+    for pool in alone_pools:
+        pool.acquire()
+    with torch.inference_mode():
+        for hidden, embeds in calls:
+            pos = torch.tensor(past)[:, None] + torch.arange(3)
+            cache = BatchKV(batched_pool, [0, 1, 2, 3], past, q_lens, "cpu", modules=modules, entry=NB)
+            mask = group_attention_mask(past, q_lens, torch.float32, "cpu")
+            out = model.run_mtp_modules(modules, hidden, embeds, pos, mask, cache)
+            for i, k in enumerate(modules):
+                q = q_lens[i]
+                cache = BatchKV(alone_pools[i], [0], [past[i]], [q], "cpu", modules=[k], entry=NB)
+                mask = group_attention_mask([past[i]], [q], torch.float32, "cpu")
+                alone = model.run_mtp_module(k, hidden[i : i + 1, :q], embeds[i : i + 1, :q], pos[i : i + 1, :q], mask, cache)
+                torch.testing.assert_close(out[i, :q], alone[0], atol=1e-5, rtol=1e-5)
+            past = [p + q for p, q in zip(past, q_lens)]  # grows past min_capacity: the pool reallocates
+
+
+def test_kv_pool_grows_and_keeps_contents():
+    from pipeline.kv_cache import BatchKV, KVPool
+
+    pool = KVPool([1, 3], min_capacity=2)
+    slots = [pool.acquire() for _ in range(3)]
+    written = {}
+    for step in range(5):  # each write of 3 rows x 2 positions; capacity and slot count grow on the way
+        key = torch.randn(3, 2, 2, 4)  # (G, kv_heads, Q, D)
+        cache = BatchKV(pool, slots, [2 * step] * 3, [2] * 3, "cpu", modules=[2, 0, 1], entry=1)
+        keys, values = cache.update(key, -key, layer_idx=7)  # entry fixes the pool entry, not layer_idx
+        written[step] = key
+        assert keys.shape == (3, 2, 2 * step + 2, 4)
+        if step == 2:
+            slots.append(pool.acquire())  # a fourth request joins: the slot dim grows at the next write
+            slots = slots[:3]
+    full = torch.cat([written[s] for s in range(5)], dim=2)  # (3, heads, 10, D)
+    torch.testing.assert_close(keys, full)
+    torch.testing.assert_close(values, -full)
+    pool.release(1)
+    assert pool.acquire() == 1  # the lowest free slot is reused
+
+
+def test_new_request_waits_to_join_in_phase(model):
+    """With align_steps, a request arriving mid-way through the others' MCTP run joins where its schedule lines
+    up with theirs (one forward per step from then on) and its output is unchanged; without, it joins at once."""
+    specs = [(9, "boost", 60), (12, "boost", 60)]
+    results = {}
+    for align in (0, 16):
+        engine = DecodeEngine(model, align_steps=align, profile=True)
+        engine.add_request(GenerationRequest(_prompt(*specs[0][:1], 0), mode="boost", max_new_tokens=60, request_id="r0"))
+        ids = {"r0": [], "r1": []}
+        joined, step = None, 0
+        while engine.has_unfinished():
+            if step == 6:  # r0 is in its first MCTP run
+                engine.add_request(GenerationRequest(_prompt(specs[1][0], 1), mode="boost", max_new_tokens=60, request_id="r1"))
+            before = len(engine.forward_log)
+            for event in engine.step():
+                if isinstance(event, TokenEvent):
+                    ids[event.request_id].append(event.token_id)
+                    if event.request_id == "r1" and joined is None:
+                        joined = step
+            if joined is not None and joined < step and len(ids["r1"]) < 60 and len(ids["r0"]) < 60:
+                forwards = [k for k, *_ in engine.forward_log[before:] if k != "lm_head"]
+                results.setdefault(align, []).append(len(forwards))
+            step += 1
+        results[(align, "joined")] = joined
+        for i, (n, mode, max_new) in enumerate(specs):
+            assert ids[f"r{i}"] == generate(model, _prompt(n, i), mode=mode, max_new_tokens=max_new).ids
+    assert results[(0, "joined")] == 6
+    assert 6 < results[(16, "joined")] <= 6 + 16
+    assert set(results[16]) == {1}, "aligned requests should share one forward per step"
+    assert 2 in results[0]
 
 
 def test_sampled_batch_equals_alone_with_seeds(model):
