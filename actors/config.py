@@ -64,6 +64,7 @@ class LLMStageConfig:
     # a new request may wait up to this many steps to join in phase with the running ones (one forward per
     # step instead of two; costs at most one schedule period of time to first token, only under load). 0 = off
     align_steps: int = 16
+    engine_thread: bool | None = None  # steps on a worker thread (True) or inline (False); None = by step time
     queue_size: int = 4  # per-request output items buffered before the engine waits for that consumer
     stall_timeout_s: float = 30.0  # a consumer that takes nothing for this long is aborted (frees its KV cache)
     stream_interval_s: float = 0.02  # text-only output is sent at most this often (audio chunks go at once)

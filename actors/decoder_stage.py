@@ -27,6 +27,7 @@ class _Stream:
     last_used: float
     forwards: int = 0
     next_seq: int = 0  # the chunk this stream takes next (DecodeChunk.seq)
+    closed: bool = False  # `close` was called: chunks still waiting for their turn give up
     turn: asyncio.Condition = field(default_factory=asyncio.Condition)
 
 
@@ -43,6 +44,7 @@ class DecoderStage:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")
         self.batcher = MicroBatcher(self._decode_batch, config.max_batch_size, self.executor, key=lambda item: item[0])
         self.streams: dict[str, _Stream] = {}
+        self.closed: dict[str, float] = {}  # request id -> when it was closed (late pushes must not reopen it)
         self.started_at = time.time()
 
     def _decode_batch(self, items: list[tuple[str, _Stream, list[int], bool]]) -> list[tuple[np.ndarray, float]]:
@@ -62,13 +64,18 @@ class DecoderStage:
             raise ValueError(f"chunk must be a DecodeChunk, got {type(chunk).__name__}")
         self._drop_idle()
         state = self.streams.get(chunk.request_id)
+        if state is None and chunk.request_id in self.closed:
+            # Ray does not keep call order: a chunk sent before `close` may arrive after it
+            raise ValueError(f"request {chunk.request_id!r} was closed; chunk {chunk.seq} is dropped")
         if state is None:
             stream = self.decoder.stream(mode=self.config.stream_mode, n_steps=self.config.n_steps, seed=self.config.seed)
             state = self.streams[chunk.request_id] = _Stream(stream, time.monotonic())
         state.last_used = time.monotonic()
         try:
             async with state.turn:  # chunks may arrive out of order: queue them by seq
-                await state.turn.wait_for(lambda: state.next_seq == chunk.seq)
+                await state.turn.wait_for(lambda: state.closed or state.next_seq == chunk.seq)
+                if state.closed:
+                    raise ValueError(f"request {chunk.request_id!r} was closed; chunk {chunk.seq} is dropped")
                 result = self.batcher.enqueue((chunk.request_id, state, list(chunk.codes), chunk.final))
                 state.next_seq += 1
                 state.turn.notify_all()
@@ -91,8 +98,16 @@ class DecoderStage:
             return self.decoder.decode(codes, n_steps=self.config.n_steps, seed=self.config.seed)
 
     async def close(self, request_id: str) -> bool:
-        """Free a request's stream (a consumer that stopped early); True if it existed."""
-        return self.streams.pop(request_id, None) is not None
+        """Free a request's stream (a consumer that stopped early); True if it existed. Chunks of the request
+        that arrive later are refused instead of opening a new stream."""
+        self.closed[request_id] = time.monotonic()
+        state = self.streams.pop(request_id, None)
+        if state is None:
+            return False
+        async with state.turn:
+            state.closed = True
+            state.turn.notify_all()
+        return True
 
     async def stats(self) -> dict:
         return {"forwards": self.batcher.batches, "largest_batch": self.batcher.largest_batch,
@@ -107,6 +122,9 @@ class DecoderStage:
 
     def _drop_idle(self) -> None:
         now = time.monotonic()
+        for request_id, closed_at in list(self.closed.items()):
+            if now - closed_at > self.config.idle_timeout_s:
+                del self.closed[request_id]
         for request_id, state in list(self.streams.items()):
             if now - state.last_used > self.config.idle_timeout_s:
                 self.streams.pop(request_id, None)

@@ -186,6 +186,18 @@ def test_decoder_stage_batches_streams_and_matches_plain_stream_pushes(config):
         return len(stage.streams), await stage.close("x"), await stage.close("x")
 
     assert asyncio.run(open_and_close()) == (1, True, False)
+
+    async def late_chunks_after_close():  # a chunk waiting for its turn, and one arriving after close
+        await stage.push(DecodeChunk("y", chunks["s0"][0], seq=0))
+        waiting = asyncio.ensure_future(stage.push(DecodeChunk("y", chunks["s0"][2], seq=2)))
+        await asyncio.sleep(0.01)
+        await stage.close("y")
+        results = await asyncio.gather(waiting, stage.push(DecodeChunk("y", chunks["s0"][1], seq=1)),
+                                       return_exceptions=True)
+        return results, dict(stage.streams)
+
+    results, streams = asyncio.run(late_chunks_after_close())
+    assert all(isinstance(r, ValueError) and "closed" in str(r) for r in results) and not streams
     placement = asyncio.run(stage.placement())
     assert placement.device == "cpu" and placement.gpu_ids == [] and placement.stage == "decoder"
 
