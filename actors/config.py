@@ -64,10 +64,18 @@ class LLMStageConfig:
     # a new request may wait up to this many steps to join in phase with the running ones (one forward per
     # step instead of two; costs at most one schedule period of time to first token, only under load). 0 = off
     align_steps: int = 16
+    admission_wait_s: float = 0.003  # an idle engine waits this long for more requests before its first step
     engine_thread: bool | None = None  # steps on a worker thread (True) or inline (False); None = by step time
     queue_size: int = 4  # per-request output items buffered before the engine waits for that consumer
     stall_timeout_s: float = 30.0  # a consumer that takes nothing for this long is aborted (frees its KV cache)
     stream_interval_s: float = 0.02  # text-only output is sent at most this often (audio chunks go at once)
+
+    def __post_init__(self):
+        if not isinstance(self.align_steps, int) or self.align_steps < 0:
+            raise ValueError(f"align_steps={self.align_steps!r} must be an integer >= 0")
+        for name in ("admission_wait_s", "stream_interval_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
 
 
 @dataclass

@@ -172,6 +172,9 @@ class LLMStage:
                 except asyncio.TimeoutError:
                     pass
                 continue
+            if self.to_add and not self.engine.has_unfinished() and self.config.admission_wait_s > 0:
+                # an idle engine waits a moment for more requests: a burst then starts in one step, in phase
+                await asyncio.sleep(self.config.admission_wait_s)
             adds, self.to_add = self.to_add, []
             aborts, self.to_abort = self.to_abort, set()
             try:

@@ -268,9 +268,10 @@ class _Sequence:
         N = engine.num_modules
         self.schedule = None if mode == EXACT else expand_schedule(mode, self.max_new)
         self.tokens = [int(t) for t in request.prompt_ids]  # committed: prompt + generated
-        capacity = self.prompt_len + self.max_new + N + 2
-        self.ids = torch.zeros(1, capacity, dtype=torch.long, device=engine.device)  # tokens, then drafts
-        self.ids[0, : self.prompt_len] = torch.tensor(self.tokens, dtype=torch.long)
+        self.ids = None  # tokens, then drafts, as a [1, capacity] tensor: only a repetition penalty reads them
+        if sampler.penalty is not None:
+            self.ids = torch.zeros(1, self.prompt_len + self.max_new + N + 2, dtype=torch.long, device=engine.device)
+            self.ids[0, : self.prompt_len] = torch.tensor(self.tokens, dtype=torch.long)
         self.slot: int | None = None  # KV pool slot, held while the request is active
         used = self._modules_used(N)
         self.hidden = [HiddenBuffer() if k < N and used[k] else None for k in range(N + 1)]
@@ -314,6 +315,11 @@ class _Sequence:
             elif k >= N:
                 k = -1
         return used
+
+    def prefix(self, length: int) -> torch.Tensor | None:
+        """The first `length` ids (committed tokens, then drafts) as [1, length] for the score processors,
+        or None when none reads them (no repetition penalty; the warpers ignore the ids)."""
+        return None if self.ids is None else self.ids[:, :length]
 
     def window(self, first: int, last: int) -> list[int]:
         """Ids first..last-1 of the committed tokens followed by the pending drafts."""
@@ -774,8 +780,9 @@ class DecodeEngine:
             L = len(seq.tokens)
             if seq.verify:
                 index = L + len(seq.drafts)
-                draft = seq.sampler.draft(seq.ids[:, :index], logits[i : i + 1], index - seq.prompt_len)
-                seq.ids[0, index] = draft
+                draft = seq.sampler.draft(seq.prefix(index), logits[i : i + 1], index - seq.prompt_len)
+                if seq.ids is not None:
+                    seq.ids[0, index] = draft
                 seq.drafts.append(draft)
                 seq.drafted += 1
             else:
@@ -790,7 +797,7 @@ class DecodeEngine:
         if rows:
             tokens = choose_batch(
                 [group[i].sampler for i in rows],
-                [group[i].ids[:, : len(group[i].tokens)] for i in rows],
+                [group[i].prefix(len(group[i].tokens)) for i in rows],
                 logits if len(rows) == len(group) else logits[rows],
                 [group[i].generated for i in rows],
             )
@@ -807,7 +814,7 @@ class DecodeEngine:
         L, drafts = len(seq.tokens), seq.drafts
         accepted = 0
         for j in range(len(drafts) + 1):
-            token = seq.sampler.choose(seq.ids[:, : L + j], logits[j : j + 1], L + j - seq.prompt_len)
+            token = seq.sampler.choose(seq.prefix(L + j), logits[j : j + 1], L + j - seq.prompt_len)
             if j < len(drafts) and token == drafts[j]:
                 accepted += 1
                 continue
@@ -838,7 +845,8 @@ class DecodeEngine:
 
     def _emit(self, seq: _Sequence, token: int, producer: str, events: list) -> None:
         layout = self.layout
-        seq.ids[0, len(seq.tokens)] = token
+        if seq.ids is not None:
+            seq.ids[0, len(seq.tokens)] = token
         seq.tokens.append(token)
         is_audio = layout.is_audio(token)
         events.append(TokenEvent(seq.id, token, is_audio, producer))

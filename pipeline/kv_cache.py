@@ -90,16 +90,15 @@ class BatchKV:
         self.total = max(p + q for p, q in zip(past_lens, q_lens))
         first = (self.modules[0], slots[0])
         self.view = first if len(set(self.modules)) == 1 and slots == list(range(slots[0], slots[0] + G)) else None
-        if G > 1:  # write positions, flattened over the real (row, query) pairs
-            module_index, slot_index, pos_index = [], [], []
-            for m, s, p, q in zip(self.modules, slots, past_lens, q_lens):
-                module_index += [m] * q
-                slot_index += [s] * q
-                pos_index += range(p, p + q)
-            self.write_index = (torch.tensor(module_index, device=device), torch.tensor(slot_index, device=device),
-                                torch.tensor(pos_index, device=device))
-            self.valid = None if min(q_lens) == Q else (
-                torch.arange(Q, device=device)[None, :] < torch.tensor(q_lens, device=device)[:, None])  # (G, Q)
+        if G > 1:  # write positions (module, slot, position), flattened over the real (row, query) pairs
+            rows = torch.tensor([self.modules, slots, past_lens, q_lens], device=device)  # (4, G)
+            positions = rows[2, :, None] + torch.arange(Q, device=device)  # (G, Q)
+            self.valid = None if min(q_lens) == Q else torch.arange(Q, device=device) < rows[3, :, None]  # (G, Q)
+            if self.valid is None:
+                self.write_index = (rows[0].repeat_interleave(Q), rows[1].repeat_interleave(Q), positions.flatten())
+            else:
+                q = rows[3]
+                self.write_index = (rows[0].repeat_interleave(q), rows[1].repeat_interleave(q), positions[self.valid])
             self.read_index = None if self.view else (torch.tensor(self.modules, device=device),
                                                       torch.tensor(slots, device=device))
 

@@ -155,8 +155,9 @@ class TokenSampler:
             else:
                 self.generator.manual_seed(params.seed)
 
-    def process(self, prefix_ids: torch.Tensor, logits: torch.Tensor, index: int) -> torch.Tensor:
-        """prefix_ids [1, L] (prompt + generated before this token), logits [1, V] -> processed float32 scores."""
+    def process(self, prefix_ids: torch.Tensor | None, logits: torch.Tensor, index: int) -> torch.Tensor:
+        """prefix_ids [1, L] (prompt + generated before this token; may be None without a repetition penalty),
+        logits [1, V] -> processed float32 scores."""
         scores = logits.float()
         if self.penalty is not None:
             scores = self.penalty(prefix_ids, scores)
