@@ -14,8 +14,9 @@ the in-process composition never does. So part of the measured overhead is CPU c
 would not have; the report gives both times and the LLM's own time to its first audio chunk.
 
 Part 2, throughput: aggregate LLM tokens/s of 8 concurrent TTS streams versus 1 stream on the tiny default
-set, (a) through the LLM stage alone (continuous batching) and (b) through the whole staged pipeline, and
-(a) again on the bench-sized LLM.
+set, (a) through the LLM stage alone (continuous batching), (a) with phase-aware admission off
+(align_steps=0), (b) through the whole staged pipeline, and (a) again on the bench-sized LLM. For (a) also
+the median time from a call to its stream's first item, the price of waiting to join in phase.
 
 Threads: one torch thread per process by default (in-process composition and each stage). On a shared
 2-core machine two OpenMP threads per process oversubscribe the cores and runs slow down erratically
@@ -48,7 +49,10 @@ def add_arguments(p, name: str) -> None:
     p.add_argument("--stage-threads", type=int, default=1,
                    help="torch threads per stage actor (1: the three stages do not oversubscribe 2 cores)")
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--throughput-tokens", type=int, default=96, help="tokens per stream in the throughput part")
+    p.add_argument("--throughput-tokens", type=int, default=256,
+                   help="tokens per stream in the throughput part (256: ~15 s of speech in the interleaved layout)")
+    p.add_argument("--stagger-s", type=float, default=0.01,
+                   help="also measure streams arriving this far apart (0: skip); requests then meet mid-schedule")
     p.add_argument("--models", type=Path, default=None, help="tiny set for part 2 (default: the cached tiny set)")
     p.add_argument("--skip-latency", action="store_true")
     p.add_argument("--skip-throughput", action="store_true")
@@ -105,13 +109,14 @@ def run(args) -> dict:
                 tiny = default_models_dir()
             results["throughput"] = {
                 "tiny": throughput(args, tiny, "tiny set", whole_pipeline=True),
-                "bench": throughput(args, bench_models, "bench-sized LLM", whole_pipeline=False),
+                "tiny_unaligned": throughput(args, tiny, "tiny set, align_steps=0", whole_pipeline=False, align_steps=0),
+                "bench": throughput(args, bench_models, "bench-sized LLM", whole_pipeline=False, staggered=False),
                 "target": f">= 4x at {args.concurrency} streams (tiny default)",
             }
             markdown += f"## Aggregate tokens/s, {args.concurrency} concurrent streams vs 1\n\n"
             columns = ["models", "path", "tokens_per_s_1_stream", f"tokens_per_s_{args.concurrency}_streams", "speedup",
-                       "tokens", "error"]
-            rows = results["throughput"]["tiny"]["rows"] + results["throughput"]["bench"]["rows"]
+                       "first_item_s_1_stream", f"first_item_s_{args.concurrency}_streams", "tokens", "error"]
+            rows = [row for key in ("tiny", "tiny_unaligned", "bench") for row in results["throughput"][key]["rows"]]
             markdown += markdown_table(rows, columns) + "\n"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -179,6 +184,10 @@ def latency(args, models: Path) -> dict:
                                        - local_row["decoder_compute_to_first_audio_s"]),
         "ttfa_overhead_s": overhead,
         "ttfa_overhead_fraction": overhead / local_row["time_to_first_audio_s"],
+        # Ray's own part: hand-offs plus the LLM stage's call and stream path to its first audio chunk (the
+        # decoder's slowdown is CPU sharing between stages, which separate GPUs do not have)
+        "ray_share_fraction": max(ray_row["handoff_s"] - local_row["handoff_s"], 0.0) / local_row["time_to_first_audio_s"]
+        + max(ray_row["llm_first_audio_codes_s"] - local_row["llm_first_audio_codes_s"], 0.0) / local_row["time_to_first_audio_s"],
         "total_ratio": ray_row["total_s"] / local_row["total_s"],
         "same_ids": same_ids,
         "placement_gpu_ids": placement,
@@ -193,7 +202,8 @@ def _latency_summary(lat: dict) -> str:
             f"{lat['ttfa_overhead_fraction'] * 100:.1f} % (target <= 10 %), of which: LLM to its first audio chunk "
             f"{lat['llm_first_codes_overhead_s'] * 1000:+.1f} ms, decoder compute for the first audio "
             f"{lat['decoder_compute_slowdown_s'] * 1000:+.1f} ms (CPU shared with the still-running LLM stage), "
-            f"hand-offs {lat['handoff_overhead_s'] * 1000:+.1f} ms. Total time staged / in-process: "
+            f"hand-offs {lat['handoff_overhead_s'] * 1000:+.1f} ms. Ray's own share (hand-offs + LLM stage call and "
+            f"stream path) = {lat['ray_share_fraction'] * 100:.1f} % of time to first audio. Total time staged / in-process: "
             f"{lat['total_ratio']:.2f}; identical ids: {lat['same_ids']}; stage GPUs: {lat['placement_gpu_ids']}\n")
 
 
@@ -201,7 +211,8 @@ def _latency_summary(lat: dict) -> str:
 # Part 2: throughput
 
 
-def throughput(args, models, label: str, whole_pipeline: bool) -> dict:
+def throughput(args, models, label: str, whole_pipeline: bool, align_steps: int | None = None,
+               staggered: bool = True) -> dict:
     from actors.config import PipelineConfig
     from actors.payloads import SpeechRequest
     from actors.pipeline import Pipeline, collect
@@ -209,22 +220,32 @@ def throughput(args, models, label: str, whole_pipeline: bool) -> dict:
     config = PipelineConfig.from_models_dir(models, stage_timeout_s=300, request_timeout_s=1800)
     config.decoder.n_steps = args.n_steps
     config.llm.max_batch_size = max(16, args.concurrency)
+    if align_steps is not None:
+        config.llm.align_steps = align_steps
     config = config.with_resources(torch_threads=args.stage_threads)
     pipe = Pipeline.start(config)
     n, tokens = args.concurrency, args.throughput_tokens
+    first_items: list[float] = []  # per stream: seconds from the call to its first item (text or audio)
     texts = [TEXTS[i % len(TEXTS)] for i in range(n)]
 
     async def llm_only(text: str) -> int:
         request = SpeechRequest(task="tts", text=text, max_new_tokens=tokens)
-        count = 0
+        count, start = 0, time.perf_counter()
         async for ref in pipe.stages.llm.generate.options(num_returns="streaming").remote(request):
             item = await ref
+            if count == 0 and start is not None:
+                first_items.append(time.perf_counter() - start)
+                start = None
             if item.end is not None:
                 count = len(item.end.token_ids)
         return count
 
-    async def llm_many(k: int) -> int:
-        return sum(await asyncio.gather(*(llm_only(texts[i]) for i in range(k))))
+    async def llm_many(k: int, stagger_s: float = 0.0) -> int:
+        async def started(i: int) -> int:
+            await asyncio.sleep(i * stagger_s)  # request i arrives i * stagger_s after the first
+            return await llm_only(texts[i])
+
+        return sum(await asyncio.gather(*(started(i) for i in range(k))))
 
     def pipeline_many(k: int) -> int:
         results = [None] * k
@@ -243,30 +264,42 @@ def throughput(args, models, label: str, whole_pipeline: bool) -> dict:
         return sum(len(r.token_ids) for r in results)
 
     def timed(fn, k):
+        first_items.clear()
         t0 = time.perf_counter()
         count = fn(k)
-        return count / (time.perf_counter() - t0), count
+        first = statistics.median(first_items) if first_items else None
+        return count / (time.perf_counter() - t0), count, first
 
     rows = []
     try:
         loop_run = lambda k: asyncio.run(llm_many(k))  # noqa: E731
         paths = [("LLM stage (continuous batching)", loop_run)]
+        if staggered and args.stagger_s > 0:
+            paths.append((f"LLM stage, arrivals {args.stagger_s * 1000:g} ms apart",
+                          lambda k: asyncio.run(llm_many(k, args.stagger_s))))
         if whole_pipeline:
             paths.append(("whole pipeline (TTS)", pipeline_many))
         for name, fn in paths:
             try:
                 fn(1)  # warm-up
-                ones, manys = [], []
+                ones, manys, firsts_1, firsts_n = [], [], [], []
                 for _ in range(args.runs):  # alternate 1 and n streams; medians (the machine is noisy)
-                    ones.append(timed(fn, 1)[0])
-                    many, count = timed(fn, n)
+                    one, _, first = timed(fn, 1)
+                    ones.append(one)
+                    firsts_1.append(first)
+                    many, count, first = timed(fn, n)
                     manys.append(many)
+                    firsts_n.append(first)
             except RuntimeError as err:  # reported in the table, the other rows still count
                 rows.append({"models": label, "path": name, "error": str(err)[:200]})
                 continue
             one, many = statistics.median(ones), statistics.median(manys)
-            rows.append({"models": label, "path": name, "tokens_per_s_1_stream": one, f"tokens_per_s_{n}_streams": many,
-                         "speedup": many / one, "tokens": count, "runs_1": ones, f"runs_{n}": manys})
+            row = {"models": label, "path": name, "tokens_per_s_1_stream": one, f"tokens_per_s_{n}_streams": many,
+                   "speedup": many / one, "tokens": count, "runs_1": ones, f"runs_{n}": manys}
+            if None not in firsts_1 + firsts_n:  # median time to a stream's first item (LLM stage path)
+                row["first_item_s_1_stream"] = statistics.median(firsts_1)
+                row[f"first_item_s_{n}_streams"] = statistics.median(firsts_n)
+            rows.append(row)
         stats = pipe.stats()
     finally:
         pipe.shutdown()
