@@ -275,11 +275,12 @@ class Qwen2MTPForCausalLM(Qwen2PreTrainedModel):
                 sum(p.numel() for p in layer.parameters()) + self.mtp_projs[0].weight.numel() + 2 * self.config.hidden_size)
         return self._mtp_size
 
-    def _stacked_mtp_weights(self) -> dict[str, torch.Tensor]:
+    def _stacked_mtp_weights(self) -> dict:
         """Every module's weights stacked on a leading module dim (built once, for `_run_mtp_modules_gathered`)."""
         cached = getattr(self, "_mtp_stacked", None)
         weight = self.mtp_projs[0].weight
-        if cached is not None and cached["proj"].device == weight.device and cached["proj"].dtype == weight.dtype:
+        stamp = (weight.device, weight.dtype, weight.data_ptr(), weight._version)  # moved, cast or trained -> rebuild
+        if cached is not None and cached["stamp"] == stamp:
             return cached
         layers = [self.model.layers[self.mtp_layer_index(k)] for k in range(self.num_mtp_modules)]
 
@@ -299,6 +300,7 @@ class Qwen2MTPForCausalLM(Qwen2PreTrainedModel):
             "post_norm": stack(lambda _, l: l.post_attention_layernorm.weight),
             "gate_up": stack(lambda _, l: torch.cat([l.mlp.gate_proj.weight, l.mlp.up_proj.weight]).t()),  # (N, H, 2I)
             "down": stack(lambda _, l: l.mlp.down_proj.weight.t()),  # (N, I, H)
+            "stamp": stamp,
         }
         return self._mtp_stacked
 
