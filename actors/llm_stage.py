@@ -8,8 +8,8 @@ or leave between steps.
 Where the steps run (`engine_thread`, default automatic): on a worker thread when steps are slow or wait for
 a GPU, so the event loop streams results meanwhile (a GPU wait releases the GIL); inline on the event loop
 when steps are short CPU work (a small model on CPU), since such a step holds the GIL anyway and a second
-thread only adds GIL hand-offs (measured on the tiny set: 8 concurrent streams got ~20 % fewer tokens/s on
-a thread), while blocking the loop for a few milliseconds delays no item noticeably.
+thread only adds GIL hand-offs (measured on the tiny set through Ray: 8 concurrent streams got ~20 % fewer
+tokens/s on a thread), while blocking the loop for a few milliseconds delays no item noticeably.
 
 Backpressure: a request whose consumer is `queue_size` items behind is paused (taken out of the batch with
 its KV caches) while the others go on; it rejoins once its consumer takes an item. A consumer that takes
@@ -177,12 +177,12 @@ class LLMStage:
                 await asyncio.sleep(self.config.admission_wait_s)
             adds, self.to_add = self.to_add, []
             aborts, self.to_abort = self.to_abort, set()
+            threaded = self._use_thread()
             try:
-                if self._use_thread():
+                if threaded:
                     events, rejected = await loop.run_in_executor(self.executor, self._step, adds, aborts, full)
                 else:
                     events, rejected = self._step(adds, aborts, full)
-                    await asyncio.sleep(0)  # let the generators take their items before the next steps
             except Exception as err:  # the engine is in an unknown state: fail everyone, keep the actor up
                 self._fail_all(RequestAborted(f"LLM engine step failed: {err!r}"))
                 self.engine, self.paused = self._reset_engine(), {}
@@ -193,6 +193,8 @@ class LLMStage:
                     state.finished = True
                     state.queue.put_nowait(err)
             self._dispatch(events)
+            if not threaded:
+                await asyncio.sleep(0)  # the generators take their items before the next inline steps
 
     INLINE_STEP_S = 0.004  # automatic engine_thread: steps shorter than this run inline on the event loop
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from actors.batching import MicroBatcher
-from actors.config import PipelineConfig, StageResources
+from actors.config import LLMStageConfig, PipelineConfig, StageResources
 from actors.payloads import AudioPayload, DecodeChunk, SpeechRequest
 
 def assert_same_audio(batched: np.ndarray, single: np.ndarray) -> None:
@@ -39,6 +39,10 @@ def test_config_checks_and_bundles(tmp_path):
         StageResources(num_gpus=1.5)
     with pytest.raises(ValueError, match="max_inflight_chunks"):
         PipelineConfig(max_inflight_chunks=0)
+    with pytest.raises(ValueError, match="align_steps"):
+        LLMStageConfig(align_steps=-1)
+    with pytest.raises(ValueError, match="admission_wait_s"):
+        LLMStageConfig(admission_wait_s=-0.1)
     with pytest.raises(FileNotFoundError, match="llm/"):
         PipelineConfig.from_models_dir(tmp_path)
     assert StageResources(num_gpus=0.5, num_cpus=1, memory=2**30).bundle() == {"GPU": 0.5, "CPU": 1, "memory": 2**30}
@@ -86,11 +90,14 @@ def test_micro_batcher_fails_every_call_of_a_failed_forward():
 # --- LLM stage ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def llm_stage(config):
+@pytest.fixture(scope="module", params=[False, True], ids=["inline-steps", "thread-steps"])
+def llm_stage(config, request):
+    """Steps inline on the event loop (automatic choice for the tiny model on CPU) and on a worker thread."""
+    import dataclasses
+
     from actors.llm_stage import LLMStage
 
-    return LLMStage(config.llm)
+    return LLMStage(dataclasses.replace(config.llm, engine_thread=request.param))
 
 
 async def _generate(stage, request):
