@@ -11,7 +11,7 @@ The state-dict layout is the released one, so checkpoints load by key name with 
     model.norm, lm_head                          shared by the backbone and every module
 
 The forward here is the teacher-forced (training) pass; incremental decoding lives in `pipeline.generate`,
-which drives `run_backbone` / `run_mtp_module` with its own caches and masks.
+which drives `run_backbone` / `run_mtp_modules` (a batch mixing modules) with its own caches and masks.
 """
 from __future__ import annotations
 
