@@ -95,29 +95,20 @@ class OutputConstraint:
         # slots whose allowed ids are one range [lo, hi): greedy choice is an argmax over that slice
         self.spans = {"audio": (layout.audio_offset, layout.audio_offset + layout.codebook_size),
                       "boa": (layout.boa, layout.boa + 1), "eoa": (layout.eoa, layout.eoa + 1), "text": None}
-        self.segments: list[list[tuple[str, int]]] = []  # per (T, A) pair: (slot kind, count) in order
+        # slot kind of each generated-token index: `head` for the pairs before the last, then `period` repeats
+        self.head: list[str] = []
+        self.period: list[str] = ["text"]
         if kind == "interleaved":
             values = check_ratio(ratio)
-            for t, a in zip(values[::2], values[1::2]):
-                self.segments.append([("text", t), ("boa", 1), ("audio", a - 2), ("eoa", 1)])
+            pairs = [["text"] * t + ["boa"] + ["audio"] * (a - 2) + ["eoa"] for t, a in zip(values[::2], values[1::2])]
+            self.head = [slot for pair in pairs[:-1] for slot in pair]
+            self.period = pairs[-1]
 
     def slot(self, index: int) -> str:
         """Kind of generated token `index`: "text", "boa", "audio" or "eoa"."""
-        if self.kind == "text":
-            return "text"
-        i = index
-        for pair in self.segments[:-1]:
-            for kind, n in pair:
-                if i < n:
-                    return kind
-                i -= n
-        last = self.segments[-1]
-        i %= sum(n for _, n in last)
-        for kind, n in last:
-            if i < n:
-                return kind
-            i -= n
-        raise AssertionError("unreachable")
+        if index < len(self.head):
+            return self.head[index]
+        return self.period[(index - len(self.head)) % len(self.period)]
 
     def span(self, index: int) -> tuple[int, int] | None:
         """The allowed ids of generated token `index` as one range [lo, hi), or None if they are not one range."""
@@ -199,8 +190,9 @@ def choose_batch(samplers: Sequence[TokenSampler], prefixes: Sequence[torch.Tens
         if constraint is None:
             kinds.setdefault(("argmax",), []).append(i)
             continue
-        span = constraint.span(indices[i])
-        kind = ("bias", constraint.slot(indices[i]), id(constraint.bias)) if span is None else ("span", *span)
+        slot = constraint.slot(indices[i])
+        span = constraint.spans[slot]
+        kind = ("bias", slot, id(constraint.bias)) if span is None else ("span", *span)
         kinds.setdefault(kind, []).append(i)
     for kind, rows in kinds.items():
         if kind[0] == "span" and kind[2] - kind[1] == 1:

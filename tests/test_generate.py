@@ -365,3 +365,16 @@ def test_bench_decode_plumbing(models):
     assert by_mode["exact"]["same_ids_as_vanilla"] and not by_mode["boost"]["same_ids_as_vanilla"]
     assert all(r["predicted_s"] > 0 and r["of_ceiling"] > 0 for r in rows)
     assert {"prefill", "backbone_1tok", "catchup_11tok", "mtp_first_use"} <= {c for _, c in step_ms}
+
+
+def test_interleaved_constraint_slots_follow_the_ratio(parity):
+    """Slot kinds per generated index: each (T, A) pair in order, then the last pair repeats (spec §2.3)."""
+    from pipeline.sampling import OutputConstraint
+
+    layout = fixture_layout(parity)
+    constraint = OutputConstraint("interleaved", layout, layout.vocab_size, "cpu", ratio=[2, 3, 1, 4, 3, 5])
+    pair = lambda t, a: ["text"] * t + ["boa"] + ["audio"] * (a - 2) + ["eoa"]  # noqa: E731
+    expected = pair(2, 3) + pair(1, 4) + pair(3, 5) * 3
+    assert [constraint.slot(i) for i in range(len(expected))] == expected
+    assert constraint.spans["audio"] == (layout.audio_offset, layout.audio_offset + layout.codebook_size)
+    assert OutputConstraint("text", layout, layout.vocab_size, "cpu").slot(12345) == "text"
