@@ -235,7 +235,7 @@ class Qwen2MTPForCausalLM(Qwen2PreTrainedModel):
                 out[idx] = y
             return out
 
-        layers = self.model.layers[NB:]  # MCTP module k's decoder layer is layers[k]
+        layers = {k: self.model.layers[NB + k] for k in set(modules)}  # MCTP module k's decoder layer
         u = per_module(lambda k, h, e: self.mtp_layer_input(k, h, e), hidden, next_embeds)  # (G, Q, H)
         cos, sin = self.model.rotary_emb(u, position_ids)
         attn = layers[modules[0]].self_attn  # config holder for the attention function
