@@ -152,6 +152,8 @@ def test_llm_stage_abort_and_bad_request_affect_only_their_request(llm_stage):
     assert first.end is None
     assert good_items[-1].end.reason == "length" and not any(i.audio_chunks for i in good_items)  # ASR: text only
     assert not llm_stage.engine.active and not llm_stage.engine.waiting and not llm_stage.requests
+    kv = llm_stage.engine.kv
+    assert sorted(kv.free) == list(range(kv.num_slots))  # the aborted request's KV slot was freed too
 
 
 # --- decoder and encoder stages -------------------------------------------------------------------------

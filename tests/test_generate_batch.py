@@ -213,6 +213,7 @@ def test_abort_in_a_batch_leaves_the_others_unchanged(model):
                 reasons[event.request_id] = event.reason
         step += 1
     assert reasons == {"a0": "length", "a1": "aborted", "a2": "length"}
+    assert sorted(engine.kv.free) == [0, 1, 2] and engine.kv.num_slots == 3  # every KV slot came back
     assert len(ids["a1"]) == 6
     for i in (0, 2):
         n, mode, max_new = specs[i]
