@@ -14,7 +14,8 @@ the in-process composition never does. So part of the measured overhead is CPU c
 would not have; the report gives both times and the LLM's own time to its first audio chunk.
 
 Part 2, throughput: aggregate LLM tokens/s of 8 concurrent TTS streams versus 1 stream on the tiny default
-set, (a) through the LLM stage alone (continuous batching), (a) with phase-aware admission off
+set, (0) on a DecodeEngine in this process (the ceiling, no Ray), (a) through the LLM stage alone (continuous
+batching), (a) with phase-aware admission off
 (align_steps=0), (b) through the whole staged pipeline, and (a) again on the bench-sized LLM. For (a) also
 the median time from a call to its stream's first item, the price of waiting to join in phase.
 
@@ -108,6 +109,7 @@ def run(args) -> dict:
 
                 tiny = default_models_dir()
             results["throughput"] = {
+                "engine": engine_throughput(args, tiny, "tiny set"),
                 "tiny": throughput(args, tiny, "tiny set", whole_pipeline=True),
                 "tiny_unaligned": throughput(args, tiny, "tiny set, align_steps=0", whole_pipeline=False, align_steps=0),
                 "bench": throughput(args, bench_models, "bench-sized LLM", whole_pipeline=False, staggered=False),
@@ -115,8 +117,9 @@ def run(args) -> dict:
             }
             markdown += f"## Aggregate tokens/s, {args.concurrency} concurrent streams vs 1\n\n"
             columns = ["models", "path", "tokens_per_s_1_stream", f"tokens_per_s_{args.concurrency}_streams", "speedup",
-                       "first_item_s_1_stream", f"first_item_s_{args.concurrency}_streams", "tokens", "error"]
-            rows = [row for key in ("tiny", "tiny_unaligned", "bench") for row in results["throughput"][key]["rows"]]
+                       "first_item_s_1_stream", f"first_item_s_{args.concurrency}_streams", "ms_per_step_1",
+                       f"ms_per_step_{args.concurrency}", "tokens", "error"]
+            rows = [row for key in ("engine", "tiny", "tiny_unaligned", "bench") for row in results["throughput"][key]["rows"]]
             markdown += markdown_table(rows, columns) + "\n"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -209,6 +212,53 @@ def _latency_summary(lat: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 # Part 2: throughput
+
+
+def engine_throughput(args, models, label: str) -> dict:
+    """The same TTS workload on a `DecodeEngine` in this process (no Ray): 1 request vs n requests added together.
+
+    The ceiling for the LLM stage: what continuous batching gives before any hand-off, event loop or process
+    boundary. Also the engine's milliseconds per step at 1 and at n requests.
+    """
+    import torch
+
+    from actors.config import PipelineConfig
+    from actors.payloads import SpeechRequest, build_prompt, to_generation_request
+    from pipeline.generate import DecodeEngine, TokenEvent
+    from pipeline.llm import load_llm
+    from pipeline.tokens import TokenLayout, load_tokenizer
+
+    config = PipelineConfig.from_models_dir(models)
+    tokenizer = load_tokenizer(config.llm.path)
+    layout = TokenLayout.from_tokenizer(tokenizer)
+    model = load_llm(config.llm.path)
+    n, tokens = args.concurrency, args.throughput_tokens
+
+    def run(k: int) -> tuple[float, float]:
+        engine = DecodeEngine(model, layout=layout, max_batch_size=max(16, n), align_steps=config.llm.align_steps)
+        for i in range(k):
+            request = SpeechRequest(task="tts", text=TEXTS[i % len(TEXTS)], max_new_tokens=tokens)
+            engine.add_request(to_generation_request(request, build_prompt(request, tokenizer, layout)))
+        generated, steps, t0 = 0, 0, time.perf_counter()
+        with torch.inference_mode():
+            while engine.has_unfinished():
+                generated += sum(isinstance(event, TokenEvent) for event in engine.step())
+                steps += 1
+        seconds = time.perf_counter() - t0
+        return generated / seconds, seconds / steps
+
+    run(1), run(n)  # warm-up
+    ones, manys = [], []
+    for _ in range(args.runs):  # alternate 1 and n requests; medians
+        ones.append(run(1))
+        manys.append(run(n))
+    one, many = statistics.median(r[0] for r in ones), statistics.median(r[0] for r in manys)
+    return {"rows": [{
+        "models": label, "path": "engine in process (no Ray)", "tokens_per_s_1_stream": one,
+        f"tokens_per_s_{n}_streams": many, "speedup": many / one, "tokens": n * tokens,
+        "ms_per_step_1": statistics.median(r[1] for r in ones) * 1000,
+        f"ms_per_step_{n}": statistics.median(r[1] for r in manys) * 1000,
+    }]}
 
 
 def throughput(args, models, label: str, whole_pipeline: bool, align_steps: int | None = None,
