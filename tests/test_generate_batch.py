@@ -234,3 +234,19 @@ def test_bfloat16_batch_runs(shared_dir):
                 ids.setdefault(event.request_id, []).append(event.token_id)
     assert {k: len(v) for k, v in ids.items()} == {"vanilla": 15, "boost": 15, "exact": 15}
     assert all(0 <= t < model.config.vocab_size for v in ids.values() for t in v)
+
+
+def test_bench_pipeline_engine_row_smoke(tiny_models):
+    """`bench pipeline`'s in-process engine row (the batching ceiling without Ray) on a tiny workload."""
+    import argparse
+
+    from jobs.bench import pipeline as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser, "pipeline")
+    args = parser.parse_args(["--runs", "1", "--concurrency", "3", "--throughput-tokens", "12"])
+    (row,) = bench.engine_throughput(args, tiny_models, "tiny set")["rows"]
+    assert row["path"] == "engine in process (no Ray)" and row["tokens"] == 36
+    assert row["tokens_per_s_1_stream"] > 0 and row["tokens_per_s_3_streams"] > 0
+    assert row["speedup"] == row["tokens_per_s_3_streams"] / row["tokens_per_s_1_stream"]
+    assert 0 < row["ms_per_step_1"] and 0 < row["ms_per_step_3"]
