@@ -27,7 +27,6 @@ attention; K/V live in one pool (`pipeline.kv_cache`). Requests join (`add_reque
 from __future__ import annotations
 
 import json
-import math
 import operator
 import os
 import time
@@ -654,7 +653,6 @@ class DecodeEngine:
         if min(lens) < Q:  # padding repeats the row's last position
             pos = torch.minimum(pos, first + torch.tensor(lens, device=self.device)[:, None] - 1)
         return ids, pos
-
 
     def _free(self, seq: _Sequence) -> None:
         """Release a request's KV slot and hidden buffers (it leaves the batch after this step)."""

@@ -110,10 +110,6 @@ class OutputConstraint:
             return self.head[index]
         return self.period[(index - len(self.head)) % len(self.period)]
 
-    def span(self, index: int) -> tuple[int, int] | None:
-        """The allowed ids of generated token `index` as one range [lo, hi), or None if they are not one range."""
-        return self.spans[self.slot(index)]
-
     def __call__(self, scores: torch.Tensor | None, index: int, bias_only: bool = False) -> torch.Tensor:
         """scores [1, V] + the bias of slot `index`; with bias_only the [1, V] bias itself."""
         bias = self.bias[self.slot(index)]

@@ -248,5 +248,4 @@ def test_bench_pipeline_engine_row_smoke(tiny_models):
     (row,) = bench.engine_throughput(args, tiny_models, "tiny set")["rows"]
     assert row["path"] == "engine in process (no Ray)" and row["tokens"] == 36
     assert row["tokens_per_s_1_stream"] > 0 and row["tokens_per_s_3_streams"] > 0
-    assert row["speedup"] == row["tokens_per_s_3_streams"] / row["tokens_per_s_1_stream"]
     assert 0 < row["ms_per_step_1"] and 0 < row["ms_per_step_3"]
