@@ -167,6 +167,34 @@ class TokenSampler:
         return int(self.process(prefix_ids, logits, index).argmax(-1))
 
 
+ARGMAX_BLOCK = 128  # argmax_rows: ids per block
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x.argmax(-1)` for a [G, V] batch of scores, by blocks on CPU.
+
+    PyTorch's CPU argmax walks a row element by element (~1 ns per id: 0.1 ms for 8 rows of audio ids),
+    while a max reduction is vectorised. So: the max of each block of `ARGMAX_BLOCK` ids, the first block
+    holding the row's max, then the argmax inside that block. The earlier blocks' maxima are strictly
+    smaller, so this is the first index of the max, as `argmax` gives (NaN counts as the max, as there).
+    """
+    G, V = x.shape
+    B = ARGMAX_BLOCK
+    if x.device.type != "cpu" or G < 2 or V < 16 * B:  # one row, a GPU or a short range: argmax is as fast
+        return x.argmax(-1)
+    nb = V // B
+    head = x[:, : nb * B].unflatten(1, (nb, B))  # (G, nb, B), a view
+    block = head.amax(-1).argmax(-1)  # (G,) first block holding the max
+    rows = torch.arange(G, device=x.device)
+    index = block * B + head[rows, block].argmax(-1)
+    if nb * B < V:  # the tail wins only if its max is larger (or NaN where the head has none)
+        best = x[rows, index]
+        tail_value, tail_index = x[:, nb * B :].max(-1)
+        wins = (tail_value > best) | (tail_value.isnan() & ~best.isnan())
+        index = torch.where(wins, tail_index + nb * B, index)
+    return index
+
+
 def choose_batch(samplers: Sequence[TokenSampler], prefixes: Sequence[torch.Tensor], logits: torch.Tensor,
                  indices: Sequence[int]) -> list[int]:
     """`choose` for several requests at once: float32 logits [G, V] -> one token per row.
@@ -197,12 +225,12 @@ def choose_batch(samplers: Sequence[TokenSampler], prefixes: Sequence[torch.Tens
             every = len(rows) == logits.shape[0]
             if kind[0] == "span":
                 lo, hi = kind[1], kind[2]
-                chosen = (logits[:, lo:hi] if every else logits[rows, lo:hi]).argmax(-1).add(lo).tolist()
+                chosen = argmax_rows(logits[:, lo:hi] if every else logits[rows, lo:hi]).add(lo).tolist()
             elif kind[0] == "bias":
                 bias = samplers[rows[0]].constraint.bias[kind[1]]
-                chosen = ((logits if every else logits[rows]) + bias).argmax(-1).tolist()
+                chosen = argmax_rows((logits if every else logits[rows]) + bias).tolist()
             else:
-                chosen = (logits if every else logits[rows]).argmax(-1).tolist()
+                chosen = argmax_rows(logits if every else logits[rows]).tolist()
         for i, token in zip(rows, chosen):
             tokens[i] = token
     for i, sampler in enumerate(samplers):
