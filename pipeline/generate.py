@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.kv_cache import BatchKV, HiddenBuffer, KVPool, group_attention_mask
+from pipeline.llm import CPU_DECODE_ATTENTION
 from pipeline.sampling import CONSTRAINTS, OutputConstraint, SamplingParams, TokenSampler, choose_batch
 from pipeline.tokens import BOOST_RATIO, MODES, TokenLayout, check_ratio
 
@@ -460,6 +461,8 @@ class DecodeEngine:
         self.model = model.eval()
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if self.device.type == "cpu" and model.config._attn_implementation == "sdpa":
+            model.config._attn_implementation = CPU_DECODE_ATTENTION  # same outputs, no repeated K/V copies
         self.layout = layout if layout is not None else default_layout(model)
         self.max_batch_size = max_batch_size
         self.trace = trace
@@ -670,7 +673,7 @@ class DecodeEngine:
         if mtp:
             parts.append(self._mtp_forward(modules, mtp))
         last = parts[0].last if len(parts) == 1 else torch.cat([part.last for part in parts])  # (rows, H)
-        logits = self._timed("lm_head", last.shape[0], 1, lambda: self.model.lm_head(last).float())  # (rows, V)
+        logits = self._timed("lm_head", last.shape[0], 1, lambda: self.model.decode_logits(last))  # (rows, V)
         group, choice_rows, row = [], [], 0
         for part in parts:  # a verifying backbone row has 1 + #drafts logits rows; it chooses from the last
             part.first_row = row
@@ -728,7 +731,8 @@ class DecodeEngine:
             n_logits = len(seq.drafts) + 1
             seq_logits = logits[row : row + n_logits]
             row += n_logits
-            seq.record("backbone", q, part.starts[i], seq_logits[-1] if not seq.verify else None)
+            if seq.trace is not None:
+                seq.record("backbone", q, part.starts[i], seq_logits[-1] if not seq.verify else None)
             if seq.verify:
                 self._verify(seq, seq_logits, events)
             else:
@@ -774,7 +778,8 @@ class DecodeEngine:
             seq.hidden[k].trim(end - seq.hidden_slack)
             if k + 1 < self.num_modules and seq.hidden[k + 1] is not None:
                 seq.hidden[k + 1].append(part.out[i, :q])
-            seq.record(f"mtp{k}", q, part.starts[i] + k + 1, logits[i] if not seq.verify else None)
+            if seq.trace is not None:
+                seq.record(f"mtp{k}", q, part.starts[i] + k + 1, logits[i] if not seq.verify else None)
             L = len(seq.tokens)
             if seq.verify:
                 index = L + len(seq.drafts)

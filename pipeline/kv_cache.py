@@ -155,35 +155,54 @@ class HiddenBuffer:
     Buffer 0 holds backbone outputs (consumed by MCTP module 0), buffer k+1 the outputs of module k
     (consumed by module k+1). Rows below the consumer's progress are dropped (`trim`), rows of rejected
     drafts are cut (`truncate`), so memory stays at the rows not yet consumed.
+
+    The rows are kept as the chunks they were appended in (views of a step's output), not copied into one
+    tensor: a consumer usually reads exactly the chunk its producer wrote in the previous step, which is then
+    a view, and appending costs nothing per step.
     """
 
     def __init__(self):
-        self.start = 0
-        self.rows: torch.Tensor | None = None  # (end - start, H)
+        self.start = 0  # first held row
+        self.chunks: list[tuple[int, torch.Tensor]] = []  # (first row, rows [n, H]), consecutive
 
     @property
     def end(self) -> int:
-        return self.start + (0 if self.rows is None else self.rows.shape[0])
+        if not self.chunks:
+            return self.start
+        first, rows = self.chunks[-1]
+        return first + rows.shape[0]
 
     def append(self, rows: torch.Tensor) -> None:
-        self.rows = rows if self.rows is None else torch.cat([self.rows, rows], dim=0)
+        if rows.shape[0]:
+            self.chunks.append((self.end, rows))
 
     def get(self, first: int, last: int) -> torch.Tensor:
         """Rows first..last-1 -> [last - first, H]."""
-        if first < self.start or last > self.end:
+        if first < self.start or last > self.end or first >= last:
             raise RuntimeError(f"hidden rows [{first}, {last}) not held (buffer has [{self.start}, {self.end}))")
-        return self.rows[first - self.start : last - self.start]
+        pieces = []
+        for c0, rows in self.chunks:
+            c1 = c0 + rows.shape[0]
+            if c1 <= first or c0 >= last:
+                continue
+            pieces.append(rows[max(first - c0, 0) : min(last, c1) - c0])
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def trim(self, first_needed: int) -> None:
-        drop = min(first_needed, self.end) - self.start
-        if drop > 0:
-            self.rows = self.rows[drop:]
-            self.start += drop
+        first_needed = min(first_needed, self.end)
+        if first_needed <= self.start:
+            return
+        self.start = first_needed
+        while self.chunks and self.chunks[0][0] + self.chunks[0][1].shape[0] <= first_needed:
+            self.chunks.pop(0)  # chunks partly below `start` stay whole; `get` never reads below it
 
     def truncate(self, end: int) -> None:
         if end >= self.end:
             return
         if end <= self.start:  # every held row was rejected; the producer recomputes from `end`
-            self.start, self.rows = end, None
-        else:
-            self.rows = self.rows[: end - self.start]
+            self.start, self.chunks = end, []
+            return
+        while self.chunks and self.chunks[-1][0] >= end:
+            self.chunks.pop()
+        c0, rows = self.chunks[-1]
+        self.chunks[-1] = (c0, rows[: end - c0])

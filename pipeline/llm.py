@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, Qwen2Config
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2.modeling_qwen2 import (
@@ -39,6 +40,31 @@ IGNORE_INDEX = -100
 # `run_mtp_modules` gathers each row's module weights when rows x module size stays below this (small models,
 # CPU); larger modules run per module on their rows instead (a gather would copy more than it saves).
 MTP_GATHER_MAX_ELEMENTS = 1 << 21
+# decode attention on CPU (`sdpa_gqa_attention`), selected by pipeline.generate.DecodeEngine
+CPU_DECODE_ATTENTION = "vita_sdpa_gqa"
+# decode_logits: largest lm_head (elements) that gets a second, prepacked copy for batched CPU rows
+PACKED_LM_HEAD_MAX_ELEMENTS = 1 << 26
+
+
+def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' "sdpa" attention, except on CPU with a mask or one query: grouped query heads read
+    their shared key/value heads through SDPA's `enable_gqa` instead of the copies `repeat_kv` makes.
+
+    transformers uses `enable_gqa` only without a mask, because CUDA's fast kernels refuse a masked GQA call;
+    the CPU kernel takes it and gives identical outputs, ~15 % faster at 8 decoding rows (the copies grow
+    with the cached length times the rows). Everywhere else this is transformers' function unchanged.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    plain = query.device.type != "cpu" or groups == 1 or kwargs.get("position_bias") is not None
+    if plain or (attention_mask is None and query.shape[2] > 1):  # causal without a mask: transformers' path
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(CPU_DECODE_ATTENTION, sdpa_gqa_attention)
 
 
 @strict
@@ -338,6 +364,35 @@ class Qwen2MTPForCausalLM(Qwen2PreTrainedModel):
         gate, up = torch.bmm(norm(x, w["post_norm"]), w["gate_up"][ks]).chunk(2, dim=-1)  # (G, Q, I) each
         x = x + torch.bmm(layer0.mlp.act_fn(gate) * up, w["down"][ks])
         return self.model.norm(x)
+
+    def decode_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """lm_head over the rows of a decode step: [rows, H] -> float32 [rows, V].
+
+        On CPU in float32, several rows go through a copy of the weight prepacked for oneDNN. The plain
+        matmul re-packs the whole [V, H] weight at every call, which for a few rows costs more than the
+        arithmetic (8 rows of the tiny set: ~0.3 ms instead of ~0.2 ms, twice that when the weight is not
+        in cache), so without it a batched step pays per row what one request pays once. One row stays a
+        plain matrix-vector product (already the fastest).
+        """
+        packed = self._packed_lm_head() if hidden.shape[0] > 1 else None
+        if packed is None:
+            return self.lm_head(hidden).float()
+        return torch.ops.mkldnn._linear_pointwise(hidden.contiguous(), packed, self.lm_head.bias, "none", [], "")
+
+    def _packed_lm_head(self) -> torch.Tensor | None:
+        """The oneDNN-prepacked lm_head weight (CPU, float32, up to PACKED_LM_HEAD_MAX_ELEMENTS), else None."""
+        weight = self.lm_head.weight
+        stamp = (weight.device, weight.dtype, weight.data_ptr(), weight._version)  # moved, cast or trained
+        cached = getattr(self, "_lm_head_packed", None)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        packed = None
+        usable = (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+                  and weight.numel() <= PACKED_LM_HEAD_MAX_ELEMENTS and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+        if usable:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)  # 8: the row count it is tuned for
+        self._lm_head_packed = (stamp, packed)
+        return packed
 
     # --- teacher-forced / training forward --------------------------------------------------------------
     def forward(

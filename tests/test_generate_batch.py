@@ -249,3 +249,89 @@ def test_bench_pipeline_engine_row_smoke(tiny_models):
     assert row["path"] == "engine in process (no Ray)" and row["tokens"] == 36
     assert row["tokens_per_s_1_stream"] > 0 and row["tokens_per_s_3_streams"] > 0
     assert 0 < row["ms_per_step_1"] and 0 < row["ms_per_step_3"]
+
+
+def test_hidden_buffer_keeps_chunks_and_cuts_them():
+    from pipeline.kv_cache import HiddenBuffer
+
+    rows = torch.arange(40.0).view(20, 2)  # row r = [2r, 2r + 1]
+    buf = HiddenBuffer()
+    for a, b in [(0, 5), (5, 5), (5, 12), (12, 20)]:  # an empty append is a no-op
+        buf.append(rows[a:b])
+    assert (buf.start, buf.end) == (0, 20)
+    torch.testing.assert_close(buf.get(5, 12), rows[5:12])  # one chunk: a view, no copy
+    assert buf.get(5, 12).data_ptr() == rows[5:12].data_ptr()
+    torch.testing.assert_close(buf.get(3, 15), rows[3:15])  # across chunks
+    buf.trim(7)
+    assert buf.start == 7
+    torch.testing.assert_close(buf.get(7, 20), rows[7:20])
+    with pytest.raises(RuntimeError, match="not held"):
+        buf.get(6, 9)  # trimmed rows are gone even if their chunk is still held
+    buf.truncate(14)  # rejected drafts: rows 14.. go
+    assert buf.end == 14
+    torch.testing.assert_close(buf.get(7, 14), rows[7:14])
+    buf.append(rows[14:16] * -1)  # recomputed rows follow on
+    torch.testing.assert_close(buf.get(12, 16), torch.cat([rows[12:14], -rows[14:16]]))
+    buf.truncate(3)  # below start: everything goes, the producer restarts at 3
+    assert (buf.start, buf.end) == (3, 3)
+
+
+def test_argmax_rows_equals_argmax():
+    from pipeline.sampling import argmax_rows
+
+    g = torch.Generator().manual_seed(0)
+    for rows in (1, 2, 8, 13):
+        for vocab in (100, 4096, 16384, 17144, 151_936 + 16_387):
+            x = torch.randn(rows, vocab, generator=g)
+            cases = [x, x[:, 3 : vocab - 5]]  # a slice of a wider row, as for an id span
+            tied = x.clone()
+            tied[:, vocab // 3] = tied[:, vocab // 2] = tied[:, -1] = 50.0  # ties: the lowest id wins
+            nan = x.clone()
+            nan[0, -2] = nan[-1, 7] = float("nan")  # NaN counts as the max, as in argmax
+            last = x.clone()
+            last[0, -1] = 99.0  # the max in the tail past the last whole block
+            cases += [tied, nan, last, torch.full((rows, vocab), float("-inf"))]
+            for case in cases:
+                assert torch.equal(argmax_rows(case), case.argmax(-1)), (rows, vocab)
+
+
+def test_decode_logits_equal_lm_head_and_follow_weight_changes(model):
+    hidden = torch.randn(16, model.config.hidden_size)
+    with torch.inference_mode():
+        for rows in (1, 2, 3, 8, 16):
+            torch.testing.assert_close(model.decode_logits(hidden[:rows]), model.lm_head(hidden[:rows]).float(),
+                                       atol=1e-5, rtol=1e-5)
+    weight = model.lm_head.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(2.0)  # a training step / edit in place: the packed copy must be rebuilt
+        with torch.inference_mode():
+            torch.testing.assert_close(model.decode_logits(hidden[:8]), model.lm_head(hidden[:8]).float(),
+                                       atol=1e-5, rtol=1e-5)
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+def test_cpu_decode_attention_is_sdpa_without_kv_copies(model):
+    """The engine's CPU attention (enable_gqa instead of repeat_kv) gives exactly transformers' sdpa output."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from pipeline.kv_cache import group_attention_mask
+    from pipeline.llm import sdpa_gqa_attention
+
+    attn = model.model.layers[0].self_attn
+    assert attn.num_key_value_groups > 1
+    g = torch.Generator().manual_seed(3)
+    heads, kv_heads, D = attn.config.num_attention_heads, attn.config.num_key_value_heads, attn.head_dim
+    for G, past, q_lens in [(1, [9], [1]), (1, [0], [6]), (4, [5, 0, 17, 8], [3, 6, 1, 6])]:
+        Q, T = max(q_lens), max(p + q for p, q in zip(past, q_lens))
+        query = torch.randn(G, heads, Q, D, generator=g)
+        key, value = torch.randn(2, G, kv_heads, T, D, generator=g)
+        mask = group_attention_mask(past, q_lens, torch.float32, "cpu")
+        ours, _ = sdpa_gqa_attention(attn, query, key, value, mask, scaling=attn.scaling)
+        theirs, _ = sdpa_attention_forward(attn, query, key, value, mask, scaling=attn.scaling)
+        assert torch.equal(ours, theirs)
+    DecodeEngine(model)
+    assert model.config._attn_implementation == "vita_sdpa_gqa"
