@@ -429,6 +429,11 @@ class _Forward:
     modules: list[int] | None = None
     first_row: int = 0  # of this group's rows in the step's logits
 
+    def outputs(self) -> list[torch.Tensor]:
+        """Row i's real outputs [q_lens[i], H] (views; one op for the whole group)."""
+        Q = self.out.shape[1]
+        return [o if q == Q else o[:q] for o, q in zip(self.out.unbind(0), self.q_lens)]
+
 
 class DecodeEngine:
     """Batched LLM + MCTP decoding with streaming events (see the module docstring).
@@ -468,6 +473,7 @@ class DecodeEngine:
         self.trace = trace
         self.trace_logits = trace_logits
         self.num_modules = model.num_mtp_modules
+        self.mtp_names = [f"mtp{k}" for k in range(self.num_modules)]  # producer of each module's tokens
         self.num_backbone = model.num_backbone_layers
         self.num_layers = model.config.num_hidden_layers
         self.vocab_size = model.config.vocab_size
@@ -722,19 +728,19 @@ class DecodeEngine:
 
     def _backbone_done(self, part: "_Forward", logits: torch.Tensor, chosen: list, events: list) -> None:
         row = 0
+        outputs = part.outputs() if any(seq.hidden[0] is not None for seq in part.group) else None
         for i, seq in enumerate(part.group):
             q = part.q_lens[i]
             seq.backbone_calls += 1
             seq.backbone_positions += q
             if seq.hidden[0] is not None:
-                seq.hidden[0].append(part.out[i, :q])
+                seq.hidden[0].append(outputs[i])
             n_logits = len(seq.drafts) + 1
-            seq_logits = logits[row : row + n_logits]
             row += n_logits
             if seq.trace is not None:
-                seq.record("backbone", q, part.starts[i], seq_logits[-1] if not seq.verify else None)
+                seq.record("backbone", q, part.starts[i], logits[row - 1] if not seq.verify else None)
             if seq.verify:
-                self._verify(seq, seq_logits, events)
+                self._verify(seq, logits[row - n_logits : row], events)
             else:
                 seq.bb_len += q
                 seq.chain_k = -1
@@ -770,6 +776,7 @@ class DecodeEngine:
         return _Forward(group, q_lens, firsts, out, last, modules)
 
     def _mtp_done(self, part: "_Forward", logits: torch.Tensor, chosen: list, events: list) -> None:
+        outputs = part.outputs()
         for i, (seq, k) in enumerate(zip(part.group, part.modules)):
             q, end = part.q_lens[i], part.starts[i] + part.q_lens[i]
             seq.mtp_calls[k] += 1
@@ -777,9 +784,9 @@ class DecodeEngine:
             seq.mod_len[k] = end
             seq.hidden[k].trim(end - seq.hidden_slack)
             if k + 1 < self.num_modules and seq.hidden[k + 1] is not None:
-                seq.hidden[k + 1].append(part.out[i, :q])
+                seq.hidden[k + 1].append(outputs[i])
             if seq.trace is not None:
-                seq.record(f"mtp{k}", q, part.starts[i] + k + 1, logits[i] if not seq.verify else None)
+                seq.record(self.mtp_names[k], q, part.starts[i] + k + 1, logits[i] if not seq.verify else None)
             L = len(seq.tokens)
             if seq.verify:
                 index = L + len(seq.drafts)
@@ -790,7 +797,7 @@ class DecodeEngine:
                 seq.drafted += 1
             else:
                 seq.chain_k = k
-                self._emit(seq, chosen[i], f"mtp{k}", events)
+                self._emit(seq, chosen[i], self.mtp_names[k], events)
 
     def _choose_unverified(self, group: list[_Sequence], logits: torch.Tensor) -> list[int | None]:
         """The next token of every unverified request of a group (logits [G, V], one row each) in one go;

@@ -185,7 +185,7 @@ class HiddenBuffer:
             c1 = c0 + rows.shape[0]
             if c1 <= first or c0 >= last:
                 continue
-            pieces.append(rows[max(first - c0, 0) : min(last, c1) - c0])
+            pieces.append(rows if c0 >= first and c1 <= last else rows[max(first - c0, 0) : min(last, c1) - c0])
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def trim(self, first_needed: int) -> None:
