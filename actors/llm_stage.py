@@ -97,14 +97,15 @@ class LLMStage:
         self.requests[request.request_id] = state
         self.to_add.append(to_generation_request(request, prompt_ids))
         self.wake.set()
-        interval = self.config.stream_interval_s
+        interval, sent = self.config.stream_interval_s, 0
         try:
             while True:
                 item = await self._next(state)
                 last = time.monotonic()
-                # Text alone waits up to stream_interval_s for more (fewer, larger items); an audio chunk or
-                # the end goes out at once (the decoder starts on it).
-                while not item.audio_chunks and item.end is None and (wait := last + interval - time.monotonic()) > 0:
+                # Text alone waits up to stream_interval_s for more (fewer, larger items); the first item, an
+                # audio chunk or the end goes out at once (the client's first text, the decoder's first input).
+                while (sent and not item.audio_chunks and item.end is None
+                       and (wait := last + interval - time.monotonic()) > 0):
                     try:
                         item = merge_outputs(item, await within(self._next(state), wait))
                     except asyncio.TimeoutError:
@@ -112,6 +113,7 @@ class LLMStage:
                 while item.end is None and not state.queue.empty():  # behind: send what piled up as one item
                     item = merge_outputs(item, await self._next(state))
                 yield item
+                sent += 1
                 if item.end is not None:
                     return
         finally:  # normal end, consumer gone (cancellation) or error: free the engine's state

@@ -3,6 +3,7 @@ batching / abort / per-request errors, the decoder stage's per-stream batching, 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -93,8 +94,6 @@ def test_micro_batcher_fails_every_call_of_a_failed_forward():
 @pytest.fixture(scope="module", params=[False, True], ids=["inline-steps", "thread-steps"])
 def llm_stage(config, request):
     """Steps inline on the event loop (automatic choice for the tiny model on CPU) and on a worker thread."""
-    import dataclasses
-
     from actors.llm_stage import LLMStage
 
     return LLMStage(dataclasses.replace(config.llm, engine_thread=request.param))
@@ -154,6 +153,18 @@ def test_llm_stage_abort_and_bad_request_affect_only_their_request(llm_stage):
     assert not llm_stage.engine.active and not llm_stage.engine.waiting and not llm_stage.requests
     kv = llm_stage.engine.kv
     assert sorted(kv.free) == list(range(kv.num_slots))  # the aborted request's KV slot was freed too
+
+
+def test_llm_stage_sends_the_first_text_at_once_and_merges_the_rest(config):
+    """Text is merged over stream_interval_s into fewer items, but the first one is not held back: a client
+    sees its first words as soon as they are decoded."""
+    from actors.llm_stage import LLMStage
+
+    stage = LLMStage(dataclasses.replace(config.llm, stream_interval_s=30.0))
+    request = SpeechRequest(task="asr", codes=list(range(1, 20)), max_new_tokens=12, request_id="asr")
+    items = asyncio.run(_generate(stage, request))
+    assert len(items) == 2 and items[-1].end is not None  # the first token alone, then everything else merged
+    assert items[0].text and len(items[-1].end.token_ids) == 12
 
 
 # --- decoder and encoder stages -------------------------------------------------------------------------
