@@ -68,7 +68,8 @@ class LLMStageConfig:
     engine_thread: bool | None = None  # steps on a worker thread (True) or inline (False); None = by step time
     queue_size: int = 4  # per-request output items buffered before the engine waits for that consumer
     stall_timeout_s: float = 30.0  # a consumer that takes nothing for this long is aborted (frees its KV cache)
-    stream_interval_s: float = 0.02  # text-only output is sent at most this often (the first item and audio chunks go at once)
+    # text-only output is sent at most this often (a stream's first item and audio chunks go at once)
+    stream_interval_s: float = 0.02
 
     def __post_init__(self):
         if not isinstance(self.align_steps, int) or self.align_steps < 0:
