@@ -79,6 +79,12 @@ def _slot_biases(layout: TokenLayout, vocab_size: int, device: torch.device) -> 
     return _BIASES[key]
 
 
+def _bias_bounds(bias: torch.Tensor) -> tuple[int, int]:
+    """[lo, hi): the smallest id range holding every id a [1, V] slot bias allows."""
+    allowed = (bias[0] == 0).nonzero()
+    return int(allowed[0]), int(allowed[-1]) + 1
+
+
 class OutputConstraint:
     """Allowed ids per generated-token index, as an additive float32 bias over the vocabulary.
 
@@ -95,6 +101,9 @@ class OutputConstraint:
         # slots whose allowed ids are one range [lo, hi): greedy choice is an argmax over that slice
         self.spans = {"audio": (layout.audio_offset, layout.audio_offset + layout.codebook_size),
                       "boa": (layout.boa, layout.boa + 1), "eoa": (layout.eoa, layout.eoa + 1), "text": None}
+        # the id range around each slot's allowed ids: a greedy choice needs the bias only over it (text ids
+        # are a few hundred of the vocabulary's ~17k or ~168k)
+        self.bounds = {slot: _bias_bounds(bias) for slot, bias in self.bias.items()}
         # slot kind of each generated-token index: `head` for the pairs before the last, then `period` repeats
         self.head: list[str] = []
         self.period: list[str] = ["text"]
@@ -202,8 +211,9 @@ def choose_batch(samplers: Sequence[TokenSampler], prefixes: Sequence[torch.Tens
     Plain greedy rows (no repetition penalty) are chosen together, a few tensor ops for the whole batch
     instead of a bias add over the vocabulary per row: rows without a constraint by one argmax, rows whose
     constrained slot allows one id range by an argmax over that slice (a single allowed id needs none), other
-    constrained rows by one bias add + argmax per slot kind. Ties resolve to the lowest id in every case, so
-    the tokens equal those of `choose`. Every other row goes through its own `choose`.
+    constrained rows by one bias add + argmax per slot kind over the range around its allowed ids. Ties resolve
+    to the lowest id in every case, so the tokens equal those of `choose`. Every other row goes through its own
+    `choose`.
     """
     tokens: list[int | None] = [None] * len(samplers)
     kinds: dict[tuple, list[int]] = {}  # how a plain greedy row is chosen -> its rows
@@ -226,9 +236,11 @@ def choose_batch(samplers: Sequence[TokenSampler], prefixes: Sequence[torch.Tens
             if kind[0] == "span":
                 lo, hi = kind[1], kind[2]
                 chosen = argmax_rows(logits[:, lo:hi] if every else logits[rows, lo:hi]).add(lo).tolist()
-            elif kind[0] == "bias":
-                bias = samplers[rows[0]].constraint.bias[kind[1]]
-                chosen = argmax_rows((logits if every else logits[rows]) + bias).tolist()
+            elif kind[0] == "bias":  # the argmax of logits + bias lies inside the allowed ids' bounds
+                constraint = samplers[rows[0]].constraint
+                lo, hi = constraint.bounds[kind[1]]
+                scores = (logits[:, lo:hi] if every else logits[rows, lo:hi]) + constraint.bias[kind[1]][:, lo:hi]
+                chosen = argmax_rows(scores).add(lo).tolist()
             else:
                 chosen = argmax_rows(logits if every else logits[rows]).tolist()
         for i, token in zip(rows, chosen):

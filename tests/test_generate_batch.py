@@ -335,3 +335,29 @@ def test_cpu_decode_attention_is_sdpa_without_kv_copies(model):
         assert torch.equal(ours, theirs)
     DecodeEngine(model)
     assert model.config._attn_implementation == "vita_sdpa_gqa"
+
+
+def test_choose_batch_equals_choose_row_by_row(model):
+    """The batched greedy choice (one argmax per slot kind, over the allowed ids' range) picks what each
+    request's own `choose` picks: every slot kind, unconstrained rows, ties, and rows that must choose alone."""
+    from pipeline.generate import default_layout
+    from pipeline.sampling import OutputConstraint, TokenSampler, choose_batch
+
+    layout, V = default_layout(model), model.config.vocab_size
+    interleaved = OutputConstraint("interleaved", layout, V, "cpu", [1, 10, 4, 10])
+    text_only = OutputConstraint("text", layout, V, "cpu")
+    specs = [(interleaved, i) for i in range(16)] + [(text_only, 0), (text_only, 5), (None, 0), (None, 3)]
+    samplers = [TokenSampler(SamplingParams(), "cpu", c) for c, _ in specs]
+    samplers.append(TokenSampler(SamplingParams(repetition_penalty=1.3), "cpu", interleaved))  # chooses alone
+    indices = [i for _, i in specs] + [0]
+    g = torch.Generator().manual_seed(5)
+    for trial in range(3):
+        logits = torch.randn(len(samplers), V, generator=g) * 4
+        if trial == 1:  # ties inside and outside the allowed ranges: the lowest allowed id wins
+            logits[:, 10] = logits[:, 20] = logits[:, layout.audio_offset + 7] = logits[:, -1] = 30.0
+        prefixes = [None] * (len(samplers) - 1) + [torch.tensor([[1, 2, 3, 10, 20]])]
+        batched = choose_batch(samplers, prefixes, logits, indices)
+        alone = [s.choose(p, logits[i : i + 1], indices[i]) for i, (s, p) in enumerate(zip(samplers, prefixes))]
+        assert batched == alone
+        slots = {interleaved.slot(i) for i in range(16)}
+        assert slots == {"text", "boa", "audio", "eoa"}
