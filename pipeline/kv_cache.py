@@ -79,28 +79,42 @@ class BatchKV:
     `update` stores row i's first q_lens[i] new positions at past_lens[i].. of its (module, slot) and
     returns the rows' K/V right-padded to max(past + q) positions. `entry` fixes the pool entry (the MCTP
     entry); by default it is the `layer_idx` transformers passes (backbone layer i = entry i).
+
+    Several rows are written with one `index_copy_` into the entry seen as [modules * slots * heads *
+    capacity, head_dim] rows; the flat row of each (row, head, position) is computed once per entry shape, so
+    the layers of a forward share it.
     """
 
     def __init__(self, pool: KVPool, slots: list[int], past_lens: list[int], q_lens: list[int], device,
                  modules: list[int] | None = None, entry: int | None = None):
         G, Q = len(slots), max(q_lens)
-        self.pool, self.entry = pool, entry
+        self.pool, self.entry, self.device = pool, entry, device
         self.modules = modules if modules is not None else [0] * G
         self.slots, self.past, self.q = slots, past_lens, q_lens
         self.total = max(p + q for p, q in zip(past_lens, q_lens))
         first = (self.modules[0], slots[0])
         self.view = first if len(set(self.modules)) == 1 and slots == list(range(slots[0], slots[0] + G)) else None
-        if G > 1:  # write positions (module, slot, position), flattened over the real (row, query) pairs
-            rows = torch.tensor([self.modules, slots, past_lens, q_lens], device=device)  # (4, G)
-            positions = rows[2, :, None] + torch.arange(Q, device=device)  # (G, Q)
-            self.valid = None if min(q_lens) == Q else torch.arange(Q, device=device) < rows[3, :, None]  # (G, Q)
-            if self.valid is None:
-                self.write_index = (rows[0].repeat_interleave(Q), rows[1].repeat_interleave(Q), positions.flatten())
-            else:
-                q = rows[3]
-                self.write_index = (rows[0].repeat_interleave(q), rows[1].repeat_interleave(q), positions[self.valid])
-            self.read_index = None if self.view else (torch.tensor(self.modules, device=device),
-                                                      torch.tensor(slots, device=device))
+        self._flat: tuple | None = None  # (entry shape, flat write rows) of the last entry written
+        if G > 1:
+            rows = torch.tensor([self.modules, slots, past_lens], device=device)  # (3, G)
+            self.rows = rows
+            # (G, 1, Q) real positions, None when every row has Q of them
+            self.valid = None if min(q_lens) == Q else (
+                torch.arange(Q, device=device) < torch.tensor(q_lens, device=device)[:, None])[:, None, :]
+            self.read_index = None if self.view else (rows[0], rows[1])
+
+    def _write_rows(self, keys: torch.Tensor) -> torch.Tensor:
+        """Flat row index of every real (row, head, position) in `keys` viewed as [-1, head_dim]."""
+        if self._flat is not None and self._flat[0] == keys.shape:
+            return self._flat[1]
+        _, S, H, C, _ = keys.shape
+        m, s, past = self.rows
+        Q = max(self.q)
+        base = ((m * S + s) * H)[:, None, None] * C + past[:, None, None]  # (G, 1, 1)
+        flat = base + (torch.arange(H, device=self.device) * C)[None, :, None] + torch.arange(Q, device=self.device)
+        flat = flat.flatten() if self.valid is None else flat[self.valid.expand_as(flat)]  # (G, H, Q) order
+        self._flat = (keys.shape, flat)
+        return flat
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         keys, values = self.pool.entry(layer_idx if self.entry is None else self.entry, key_states, self.total)
@@ -110,15 +124,14 @@ class BatchKV:
             keys[m, s, :, p : p + q] = key_states[0, :, :q]
             values[m, s, :, p : p + q] = value_states[0, :, :q]
             return keys[m, s : s + 1, :, :T], values[m, s : s + 1, :, :T]
-        # [G, heads, Q, dim] -> the real positions [P, heads, dim]
-        new_k, new_v = key_states.transpose(1, 2), value_states.transpose(1, 2)
-        if self.valid is None:
-            new_k, new_v = new_k.flatten(0, 1), new_v.flatten(0, 1)
+        flat, D = self._write_rows(keys), keys.shape[-1]
+        if self.valid is None:  # [G, heads, Q, D] rows in (row, head, position) order
+            new_k, new_v = key_states.reshape(-1, D), value_states.reshape(-1, D)
         else:
-            new_k, new_v = new_k[self.valid], new_v[self.valid]
-        m, s, pos = self.write_index
-        keys[m, s, :, pos] = new_k
-        values[m, s, :, pos] = new_v
+            valid = self.valid.expand(key_states.shape[:3])
+            new_k, new_v = key_states[valid], value_states[valid]
+        keys.view(-1, D).index_copy_(0, flat, new_k)
+        values.view(-1, D).index_copy_(0, flat, new_v)
         if self.view is not None:
             m, s = self.view
             return keys[m, s : s + G, :, :T], values[m, s : s + G, :, :T]
@@ -140,13 +153,11 @@ def group_attention_mask(
     if G == 1 and Q == 1:
         return None
     total = max(c + q for c, q in zip(past_lens, q_lens))
-    past = torch.tensor(past_lens, device=device)[:, None, None]  # (G, 1, 1)
-    last = torch.tensor(q_lens, device=device)[:, None, None] - 1
-    j = torch.arange(Q, device=device)[None, :, None]  # (1, Q, 1)
-    p = torch.arange(total, device=device)[None, None, :]  # (1, 1, T_kv)
-    allowed = p <= past + torch.minimum(j, last)  # (G, Q, T_kv)
-    mask = torch.zeros(G, 1, Q, total, dtype=dtype, device=device)
-    return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+    past, last = torch.tensor([past_lens, q_lens], device=device)[:, :, None, None]  # (G, 1, 1) each
+    j = torch.arange(Q, device=device)[:, None]  # (Q, 1)
+    p = torch.arange(total, device=device)  # (T_kv,)
+    allowed = p <= past + torch.minimum(j, last - 1)  # (G, Q, T_kv)
+    return torch.where(allowed[:, None], torch.zeros((), dtype=dtype, device=device), torch.finfo(dtype).min)
 
 
 class HiddenBuffer:
