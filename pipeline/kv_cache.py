@@ -82,7 +82,9 @@ class BatchKV:
 
     Several rows are written with one `index_copy_` into the entry seen as [modules * slots * heads *
     capacity, head_dim] rows; the flat row of each (row, head, position) is computed once per entry shape, so
-    the layers of a forward share it.
+    the layers of a forward share it. A row with fewer than Q new positions writes its padding too, past its
+    new length: those positions are masked out on reading and overwritten when the row gets there, and
+    writing them keeps the write a plain copy of the [G, heads, Q, D] states (capacity covers max(past) + Q).
     """
 
     def __init__(self, pool: KVPool, slots: list[int], past_lens: list[int], q_lens: list[int], device,
@@ -92,46 +94,36 @@ class BatchKV:
         self.modules = modules if modules is not None else [0] * G
         self.slots, self.past, self.q = slots, past_lens, q_lens
         self.total = max(p + q for p, q in zip(past_lens, q_lens))
+        self.capacity = max(past_lens) + Q if G > 1 else self.total  # padding positions are written too
         first = (self.modules[0], slots[0])
         self.view = first if len(set(self.modules)) == 1 and slots == list(range(slots[0], slots[0] + G)) else None
         self._flat: tuple | None = None  # (entry shape, flat write rows) of the last entry written
-        if G > 1:
-            rows = torch.tensor([self.modules, slots, past_lens], device=device)  # (3, G)
-            self.rows = rows
-            # (G, 1, Q) real positions, None when every row has Q of them
-            self.valid = None if min(q_lens) == Q else (
-                torch.arange(Q, device=device) < torch.tensor(q_lens, device=device)[:, None])[:, None, :]
-            self.read_index = None if self.view else (rows[0], rows[1])
+        if G > 1 and self.view is None:
+            self.read_index = tuple(torch.tensor([self.modules, slots], device=device))
 
     def _write_rows(self, keys: torch.Tensor) -> torch.Tensor:
-        """Flat row index of every real (row, head, position) in `keys` viewed as [-1, head_dim]."""
+        """Flat row index of every (row, head, position) of the forward in `keys` viewed as [-1, head_dim]."""
         if self._flat is not None and self._flat[0] == keys.shape:
             return self._flat[1]
         _, S, H, C, _ = keys.shape
-        m, s, past = self.rows
         Q = max(self.q)
-        base = ((m * S + s) * H)[:, None, None] * C + past[:, None, None]  # (G, 1, 1)
-        flat = base + (torch.arange(H, device=self.device) * C)[None, :, None] + torch.arange(Q, device=self.device)
-        flat = flat.flatten() if self.valid is None else flat[self.valid.expand_as(flat)]  # (G, H, Q) order
+        base = [(m * S + s) * H * C + p for m, s, p in zip(self.modules, self.slots, self.past)]
+        offsets = torch.arange(0, H * C, C, device=self.device)[:, None] + torch.arange(Q, device=self.device)
+        flat = (torch.tensor(base, device=self.device)[:, None, None] + offsets).flatten()  # (G, H, Q) order
         self._flat = (keys.shape, flat)
         return flat
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        keys, values = self.pool.entry(layer_idx if self.entry is None else self.entry, key_states, self.total)
+        keys, values = self.pool.entry(layer_idx if self.entry is None else self.entry, key_states, self.capacity)
         G, T = len(self.slots), self.total
         if G == 1:
             m, s, p, q = self.modules[0], self.slots[0], self.past[0], self.q[0]
             keys[m, s, :, p : p + q] = key_states[0, :, :q]
             values[m, s, :, p : p + q] = value_states[0, :, :q]
             return keys[m, s : s + 1, :, :T], values[m, s : s + 1, :, :T]
-        flat, D = self._write_rows(keys), keys.shape[-1]
-        if self.valid is None:  # [G, heads, Q, D] rows in (row, head, position) order
-            new_k, new_v = key_states.reshape(-1, D), value_states.reshape(-1, D)
-        else:
-            valid = self.valid.expand(key_states.shape[:3])
-            new_k, new_v = key_states[valid], value_states[valid]
-        keys.view(-1, D).index_copy_(0, flat, new_k)
-        values.view(-1, D).index_copy_(0, flat, new_v)
+        flat, D = self._write_rows(keys), keys.shape[-1]  # [G, heads, Q, D] rows in (row, head, position) order
+        keys.view(-1, D).index_copy_(0, flat, key_states.reshape(-1, D))
+        values.view(-1, D).index_copy_(0, flat, value_states.reshape(-1, D))
         if self.view is not None:
             m, s = self.view
             return keys[m, s : s + G, :, :T], values[m, s : s + G, :, :T]
