@@ -845,7 +845,7 @@ class DecodeEngine:
                 seq.mod_len[j] = valid
                 if j + 1 < self.num_modules and seq.hidden[j + 1] is not None:
                     seq.hidden[j + 1].truncate(valid)
-        emitted = [(d, f"mtp{j}") for j, d in enumerate(drafts[:accepted])] + [(token, "backbone")]
+        emitted = [(d, self.mtp_names[j]) for j, d in enumerate(drafts[:accepted])] + [(token, "backbone")]
         seq.drafts = []
         for tok, producer in emitted:
             self._emit(seq, tok, producer, events)

@@ -304,8 +304,7 @@ class Qwen2MTPForCausalLM(Qwen2PreTrainedModel):
     def _stacked_mtp_weights(self) -> dict:
         """Every module's weights stacked on a leading module dim (built once, for `_run_mtp_modules_gathered`)."""
         cached = getattr(self, "_mtp_stacked", None)
-        weight = self.mtp_projs[0].weight
-        stamp = (weight.device, weight.dtype, weight.data_ptr(), weight._version)  # moved, cast or trained -> rebuild
+        stamp = _weight_stamp(self.mtp_projs[0].weight)
         if cached is not None and cached["stamp"] == stamp:
             return cached
         layers = [self.model.layers[self.mtp_layer_index(k)] for k in range(self.num_mtp_modules)]
@@ -381,7 +380,7 @@ class Qwen2MTPForCausalLM(Qwen2PreTrainedModel):
     def _packed_lm_head(self) -> torch.Tensor | None:
         """The oneDNN-prepacked lm_head weight (CPU, float32, up to PACKED_LM_HEAD_MAX_ELEMENTS), else None."""
         weight = self.lm_head.weight
-        stamp = (weight.device, weight.dtype, weight.data_ptr(), weight._version)  # moved, cast or trained
+        stamp = _weight_stamp(weight)
         cached = getattr(self, "_lm_head_packed", None)
         if cached is not None and cached[0] == stamp:
             return cached[1]
@@ -476,6 +475,12 @@ class Qwen2MTPForCausalLM(Qwen2PreTrainedModel):
             backbone_loss=backbone_loss,
             mtp_losses=tuple(mtp_losses) if labels is not None else None,
         )
+
+
+def _weight_stamp(weight: torch.Tensor) -> tuple:
+    """Identity of a weight's current contents: a copy derived from it (stacked, prepacked) is rebuilt when
+    the model was moved, cast or trained since."""
+    return weight.device, weight.dtype, weight.data_ptr(), weight._version
 
 
 def _shift_left(x: torch.Tensor, shift: int) -> torch.Tensor:

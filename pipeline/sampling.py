@@ -58,31 +58,28 @@ class SamplingParams:
             raise ValueError(f"seed must be an integer >= 0 or None, got {self.seed!r}")
 
 
-_BIASES: dict = {}
+_SLOT_IDS: dict = {}
 
 
-def _slot_biases(layout: TokenLayout, vocab_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Additive [1, V] float32 bias per slot kind; shared by every request of the same layout and device."""
+def _slot_ids(layout: TokenLayout, vocab_size: int, device: torch.device) -> tuple[dict, dict]:
+    """Per slot kind, the additive [1, V] float32 bias and the id range [lo, hi) around its allowed ids, with
+    whether every id in that range is allowed; shared by every request of the same layout and device."""
     key = (layout, vocab_size, device)
-    if key not in _BIASES:
+    if key not in _SLOT_IDS:
         ids = torch.arange(vocab_size, device=device)
         audio = (ids >= layout.audio_offset) & (ids < layout.audio_offset + layout.codebook_size)
         real = ids < layout.vocab_size
         text = real & ~audio & (ids != layout.boa) & (ids != layout.eoa)
+        allowed = {"text": text, "audio": audio, "boa": ids == layout.boa, "eoa": ids == layout.eoa}
         neg = torch.finfo(torch.float32).min
-
-        def bias(allowed: torch.Tensor) -> torch.Tensor:
-            return torch.zeros(vocab_size, device=device).masked_fill(~allowed, neg)[None]  # (1, V)
-
-        _BIASES[key] = {"text": bias(text), "audio": bias(audio), "boa": bias(ids == layout.boa),
-                        "eoa": bias(ids == layout.eoa)}
-    return _BIASES[key]
-
-
-def _bias_bounds(bias: torch.Tensor) -> tuple[int, int]:
-    """[lo, hi): the smallest id range holding every id a [1, V] slot bias allows."""
-    allowed = (bias[0] == 0).nonzero()
-    return int(allowed[0]), int(allowed[-1]) + 1
+        biases = {slot: torch.zeros(vocab_size, device=device).masked_fill(~a, neg)[None] for slot, a in allowed.items()}
+        ranges = {}
+        for slot, a in allowed.items():
+            where = a.nonzero()
+            lo, hi = int(where[0]), int(where[-1]) + 1
+            ranges[slot] = (lo, hi, bool(a[lo:hi].all()))
+        _SLOT_IDS[key] = (biases, ranges)
+    return _SLOT_IDS[key]
 
 
 class OutputConstraint:
@@ -97,13 +94,10 @@ class OutputConstraint:
         if kind not in ("text", "interleaved"):
             raise ValueError(f"constraint must be one of {CONSTRAINTS}, got {kind!r}")
         self.kind = kind
-        self.bias = _slot_biases(layout, vocab_size, torch.device(device))
-        # slots whose allowed ids are one range [lo, hi): greedy choice is an argmax over that slice
-        self.spans = {"audio": (layout.audio_offset, layout.audio_offset + layout.codebook_size),
-                      "boa": (layout.boa, layout.boa + 1), "eoa": (layout.eoa, layout.eoa + 1), "text": None}
-        # the id range around each slot's allowed ids: a greedy choice needs the bias only over it (text ids
-        # are a few hundred of the vocabulary's ~17k or ~168k)
-        self.bounds = {slot: _bias_bounds(bias) for slot, bias in self.bias.items()}
+        # per slot kind: its bias, and (lo, hi, exact) = the id range around its allowed ids and whether all of
+        # them are allowed. A greedy choice looks only at that range: an argmax over the slice when exact
+        # (audio, BOA, EOA), else over slice + bias (text: a few hundred ids of the vocabulary's ~17k or ~168k)
+        self.bias, self.ranges = _slot_ids(layout, vocab_size, torch.device(device))
         # slot kind of each generated-token index: `head` for the pairs before the last, then `period` repeats
         self.head: list[str] = []
         self.period: list[str] = ["text"]
@@ -208,11 +202,11 @@ def choose_batch(samplers: Sequence[TokenSampler], prefixes: Sequence[torch.Tens
                  indices: Sequence[int]) -> list[int]:
     """`choose` for several requests at once: float32 logits [G, V] -> one token per row.
 
-    Plain greedy rows (no repetition penalty) are chosen together, a few tensor ops for the whole batch
-    instead of a bias add over the vocabulary per row: rows without a constraint by one argmax, rows whose
-    constrained slot allows one id range by an argmax over that slice (a single allowed id needs none), other
-    constrained rows by one bias add + argmax per slot kind over the range around its allowed ids. Ties resolve
-    to the lowest id in every case, so the tokens equal those of `choose`. Every other row goes through its own
+    Plain greedy rows (no repetition penalty) are chosen together, a few tensor ops per kind of choice
+    instead of a bias add over the vocabulary per row: rows without a constraint by one argmax; constrained
+    rows by one argmax per slot kind over the id range around the slot's allowed ids, adding the bias over
+    that range only where the range has holes (a single allowed id needs no argmax). Ties resolve to the
+    lowest id in every case, so the tokens equal those of `choose`. Every other row goes through its own
     `choose`.
     """
     tokens: list[int | None] = [None] * len(samplers)
@@ -222,27 +216,19 @@ def choose_batch(samplers: Sequence[TokenSampler], prefixes: Sequence[torch.Tens
             continue
         constraint = sampler.constraint
         if constraint is None:
-            kinds.setdefault(("argmax",), []).append(i)
+            kinds.setdefault((0, logits.shape[1], None), []).append(i)
             continue
         slot = constraint.slot(indices[i])
-        span = constraint.spans[slot]
-        kind = ("bias", slot, id(constraint.bias)) if span is None else ("span", *span)
-        kinds.setdefault(kind, []).append(i)
-    for kind, rows in kinds.items():
-        if kind[0] == "span" and kind[2] - kind[1] == 1:
-            chosen = [kind[1]] * len(rows)
+        lo, hi, exact = constraint.ranges[slot]
+        kinds.setdefault((lo, hi, None if exact else (slot, id(constraint.bias))), []).append(i)
+    for (lo, hi, biased), rows in kinds.items():
+        if biased is None and hi - lo == 1:  # a single allowed id
+            chosen = [lo] * len(rows)
         else:
-            every = len(rows) == logits.shape[0]
-            if kind[0] == "span":
-                lo, hi = kind[1], kind[2]
-                chosen = argmax_rows(logits[:, lo:hi] if every else logits[rows, lo:hi]).add(lo).tolist()
-            elif kind[0] == "bias":  # the argmax of logits + bias lies inside the allowed ids' bounds
-                constraint = samplers[rows[0]].constraint
-                lo, hi = constraint.bounds[kind[1]]
-                scores = (logits[:, lo:hi] if every else logits[rows, lo:hi]) + constraint.bias[kind[1]][:, lo:hi]
-                chosen = argmax_rows(scores).add(lo).tolist()
-            else:
-                chosen = argmax_rows(logits if every else logits[rows]).tolist()
+            scores = logits[:, lo:hi] if len(rows) == logits.shape[0] else logits[rows, lo:hi]
+            if biased is not None:  # the argmax of logits + bias lies inside the allowed ids' range
+                scores = scores + samplers[rows[0]].constraint.bias[biased[0]][:, lo:hi]
+            chosen = argmax_rows(scores).add(lo).tolist()
         for i, token in zip(rows, chosen):
             tokens[i] = token
     for i, sampler in enumerate(samplers):

@@ -376,5 +376,8 @@ def test_interleaved_constraint_slots_follow_the_ratio(parity):
     pair = lambda t, a: ["text"] * t + ["boa"] + ["audio"] * (a - 2) + ["eoa"]  # noqa: E731
     expected = pair(2, 3) + pair(1, 4) + pair(3, 5) * 3
     assert [constraint.slot(i) for i in range(len(expected))] == expected
-    assert constraint.spans["audio"] == (layout.audio_offset, layout.audio_offset + layout.codebook_size)
+    assert constraint.ranges["audio"] == (layout.audio_offset, layout.audio_offset + layout.codebook_size, True)
+    assert constraint.ranges["boa"] == (layout.boa, layout.boa + 1, True)
+    lo, hi, exact = constraint.ranges["text"]  # text ids around BOA/EOA: a range with holes
+    assert lo == 0 and hi > layout.boa and not exact
     assert OutputConstraint("text", layout, layout.vocab_size, "cpu").slot(12345) == "text"
