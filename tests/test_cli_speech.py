@@ -78,3 +78,30 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, needle, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
+
+
+def test_bench_pipeline_latency_measures_ray_on_a_request_cut_at_its_first_audio_chunk(ray_session, tiny_models):
+    """`bench pipeline`'s latency part on the tiny set: whole request and the control cut where the first audio
+    chunk closes (the LLM then idles while the decoder works), both through Ray and in process."""
+    import argparse
+
+    from jobs.bench import pipeline as bench
+    from pipeline.tokens import TokenLayout, load_tokenizer
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser, "pipeline")
+    args = parser.parse_args(["--runs", "1", "--max-new-tokens", "32", "--n-steps", "2"])
+    lat = bench.latency(args, tiny_models)
+    whole, _, cut, cut_local = lat["rows"]
+    assert [r["path"] for r in lat["rows"]][:2] == ["staged (Ray)", "in-process"]
+    assert lat["same_ids"] and whole["tokens"] == 32
+    assert cut["tokens"] == cut_local["tokens"] == lat["cut_tokens"] < 32
+    assert cut["chunks"] >= 1 and cut["time_to_first_audio_s"] > 0
+    assert len({tuple(ids) for ids in lat["placement_gpu_ids"].values()}) == 3  # one GPU per stage
+    assert lat["ray_overhead_s"] == pytest.approx(cut["time_to_first_audio_s"] - cut_local["time_to_first_audio_s"])
+    assert "Ray overhead on time to first audio" in bench._latency_summary(lat)
+
+    layout = TokenLayout.from_tokenizer(load_tokenizer(tiny_models / "llm"))
+    ids = [layout.audio_offset + 5, layout.eoa]
+    assert bench._first_chunk_length([7, layout.eoa, *ids, 9], layout) == 4  # the eoa after the first audio id
+    assert bench._first_chunk_length([7, 9], layout) == 2  # no audio chunk closes: the whole request
