@@ -64,7 +64,8 @@ class LLMStageConfig:
     # a new request may wait up to this many steps to join in phase with the running ones (one forward per
     # step instead of two; costs at most one schedule period of time to first token, only under load). 0 = off
     align_steps: int = 16
-    admission_wait_s: float = 0.003  # an idle engine waits this long for more requests before its first step
+    # an idle engine starts once no new request came for this long (at most 4x this): a burst starts together
+    admission_wait_s: float = 0.003
     engine_thread: bool | None = None  # steps on a worker thread (True) or inline (False); None = by step time
     queue_size: int = 4  # per-request output items buffered before the engine waits for that consumer
     stall_timeout_s: float = 30.0  # a consumer that takes nothing for this long is aborted (frees its KV cache)

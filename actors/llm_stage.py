@@ -175,8 +175,7 @@ class LLMStage:
                     pass
                 continue
             if self.to_add and not self.engine.has_unfinished() and self.config.admission_wait_s > 0:
-                # an idle engine waits a moment for more requests: a burst then starts in one step, in phase
-                await asyncio.sleep(self.config.admission_wait_s)
+                await self._wait_for_burst()
             adds, self.to_add = self.to_add, []
             aborts, self.to_abort = self.to_abort, set()
             threaded = self._use_thread()
@@ -197,6 +196,16 @@ class LLMStage:
             self._dispatch(events)
             if not threaded:
                 await asyncio.sleep(0)  # the generators take their items before the next inline steps
+
+    async def _wait_for_burst(self) -> None:
+        """An idle engine waits until no new request came for `admission_wait_s` (at most 4x that in all), so a
+        burst starts in one step, in phase. Ray may deliver the calls of a burst sent within 1 ms over several
+        ms; a fixed wait then split it into groups that joined a step or more apart, out of phase."""
+        wait = self.config.admission_wait_s
+        deadline, seen = time.monotonic() + 4 * wait, 0
+        while len(self.to_add) != seen and (left := deadline - time.monotonic()) > 0:
+            seen = len(self.to_add)
+            await asyncio.sleep(min(wait, left))
 
     INLINE_STEP_S = 0.004  # automatic engine_thread: steps shorter than this run inline on the event loop
 

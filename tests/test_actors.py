@@ -167,6 +167,35 @@ def test_llm_stage_sends_the_first_text_at_once_and_merges_the_rest(config):
     assert items[0].text and len(items[-1].end.token_ids) == 12
 
 
+def test_llm_stage_starts_a_burst_that_trickles_in_together(config):
+    """Requests of a burst that arrive a little apart (each within admission_wait_s of the previous one, as Ray
+    delivers a burst over several ms) start in the same first step; one arriving after the engine started joins
+    later. A single request waits only admission_wait_s."""
+    from actors.llm_stage import LLMStage
+
+    stage = LLMStage(dataclasses.replace(config.llm, admission_wait_s=0.05))
+    admitted = []  # requests added per engine step
+    step = stage._step
+    stage._step = lambda adds, aborts, full: (admitted.append(len(adds)), step(adds, aborts, full))[1]
+
+    def request(i):
+        return SpeechRequest(task="tts", text=TEXTS[i], max_new_tokens=8, request_id=f"b{i}")
+
+    async def trickle(delays):
+        async def late(i, delay):
+            await asyncio.sleep(delay)
+            return await _generate(stage, request(i))
+        return await asyncio.gather(*(late(i, d) for i, d in enumerate(delays)))
+
+    items = asyncio.run(trickle([0.0, 0.03, 0.06, 0.09]))  # 30 ms apart: each within 50 ms of the previous one
+    assert all(i[-1].end is not None for i in items)
+    assert admitted[0] == 4 and stage.largest_batch == 4
+
+    admitted.clear()
+    asyncio.run(trickle([0.0, 0.4]))  # the second comes after the wait (at most 4 x 50 ms) ended
+    assert admitted[0] == 1 and sum(admitted) == 2
+
+
 # --- decoder and encoder stages -------------------------------------------------------------------------
 
 
