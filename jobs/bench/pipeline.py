@@ -2,7 +2,8 @@
 
 Part 1, latency (bench-sized models): time to first audio and total time of a TTS request, through the three
 Ray stage actors (local Ray, 3 logical GPUs) and through `actors.local.LocalPipeline` in this process, side
-by side in one run (1 warm-up each, then round robin; medians). Ray overhead = staged - in-process.
+by side in one run (1 warm-up each, then round robin; medians; overheads are medians of each round's
+staged - in-process difference). Ray overhead = staged - in-process.
 Models: an LLM sized like the decode bench (28 backbone layers + 10 MCTP modules, hidden 256, intermediate
 1376, 4 heads / 1 KV head; the tiny tokenizer, so its vocab is the tiny one) written with
 `pipeline.tiny.write_tiny_llm`, and the bench-sized decoder of ../shared/research/original-speed.md (flow
@@ -119,10 +120,13 @@ def run(args) -> dict:
             }
             markdown += f"## Aggregate tokens/s, {args.concurrency} concurrent streams vs 1\n\n"
             columns = ["models", "path", "tokens_per_s_1_stream", f"tokens_per_s_{args.concurrency}_streams", "speedup",
+                       "speedup_range",
                        "first_item_s_1_stream", f"first_item_s_{args.concurrency}_streams", "ms_per_step_1",
                        f"ms_per_step_{args.concurrency}", "tokens", "error"]
             rows = [row for key in ("engine", "tiny", "tiny_unaligned", "bench") for row in results["throughput"][key]["rows"]]
             markdown += markdown_table(rows, columns) + "\n"
+            markdown += (f"speedup: median over {args.runs} rounds of the {args.concurrency}-stream run's tokens/s over the "
+                         "1-stream run's just before it (speedup_range: lowest-highest round); tokens/s: medians.\n")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if started:
@@ -171,8 +175,9 @@ def latency(args, models: Path) -> dict:
 
     rows = [_latency_row(name + suffix, results) for (name, suffix), results in samples.items()]
     ray_row, local_row, ray_cut, local_cut = rows
-    overhead = ray_row["time_to_first_audio_s"] - local_row["time_to_first_audio_s"]
-    control = ray_cut["time_to_first_audio_s"] - local_cut["time_to_first_audio_s"]
+    runs = list(samples.values())
+    overhead, overhead_fraction, _ = _paired_overhead(runs[0], runs[1])
+    control, control_fraction, control_range = _paired_overhead(runs[2], runs[3])
     return {
         "rows": rows,
         "handoff_overhead_s": ray_row["handoff_s"] - local_row["handoff_s"],
@@ -180,11 +185,12 @@ def latency(args, models: Path) -> dict:
         "decoder_compute_slowdown_s": (ray_row["decoder_compute_to_first_audio_s"]
                                        - local_row["decoder_compute_to_first_audio_s"]),
         "ttfa_overhead_s": overhead,
-        "ttfa_overhead_fraction": overhead / local_row["time_to_first_audio_s"],
+        "ttfa_overhead_fraction": overhead_fraction,
         # the control: Ray's overhead measured directly, the LLM idle while the decoder works on chunk 1
         "cut_tokens": cut,
         "ray_overhead_s": control,
-        "ray_overhead_fraction": control / local_cut["time_to_first_audio_s"],
+        "ray_overhead_fraction": control_fraction,
+        "ray_overhead_fraction_range": control_range,
         "cut_decoder_compute_slowdown_s": (ray_cut["decoder_compute_to_first_audio_s"]
                                            - local_cut["decoder_compute_to_first_audio_s"]),
         "cut_handoff_overhead_s": ray_cut["handoff_s"] - local_cut["handoff_s"],
@@ -195,6 +201,15 @@ def latency(args, models: Path) -> dict:
         "target": "Ray overhead <= 10% of time to first audio",
         "per_run": {f"{name}{suffix}": [r.done.timings for r in results] for (name, suffix), results in samples.items()},
     }
+
+
+def _paired_overhead(staged: list, local: list) -> tuple[float, float, str]:
+    """Staged - in-process time to first audio per round (the two ran back to back), median seconds, median
+    fraction of the in-process time, and the fractions' range."""
+    pairs = [(s.done.timings["time_to_first_audio"], l.done.timings["time_to_first_audio"]) for s, l in zip(staged, local)]
+    fractions = [(s - l) / l for s, l in pairs]
+    return (statistics.median(s - l for s, l in pairs), statistics.median(fractions),
+            f"{min(fractions) * 100:+.1f} to {max(fractions) * 100:+.1f} %")
 
 
 def _first_chunk_length(token_ids: list[int], layout) -> int:
@@ -226,7 +241,8 @@ def _latency_row(path: str, results: list) -> dict:
 
 def _latency_summary(lat: dict) -> str:
     return (f"**Ray overhead on time to first audio: {lat['ray_overhead_s'] * 1000:+.1f} ms = "
-            f"{lat['ray_overhead_fraction'] * 100:+.1f} %** (target <= 10 %), measured on the request cut at its first "
+            f"{lat['ray_overhead_fraction'] * 100:+.1f} %** (target <= 10 %; per round {lat['ray_overhead_fraction_range']}; "
+            f"medians of the rounds' staged - in-process differences), measured on the request cut at its first "
             f"audio chunk ({lat['cut_tokens']} tokens), so the LLM is idle while the decoder works on that chunk in "
             f"both paths (staged - in-process: hand-offs {lat['cut_handoff_overhead_s'] * 1000:+.1f} ms, decoder compute "
             f"{lat['cut_decoder_compute_slowdown_s'] * 1000:+.1f} ms).\n\n"
@@ -284,10 +300,19 @@ def engine_throughput(args, models, label: str) -> dict:
     one, many = statistics.median(r[0] for r in ones), statistics.median(r[0] for r in manys)
     return {"rows": [{
         "models": label, "path": "engine in process (no Ray)", "tokens_per_s_1_stream": one,
-        f"tokens_per_s_{n}_streams": many, "speedup": many / one, "tokens": n * tokens,
+        f"tokens_per_s_{n}_streams": many, **_paired_speedup([r[0] for r in ones], [r[0] for r in manys]),
+        "tokens": n * tokens,
         "ms_per_step_1": statistics.median(r[1] for r in ones) * 1000,
         f"ms_per_step_{n}": statistics.median(r[1] for r in manys) * 1000,
     }]}
+
+
+def _paired_speedup(ones: list[float], manys: list[float]) -> dict:
+    """n streams vs 1 per round (the two runs of a round are back to back, so the machine's drift between
+    rounds cancels), median over rounds, with the range."""
+    ratios = [m / o for o, m in zip(ones, manys)]
+    return {"speedup": statistics.median(ratios), "speedup_range": f"{min(ratios):.2f}-{max(ratios):.2f}",
+            "speedup_per_round": ratios}
 
 
 def throughput(args, models, label: str, whole_pipeline: bool, align_steps: int | None = None,
@@ -374,7 +399,7 @@ def throughput(args, models, label: str, whole_pipeline: bool, align_steps: int 
                 continue
             one, many = statistics.median(ones), statistics.median(manys)
             row = {"models": label, "path": name, "tokens_per_s_1_stream": one, f"tokens_per_s_{n}_streams": many,
-                   "speedup": many / one, "tokens": count, "runs_1": ones, f"runs_{n}": manys}
+                   **_paired_speedup(ones, manys), "tokens": count, "runs_1": ones, f"runs_{n}": manys}
             if None not in firsts_1 + firsts_n:  # median time to a stream's first item (LLM stage path)
                 row["first_item_s_1_stream"] = statistics.median(firsts_1)
                 row[f"first_item_s_{n}_streams"] = statistics.median(firsts_n)
