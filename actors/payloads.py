@@ -213,25 +213,33 @@ def to_generation_request(request: SpeechRequest, prompt_ids: Sequence[int]) -> 
 
 
 class TextDetokenizer:
-    """Incremental detokenization: feed text ids, get the new printable text (holds back split UTF-8)."""
+    """Incremental detokenization: feed text ids, get the new printable text (holds back split UTF-8).
+
+    Each push decodes a window, the ids of the text returned last (context, so spaces and words split over
+    tokens come out as in a whole decode) plus the new ones, instead of every id so far: a long answer costs
+    linear time, not quadratic. The returned pieces add up to the whole decode.
+    """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = 0  # characters of the decoded text already returned
+        self.start = 0  # the window: ids[start:] are decoded; ids[start:done] were returned last time
+        self.done = 0
 
     def push(self, ids: Sequence[int]) -> str:
         self.ids.extend(int(i) for i in ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its next byte
-            return ""
-        delta, self.emitted = text[self.emitted :], len(text)
-        return delta
+        return self._new_text(final=False)
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        delta, self.emitted = text[self.emitted :], len(text)
-        return delta
+        return self._new_text(final=True)
+
+    def _new_text(self, final: bool) -> str:
+        returned = self.tokenizer.decode(self.ids[self.start : self.done], skip_special_tokens=True)
+        text = self.tokenizer.decode(self.ids[self.start :], skip_special_tokens=True)
+        if len(text) <= len(returned) or text.endswith("\ufffd") and not final:
+            return ""  # nothing printable yet (special ids, or a multi-byte character waiting for its next byte)
+        self.start, self.done = self.done, len(self.ids)
+        return text[len(returned) :]
 
 
 def engine_events_to_output(request_id: str, events, layout, detok: TextDetokenizer, token_ids: list[int]) -> LLMOutput:

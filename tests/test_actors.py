@@ -196,6 +196,44 @@ def test_llm_stage_starts_a_burst_that_trickles_in_together(config):
     assert admitted[0] == 1 and sum(admitted) == 2
 
 
+def test_text_detokenizer_pieces_add_up_to_the_whole_decode_in_linear_time(tiny_models):
+    """Multi-byte characters split over byte tokens are held back until whole, special ids are skipped, and each
+    push decodes only a short window (a long answer does not re-decode everything at every token)."""
+    import random
+
+    from actors.payloads import TextDetokenizer
+    from pipeline.tokens import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_models / "llm")
+    decoded = []  # ids per decode call
+
+    class Counting:
+        def decode(self, ids, **kwargs):
+            decoded.append(len(ids))
+            return tokenizer.decode(ids, **kwargs)
+
+    special = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for text in ["héllo wörld, a test.", "你好，世界！今天天气很好。", "emoji 🎉🎈 mixed 中文 and   spaces"]:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        ids = ids[:5] + [special] + ids[5:]
+        for seed in range(5):
+            rng, detok, pieces, i = random.Random(seed), TextDetokenizer(Counting()), [], 0
+            while i < len(ids):
+                n = rng.randint(1, 3)
+                pieces.append(detok.push(ids[i : i + n]))
+                i += n
+            pieces.append(detok.flush())
+            assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True) == text
+            assert not any(p.endswith("\ufffd") for p in pieces)
+
+    decoded.clear()
+    detok = TextDetokenizer(Counting())
+    long_ids = tokenizer.encode("word " * 400, add_special_tokens=False)
+    text = "".join(detok.push([t]) for t in long_ids) + detok.flush()
+    assert text == "word " * 400
+    assert sum(decoded) < 5 * len(long_ids)  # whole re-decodes would be ~len^2 / 2
+
+
 # --- decoder and encoder stages -------------------------------------------------------------------------
 
 
