@@ -167,6 +167,27 @@ def test_llm_stage_sends_the_first_text_at_once_and_merges_the_rest(config):
     assert items[0].text and len(items[-1].end.token_ids) == 12
 
 
+def test_llm_stage_sends_the_first_audio_chunk_at_once_and_merges_later_ones(config):
+    """TTS: the first item and the first audio chunk go out at once (the decoder starts on it); later chunks are
+    merged with what follows within stream_interval_s. Same chunks, text and ids as sending every step's output."""
+    from actors.llm_stage import LLMStage
+
+    def run(interval):
+        stage = LLMStage(dataclasses.replace(config.llm, stream_interval_s=interval))
+        request = SpeechRequest(task="tts", text=TEXTS[1], max_new_tokens=64, request_id="tts")
+        return asyncio.run(_generate(stage, request))
+
+    merged, each = run(30.0), run(0.0)
+    chunks = [c for item in each for c in item.audio_chunks]
+    assert len(chunks) >= 3 and len(each) > 3
+    first_audio = next(i for i, item in enumerate(merged) if item.audio_chunks)
+    assert merged[first_audio].audio_chunks == chunks[:1]  # alone, not merged with later chunks
+    assert len(merged) == first_audio + 2 and merged[-1].end is not None  # the rest: one item with the end
+    assert [c for item in merged for c in item.audio_chunks] == chunks
+    assert "".join(i.text for i in merged) == "".join(i.text for i in each)
+    assert merged[-1].end.token_ids == each[-1].end.token_ids
+
+
 def test_llm_stage_starts_a_burst_that_trickles_in_together(config):
     """Requests of a burst that arrive a little apart (each within admission_wait_s of the previous one, as Ray
     delivers a burst over several ms) start in the same first step; one arriving after the engine started joins
