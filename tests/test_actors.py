@@ -247,6 +247,17 @@ def test_text_detokenizer_pieces_add_up_to_the_whole_decode_in_linear_time(tiny_
             assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True) == text
             assert not any(p.endswith("\ufffd") for p in pieces)
 
+    from pipeline.tokens import TokenLayout
+
+    text_vocab = TokenLayout.from_tokenizer(tokenizer).audio_offset  # random text ids: byte pieces that do not
+    for seed in range(50):  # always form whole characters, special ids, words
+        rng = random.Random(seed)
+        ids = [rng.randrange(text_vocab) for _ in range(rng.randint(1, 40))]
+        detok, pieces = TextDetokenizer(tokenizer), []
+        for i in range(0, len(ids), 2):
+            pieces.append(detok.push(ids[i : i + 2]))
+        assert "".join(pieces) + detok.flush() == tokenizer.decode(ids, skip_special_tokens=True)
+
     decoded.clear()
     detok = TextDetokenizer(Counting())
     long_ids = tokenizer.encode("word " * 400, add_special_tokens=False)
