@@ -104,7 +104,7 @@ class LLMStage:
                 item = await self._next(state)
                 last = time.monotonic()
                 # An item waits up to stream_interval_s for more (fewer, larger items: at 8 streams on the tiny
-                # model about 11 instead of 20 items per stream of 256 tokens, +5 % tokens/s) unless it is the
+                # model about 11 instead of 20 items per stream of 256 tokens, ≈+4 % tokens/s) unless it is the
                 # stream's first item, carries its first audio chunk or ends it (the client's first text, the
                 # decoder's first input). Later audio chunks can wait: the decoder is busy with the earlier ones.
                 first_audio = bool(item.audio_chunks) and not state.audio_sent
