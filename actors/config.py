@@ -69,10 +69,9 @@ class LLMStageConfig:
     engine_thread: bool | None = None  # steps on a worker thread (True) or inline (False); None = by step time
     queue_size: int = 4  # per-request output items buffered before the engine waits for that consumer
     stall_timeout_s: float = 30.0  # a consumer that takes nothing for this long is aborted (frees its KV cache)
-    # output is sent about this often, merged into fewer items; a stream's first item, its first audio chunk
-    # and its end go at once. Also the longest run of inline steps (a new request waits at most this to join
-    # a busy small-model engine). 0 = every step's output at once
-    stream_interval_s: float = 0.04
+    # output is sent at most this often, merged into fewer items; a stream's first item, its first audio chunk
+    # and its end go at once. 0 = every step's output at once
+    stream_interval_s: float = 0.02
 
     def __post_init__(self):
         if not isinstance(self.align_steps, int) or self.align_steps < 0:

@@ -1,15 +1,9 @@
 """LLMStage: chat prompt -> MCTP decoding -> a stream of text deltas and audio chunks, continuously batched.
 
 One engine loop (an asyncio task) owns the `DecodeEngine`. Each turn of the loop it admits new requests,
-applies aborts, and runs engine steps over every active request; each request's events collect until an item
-is due, then go as one item to the request's bounded queue, which its streaming generator drains. So
-concurrent requests share decode steps and join or leave between steps.
-
-An item is due at once when a client waits on it (a stream's first token, its first audio chunk, its end);
-otherwise every `stream_interval_s`. Later audio chunks can wait like text: the decoder is busy with the
-earlier ones. Fewer, larger items matter: Ray reports each yielded item from a thread of the actor, which
-takes the GIL from the steps (on the tiny model, 40 ms instead of 20 ms between items gave ≈6 % more tokens/s
-at 1 and at 8 streams).
+applies aborts, and runs engine steps over every active request; the events go to per-request bounded
+queues that the requests' streaming generators drain. So concurrent requests share decode steps and join
+or leave between steps.
 
 Where the steps run (`engine_thread`, default automatic): on a worker thread when steps are slow or wait for
 a GPU, so the event loop streams results meanwhile (a GPU wait releases the GIL); inline on the event loop
@@ -31,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.generate import AudioChunkEvent, EndEvent
+from pipeline.generate import TokenEvent
 
 from actors.aio import within
 from actors.config import LLMStageConfig
@@ -58,10 +52,7 @@ class _Request:
     detok: TextDetokenizer
     full_since: float | None = None  # monotonic time the queue became full (consumer behind)
     token_ids: list[int] = field(default_factory=list)
-    pending: list = field(default_factory=list)  # engine events for the next item
-    due: bool = False  # pending holds what a client waits on: the first token, the first audio chunk, the end
-    sent_at: float | None = None  # monotonic time the last item went out (None: none yet)
-    audio_seen: bool = False  # an audio chunk was collected (the first one made its item due)
+    audio_sent: bool = False  # an item with an audio chunk went out (the decoder has its first input)
     finished: bool = False
 
 
@@ -107,12 +98,28 @@ class LLMStage:
         self.requests[request.request_id] = state
         self.to_add.append(to_generation_request(request, prompt_ids))
         self.wake.set()
+        interval, sent = self.config.stream_interval_s, 0
         try:
             while True:
                 item = await self._next(state)
+                last = time.monotonic()
+                # An item waits up to stream_interval_s for more (fewer, larger items: at 8 streams on the tiny
+                # model about 11 instead of 20 items per stream of 256 tokens, ≈+4 % tokens/s) unless it is the
+                # stream's first item, carries its first audio chunk or ends it (the client's first text, the
+                # decoder's first input). Later audio chunks can wait: the decoder is busy with the earlier ones.
+                first_audio = bool(item.audio_chunks) and not state.audio_sent
+                while (sent and not first_audio and item.end is None
+                       and (wait := last + interval - time.monotonic()) > 0):
+                    try:
+                        item = merge_outputs(item, await within(self._next(state), wait))
+                    except asyncio.TimeoutError:
+                        break
+                    first_audio = bool(item.audio_chunks) and not state.audio_sent
                 while item.end is None and not state.queue.empty():  # behind: send what piled up as one item
                     item = merge_outputs(item, await self._next(state))
+                state.audio_sent = state.audio_sent or bool(item.audio_chunks)
                 yield item
+                sent += 1
                 if item.end is not None:
                     return
         finally:  # normal end, consumer gone (cancellation) or error: free the engine's state
@@ -164,7 +171,6 @@ class LLMStage:
     async def _engine_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            self._send_due_items()  # also what waited for a consumer that caught up
             full = self._full_requests()
             runnable = self.to_add or self.to_abort or self.engine.has_unfinished() or set(self.paused) - full
             if not runnable:  # idle, or every request waits for its consumer: sleep until something changes
@@ -181,9 +187,9 @@ class LLMStage:
             threaded = self._use_thread()
             try:
                 if threaded:
-                    rejected = await loop.run_in_executor(self.executor, self._step, adds, aborts, full)
+                    events, rejected = await loop.run_in_executor(self.executor, self._step, adds, aborts, full)
                 else:
-                    rejected = self._step(adds, aborts, full)
+                    events, rejected = self._step(adds, aborts, full)
             except Exception as err:  # the engine is in an unknown state: fail everyone, keep the actor up
                 self._fail_all(RequestAborted(f"LLM engine step failed: {err!r}"))
                 self.engine, self.paused = self._reset_engine(), {}
@@ -193,9 +199,9 @@ class LLMStage:
                 if state is not None:
                     state.finished = True
                     state.queue.put_nowait(err)
-            self._send_due_items()
+            self._dispatch(events)
             if not threaded:
-                await asyncio.sleep(0)  # the generators take their items (and Ray delivers calls) before more steps
+                await asyncio.sleep(0)  # the generators take their items before the next inline steps
 
     async def _wait_for_burst(self) -> None:
         """An idle engine waits until no new request came for `admission_wait_s` (at most 4x that in all), so a
@@ -232,10 +238,9 @@ class LLMStage:
             full.add(request_id)
         return full
 
-    def _step(self, adds: list, aborts: set[str], full: set[str]) -> dict[str, Exception]:
-        """On the engine thread: pause/resume for backpressure, apply aborts and admissions, then decode steps
-        over every active request, their events collected into the requests' next items. Returns the rejected
-        requests with their errors.
+    def _step(self, adds: list, aborts: set[str], full: set[str]) -> tuple[list, dict[str, Exception]]:
+        """On the engine thread: pause/resume for backpressure, apply aborts and admissions, then one decode
+        step over every active request.
 
         A paused request (its consumer is behind) leaves the engine's batch with its caches intact and rejoins
         at the front of the queue once its consumer caught up; the others go on meanwhile.
@@ -258,59 +263,50 @@ class LLMStage:
             except ValueError as err:
                 rejected[request.request_id] = err
         if not engine.has_unfinished():
-            return rejected
-        # Several steps per hand-off: thread switches, consumer wake-ups and sending items cost about as much as
-        # a step of a small model. A run of steps lasts at most stream_interval_s (new requests wait at most that
-        # to join) and stops early when a client waits on an item (a first token, a first audio chunk, an end).
+            return [], rejected
+        # Several steps per hand-off: thread switches and consumer wake-ups cost about as much as a step of a
+        # small model. Stop early for anything a client waits on (a first token, an audio chunk, an end) or for
+        # new work from the event loop, so batching saves time without delaying first text or audio.
         started = time.monotonic()
-        deadline = started + self.config.stream_interval_s
+        events, deadline = [], started + self.config.stream_interval_s / 2
         with torch.inference_mode():
             while engine.has_unfinished():
                 batch = min(len(engine.active) + len(engine.waiting), engine.max_batch_size)
                 t0 = time.monotonic()
-                events = engine.step()
-                now = time.monotonic()
-                self.step_s += 0.1 * (now - t0 - self.step_s)
+                new = engine.step()
+                self.step_s += 0.1 * (time.monotonic() - t0 - self.step_s)
+                events += new
                 self.steps += 1
                 self.largest_batch = max(self.largest_batch, batch)
-                if self._collect(events) or self.to_add or self.to_abort or now >= deadline:
+                if self.to_add or self.to_abort or time.monotonic() >= deadline or self._needs_dispatch(new):
                     break
         self.busy_s += time.monotonic() - started
-        return rejected
+        return events, rejected
 
-    def _collect(self, events: list) -> bool:
-        """Add engine events to their requests' next items; True if a client waits on one of them."""
-        due = False
+    def _needs_dispatch(self, events: list) -> bool:
+        """True if a client is waiting for one of these events: an audio chunk, an end, or its first token."""
         for event in events:
+            if not isinstance(event, TokenEvent):
+                return True
             state = self.requests.get(event.request_id)
+            if state is None or not state.token_ids:
+                return True
+        return False
+
+    def _dispatch(self, events: list) -> None:
+        by_request: dict[str, list] = {}
+        for event in events:
+            by_request.setdefault(event.request_id, []).append(event)
+        for request_id, request_events in by_request.items():
+            state = self.requests.get(request_id)
             if state is None:  # aborted meanwhile; the engine drops it at the next step
                 continue
-            state.pending.append(event)
-            if isinstance(event, EndEvent) or state.sent_at is None:
-                state.due = True
-            elif isinstance(event, AudioChunkEvent) and not state.audio_seen:
-                state.audio_seen = state.due = True
-            due = due or state.due
-        return due
-
-    def _send_due_items(self) -> None:
-        """Send each request's collected events as one LLMOutput if a client waits on them or its last item is
-        half a `stream_interval_s` old (hand-offs come about every interval, so streams send together), unless
-        its consumer is `queue_size` items behind (the request pauses until it catches up)."""
-        now = time.monotonic()
-        for request_id, state in list(self.requests.items()):
-            if not state.pending:
-                continue
-            due = state.due or now - state.sent_at >= self.config.stream_interval_s / 2
-            if not due or state.queue.qsize() >= self.config.queue_size:
-                continue
-            output = engine_events_to_output(request_id, state.pending, self.layout, state.detok, state.token_ids)
-            state.pending, state.due = [], False
+            output: LLMOutput = engine_events_to_output(request_id, request_events, self.layout, state.detok,
+                                                        state.token_ids)
             if output.end is not None:
                 state.finished = True
-            if output.text or output.audio_chunks or output.end is not None:  # not only span markers
+            if output.text or output.audio_chunks or output.end is not None:
                 state.queue.put_nowait(output)
-                state.sent_at = now
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id, state in list(self.requests.items()):
