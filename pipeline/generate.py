@@ -679,7 +679,6 @@ class DecodeEngine:
         if mtp:
             parts.append(self._mtp_forward(modules, mtp))
         last = parts[0].last if len(parts) == 1 else torch.cat([part.last for part in parts])  # (rows, H)
-        logits = self._timed("lm_head", last.shape[0], 1, lambda: self.model.decode_logits(last))  # (rows, V)
         group, choice_rows, row = [], [], 0
         for part in parts:  # a verifying backbone row has 1 + #drafts logits rows; it chooses from the last
             part.first_row = row
@@ -687,10 +686,12 @@ class DecodeEngine:
                 row += len(seq.drafts) + 1 if part.modules is None else 1
                 group.append(seq)
                 choice_rows.append(row - 1)
+        lo, hi = self._choice_range(group)
+        logits = self._timed("lm_head", last.shape[0], 1, lambda: self.model.decode_logits(last, lo, hi))  # (rows, hi-lo)
         if len(choice_rows) < logits.shape[0]:
             chosen = self._choose_unverified(group, logits[torch.tensor(choice_rows, device=logits.device)])
         else:
-            chosen = self._choose_unverified(group, logits)
+            chosen = self._choose_unverified(group, logits, lo)
         first = 0
         for part in parts:
             n = len(part.group)
@@ -699,6 +700,21 @@ class DecodeEngine:
             else:
                 self._mtp_done(part, logits[part.first_row :], chosen[first : first + n], events)
             first += n
+
+    def _choice_range(self, group: list[_Sequence]) -> tuple[int, int]:
+        """The ids [lo, hi) a step needs lm_head scores for: when every row is a plain greedy choice under an
+        output constraint (no drafts to verify, no penalty, no logits trace), the union of the ids its slot allows
+        (a TTS step on audio slots: the codebook; on BOA: one id); else the whole vocabulary. The choice is
+        the same: ids outside a slot's range are never chosen."""
+        lo, hi = self.vocab_size, 0
+        for seq in group:
+            sampler = seq.sampler
+            if (seq.verify or sampler.constraint is None or not sampler.params.greedy or sampler.penalty is not None
+                    or (seq.trace is not None and "logits" in seq.trace)):
+                return 0, self.vocab_size
+            slot_lo, slot_hi, _ = sampler.constraint.ranges[sampler.constraint.slot(seq.generated)]
+            lo, hi = min(lo, slot_lo), max(hi, slot_hi)
+        return lo, hi
 
     def _backbone_forward(self, group: list[_Sequence]) -> "_Forward":
         model = self.model
@@ -799,9 +815,9 @@ class DecodeEngine:
                 seq.chain_k = k
                 self._emit(seq, chosen[i], self.mtp_names[k], events)
 
-    def _choose_unverified(self, group: list[_Sequence], logits: torch.Tensor) -> list[int | None]:
-        """The next token of every unverified request of a group (logits [G, V], one row each) in one go;
-        None for verifying requests, which choose in `_verify`."""
+    def _choose_unverified(self, group: list[_Sequence], logits: torch.Tensor, offset: int = 0) -> list[int | None]:
+        """The next token of every unverified request of a group (logits [G, V], one row each; with `offset`,
+        [G, W] over ids offset..offset+W-1) in one go; None for verifying requests, which choose in `_verify`."""
         rows = [i for i, s in enumerate(group) if not s.verify]
         chosen: list[int | None] = [None] * len(group)
         if rows:
@@ -810,6 +826,7 @@ class DecodeEngine:
                 [group[i].prefix(len(group[i].tokens)) for i in rows],
                 logits if len(rows) == len(group) else logits[rows],
                 [group[i].generated for i in rows],
+                offset,
             )
             for i, token in zip(rows, tokens):
                 chosen[i] = token

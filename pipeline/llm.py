@@ -364,32 +364,48 @@ class Qwen2MTPForCausalLM(Qwen2PreTrainedModel):
         x = x + torch.bmm(layer0.mlp.act_fn(gate) * up, w["down"][ks])
         return self.model.norm(x)
 
-    def decode_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """lm_head over the rows of a decode step: [rows, H] -> float32 [rows, V].
+    def decode_logits(self, hidden: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """lm_head over the rows of a decode step, for ids lo..hi-1 only: [rows, H] -> float32 [rows, hi - lo].
 
-        On CPU in float32, several rows go through a copy of the weight prepacked (reordered once) for oneDNN.
-        The plain fp32 matmul handles a few rows poorly: 8 rows of the tiny set took ~0.30 ms (0.7-0.8 ms
-        with the weight out of cache) against ~0.19 ms (0.37 ms) prepacked, for outputs equal within float
-        rounding. One row stays a plain matrix-vector product, already the fastest.
+        A step whose rows may only choose among some ids (an audio slot: the codebook's ids; a text slot: the
+        text ids) needs no scores for the rest; on a real checkpoint the codebook is a tenth of the vocabulary.
+        On CPU in float32, several rows go through a copy of the weight rows prepacked (reordered once) for
+        oneDNN. The plain fp32 matmul handles a few rows poorly: 8 rows of the tiny set took ~0.30 ms
+        (0.7-0.8 ms with the weight out of cache) against ~0.19 ms (0.37 ms) prepacked, for outputs equal
+        within float rounding. One row stays a plain matrix-vector product, already the fastest.
         """
-        packed = self._packed_lm_head() if hidden.shape[0] > 1 else None
-        if packed is None:
+        V = self.lm_head.weight.shape[0]
+        hi = V if hi is None else hi
+        if not 0 <= lo < hi <= V:
+            raise ValueError(f"id range [{lo}, {hi}) is not inside the vocabulary [0, {V})")
+        weight, bias = self.lm_head.weight, self.lm_head.bias
+        packed = self._packed_lm_head(lo, hi) if hidden.shape[0] > 1 else None
+        if packed is not None:
+            bias = None if bias is None else bias[lo:hi]
+            return torch.ops.mkldnn._linear_pointwise(hidden.contiguous(), packed, bias, "none", [], "")
+        if (lo, hi) == (0, V):
             return self.lm_head(hidden).float()
-        return torch.ops.mkldnn._linear_pointwise(hidden.contiguous(), packed, self.lm_head.bias, "none", [], "")
+        return F.linear(hidden, weight[lo:hi], None if bias is None else bias[lo:hi]).float()
 
-    def _packed_lm_head(self) -> torch.Tensor | None:
-        """The oneDNN-prepacked lm_head weight (CPU, float32, up to PACKED_LM_HEAD_MAX_ELEMENTS), else None."""
+    def _packed_lm_head(self, lo: int, hi: int) -> torch.Tensor | None:
+        """lm_head weight rows lo..hi-1 prepacked for oneDNN (CPU, float32, up to PACKED_LM_HEAD_MAX_ELEMENTS
+        in all), else None. Kept per id range: a model serves a few (whole vocabulary, text ids, codebook)."""
         weight = self.lm_head.weight
         stamp = _weight_stamp(weight)
-        cached = getattr(self, "_lm_head_packed", None)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-        packed = None
+        cache = getattr(self, "_lm_head_packed", None)
+        if cache is None or cache["stamp"] != stamp:
+            cache = self._lm_head_packed = {"stamp": stamp, "elements": 0}
+        if (lo, hi) in cache:
+            return cache[(lo, hi)]
+        elements = (hi - lo) * weight.shape[1]
         usable = (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-                  and weight.numel() <= PACKED_LM_HEAD_MAX_ELEMENTS and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-        if usable:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 8)  # 8: the row count it is tuned for
-        self._lm_head_packed = (stamp, packed)
+                  and cache["elements"] + elements <= PACKED_LM_HEAD_MAX_ELEMENTS
+                  and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+        packed = None
+        if usable:  # 8: the row count it is tuned for
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach()[lo:hi].contiguous(), 8)
+            cache["elements"] += elements
+        cache[(lo, hi)] = packed
         return packed
 
     # --- teacher-forced / training forward --------------------------------------------------------------

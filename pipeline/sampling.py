@@ -199,8 +199,11 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def choose_batch(samplers: Sequence[TokenSampler], prefixes: Sequence[torch.Tensor], logits: torch.Tensor,
-                 indices: Sequence[int]) -> list[int]:
+                 indices: Sequence[int], offset: int = 0) -> list[int]:
     """`choose` for several requests at once: float32 logits [G, V] -> one token per row.
+
+    With `offset`, logits [G, W] score ids offset..offset+W-1 only (`decode_logits` over an id range); every
+    row must then be a plain greedy one whose allowed ids lie inside that range.
 
     Plain greedy rows (no repetition penalty) are chosen together, a few tensor ops per kind of choice
     instead of a bias add over the vocabulary per row: rows without a constraint by one argmax; constrained
@@ -216,7 +219,7 @@ def choose_batch(samplers: Sequence[TokenSampler], prefixes: Sequence[torch.Tens
             continue
         constraint = sampler.constraint
         if constraint is None:
-            kinds.setdefault((0, logits.shape[1], None), []).append(i)
+            kinds.setdefault((offset, offset + logits.shape[1], None), []).append(i)
             continue
         slot = constraint.slot(indices[i])
         lo, hi, exact = constraint.ranges[slot]
@@ -225,7 +228,8 @@ def choose_batch(samplers: Sequence[TokenSampler], prefixes: Sequence[torch.Tens
         if biased is None and hi - lo == 1:  # a single allowed id
             chosen = [lo] * len(rows)
         else:
-            scores = logits[:, lo:hi] if len(rows) == logits.shape[0] else logits[rows, lo:hi]
+            cols = slice(lo - offset, hi - offset)
+            scores = logits[:, cols] if len(rows) == logits.shape[0] else logits[rows, cols]
             if biased is not None:  # the argmax of logits + bias lies inside the allowed ids' range
                 scores = scores + samplers[rows[0]].constraint.bias[biased[0]][:, lo:hi]
             chosen = argmax_rows(scores).add(lo).tolist()
@@ -233,5 +237,7 @@ def choose_batch(samplers: Sequence[TokenSampler], prefixes: Sequence[torch.Tens
             tokens[i] = token
     for i, sampler in enumerate(samplers):
         if tokens[i] is None:
+            if offset:
+                raise ValueError("rows other than plain greedy ones need the whole vocabulary's logits (offset 0)")
             tokens[i] = sampler.choose(prefixes[i], logits[i : i + 1], indices[i])
     return tokens

@@ -301,6 +301,14 @@ def test_decode_logits_equal_lm_head_and_follow_weight_changes(model):
         for rows in (1, 2, 3, 8, 16):
             torch.testing.assert_close(model.decode_logits(hidden[:rows]), model.lm_head(hidden[:rows]).float(),
                                        atol=1e-5, rtol=1e-5)
+        V = model.config.vocab_size
+        for lo, hi in [(0, V), (100, 356), (7, 8), (V - 5, V)]:  # an id range: those columns only
+            for rows in (1, 8):
+                torch.testing.assert_close(model.decode_logits(hidden[:rows], lo, hi),
+                                           model.lm_head(hidden[:rows]).float()[:, lo:hi], atol=1e-5, rtol=1e-5)
+        for lo, hi in [(-1, 5), (5, 5), (0, V + 1)]:
+            with pytest.raises(ValueError, match="id range"):
+                model.decode_logits(hidden[:2], lo, hi)
     weight = model.lm_head.weight
     saved = weight.detach().clone()
     try:
@@ -361,3 +369,62 @@ def test_choose_batch_equals_choose_row_by_row(model):
         assert batched == alone
         slots = {interleaved.slot(i) for i in range(16)}
         assert slots == {"text", "boa", "audio", "eoa"}
+
+
+def test_choose_batch_over_an_id_range_equals_the_whole_vocabulary(model):
+    """Scores over only the ids a step's rows may choose (`offset`) give the tokens the whole vocabulary gives."""
+    from pipeline.generate import default_layout
+    from pipeline.sampling import OutputConstraint, TokenSampler, choose_batch
+
+    layout, V = default_layout(model), model.config.vocab_size
+    interleaved = OutputConstraint("interleaved", layout, V, "cpu", [1, 10, 4, 10])
+    samplers = [TokenSampler(SamplingParams(), "cpu", interleaved) for _ in range(6)]
+    logits = torch.randn(6, V, generator=torch.Generator().manual_seed(2)) * 4
+    for indices in ([0] * 6, [1] * 6, [2, 3, 4, 5, 6, 7], [11] * 6, [0, 1, 2, 11, 12, 13]):  # text, BOA, audio, EOA, mixed
+        ranges = [interleaved.ranges[interleaved.slot(i)] for i in indices]
+        lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+        whole = choose_batch(samplers, [None] * 6, logits, indices)
+        assert choose_batch(samplers, [None] * 6, logits[:, lo:hi], indices, offset=lo) == whole
+    penalised = [TokenSampler(SamplingParams(repetition_penalty=1.3), "cpu", interleaved)]
+    with pytest.raises(ValueError, match="whole vocabulary"):  # a row that chooses alone needs every score
+        choose_batch(penalised, [torch.tensor([[1, 2]])], logits[:1, 5:9], [0], offset=5)
+
+
+def test_constrained_greedy_steps_score_only_the_allowed_ids(model):
+    """TTS-like requests (interleaved constraint, greedy): lm_head scores only the ids their slots allow (the
+    codebook on audio slots, one id on BOA/EOA), and the ids equal the whole-vocabulary path's (a logits trace
+    forces it) and each request's ids alone."""
+    V = model.config.vocab_size
+    ranges = []
+    decode_logits = model.decode_logits
+
+    def recording(hidden, lo=0, hi=None):
+        ranges.append((lo, V if hi is None else hi))
+        return decode_logits(hidden, lo, hi)
+
+    def run(prompts, **engine_args):
+        engine = DecodeEngine(model, **engine_args)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(GenerationRequest(prompt, mode="boost", max_new_tokens=40, request_id=f"c{i}",
+                                                 constraint="interleaved"))
+        ids = {f"c{i}": [] for i in range(len(prompts))}
+        while engine.has_unfinished():
+            for event in engine.step():
+                if isinstance(event, TokenEvent):
+                    ids[event.request_id].append(event.token_id)
+        return ids
+
+    prompts = [_prompt(n, 40 + n) for n in (9, 17, 4)]
+    model.decode_logits = recording
+    try:
+        batched = run(prompts)
+        narrow = [r for r in ranges if r != (0, V)]
+        ranges.clear()
+        whole = run(prompts, trace=True, trace_logits=True)
+        assert set(ranges) == {(0, V)}
+    finally:
+        del model.decode_logits
+    assert batched == whole
+    assert len(narrow) > len(batched["c0"]) // 2 and any(hi - lo == 1 for lo, hi in narrow)
+    for i, prompt in enumerate(prompts):
+        assert run([prompt])["c0"] == batched[f"c{i}"]
