@@ -686,8 +686,8 @@ class DecodeEngine:
                 row += len(seq.drafts) + 1 if part.modules is None else 1
                 group.append(seq)
                 choice_rows.append(row - 1)
-        lo, hi = self._choice_range(group)
-        logits = self._timed("lm_head", last.shape[0], 1, lambda: self.model.decode_logits(last, lo, hi))  # (rows, hi-lo)
+        lo, hi = self._choice_range(group)  # scores for ids lo..hi-1 only
+        logits = self._timed("lm_head", last.shape[0], 1, lambda: self.model.decode_logits(last, lo, hi))
         if len(choice_rows) < logits.shape[0]:
             chosen = self._choose_unverified(group, logits[torch.tensor(choice_rows, device=logits.device)])
         else:
