@@ -380,11 +380,14 @@ def test_choose_batch_over_an_id_range_equals_the_whole_vocabulary(model):
     interleaved = OutputConstraint("interleaved", layout, V, "cpu", [1, 10, 4, 10])
     samplers = [TokenSampler(SamplingParams(), "cpu", interleaved) for _ in range(6)]
     logits = torch.randn(6, V, generator=torch.Generator().manual_seed(2)) * 4
-    for indices in ([0] * 6, [1] * 6, [2, 3, 4, 5, 6, 7], [11] * 6, [0, 1, 2, 11, 12, 13]):  # text, BOA, audio, EOA, mixed
+    cases = ([0] * 6, [1] * 6, [2, 3, 4, 5, 6, 7], [11] * 6,  # text, BOA, audio, EOA
+             [1, 2, 3, 1, 4, 5], [0, 1, 2, 11, 12, 13])  # BOA with audio (the range starts at BOA), all kinds
+    for indices in cases:
         ranges = [interleaved.ranges[interleaved.slot(i)] for i in indices]
         lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
         whole = choose_batch(samplers, [None] * 6, logits, indices)
         assert choose_batch(samplers, [None] * 6, logits[:, lo:hi], indices, offset=lo) == whole
+        assert all(r[0] <= t < r[1] for r, t in zip(ranges, whole))
     penalised = [TokenSampler(SamplingParams(repetition_penalty=1.3), "cpu", interleaved)]
     with pytest.raises(ValueError, match="whole vocabulary"):  # a row that chooses alone needs every score
         choose_batch(penalised, [torch.tensor([[1, 2]])], logits[:1, 5:9], [0], offset=5)
