@@ -70,8 +70,9 @@ class LLMStageConfig:
     queue_size: int = 4  # per-request output items buffered before the engine waits for that consumer
     stall_timeout_s: float = 30.0  # a consumer that takes nothing for this long is aborted (frees its KV cache)
     # output is sent at most this often, merged into fewer items; a stream's first item, its first audio chunk
-    # and its end go at once. 0 = every step's output at once
-    stream_interval_s: float = 0.02
+    # and its end go at once. 0 = every step's output at once. 50 ms is also Ray Serve LLM's default response
+    # batching (RAYLLM_MODEL_RESPONSE_BATCH_TIMEOUT_MS): each item costs a Ray report beside the decode steps
+    stream_interval_s: float = 0.05
 
     def __post_init__(self):
         if not isinstance(self.align_steps, int) or self.align_steps < 0:

@@ -103,8 +103,9 @@ class LLMStage:
             while True:
                 item = await self._next(state)
                 last = time.monotonic()
-                # An item waits up to stream_interval_s for more (fewer, larger items: at 8 streams on the tiny
-                # model about 11 instead of 20 items per stream of 256 tokens, ≈+4 % tokens/s) unless it is the
+                # An item waits up to stream_interval_s for more (fewer, larger items: each costs a Ray report
+                # beside the decode steps; 8 streams of 256 tokens on the tiny model send ≈8 items each at 50 ms,
+                # ≈11 at 20 ms, 20 unmerged; each step +2-4 % of 8-stream tokens/s) unless it is the
                 # stream's first item, carries its first audio chunk or ends it (the client's first text, the
                 # decoder's first input). Later audio chunks can wait: the decoder is busy with the earlier ones.
                 first_audio = bool(item.audio_chunks) and not state.audio_sent
@@ -214,6 +215,9 @@ class LLMStage:
             await asyncio.sleep(min(wait, left))
 
     INLINE_STEP_S = 0.004  # automatic engine_thread: steps shorter than this run inline on the event loop
+    # longest run of steps between two turns of the event loop: new calls reach `generate()` only in those turns
+    # (runs of 40 ms made requests arriving 10 ms apart join ~180 ms late; benchmarks/README.md)
+    MAX_RUN_S = 0.01
 
     def _use_thread(self) -> bool:
         if self.config.engine_thread is not None:
@@ -268,7 +272,7 @@ class LLMStage:
         # small model. Stop early for anything a client waits on (a first token, an audio chunk, an end) or for
         # new work from the event loop, so batching saves time without delaying first text or audio.
         started = time.monotonic()
-        events, deadline = [], started + self.config.stream_interval_s / 2
+        events, deadline = [], started + min(self.MAX_RUN_S, self.config.stream_interval_s / 2)
         with torch.inference_mode():
             while engine.has_unfinished():
                 batch = min(len(engine.active) + len(engine.waiting), engine.max_batch_size)
