@@ -105,3 +105,37 @@ def test_bench_pipeline_latency_measures_ray_on_a_request_cut_at_its_first_audio
     ids = [layout.audio_offset + 5, layout.eoa]
     assert bench._first_chunk_length([7, layout.eoa, *ids, 9], layout) == 4  # the eoa after the first audio id
     assert bench._first_chunk_length([7, 9], layout) == 2  # no audio chunk closes: the whole request
+
+
+def test_bench_pipeline_measures_what_one_streamed_item_costs_ray(ray_session):
+    """The report's per-item cost of a Ray streaming generator: positive CPU in the producing actor and in this
+    consumer, from an actor that only streams (no model)."""
+    import argparse
+
+    from jobs.bench import pipeline as bench
+
+    cost = bench.ray_item_cost(argparse.Namespace(runs=1), n=50)
+    assert cost["items"] == 50 and cost["rounds"] == 2
+    assert cost["producer_cpu_us_per_item"] > 0 and cost["consumer_cpu_us_per_item"] > 0
+    assert cost["wall_us_per_item"] > 0
+
+
+def test_bench_pipeline_splits_a_step_into_fixed_and_per_row_costs(tiny_models):
+    """The engine part of `bench pipeline`: per-step parts at 1 and n requests add up to the step, and the
+    fixed / per-row split reproduces both measured step costs."""
+    import argparse
+
+    from jobs.bench import pipeline as bench
+
+    args = argparse.Namespace(runs=1, concurrency=4, throughput_tokens=24)
+    result = bench.engine_throughput(args, tiny_models, "tiny set")
+    costs = result["step_costs"]
+    for k in (1, 4):
+        parts = costs[f"ms_per_step_{k}"]
+        assert all(parts[p] > 0 for p in ("backbone", "mtp", "lm_head", "total"))
+        assert abs(sum(parts[p] for p in bench.STEP_PARTS) - parts["total"]) < 1e-9
+    fixed, per_row = costs["fixed_ms"], costs["per_row_ms"]["total"]
+    assert abs(fixed + per_row - costs["ms_per_step_1"]["total"]) < 1e-9
+    assert abs(fixed + 4 * per_row - costs["ms_per_step_4"]["total"]) < 1e-9
+    assert costs["per_row_ms_for_4x"] == 0.0  # 4 streams reach 4x one only if a row costs nothing
+    assert result["rows"][0]["tokens"] == 4 * 24

@@ -20,7 +20,9 @@ Part 2, throughput: aggregate LLM tokens/s of 8 concurrent TTS streams versus 1 
 set, (0) on a DecodeEngine in this process (the ceiling, no Ray), (a) through the LLM stage alone (continuous
 batching), (a) with phase-aware admission off
 (align_steps=0), (b) through the whole staged pipeline, and (a) again on the bench-sized LLM. For (a) also
-the median time from a call to its stream's first item, the price of waiting to join in phase.
+the median time from a call to its stream's first item, the price of waiting to join in phase. Beside them, where
+an engine step's time goes at 1 and 8 requests (fixed cost and what each row adds: the ratio's ceiling on this
+machine) and what one streamed item costs Ray in an actor that does nothing else.
 
 Threads: one torch thread per process by default (in-process composition and each stage). On a shared
 2-core machine two OpenMP threads per process oversubscribe the cores and runs slow down erratically
@@ -117,16 +119,36 @@ def run(args) -> dict:
                 "tiny_unaligned": throughput(args, tiny, "tiny set, align_steps=0", whole_pipeline=False, align_steps=0),
                 "bench": throughput(args, bench_models, "bench-sized LLM", whole_pipeline=False, staggered=False),
                 "target": f">= 4x at {args.concurrency} streams (tiny default)",
+                "ray_item_cost": ray_item_cost(args),
             }
             markdown += f"## Aggregate tokens/s, {args.concurrency} concurrent streams vs 1\n\n"
             columns = ["models", "path", "tokens_per_s_1_stream", f"tokens_per_s_{args.concurrency}_streams", "speedup",
                        "speedup_range",
                        "first_item_s_1_stream", f"first_item_s_{args.concurrency}_streams", "ms_per_step_1",
-                       f"ms_per_step_{args.concurrency}", "tokens", "error"]
+                       f"ms_per_step_{args.concurrency}", "items_per_stream_1", f"items_per_stream_{args.concurrency}",
+                       "tokens", "error"]
             rows = [row for key in ("engine", "tiny", "tiny_unaligned", "bench") for row in results["throughput"][key]["rows"]]
             markdown += markdown_table(rows, columns) + "\n"
             markdown += (f"speedup: median over {args.runs} rounds of the {args.concurrency}-stream run's tokens/s over the "
-                         "1-stream run's just before it (speedup_range: lowest-highest round); tokens/s: medians.\n")
+                         "1-stream run's just before it (speedup_range: lowest-highest round); tokens/s: medians; "
+                         "items_per_stream: stream items a client received.\n")
+            costs = results["throughput"]["engine"]["step_costs"]
+            n = args.concurrency
+            markdown += (f"\n### Where a step's time goes (engine in process, tiny set; ms per step, medians of "
+                         f"profiled rounds)\n\n")
+            step_rows = [{"requests": 1, **costs["ms_per_step_1"]}, {"requests": n, **costs[f"ms_per_step_{n}"]},
+                         {"requests": "one more row adds", **costs["per_row_ms"]}]
+            markdown += markdown_table(step_rows, ["requests", *STEP_PARTS, "total"]) + "\n"
+            markdown += (f"A step costs about fixed + rows x per_row: fixed {costs['fixed_ms']:.3f} ms, per row "
+                         f"{costs['per_row_ms']['total']:.3f} ms. {n} streams reach 4x one stream only if a row adds "
+                         f"at most ({n} - 4) / (3 x {n}) of the fixed cost: {costs['per_row_ms_for_4x']:.3f} ms. "
+                         "What a row adds is its own arithmetic (attention over its cached positions, the MCTP "
+                         "catch-up, its lm_head scores) and its bookkeeping, on one core.\n")
+            cost = results["throughput"]["ray_item_cost"]
+            markdown += (f"\nOne streamed item costs Ray {cost['producer_cpu_us_per_item']:.0f} µs of CPU in the producing "
+                         f"actor and {cost['consumer_cpu_us_per_item']:.0f} µs in the consumer ({cost['items']} items of an "
+                         f"actor that only streams them, medians of {cost['rounds']} rounds); in the LLM stage the "
+                         "producer's share runs beside the decode steps, hence the output merged into fewer items.\n")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if started:
@@ -279,8 +301,10 @@ def engine_throughput(args, models, label: str) -> dict:
     model = load_llm(config.llm.path)
     n, tokens = args.concurrency, args.throughput_tokens
 
-    def run(k: int) -> tuple[float, float]:
-        engine = DecodeEngine(model, layout=layout, max_batch_size=max(16, n), align_steps=config.llm.align_steps)
+    def run(k: int, profile: bool = False) -> tuple[float, float, int, DecodeEngine]:
+        """k requests added together, run to the end: (tokens/s, seconds per step, steps, the engine)."""
+        engine = DecodeEngine(model, layout=layout, max_batch_size=max(16, n), align_steps=config.llm.align_steps,
+                              profile=profile)
         for i in range(k):
             request = SpeechRequest(task="tts", text=TEXTS[i % len(TEXTS)], max_new_tokens=tokens)
             engine.add_request(to_generation_request(request, build_prompt(request, tokenizer, layout)))
@@ -290,7 +314,7 @@ def engine_throughput(args, models, label: str) -> dict:
                 generated += sum(isinstance(event, TokenEvent) for event in engine.step())
                 steps += 1
         seconds = time.perf_counter() - t0
-        return generated / seconds, seconds / steps
+        return generated / seconds, seconds / steps, steps, engine
 
     run(1), run(n)  # warm-up
     ones, manys = [], []
@@ -304,7 +328,84 @@ def engine_throughput(args, models, label: str) -> dict:
         "tokens": n * tokens,
         "ms_per_step_1": statistics.median(r[1] for r in ones) * 1000,
         f"ms_per_step_{n}": statistics.median(r[1] for r in manys) * 1000,
-    }]}
+    }], "step_costs": step_costs(run, n, max(args.runs, 2))}
+
+
+STEP_PARTS = ("backbone", "mtp", "lm_head", "rest")
+
+
+def step_costs(run, n: int, rounds: int) -> dict:
+    """Where a step's time goes at 1 and at n requests (engine `profile=True`, alternated rounds, medians): the
+    backbone forward, the MCTP forward, lm_head, and the rest (inputs, masks, token choice, bookkeeping).
+
+    Each request adds one row to every step, so a step costs about fixed + rows * per_row, and n requests give
+    at most n * (fixed + per_row) / (fixed + n * per_row) times the tokens/s of one: the ceiling that batching
+    the same work can reach. `per_row_ms` is what one more row adds to a step, split by part.
+    """
+    samples: dict[int, list[dict]] = {1: [], n: []}  # per round: ms per step of each part
+    for _ in range(rounds):
+        for k in (1, n):
+            _, seconds_per_step, steps, engine = run(k, profile=True)
+            parts = dict.fromkeys(STEP_PARTS, 0.0)
+            for kind, _, _, seconds in engine.forward_log:
+                parts[kind if kind in ("backbone", "lm_head") else "mtp"] += seconds
+            parts = {part: seconds / steps * 1000 for part, seconds in parts.items()}
+            parts["total"] = seconds_per_step * 1000
+            parts["rest"] = parts["total"] - sum(parts[p] for p in STEP_PARTS[:3])
+            samples[k].append(parts)
+    out = {f"ms_per_step_{k}": {part: statistics.median(r[part] for r in rows) for part in (*STEP_PARTS, "total")}
+           for k, rows in samples.items()}
+    one, many = out["ms_per_step_1"], out[f"ms_per_step_{n}"]
+    out["per_row_ms"] = {part: (many[part] - one[part]) / (n - 1) for part in (*STEP_PARTS, "total")}
+    out["fixed_ms"] = fixed = one["total"] - out["per_row_ms"]["total"]
+    out["per_row_ms_for_4x"] = (n - 4) * fixed / (3 * n)  # n (F + r) / (F + n r) >= 4  <=>  r <= (n - 4) F / 3n
+    return out
+
+
+class _ItemSource:
+    """An async actor that only streams a given item n times: what one streamed item costs in Ray itself."""
+
+    async def stream(self, item, n: int):
+        for _ in range(n):
+            yield item
+
+    async def cpu_seconds(self) -> float:
+        return time.process_time()  # every thread of the actor process (event loop, Ray's report threads)
+
+
+def ray_item_cost(args, n: int = 1000) -> dict:
+    """CPU time per streamed item of a Ray streaming generator, in the producing actor and in the consumer.
+
+    The LLM stage sends each request's output as such items; the item below is an LLMOutput like a merged TTS
+    item (a text delta and an audio chunk). The producer's share runs beside the decode steps in the stage's
+    process, which is why the stage merges output into fewer items (`stream_interval_s`).
+    """
+    import ray
+
+    from actors.payloads import LLMOutput
+
+    source = ray.remote(_ItemSource).options(max_concurrency=10, num_cpus=0).remote()
+    item = LLMOutput(request_id="bench", text="a text delta ", text_ids=[1, 2, 3], audio_chunks=[list(range(10))])
+
+    async def consume() -> None:
+        async for ref in source.stream.options(num_returns="streaming").remote(item, n):
+            await ref
+
+    rounds = []
+    try:
+        for _ in range(max(args.runs, 2) + 1):  # the first is a warm-up
+            actor0, mine0, t0 = ray.get(source.cpu_seconds.remote()), time.process_time(), time.perf_counter()
+            asyncio.run(consume())
+            wall, mine = time.perf_counter() - t0, time.process_time() - mine0
+            actor = ray.get(source.cpu_seconds.remote()) - actor0
+            rounds.append((wall / n, actor / n, mine / n))
+    finally:
+        ray.kill(source)
+    rounds = rounds[1:]
+    return {"items": n, "rounds": len(rounds),
+            "wall_us_per_item": statistics.median(r[0] for r in rounds) * 1e6,
+            "producer_cpu_us_per_item": statistics.median(r[1] for r in rounds) * 1e6,
+            "consumer_cpu_us_per_item": statistics.median(r[2] for r in rounds) * 1e6}
 
 
 def _paired_speedup(ones: list[float], manys: list[float]) -> dict:
@@ -330,18 +431,22 @@ def throughput(args, models, label: str, whole_pipeline: bool, align_steps: int 
     pipe = Pipeline.start(config)
     n, tokens = args.concurrency, args.throughput_tokens
     first_items: list[float] = []  # per stream: seconds from the call to its first item (text or audio)
+    items: list[int] = []  # per stream: items received (each one is a Ray report; see ray_item_cost)
     texts = [TEXTS[i % len(TEXTS)] for i in range(n)]
 
     async def llm_only(text: str) -> int:
         request = SpeechRequest(task="tts", text=text, max_new_tokens=tokens)
         count, start = 0, time.perf_counter()
+        received = 0
         async for ref in pipe.stages.llm.generate.options(num_returns="streaming").remote(request):
             item = await ref
+            received += 1
             if count == 0 and start is not None:
                 first_items.append(time.perf_counter() - start)
                 start = None
             if item.end is not None:
                 count = len(item.end.token_ids)
+        items.append(received)
         return count
 
     async def llm_many(k: int, stagger_s: float = 0.0) -> int:
@@ -369,10 +474,12 @@ def throughput(args, models, label: str, whole_pipeline: bool, align_steps: int 
 
     def timed(fn, k):
         first_items.clear()
+        items.clear()
         t0 = time.perf_counter()
         count = fn(k)
         first = statistics.median(first_items) if first_items else None
-        return count / (time.perf_counter() - t0), count, first
+        per_stream = sum(items) / k if items else None
+        return count / (time.perf_counter() - t0), count, first, per_stream
 
     rows = []
     try:
@@ -386,14 +493,16 @@ def throughput(args, models, label: str, whole_pipeline: bool, align_steps: int 
         for name, fn in paths:
             try:
                 fn(1)  # warm-up
-                ones, manys, firsts_1, firsts_n = [], [], [], []
+                ones, manys, firsts_1, firsts_n, items_1, items_n = [], [], [], [], [], []
                 for _ in range(args.runs):  # alternate 1 and n streams; medians (the machine is noisy)
-                    one, _, first = timed(fn, 1)
+                    one, _, first, per_stream = timed(fn, 1)
                     ones.append(one)
                     firsts_1.append(first)
-                    many, count, first = timed(fn, n)
+                    items_1.append(per_stream)
+                    many, count, first, per_stream = timed(fn, n)
                     manys.append(many)
                     firsts_n.append(first)
+                    items_n.append(per_stream)
             except RuntimeError as err:  # reported in the table, the other rows still count
                 rows.append({"models": label, "path": name, "error": str(err)[:200]})
                 continue
@@ -403,6 +512,8 @@ def throughput(args, models, label: str, whole_pipeline: bool, align_steps: int 
             if None not in firsts_1 + firsts_n:  # median time to a stream's first item (LLM stage path)
                 row["first_item_s_1_stream"] = statistics.median(firsts_1)
                 row[f"first_item_s_{n}_streams"] = statistics.median(firsts_n)
+                row["items_per_stream_1"] = statistics.median(items_1)
+                row[f"items_per_stream_{n}"] = statistics.median(items_n)
             rows.append(row)
         stats = pipe.stats()
     finally:
