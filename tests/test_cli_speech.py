@@ -121,21 +121,23 @@ def test_bench_pipeline_measures_what_one_streamed_item_costs_ray(ray_session):
 
 
 def test_bench_pipeline_splits_a_step_into_fixed_and_per_row_costs(tiny_models):
-    """The engine part of `bench pipeline`: per-step parts at 1 and n requests add up to the step, and the
-    fixed / per-row split reproduces both measured step costs."""
+    """The engine part of `bench pipeline`: per-step parts at 1 and n requests add up to the step, the fixed /
+    per-row split reproduces both measured step costs, and the per-row budget for 4x is a sixth of the fixed cost
+    at 8 streams (8 (F + r) / (F + 8 r) = 4 at r = F / 6)."""
     import argparse
 
     from jobs.bench import pipeline as bench
 
-    args = argparse.Namespace(runs=1, concurrency=4, throughput_tokens=24)
+    args = argparse.Namespace(runs=1, concurrency=8, throughput_tokens=16)
     result = bench.engine_throughput(args, tiny_models, "tiny set")
     costs = result["step_costs"]
-    for k in (1, 4):
+    for k in (1, 8):
         parts = costs[f"ms_per_step_{k}"]
         assert all(parts[p] > 0 for p in ("backbone", "mtp", "lm_head", "total"))
         assert abs(sum(parts[p] for p in bench.STEP_PARTS) - parts["total"]) < 1e-9
     fixed, per_row = costs["fixed_ms"], costs["per_row_ms"]["total"]
     assert abs(fixed + per_row - costs["ms_per_step_1"]["total"]) < 1e-9
-    assert abs(fixed + 4 * per_row - costs["ms_per_step_4"]["total"]) < 1e-9
-    assert costs["per_row_ms_for_4x"] == 0.0  # 4 streams reach 4x one only if a row costs nothing
-    assert result["rows"][0]["tokens"] == 4 * 24
+    assert abs(fixed + 8 * per_row - costs["ms_per_step_8"]["total"]) < 1e-9
+    budget = costs["per_row_ms_for_4x"]
+    assert abs(8 * (fixed + budget) / (fixed + 8 * budget) - 4) < 1e-9
+    assert result["rows"][0]["tokens"] == 8 * 16

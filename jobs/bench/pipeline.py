@@ -134,8 +134,8 @@ def run(args) -> dict:
                          "items_per_stream: stream items a client received.\n")
             costs = results["throughput"]["engine"]["step_costs"]
             n = args.concurrency
-            markdown += (f"\n### Where a step's time goes (engine in process, tiny set; ms per step, medians of "
-                         f"profiled rounds)\n\n")
+            markdown += ("\n### Where a step's time goes (engine in process, tiny set; ms per step, medians of "
+                         "profiled rounds)\n\n")
             step_rows = [{"requests": 1, **costs["ms_per_step_1"]}, {"requests": n, **costs[f"ms_per_step_{n}"]},
                          {"requests": "one more row adds", **costs["per_row_ms"]}]
             markdown += markdown_table(step_rows, ["requests", *STEP_PARTS, "total"]) + "\n"
