@@ -76,6 +76,9 @@ class Qwen2MTPConfig(Qwen2Config):
     num_nextn_predict_layers: int = 1  # N, the number of MCTP modules (the last N entries of model.layers)
     mtp_loss_weight: float = 1.0  # total loss = CE_main + mtp_loss_weight / N * sum_k CE_k
     speech_token_offset: int = 151685  # id of <|audio_0|>; informational, the tokenizer is the source of truth
+    # Packed MTP loss: False (default) scores only pairs inside one sample; True also scores the original's
+    # boundary pair of each module (last row of a sample vs the next sample's first kept label), see forward.
+    mtp_loss_across_samples: bool = False
 
     @property
     def num_backbone_layers(self) -> int:
@@ -425,6 +428,13 @@ class Qwen2MTPForCausalLM(Qwen2PreTrainedModel):
         attention never crosses a sample. Loss = CE_main + mtp_loss_weight / N * sum_k CE_k; when `lm_head` is
         frozen (training stages 2-3) the MCTP inputs are detached and CE_main is dropped, as in the original.
         CE terms are sum / num_items_in_batch when given (HF Trainer semantics), else a mean over scored rows.
+
+        Why `config.mtp_loss_across_samples` exists: the original computes CE_k over a packed row filtered to
+        the tokens with position id > k and shifts by one inside that filtered row, so the last row of a sample
+        is also scored against the first kept label (position k+1) of the next sample, a prediction the module
+        cannot make (it never sees that sample). That pair is noise and makes the packed loss differ from the
+        samples trained alone, so the default scores within-sample pairs only; True reproduces the original
+        exactly (../shared/parity/llm_train, where such pairs occur for modules 3..9 of a 10-module model).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
@@ -470,6 +480,8 @@ class Qwen2MTPForCausalLM(Qwen2PreTrainedModel):
             k_logits = self.lm_head(h)
             if labels is not None:
                 target = _shift_targets(labels, segment, valid_tokens, shift=k + 2)
+                if self.config.mtp_loss_across_samples:
+                    target = _add_boundary_targets(target, labels, position_ids, valid_tokens, k)
                 ce = _cross_entropy(k_logits, target, num_items_in_batch)
                 mtp_losses.append(ce)
                 loss_terms.append(ce * (self.config.mtp_loss_weight / self.num_mtp_modules))
@@ -514,6 +526,23 @@ def _shift_targets(labels: torch.Tensor, segment: torch.Tensor, valid: torch.Ten
     if shift < L:
         same = (segment[:, shift:] == segment[:, :-shift]) & valid[:, shift:] & valid[:, :-shift]
         target[:, : L - shift] = torch.where(same, labels[:, shift:], IGNORE_INDEX)
+    return target
+
+
+def _add_boundary_targets(
+    target: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor, k: int
+) -> torch.Tensor:
+    """The original's cross-sample pairs of module k: its filtered row keeps tokens s with position id > k; for
+    consecutive kept tokens s_a < s_b that are not adjacent (a sample boundary), module row s_a-k-1 (whose
+    input token is s_a) is scored against labels[s_b]."""
+    target = target.clone()
+    for b in range(labels.shape[0]):
+        kept = torch.nonzero((position_ids[b] > k) & valid[b]).flatten()
+        if kept.numel() < 2:
+            continue
+        s_a, s_b = kept[:-1], kept[1:]
+        jump = s_b != s_a + 1
+        target[b, s_a[jump] - k - 1] = labels[b, s_b[jump]]
     return target
 
 
