@@ -1,0 +1,393 @@
+"""The speech data path, written once: request -> speech encoder -> LLM stream -> audio decoder -> events.
+
+    async for event in run_request(clients, limits, "tts", text="Hello there."):
+        ...                                   # TextDelta | AudioChunk | Done | ErrorEvent
+
+Every front end runs requests through `run_request`; they differ only in the `StageClients` they pass:
+Ray actor handles (`actors.pipeline.Pipeline`), in-process stage objects (`actors.local.LocalPipeline`) or
+Ray Serve deployment handles. This module imports neither ray nor torch, so an adapter for any of them
+can import the protocol, the failure types and the function.
+
+Per request two tasks cooperate: one reads the LLM stream and sends each audio chunk to the decoder as
+soon as it arrives (the decoder starts on chunk 1 while the LLM goes on), the other awaits the PCM of
+those chunks in order. At most `limits.max_inflight_chunks` chunks wait for the decoder, so a slow
+decoder or client slows the LLM down instead of piling up memory.
+
+Failures end a request with one `ErrorEvent` naming the stage. A client raises `StageRestarting` for a
+call that never ran because its stage is restarting: calls that are safe to resend (the encoding, the
+start of the LLM stream, the first chunk of a decoder stream) are retried until `stage_timeout_s`.
+A consumer that stops early (break, aclose) aborts the LLM request and closes the decoder stream.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar
+
+from actors.aio import within
+from actors.config import STAGES
+from actors.payloads import (
+    TASK_DEFAULT,
+    AudioChunk,
+    AudioPayload,
+    DecodeChunk,
+    Done,
+    ErrorEvent,
+    LLMEnd,
+    LLMOutput,
+    PCMChunk,
+    PipelineEvent,
+    SpeechRequest,
+    TextDelta,
+    load_waveform,
+    new_request_id,
+)
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The contract with the stages
+
+
+class StageFailure(Exception):
+    """A stage failed for one request; `stage` names it ("input", "encoder", "llm", "decoder", "pipeline")."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(message)
+        self.stage = stage
+
+
+class StageRestarting(StageFailure):
+    """The call did not run because the stage is restarting: resending it is safe."""
+
+
+class StageClients(Protocol):
+    """What the orchestration needs from the three stages. Adapters translate their transport's errors
+    into `StageFailure` / `StageRestarting`; any other exception is reported as a failure of the stage.
+
+    Calls for one request are made from one event loop; implementations must be safe for concurrent
+    requests (the orchestration runs many at once on one client object).
+    """
+
+    async def tokenize(self, audio: AudioPayload) -> list[int]:
+        """Speech encoder: the audio codes of one waveform."""
+
+    def generate(self, request: SpeechRequest) -> AsyncIterator[LLMOutput]:
+        """LLM engine: the request's outputs in order; the last one has `end` set."""
+
+    async def push(self, chunk: DecodeChunk) -> PCMChunk:
+        """Audio decoder: PCM for the request's next chunk (by `chunk.seq`); `final` flushes and frees."""
+
+    def close(self, request_id: str) -> None:
+        """Audio decoder: drop the request's stream (fire and forget; never raises)."""
+
+    def abort(self, request_id: str) -> None:
+        """LLM engine: stop generating for the request (fire and forget; never raises)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Deadlines and the decoder hand-off bound (from `PipelineConfig`)."""
+
+    stage_timeout_s: float = 60.0  # a stage call without progress for this long fails the request
+    request_timeout_s: float = 300.0  # the whole request
+    max_inflight_chunks: int = 4  # chunks sent to the decoder whose PCM was not yet taken
+
+    @classmethod
+    def of(cls, config) -> "Limits":
+        return cls(config.stage_timeout_s, config.request_timeout_s, config.max_inflight_chunks)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One request
+
+
+@dataclass
+class _Trace:
+    """Per-request bookkeeping: timings (seconds from submission) and what each stage did."""
+
+    start: float = field(default_factory=time.perf_counter)
+    wall_start: float = field(default_factory=time.time)  # places the stages' wall-clock stamps on our axis
+    timings: dict = field(default_factory=dict)
+    usage: dict = field(default_factory=lambda: {s: {} for s in STAGES})
+    text: str = ""
+    audio_codes: list[int] = field(default_factory=list)
+    end: LLMEnd | None = None
+    chunks_out: int = 0
+
+    def mark(self, name: str) -> None:
+        self.timings.setdefault(name, time.perf_counter() - self.start)
+
+
+async def run_request(clients: StageClients, limits: Limits, task: str, *, text: str | None = None, audio=None,
+                      voice=None, history: Sequence[dict] = (), system: str | None = None, mode=None,
+                      max_new_tokens: int = 256, sampling=None, constraint=TASK_DEFAULT, request_id: str = "",
+                      timeout_s: float | None = None) -> AsyncIterator[PipelineEvent]:
+    """Run one tts / asr / chat request through the stages; yields events, the last is Done or ErrorEvent.
+
+    `audio` / `voice`: a path, bytes or 16 kHz array (voice may also be a list of audio codes). Closing
+    the generator early aborts the LLM request and closes the decoder stream.
+    """
+    request_id = request_id or new_request_id(task)
+    trace = _Trace()
+    try:  # input problems are the caller's: report them before touching any stage
+        audio_payload = load_waveform(audio) if audio is not None else None
+        voice_payload = None if voice is None or is_codes(voice) else load_waveform(voice)
+        if task == "tts" and (not isinstance(text, str) or not text.strip()):
+            raise ValueError(f"text={text!r}: TTS needs a non-empty text")
+    except (ValueError, FileNotFoundError) as err:
+        yield ErrorEvent("input", str(err), request_id)
+        return
+
+    out: asyncio.Queue = asyncio.Queue()
+    worker = asyncio.create_task(_drive(clients, limits, trace, out, task=task, request_id=request_id, text=text,
+                                        audio=audio_payload, voice=voice, voice_payload=voice_payload,
+                                        history=history, system=system, mode=mode, max_new_tokens=max_new_tokens,
+                                        sampling=sampling, constraint=constraint))
+    timeout = timeout_s or limits.request_timeout_s
+    deadline = time.monotonic() + timeout
+    finished = False
+    try:
+        while True:
+            try:
+                event = await within(out.get(), max(deadline - time.monotonic(), 0.0))
+            except asyncio.TimeoutError:
+                yield ErrorEvent("pipeline", f"request timed out after {timeout:g} s (request_timeout_s)", request_id)
+                return
+            if isinstance(event, AudioChunk):
+                trace.mark("time_to_first_audio")
+            elif isinstance(event, TextDelta):
+                trace.mark("time_to_first_text")
+            elif isinstance(event, Done):
+                trace.mark("total")
+                event.timings = dict(trace.timings)
+            if isinstance(event, (Done, ErrorEvent)):
+                finished = isinstance(event, Done)
+                yield event
+                return
+            yield event
+    finally:
+        worker.cancel()
+        if not finished:  # consumer stopped, error or timeout: free the LLM request and the decoder stream
+            clients.abort(request_id)
+            clients.close(request_id)
+
+
+async def _drive(clients: StageClients, limits: Limits, trace: _Trace, out: asyncio.Queue, *, task, request_id,
+                 text, audio, voice, voice_payload, history, system, mode, max_new_tokens, sampling,
+                 constraint) -> None:
+    """Run one request through the stages, putting client events on `out` (ends with Done or ErrorEvent)."""
+    try:
+        codes, voice_codes = await _encode(clients, limits, trace, audio, voice_payload)
+        if voice is not None and voice_payload is None:
+            voice_codes = [int(c) for c in voice]
+        try:
+            request = SpeechRequest(task=task, request_id=request_id, text=text, codes=codes, history=tuple(history),
+                                    voice_codes=voice_codes, system=system, mode=mode,
+                                    max_new_tokens=max_new_tokens, sampling=sampling, constraint=constraint)
+        except ValueError as err:
+            raise StageFailure("input", str(err)) from None
+        await _stream(clients, limits, request, trace, out)
+        trace.usage["llm"].update(trace.end.usage)
+        # when the LLM stage finished, on the request's time axis (stage clock; same host or NTP-synced)
+        trace.timings["llm_finished"] = trace.end.finished_at - trace.wall_start
+        out.put_nowait(Done(reason=trace.end.reason, text=trace.text, token_ids=list(trace.end.token_ids),
+                            audio_codes=trace.audio_codes, usage=trace.usage, timings={}))
+    except StageFailure as err:
+        out.put_nowait(ErrorEvent(err.stage, str(err), request_id))
+    except asyncio.CancelledError:
+        raise
+    except Exception as err:  # a bug in the orchestration: still a clean terminal event
+        out.put_nowait(ErrorEvent("pipeline", f"{type(err).__name__}: {err}", request_id))
+
+
+async def _encode(clients: StageClients, limits: Limits, trace: _Trace, audio: AudioPayload | None,
+                  voice: AudioPayload | None):
+    payloads = [p for p in (audio, voice) if p is not None]
+    if not payloads:
+        return None, None
+    results = [await retry_restarting("encoder", lambda p=p: clients.tokenize(p), limits.stage_timeout_s)
+               for p in payloads]
+    trace.mark("encoded")
+    trace.usage["encoder"] = {"waveforms": len(payloads), "seconds_of_audio": sum(p.seconds for p in payloads),
+                              "codes": sum(len(r) for r in results)}
+    codes = results.pop(0) if audio is not None else None
+    voice_codes = results.pop(0) if voice is not None else None
+    if audio is not None and not codes:
+        raise StageFailure("encoder", f"the encoder produced no codes for {audio.name!r} ({audio.seconds:.2f} s)")
+    return codes, voice_codes
+
+
+async def _stream(clients: StageClients, limits: Limits, request: SpeechRequest, trace: _Trace,
+                  out: asyncio.Queue) -> None:
+    """LLM stream -> text events + decoder pushes (bounded), decoder PCM -> audio events, in order."""
+    pending_pcm: asyncio.Queue = asyncio.Queue(maxsize=limits.max_inflight_chunks)
+    decoder_usage = {"chunks": 0, "forwards": 0}
+    trace.usage["decoder"] = decoder_usage
+    timeout = limits.stage_timeout_s
+
+    async def start_llm():
+        stream = clients.generate(request)
+        try:
+            return stream, await within(_next(stream), timeout)
+        except BaseException:
+            await _aclose(stream)
+            raise
+
+    async def read_llm() -> None:
+        stream, item = await retry_restarting("llm", start_llm, timeout)
+        try:
+            sent_audio, n_chunks = False, 0
+            while True:
+                if item.text or item.text_ids:
+                    trace.text += item.text
+                    out.put_nowait(TextDelta(item.text, list(item.text_ids)))
+                for codes in item.audio_chunks:
+                    trace.mark("first_audio_codes")
+                    trace.audio_codes.extend(codes)
+                    chunk = DecodeChunk(request.request_id, codes, seq=n_chunks)
+                    n_chunks += 1
+                    if not sent_audio:  # the decoder may still be restarting: its stream starts on this chunk,
+                        # and later chunks are sent only once that stream exists (on the restarted stage)
+                        first_pcm = asyncio.get_running_loop().create_future()
+                        first_pcm.set_result(await retry_restarting("decoder", lambda c=chunk: clients.push(c), timeout))
+                        await pending_pcm.put(first_pcm)
+                    else:
+                        await pending_pcm.put(asyncio.ensure_future(clients.push(chunk)))
+                    sent_audio = True
+                if item.end is not None:
+                    trace.end = item.end
+                    trace.mark("llm_done")
+                    break
+                item = await _guard("llm", _next(stream), timeout)
+        finally:
+            await _aclose(stream)
+        if sent_audio:  # flush the decoder stream's tail (and free it)
+            final = DecodeChunk(request.request_id, [], final=True, seq=n_chunks)
+            await pending_pcm.put(asyncio.ensure_future(clients.push(final)))
+        await pending_pcm.put(None)
+
+    async def read_pcm() -> None:
+        while (pushed := await pending_pcm.get()) is not None:
+            chunk = await _guard("decoder", pushed, timeout)
+            decoder_usage["chunks"] += 1
+            decoder_usage["forwards"] = chunk.forwards
+            decoder_usage["compute_s"] = decoder_usage.get("compute_s", 0.0) + chunk.compute_s
+            if len(chunk.pcm):
+                if not trace.chunks_out:  # decoder compute behind the first audio (the rest is hand-off)
+                    trace.timings["first_audio_decoder_compute"] = decoder_usage["compute_s"]
+                out.put_nowait(AudioChunk(chunk.pcm, chunk.sample_rate, trace.chunks_out))
+                trace.chunks_out += 1
+
+    tasks = [asyncio.create_task(read_llm()), asyncio.create_task(read_pcm())]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception() is not None:
+                raise task.exception()
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        while not pending_pcm.empty():  # pushes nobody will await: do not leave "exception never retrieved"
+            pushed = pending_pcm.get_nowait()
+            if isinstance(pushed, asyncio.Future):
+                pushed.cancel()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Failures and retries
+
+
+def as_failure(stage: str, err: BaseException, timeout_s: float) -> StageFailure:
+    """A stage-named failure for whatever a client raised (adapters have translated their transport's)."""
+    if isinstance(err, StageFailure):
+        return err
+    if isinstance(err, (asyncio.TimeoutError, TimeoutError)):
+        return StageFailure(stage, f"{stage} stage made no progress for {timeout_s:g} s (stage_timeout_s)")
+    if isinstance(err, StopAsyncIteration):
+        return StageFailure(stage, f"{stage} stream ended without an end marker")
+    return StageFailure(stage, f"{stage} stage failed: {type(err).__name__}: {err}")
+
+
+async def _guard(stage: str, awaitable: Awaitable[T], timeout_s: float) -> T:
+    """Await one stage call under the stage deadline, turning any error into a StageFailure naming it."""
+    try:
+        return await within(awaitable, timeout_s)
+    except asyncio.CancelledError:
+        raise
+    except BaseException as err:
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise as_failure(stage, err, timeout_s) from None
+
+
+async def retry_restarting(stage: str, call: Callable[[], Awaitable[T]], timeout_s: float) -> T:
+    """Await `call()`, resending it while the stage restarts (it never ran there), until `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.05
+    while True:
+        try:
+            return await _guard(stage, call(), max(deadline - time.monotonic(), 0.0))
+        except StageRestarting:
+            if time.monotonic() + delay >= deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+async def _next(stream: AsyncIterator[T]) -> T:
+    return await stream.__anext__()
+
+
+async def _aclose(stream) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        try:
+            await aclose()
+        except Exception:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The request API every front end offers
+
+
+class SpeechAPI:
+    """tts / asr / chat as async generators over `run_request`; a front end provides `clients` and `limits`.
+
+    Options for every method: mode, max_new_tokens, sampling (pipeline.generate.SamplingParams, None =
+    greedy), constraint ("task" = the task's layout, "interleaved", "text" or None), request_id, timeout_s.
+    """
+
+    clients: StageClients
+    limits: Limits
+
+    def tts_async(self, text: str, *, voice=None, **options) -> AsyncIterator[PipelineEvent]:
+        """Speak `text` (optional voice prompt: audio or codes): text deltas, PCM chunks, then Done."""
+        return run_request(self.clients, self.limits, "tts", text=text, voice=voice, **options)
+
+    def asr_async(self, audio, **options) -> AsyncIterator[PipelineEvent]:
+        """Transcribe `audio` (path, bytes or a 16 kHz array): text deltas, then Done."""
+        return run_request(self.clients, self.limits, "asr", audio=audio, **options)
+
+    def chat_async(self, audio_or_text, *, history: Sequence[dict] = (), voice=None, system: str | None = None,
+                   **options) -> AsyncIterator[PipelineEvent]:
+        """One spoken (or text) turn after `history`; answers in text and speech."""
+        key = "text" if isinstance(audio_or_text, str) and not looks_like_path(audio_or_text) else "audio"
+        return run_request(self.clients, self.limits, "chat", history=history, voice=voice, system=system,
+                           **{key: audio_or_text}, **options)
+
+
+def is_codes(value) -> bool:
+    """A voice prompt given as audio codes (a list of ints) rather than audio."""
+    import numbers
+
+    return isinstance(value, (list, tuple)) and all(isinstance(v, numbers.Integral) for v in value)
+
+
+def looks_like_path(text: str) -> bool:
+    return os.path.exists(text) or text.lower().endswith((".wav", ".flac", ".mp3", ".ogg"))
