@@ -58,11 +58,10 @@ def grow_mtp_modules(model: Qwen2MTPForCausalLM, num_mtp_modules: int, seed: int
     module layer NB+k <- layer NB+k-1 (so stage 2's module starts as the last backbone layer and stage 3's ten
     start as stage 2's module), mtp_projs/norms k <- k-1 for k >= 1; a brand new module 0 keeps a random
     N(0, initializer_range) projection and unit norms. Existing modules and the backbone are copied unchanged."""
-    old = model.num_mtp_modules
-    if num_mtp_modules < old:
-        raise ValueError(f"cannot shrink MCTP modules from {old} to {num_mtp_modules}")
+    old = model.num_mtp_modules  # fewer modules than the folder holds (stage 1 from an MCTP folder): the extra drop
     NB = model.num_backbone_layers
-    cfg = Qwen2MTPConfig(**{**model.config.to_dict(), "num_hidden_layers": NB + num_mtp_modules,
+    base = {k: v for k, v in model.config.to_dict().items() if k != "layer_types"}  # re-derived
+    cfg = Qwen2MTPConfig(**{**base, "num_hidden_layers": NB + num_mtp_modules,
                             "num_nextn_predict_layers": num_mtp_modules, "model_type": "qwen2_mtp"})
     cfg.architectures = ["Qwen2MTPForCausalLM"]
     torch.manual_seed(seed)  # the random init of a brand-new mtp_projs.0 is reproducible
@@ -70,7 +69,7 @@ def grow_mtp_modules(model: Qwen2MTPForCausalLM, num_mtp_modules: int, seed: int
     state = model.state_dict()
     missing = set(new.state_dict()) - set(state)
     copied = dict(state)
-    for k in range(old, num_mtp_modules):
+    for k in range(min(old, num_mtp_modules), num_mtp_modules):
         src, dst = f"model.layers.{NB + k - 1}.", f"model.layers.{NB + k}."
         for key in list(copied):
             if key.startswith(src):

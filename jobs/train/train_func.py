@@ -1,0 +1,158 @@
+"""The per-worker training loop for Ray Train's TorchTrainer: one stage, DeepSpeed inside (spec §6).
+
+Every worker loads the stage's starting folder, grows/initialises MCTP modules and freezes as the stage says
+(deterministically, so all ranks hold identical weights), packs its own Ray Data shard, and trains with
+`deepspeed.initialize` over a client AdamW (keeps the MCTP lr groups; no JIT fused-Adam build on CPU).
+
+Loss normalisation follows the original's HF Trainer + DeepSpeed (spec §6.4): every CE of a micro-batch is
+sum / N_window, N_window = the scored backbone targets of the whole gradient-accumulation window on this
+worker, and DeepSpeed must not divide by the accumulation steps again (`scale_wrt_gas=False`); ranks average.
+Checkpoints (model, optimizer, scheduler, step, config) are written by all ranks into one folder under the run
+directory (shared storage on a cluster) and reported by rank 0 through `ray.train.report`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jobs.train.packing import main_token_count, pack
+from jobs.train.stages import freeze_for_stage, grow_mtp_modules, param_groups, warmup_cosine
+
+COMPLETE = "complete.json"
+
+
+def build_model(cfg: dict):
+    from pipeline.llm import load_llm
+
+    model = load_llm(cfg["init_dir"], dtype=torch.float32)
+    if cfg["num_mtp_modules"] > model.num_mtp_modules:
+        model = grow_mtp_modules(model, cfg["num_mtp_modules"], seed=cfg.get("seed", 42))
+    model.config.mtp_loss_across_samples = bool(cfg.get("mtp_loss_across_samples", False))
+    freeze_for_stage(model, cfg["language_model_frozen"])
+    return model.train()
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest checkpoint folder whose write finished (rank 0 writes COMPLETE after every rank saved)."""
+    done = [p for p in ckpt_root.glob("step*") if (p / COMPLETE).is_file()] if ckpt_root.is_dir() else []
+    return max(done, key=lambda p: int(p.name[4:]), default=None)
+
+
+def train_func(cfg: dict) -> None:
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.get("seed", 42))
+    model = build_model(cfg)
+    total = cfg["max_steps"]
+    optimizer = torch.optim.AdamW(param_groups(model, cfg["lr"], cfg["weight_decay"], cfg["mtp_lr_mult"]),
+                                  lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, total, cfg["warmup_ratio"], cfg["min_lr_ratio"]))
+    gas = cfg["grad_accum"]
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": gas,
+        "gradient_clipping": cfg["max_grad_norm"],
+        "zero_optimization": {"stage": cfg["zero_stage"]},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        **({"bf16": {"enabled": True}} if cfg.get("bf16") and torch.cuda.is_available() else {}),
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+
+    ckpt_root = Path(cfg["ckpt_root"])
+    step = 0
+    resume = ray.train.get_checkpoint()
+    resume_dir = Path(resume.path) if resume is not None else latest_checkpoint(ckpt_root)
+    if resume_dir is not None:
+        _, client = engine.load_checkpoint(str(resume_dir), tag="state")
+        step = int(client["step"])
+
+    rows = _packed_rows(ray.train.get_dataset_shard("train"), cfg)
+    metrics_path = Path(cfg["out_dir"]).with_name(Path(cfg["out_dir"]).name + ".metrics.jsonl")
+    cursor = step * gas  # the data position is a function of the step, so a resumed run sees the same batches
+    while step < total:
+        window = [rows[(cursor + i) % len(rows)] for i in range(gas)]
+        cursor += gas
+        n_items = max(1, sum(main_token_count(r[2][None]) for r in window))
+        t0, sums = time.perf_counter(), {"loss": 0.0, "backbone": 0.0, "mtp": None}
+        for ids, pos, labels in window:
+            batch = {k: torch.from_numpy(v[None]).to(engine.device) for k, v in
+                     (("input_ids", ids), ("position_ids", pos), ("labels", labels))}
+            out = engine(**batch, num_items_in_batch=n_items)
+            engine.backward(out.loss, scale_wrt_gas=False)
+            engine.step()
+            sums["loss"] += out.loss.item()
+            sums["backbone"] += out.backbone_loss.item()
+            mtp = np.array([x.item() for x in out.mtp_losses])
+            sums["mtp"] = mtp if sums["mtp"] is None else sums["mtp"] + mtp
+        step += 1
+        dt = time.perf_counter() - t0
+        metrics = {"stage": cfg["stage"], "step": step, "loss": sums["loss"], "backbone_loss": sums["backbone"],
+                   "mtp_losses": [] if sums["mtp"] is None else sums["mtp"].tolist(),
+                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": gas * len(window[0][0]) * world / dt}
+        checkpoint = None
+        if step % cfg["save_every"] == 0 or step == total:
+            checkpoint = _save(engine, ckpt_root / f"step{step}", step, cfg, rank, dist)
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            if step % cfg.get("log_every", 1) == 0:
+                print(f"[stage {cfg['stage']}] step {step}/{total} loss {metrics['loss']:.4f} "
+                      f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s", flush=True)
+        ray.train.report(metrics, checkpoint=checkpoint if rank == 0 else None)
+    if rank == 0:
+        write_hf_folder(engine.module, cfg)
+    dist.barrier()
+
+
+def _packed_rows(shard, cfg: dict) -> list:
+    samples = list(shard.iter_rows())
+    samples.sort(key=lambda s: str(s["id"]))  # shard order is not stable across restarts; the id order is
+    packed = pack(samples, cfg["max_length"], cfg["pad_id"])
+    if not len(packed.input_ids):
+        raise ValueError(f"no sample of this worker's shard fits max_length={cfg['max_length']} "
+                         f"({packed.dropped} dropped): raise max_length or give the stage more data")
+    return list(zip(packed.input_ids, packed.position_ids, packed.labels))
+
+
+def _save(engine, path: Path, step: int, cfg: dict, rank: int, dist):
+    from ray.train import Checkpoint
+
+    engine.save_checkpoint(str(path), tag="state", client_state={"step": step, "config": cfg})
+    dist.barrier()
+    if rank == 0:
+        (path / COMPLETE).write_text(json.dumps({"step": step}))
+    dist.barrier()
+    return Checkpoint.from_directory(str(path))
+
+
+def write_hf_folder(model, cfg: dict) -> Path:
+    """RUN_DIR/stage<N>/: save_pretrained (safetensors), the tokenizer of the starting folder, and the
+    generation config with this stage's MCTP mode; written to a temp folder then renamed (atomic)."""
+    out = Path(cfg["out_dir"])
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.config.mtp_loss_across_samples = False  # a training-time choice, not a property of the weights
+    model.save_pretrained(tmp, safe_serialization=True)
+    init = Path(cfg["init_dir"])
+    for name in os.listdir(init):
+        if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens", "chat_template")):
+            shutil.copy(init / name, tmp / name)
+    gen_path = init / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    gen["mtp_inference_mode"] = list(cfg["mtp_inference_mode"])
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
