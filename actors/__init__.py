@@ -6,8 +6,10 @@
     llm_stage      LLMStage: prompt -> text deltas + audio chunks (continuous batching, per-request backpressure)
     decoder_stage  DecoderStage: audio chunks -> PCM (one incremental stream per request, batched)
     builder        placement group + ray.remote + resources (the only module that knows Ray options)
-    pipeline       Pipeline: tts / asr / chat streaming over the three actors
-    local          LocalPipeline: the same modules composed in one process (reference and baseline)
+    orchestration  run_request: the speech data path, once, over a StageClients protocol (no ray)
+    pipeline       Pipeline: RayStageClients over the three actors' handles
+    local          LocalPipeline: LocalStageClients over stage objects in one process (no ray)
+    results        collect: a request's events gathered into one result
 
 Nothing here knows HTTP; `serve/` builds on these classes.
 """
@@ -17,7 +19,7 @@ _EXPORTS = {
     "PipelineConfig": "actors.config",
     "StageResources": "actors.config",
     "Pipeline": "actors.pipeline",
-    "collect": "actors.pipeline",
+    "collect": "actors.results",
     "LocalPipeline": "actors.local",
     "EncoderStage": "actors.encoder_stage",
     "LLMStage": "actors.llm_stage",

@@ -12,3 +12,29 @@ async def within(awaitable, seconds: float | None):
     """
     async with asyncio.timeout(seconds):
         return await awaitable
+
+
+class LoopThread:
+    """An event loop on a daemon thread: the sync API of a pipeline is a thin bridge over its async one."""
+
+    def __init__(self, name: str):
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self._thread.start()
+
+    def iterate(self, agen):
+        """Drive an async generator on the loop; closing the returned iterator closes the generator."""
+        try:
+            while True:
+                try:
+                    yield asyncio.run_coroutine_threadsafe(agen.__anext__(), self.loop).result()
+                except StopAsyncIteration:
+                    return
+        finally:
+            asyncio.run_coroutine_threadsafe(agen.aclose(), self.loop).result(timeout=30)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)

@@ -1,36 +1,105 @@
-"""The in-process composition of the same modules, without Ray: encoder -> engine.stream -> decoder stream.
+"""The same data path in one process, without Ray: speech encoder, LLM engine and audio decoder objects.
 
 The reference the staged pipeline is checked against (same ids, same audio for greedy decoding) and the
-baseline of `vita-audio bench pipeline`. It yields the same events as `actors.pipeline.Pipeline`, one
-request at a time, with the same glue functions (`actors.payloads`).
+baseline of `vita-audio bench pipeline`. Requests run through the same `actors.orchestration.run_request`
+as the staged `Pipeline`; only the stage clients differ (`LocalStageClients`). Nothing here imports ray.
+
+The stages compute on the pipeline's loop thread, one request at a time as before: the decoder decodes a
+chunk the moment the LLM hands it over, and the LLM steps again only after that chunk's PCM reached the
+consumer (so first-audio timings count no extra engine step).
 """
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Iterator, Sequence
+from typing import AsyncIterator
 
 import torch
 
+from actors.aio import LoopThread
 from actors.config import PipelineConfig
+from actors.orchestration import Limits, SpeechAPI
 from actors.payloads import (
-    TASK_DEFAULT,
-    AudioChunk,
-    Done,
-    ErrorEvent,
-    PipelineEvent,
+    AudioPayload,
+    DecodeChunk,
+    LLMOutput,
+    PCMChunk,
     SpeechRequest,
-    TextDelta,
     TextDetokenizer,
     build_prompt,
     engine_events_to_output,
-    load_waveform,
-    new_request_id,
     to_generation_request,
 )
-from actors.pipeline import _is_codes, _looks_like_path
+
+# loop turns after each LLM output: the PCM of a chunk goes decoder -> PCM reader -> consumer (two hand-offs)
+_HAND_OFFS = 4
 
 
-class LocalPipeline:
+class LocalStageClients:
+    """`StageClients` over in-process stage objects (the encoder, tokenizer + engine, decoder)."""
+
+    def __init__(self, config: PipelineConfig, encoder, tokenizer, layout, engine, decoder):
+        self.config, self.encoder, self.tokenizer, self.layout = config, encoder, tokenizer, layout
+        self.engine, self.decoder = engine, decoder
+        self.streams: dict[str, object] = {}  # request id -> decoder stream
+
+    async def tokenize(self, audio: AudioPayload) -> list[int]:
+        with torch.inference_mode():
+            return self.encoder.tokenize(audio.pcm, audio.sample_rate)
+
+    async def generate(self, request: SpeechRequest) -> AsyncIterator[LLMOutput]:
+        prompt_ids = build_prompt(request, self.tokenizer, self.layout)
+        detok, token_ids = TextDetokenizer(self.tokenizer), []
+        events = self.engine.stream(to_generation_request(request, prompt_ids))
+        ended = False
+        try:
+            while not ended:
+                with torch.inference_mode():
+                    event = next(events)
+                output = engine_events_to_output(request.request_id, [event], self.layout, detok, token_ids)
+                ended = output.end is not None
+                yield output
+                for _ in range(_HAND_OFFS if output.audio_chunks else 1):
+                    await asyncio.sleep(0)
+        finally:
+            events.close()
+            if not ended:
+                self.engine.abort(request.request_id)
+
+    def push(self, chunk: DecodeChunk) -> "asyncio.Future[PCMChunk]":
+        """Decodes at once (the hand-off is the call) and returns the finished PCM as a done future."""
+        result = asyncio.get_running_loop().create_future()
+        try:
+            result.set_result(self._decode(chunk))
+        except Exception as err:
+            self.streams.pop(chunk.request_id, None)
+            result.set_exception(err)
+        return result
+
+    def _decode(self, chunk: DecodeChunk) -> PCMChunk:
+        stream = self.streams.get(chunk.request_id)
+        if stream is None:
+            settings = self.config.decoder
+            stream = self.streams[chunk.request_id] = self.decoder.stream(
+                mode=settings.stream_mode, n_steps=settings.n_steps, seed=settings.seed)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            pcm = stream.push(list(chunk.codes), chunk.final)
+        if chunk.final:
+            self.streams.pop(chunk.request_id, None)
+        # forwards: one per chunk, as the stage counts a request's unbatched pushes
+        return PCMChunk(chunk.request_id, pcm, self.decoder.sample_rate, chunk.seq + 1, time.perf_counter() - start)
+
+    def close(self, request_id: str) -> None:
+        self.streams.pop(request_id, None)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+
+class LocalPipeline(SpeechAPI):
+    """tts / asr / chat (sync and `*_async`, see `SpeechAPI`) over stage objects built in this process."""
+
     def __init__(self, config: PipelineConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         from pipeline.decoder import load_decoder
         from pipeline.encoder import load_encoder
@@ -47,72 +116,6 @@ class LocalPipeline:
                                    max_batch_size=config.llm.max_batch_size,
                                    align_steps=config.llm.align_steps)
         self.decoder = load_decoder(config.decoder.path, device=device, dtype=dtype)
-
-    def tts(self, text: str, *, voice=None, **options) -> Iterator[PipelineEvent]:
-        return self._run("tts", text=text, voice=voice, **options)
-
-    def asr(self, audio, **options) -> Iterator[PipelineEvent]:
-        return self._run("asr", audio=audio, **options)
-
-    def chat(self, audio_or_text, *, history: Sequence[dict] = (), voice=None, system: str | None = None,
-             **options) -> Iterator[PipelineEvent]:
-        if isinstance(audio_or_text, str) and not _looks_like_path(audio_or_text):
-            return self._run("chat", text=audio_or_text, history=history, voice=voice, system=system, **options)
-        return self._run("chat", audio=audio_or_text, history=history, voice=voice, system=system, **options)
-
-    def _tokenize(self, audio) -> list[int]:
-        payload = load_waveform(audio)
-        return self.encoder.tokenize(payload.pcm, payload.sample_rate)
-
-    @torch.inference_mode()
-    def _run(self, task: str, *, text=None, audio=None, voice=None, history=(), system=None, mode=None,
-             max_new_tokens: int = 256, sampling=None, constraint=TASK_DEFAULT, request_id: str = "",
-             timeout_s: float | None = None) -> Iterator[PipelineEvent]:
-        request_id = request_id or new_request_id(task)
-        start, timings = time.perf_counter(), {}
-        try:
-            codes = self._tokenize(audio) if audio is not None else None
-            voice_codes = None
-            if voice is not None:
-                voice_codes = [int(c) for c in voice] if _is_codes(voice) else self._tokenize(voice)
-            request = SpeechRequest(task=task, request_id=request_id, text=text, codes=codes, history=tuple(history),
-                                    voice_codes=voice_codes, system=system, mode=mode, max_new_tokens=max_new_tokens,
-                                    sampling=sampling, constraint=constraint)
-        except (ValueError, FileNotFoundError) as err:
-            yield ErrorEvent("input", str(err), request_id)
-            return
-        prompt_ids = build_prompt(request, self.tokenizer, self.layout)
-        detok, token_ids, audio_codes, text_out = TextDetokenizer(self.tokenizer), [], [], ""
-        stream, index, end, decoder_compute = None, 0, None, 0.0
-        for event in self.engine.stream(to_generation_request(request, prompt_ids)):
-            output = engine_events_to_output(request_id, [event], self.layout, detok, token_ids)
-            if output.text or output.text_ids:
-                text_out += output.text
-                timings.setdefault("time_to_first_text", time.perf_counter() - start)
-                yield TextDelta(output.text, output.text_ids)
-            for chunk in output.audio_chunks:
-                timings.setdefault("first_audio_codes", time.perf_counter() - start)
-                audio_codes.extend(chunk)
-                if stream is None:
-                    stream = self.decoder.stream(mode=self.config.decoder.stream_mode, n_steps=self.config.decoder.n_steps,
-                                                 seed=self.config.decoder.seed)
-                pushed = time.perf_counter()
-                pcm = stream.push(chunk)
-                decoder_compute += time.perf_counter() - pushed
-                if len(pcm):
-                    timings.setdefault("first_audio_decoder_compute", decoder_compute)
-                    timings.setdefault("time_to_first_audio", time.perf_counter() - start)
-                    yield AudioChunk(pcm, self.decoder.sample_rate, index)
-                    index += 1
-            if output.end is not None:
-                end = output.end
-                break
-        timings["llm_done"] = time.perf_counter() - start
-        if stream is not None:
-            tail = stream.finish()
-            if len(tail):
-                timings.setdefault("time_to_first_audio", time.perf_counter() - start)
-                yield AudioChunk(tail, self.decoder.sample_rate, index)
-        timings["total"] = time.perf_counter() - start
-        yield Done(reason=end.reason, text=text_out, token_ids=list(end.token_ids), audio_codes=audio_codes,
-                   usage={"llm": end.usage}, timings=timings)
+        self.clients = LocalStageClients(config, self.encoder, self.tokenizer, self.layout, self.engine, self.decoder)
+        self.limits = Limits.of(config)
+        self.bridge = LoopThread("vita-local-pipeline")
