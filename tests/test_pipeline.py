@@ -107,6 +107,27 @@ def test_asr_and_chat_equal_in_process(pipe, local, speech_file):
     assert staged.done.usage["llm"]["backbone_forwards"] + staged.done.usage["llm"]["mtp_forwards"] == 40
 
 
+def test_staged_and_local_run_the_same_orchestration(pipe, local, speech_file, monkeypatch):
+    """Both front ends call `actors.orchestration.run_request` (only their stage clients differ) and agree."""
+    import actors.orchestration as orchestration
+
+    seen = []
+    original = orchestration.run_request
+
+    def counting(clients, limits, task, **kwargs):
+        seen.append((type(clients).__name__, task))
+        return original(clients, limits, task, **kwargs)
+
+    monkeypatch.setattr(orchestration, "run_request", counting)
+    for run in (lambda p: p.tts("Good morning!", max_new_tokens=32), lambda p: p.asr(speech_file, max_new_tokens=12)):
+        staged, reference = collect(run(pipe)), collect(run(local))
+        assert staged.ok and reference.ok, (staged.error, reference.error)
+        assert staged.token_ids == reference.token_ids and staged.audio_codes == reference.audio_codes
+        np.testing.assert_allclose(staged.pcm, reference.pcm, rtol=0, atol=1e-6)
+    assert seen == [("RayStageClients", "tts"), ("LocalStageClients", "tts"),
+                    ("RayStageClients", "asr"), ("LocalStageClients", "asr")]
+
+
 @pytest.mark.parametrize("task", ["tts", "chat"])
 def test_first_audio_arrives_before_the_llm_finishes(pipe, task):
     events = []
