@@ -76,7 +76,6 @@ class LLMStage:
         self.requests: dict[str, _Request] = {}
         self.to_add: list = []  # GenerationRequests admitted at the next step
         self.to_abort: set[str] = set()
-        self.paused: dict[str, object] = {}  # request id -> engine sequence taken out of the batch (backpressure)
         self.wake: asyncio.Event | None = None
         self.loop_task: asyncio.Task | None = None
         self.loop_error: BaseException | None = None
@@ -173,11 +172,12 @@ class LLMStage:
         loop = asyncio.get_running_loop()
         while True:
             full = self._full_requests()
-            runnable = self.to_add or self.to_abort or self.engine.has_unfinished() or set(self.paused) - full
+            paused = self.engine.paused_ids()
+            runnable = self.to_add or self.to_abort or self.engine.has_unfinished() or set(paused) - full
             if not runnable:  # idle, or every request waits for its consumer: sleep until something changes
                 self.wake.clear()
                 try:
-                    await within(self.wake.wait(), 1.0 if self.paused else None)
+                    await within(self.wake.wait(), 1.0 if paused else None)
                 except asyncio.TimeoutError:
                     pass
                 continue
@@ -193,7 +193,7 @@ class LLMStage:
                     events, rejected = self._step(adds, aborts, full)
             except Exception as err:  # the engine is in an unknown state: fail everyone, keep the actor up
                 self._fail_all(RequestAborted(f"LLM engine step failed: {err!r}"))
-                self.engine, self.paused = self._reset_engine(), {}
+                self.engine.reset()
                 continue
             for request_id, err in rejected.items():  # bad request (mode, prompt): fails alone
                 state = self.requests.pop(request_id, None)
@@ -250,12 +250,10 @@ class LLMStage:
         at the front of the queue once its consumer caught up; the others go on meanwhile.
         """
         engine = self.engine
-        for queue in (engine.active, engine.waiting):
-            for seq in [seq for seq in queue if seq.id in full]:
-                queue.remove(seq)
-                self.paused[seq.id] = seq
-        for request_id in [rid for rid in self.paused if rid not in full or rid in aborts]:
-            engine.waiting.insert(0, self.paused.pop(request_id))
+        for request_id in [rid for rid in engine.running_ids() if rid in full]:
+            engine.pause(request_id)
+        for request_id in [rid for rid in engine.paused_ids() if rid not in full or rid in aborts]:
+            engine.resume(request_id)
         for request_id in aborts:
             engine.abort(request_id)
         rejected = {}
@@ -275,7 +273,7 @@ class LLMStage:
         events, deadline = [], started + min(self.MAX_RUN_S, self.config.stream_interval_s / 2)
         with torch.inference_mode():
             while engine.has_unfinished():
-                batch = min(len(engine.active) + len(engine.waiting), engine.max_batch_size)
+                batch = engine.next_batch_size()
                 t0 = time.monotonic()
                 new = engine.step()
                 self.step_s += 0.1 * (time.monotonic() - t0 - self.step_s)
@@ -319,11 +317,3 @@ class LLMStage:
             if state.queue.full():
                 state.queue.get_nowait()
             state.queue.put_nowait(error)
-
-    def _reset_engine(self):
-        from pipeline.generate import DecodeEngine
-
-        engine = self.engine
-        return DecodeEngine(engine.model, layout=self.layout, device=self.device, dtype=self.dtype,
-                            max_batch_size=self.config.max_batch_size,
-                            align_steps=self.config.align_steps)

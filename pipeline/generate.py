@@ -477,15 +477,20 @@ class DecodeEngine:
         self.num_backbone = model.num_backbone_layers
         self.num_layers = model.config.num_hidden_layers
         self.vocab_size = model.config.vocab_size
+        self.reset()
+        self.profile = profile
+        self.forward_log: list[tuple[str, int, int, float]] = []  # (kind, group size, max q_len, seconds)
+        self.forward_seconds = 0.0
+
+    def reset(self) -> None:
+        """Drop every request and cache (after a failed step left the engine in an unknown state)."""
         self.waiting: list[_Sequence] = []
         self.active: list[_Sequence] = []
+        self._paused: dict[str, _Sequence] = {}  # taken out of the batch with their caches (see pause)
         self._ended: list[EndEvent] = []
         self._traces: dict[str, dict] = {}
         # one pool entry per backbone layer, one for all MCTP modules (entry num_backbone)
         self.kv = KVPool([1] * self.num_backbone + [self.num_modules], min_capacity=128)
-        self.profile = profile
-        self.forward_log: list[tuple[str, int, int, float]] = []  # (kind, group size, max q_len, seconds)
-        self.forward_seconds = 0.0
 
     # --- requests -----------------------------------------------------------------------------------------
     def add_request(self, request: GenerationRequest) -> str:
@@ -537,13 +542,48 @@ class DecodeEngine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its caches; its EndEvent(reason="aborted") comes with the next step."""
-        for queue in (self.waiting, self.active):
+        seq = self._paused.pop(request_id, None)
+        if seq is None:
+            seq = self._take(request_id, (self.waiting, self.active))
+        if seq is not None:
+            self._ended.append(EndEvent(seq.id, "aborted", seq.usage()))
+            self._free(seq)
+
+    def pause(self, request_id: str) -> bool:
+        """Take a running request out of the batch, keeping its caches (e.g. its consumer is behind); the
+        others go on. False if it is not running."""
+        seq = self._take(request_id, (self.active, self.waiting))
+        if seq is not None:
+            self._paused[request_id] = seq
+        return seq is not None
+
+    def resume(self, request_id: str) -> bool:
+        """Put a paused request back, at the front of the queue; False if it is not paused."""
+        seq = self._paused.pop(request_id, None)
+        if seq is not None:
+            self.waiting.insert(0, seq)
+        return seq is not None
+
+    def running_ids(self) -> list[str]:
+        """Requests in the batch or waiting for it (not paused), batch first."""
+        return [seq.id for seq in self.active] + [seq.id for seq in self.waiting]
+
+    def paused_ids(self) -> list[str]:
+        """Paused requests, in the order they were paused."""
+        return list(self._paused)
+
+    def next_batch_size(self) -> int:
+        """How many requests the next step runs."""
+        return min(len(self.active) + len(self.waiting), self.max_batch_size)
+
+    @staticmethod
+    def _take(request_id: str, queues) -> "_Sequence | None":
+        for queue in queues:
             for seq in queue:
                 if seq.id == request_id:
                     queue.remove(seq)
-                    self._ended.append(EndEvent(seq.id, "aborted", seq.usage()))
-                    self._free(seq)
-                    return
+                    return seq
+        return None
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.active or self._ended)

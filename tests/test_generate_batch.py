@@ -220,6 +220,35 @@ def test_abort_in_a_batch_leaves_the_others_unchanged(model):
         assert ids[f"a{i}"] == generate(model, _prompt(n, i), mode=mode, max_new_tokens=max_new).ids
 
 
+def test_pause_resume_and_abort_of_a_paused_request(model):
+    """A paused request leaves the batch with its caches and, resumed, continues exactly as if never paused;
+    aborting a paused one frees its KV slot."""
+    engine = DecodeEngine(model)
+    specs = [(10, "boost", 24), (6, "turbo", 24), (8, "vanilla", 24)]
+    ids = {f"p{i}": [] for i in range(3)}
+    for i, (n, mode, max_new) in enumerate(specs):
+        engine.add_request(GenerationRequest(_prompt(n, i), mode=mode, max_new_tokens=max_new, request_id=f"p{i}"))
+    reasons, step = {}, 0
+    while engine.has_unfinished() or engine.paused_ids():
+        if step == 3:
+            assert engine.pause("p0") and engine.pause("p2") and not engine.pause("nope")
+            assert engine.paused_ids() == ["p0", "p2"] and "p0" not in engine.running_ids()
+        if step == 8:
+            assert engine.resume("p0") and not engine.resume("p0")
+            engine.abort("p2")  # paused: aborted without rejoining
+        for event in engine.step():
+            if isinstance(event, TokenEvent):
+                ids[event.request_id].append(event.token_id)
+            elif isinstance(event, EndEvent):
+                reasons[event.request_id] = event.reason
+        step += 1
+    assert reasons == {"p0": "length", "p1": "length", "p2": "aborted"} and not engine.paused_ids()
+    assert sorted(engine.kv.free) == list(range(engine.kv.num_slots))
+    for i in (0, 1):
+        n, mode, max_new = specs[i]
+        assert ids[f"p{i}"] == generate(model, _prompt(n, i), mode=mode, max_new_tokens=max_new).ids
+
+
 def test_bfloat16_batch_runs(shared_dir):
     """dtype is a parameter: the same engine in bfloat16 (what real checkpoints use on GPU)."""
     model = load_llm(shared_dir / "parity" / "llm" / "model", dtype=torch.float32)
