@@ -1,0 +1,73 @@
+"""Helpers every `vita-audio` command shares: the user-error type, the models folder, starting or joining Ray.
+
+Kept free of torch and ray at import time so `--help` and argument errors stay fast.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line naming the input, exit code 2."""
+
+
+def resolve_models_dir(models=None) -> Path:
+    """`--models`, else $VITA_AUDIO_MODELS, else the cached tiny set; a missing or partial folder is a CLIError."""
+    chosen = models or os.environ.get("VITA_AUDIO_MODELS")
+    if chosen is None:
+        from pipeline.tiny import default_models_dir
+
+        return default_models_dir()
+    root = Path(os.fspath(chosen))
+    if not root.is_dir():
+        raise CLIError(f"--models {root}: not a folder (it must hold llm/, encoder/, decoder/)")
+    missing = [part for part in ("llm", "encoder", "decoder") if not (root / part).is_dir()]
+    if missing:
+        raise CLIError(f"--models {root}: missing {', '.join(p + '/' for p in missing)}")
+    return root
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
+              connect_timeout_s: float = 3.0) -> bool:
+    """Join `address` or start a local Ray; True if this call started it (so the caller shuts it down).
+
+    A dead `host:port` or `auto` without a running cluster fails within seconds as a CLIError naming the
+    address; Ray itself would retry for a long time.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        _check_address(address, connect_timeout_s)
+        ray.init(address=address, log_to_driver=False)
+        return True
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    ray.init(num_gpus=num_gpus, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    return True
+
+
+def _check_address(address: str, timeout_s: float) -> None:
+    if address == "auto":
+        env = os.environ.get("RAY_ADDRESS")
+        if env and env != "auto":
+            return _check_address(env, timeout_s)
+        current = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
+        if not current.is_file():
+            raise CLIError("--address auto: no running Ray cluster found on this machine (start one with "
+                           "`ray start --head`, or leave --address out to start a local Ray)")
+        address = current.read_text().strip()
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise CLIError(f"--address {address!r}: expected host:port or 'auto'")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise CLIError(f"--address {address}: no Ray cluster answering there ({err.strerror or err})") from None
