@@ -2,15 +2,19 @@
 
 Contracts (../shared/DESIGN.md): with no model paths every command runs on the tiny set, built once
 into a cache folder (`--models DIR` or `VITA_AUDIO_MODELS` points to a folder holding llm/, encoder/,
-decoder/); `--json` prints one JSON object as the last line of stdout. Bad input exits with code 2
-and a one-line message, never a traceback.
+decoder/); `--json` prints one JSON object as the last line of stdout (an {"error": ...} object on
+failure). Exit codes: 0 ok, 2 bad input (one line naming it), 1 internal failure (one line), 130 Ctrl-C;
+a traceback only with `--debug`. `--help` and argument errors import neither torch nor ray.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import re
 import sys
+
+from jobs.common import CLIError
 
 BENCHMARKS = {
     "decode": "jobs.bench.decode",      # LLM + MCTP decode engine, per mode
@@ -20,6 +24,7 @@ BENCHMARKS = {
 }
 
 # Subcommands implemented in their own modules: name -> (module with add_arguments(p, name) and run(args), help).
+# Command modules import torch/ray only inside run(), so building the parser stays light.
 COMMANDS = {
     "tiny": ("jobs.cmd_tiny", "write the tiny random model set (llm/, encoder/, decoder/) in the released formats"),
     "generate": ("jobs.cmd_generate", "LLM + MCTP decoding from prompt ids (the decode engine alone)"),
@@ -28,13 +33,25 @@ COMMANDS = {
     "chat": ("jobs.cmd_speech", "speech (or text) -> text + speech through the staged Ray pipeline"),
 }
 
+USER_ERRORS = (CLIError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+               FileExistsError)
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit 2), as every other failure of the CLI."""
+
+    def error(self, message):
+        raise _ArgumentError(f"{self.prog}: error: {message}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vita-audio", description=__doc__.splitlines()[0])
+class _ArgumentError(Exception):
+    pass
+
+
+def build_parser(with_benchmarks: bool = True) -> argparse.ArgumentParser:
+    """The full parser; benchmark modules (which import torch) are only imported when `bench` is asked for."""
+    parser = _Parser(prog="vita-audio", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         mod = _import(module)
@@ -46,14 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks -> JSON + markdown report")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     for name, module in BENCHMARKS.items():
-        mod = _import(module)
-        if mod is None:
-            continue
+        mod = _import(module) if with_benchmarks else None
         p = bench_sub.add_parser(name)
         p.add_argument("--out", default="bench-results", help="folder for the JSON + markdown report")
         p.add_argument("--json", action="store_true", help="print the results as one JSON line")
         p.set_defaults(_module=module)
-        mod.add_arguments(p, name)
+        if mod is not None:
+            mod.add_arguments(p, name)
     return parser
 
 
@@ -68,18 +84,67 @@ def _import(module: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # no "Loading weights" bars in command output
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    want_json = "--json" in argv
+    command = next((a for a in argv if not a.startswith("-")), "vita-audio")
     try:
+        args = build_parser(with_benchmarks="bench" in argv).parse_args(argv)
+    except _ArgumentError as err:
+        return _error(str(err), 2, command, want_json)
+    command = args.command if args.command != "bench" else f"bench {args.bench}"
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no "Loading weights" bars in command output
         result = _import(args._module).run(args)
-    except (CLIError, ValueError, FileNotFoundError) as err:
-        print(f"vita-audio {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    if getattr(args, "json", False) and result is not None:
+    except KeyboardInterrupt:
+        return _error("interrupted", 130, command, want_json)
+    except SystemExit:
+        raise
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        return _error(_one_line(err), 2, command, want_json)
+    except Exception as err:  # internal: one line, the traceback only with --debug
+        if debug:
+            raise
+        cause = _user_cause(err)
+        if cause is not None:
+            return _error(_one_line(cause), 2, command, want_json)
+        return _error(f"{type(err).__name__}: {_one_line(err)} (rerun with --debug for the traceback)", 1,
+                      command, want_json)
+    if want_json and result is not None:
         print(json.dumps(result, default=float))
-    return 0
+    return int(result.get("exit_code", 0)) if isinstance(result, dict) else 0
+
+
+def _error(message: str, code: int, command: str, want_json: bool) -> int:
+    prefix = message if message.startswith("vita-audio") else f"vita-audio {command}: error: {message}"
+    print(prefix, file=sys.stderr)
+    if want_json:
+        print(json.dumps({"error": message, "exit_code": code, "command": command}))
+    return code
+
+
+def _one_line(err: BaseException) -> str:
+    """The first meaningful line of an error, without ANSI colours, at most 400 characters."""
+    lines = [ln.strip() for ln in _ANSI.sub("", str(err)).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(err).__name__)[:400]
+
+
+def _user_cause(err: BaseException) -> BaseException | None:
+    """A user error (e.g. CheckpointError) wrapped by Ray (ActorDiedError, RayTaskError) surfaces as itself."""
+    seen = set()
+    current = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, USER_ERRORS):
+            return current
+        nested = getattr(current, "cause", None)  # RayTaskError / ActorDiedError keep the original here
+        current = nested if isinstance(nested, BaseException) else (current.__cause__ or current.__context__)
+    return None
 
 
 if __name__ == "__main__":
