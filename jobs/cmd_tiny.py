@@ -1,17 +1,81 @@
-"""`vita-audio tiny DIR [--seed N]`: write the tiny random model set in the released on-disk formats."""
+"""`vita-audio tiny DIR [--seed N] [--force]`: write the tiny random model set in the released on-disk formats.
+
+Never destroys anything: DIR must be new, empty, or (with --force) hold only a previous tiny set, file for
+file. The set is written to a sibling temporary folder first and moved into place when complete.
+"""
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
+
+from jobs.common import CLIError
+
+PARTS = ("llm", "encoder", "decoder")
 
 
 def add_arguments(p, name: str) -> None:
-    p.add_argument("dir", type=Path, help="output folder; gets llm/, encoder/, decoder/")
+    p.add_argument("dir", type=Path, help="output folder (new or empty); gets llm/, encoder/, decoder/")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace a previous tiny set in DIR (nothing else)")
     p.add_argument("--json", action="store_true")
 
 
 def run(args) -> dict:
-    from pipeline.tiny import write_tiny_set
+    out = Path(os.fspath(args.dir))
+    existing = _check_target(out, args.force)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.exists():
+        parent.mkdir(parents=True)
+    if not os.access(parent, os.W_OK):
+        raise CLIError(f"{out}: cannot write into {parent}")
+    from pipeline.tiny import TINY_MARKER, write_tiny_set
 
-    paths = write_tiny_set(args.dir, seed=args.seed)
-    return {name: str(path) for name, path in paths.items()}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tiny-", dir=parent))
+    try:
+        write_tiny_set(tmp, seed=args.seed)
+        fresh = _files(tmp)
+        foreign = sorted(existing - fresh - {".completed"})
+        if foreign:  # a folder that looked like a tiny set but holds other files: keep it untouched
+            raise CLIError(f"{out}: holds files a tiny set does not have ({', '.join(foreign[:3])}); "
+                           "not replacing it — choose an empty folder")
+        out.mkdir(exist_ok=True)
+        for name in (*PARTS, TINY_MARKER):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)  # only a previous tiny part, checked file for file above
+            elif target.exists():
+                target.unlink()
+            os.replace(tmp / name, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    paths = {name: str(out / name) for name in PARTS}
+    if not args.json:
+        counts = ", ".join(f"{n}/ ({sum(1 for f in (out / n).rglob('*') if f.is_file())} files)" for n in PARTS)
+        print(f"wrote the tiny random model set (seed {args.seed}) to {out}: {counts}")
+    print(f"note: {out} holds random weights ({TINY_MARKER}); it is for tests, not a checkpoint", file=sys.stderr)
+    return {**paths, "dir": str(out), "seed": args.seed, "replaced": bool(existing)}
+
+
+def _check_target(out: Path, force: bool) -> set[str]:
+    """The relative files already in `out` (empty set for a new/empty folder); CLIError if we may not write."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{out}: exists and is not a folder")
+    if not out.exists():
+        return set()
+    existing = _files(out)
+    if not existing and not any(out.iterdir()):
+        return set()
+    from pipeline.tiny import is_tiny_set
+
+    if not is_tiny_set(out):
+        raise CLIError(f"{out}: not empty and not a tiny set; refusing to write into it (choose a new folder)")
+    if not force:
+        raise CLIError(f"{out}: already holds a tiny set; pass --force to replace it")
+    return existing
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir()}
