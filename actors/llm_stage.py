@@ -1,15 +1,9 @@
 """LLMStage: chat prompt -> MCTP decoding -> a stream of text deltas and audio chunks, continuously batched.
 
-One engine loop (an asyncio task) owns the `DecodeEngine`. Each turn of the loop it admits new requests,
-applies aborts, and runs engine steps over every active request; the events go to per-request bounded
-queues that the requests' streaming generators drain. So concurrent requests share decode steps and join
-or leave between steps.
-
-Where the steps run (`engine_thread`, default automatic): on a worker thread when steps are slow or wait for
-a GPU, so the event loop streams results meanwhile (a GPU wait releases the GIL); inline on the event loop
-when steps are short CPU work (a small model on CPU), since such a step holds the GIL anyway and a second
-thread only adds GIL hand-offs (measured on the tiny set through Ray: 8 concurrent streams got ~20 % fewer
-tokens/s on a thread), while blocking the loop for a few milliseconds delays no item noticeably.
+The engine loop (`actors.engine_loop.EngineLoop`, an asyncio task) owns the `DecodeEngine`: it admits new
+requests, applies aborts and backpressure, and runs engine steps over every active request; this stage turns
+the events into per-request bounded queues that the requests' streaming generators drain (coalescing them
+into fewer items). So concurrent requests share decode steps and join or leave between steps.
 
 Backpressure: a request whose consumer is `queue_size` items behind is paused (taken out of the batch with
 its KV caches) while the others go on; it rejoins once its consumer takes an item. A consumer that takes
@@ -20,15 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.generate import TokenEvent
-
 from actors.aio import within
 from actors.config import LLMStageConfig
+from actors.engine_loop import EngineLoop
 from actors.payloads import (
     LLMOutput,
     SpeechRequest,
@@ -71,18 +63,13 @@ class LLMStage:
         model = load_llm(config.path, device=self.device, dtype=self.dtype)
         self.engine = DecodeEngine(model, layout=self.layout, device=self.device, dtype=self.dtype,
                                    max_batch_size=config.max_batch_size, align_steps=config.align_steps)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-engine")
-        self.step_s = 0.0  # running average of one engine step's duration (for the automatic engine_thread)
         self.requests: dict[str, _Request] = {}
-        self.to_add: list = []  # GenerationRequests admitted at the next step
-        self.to_abort: set[str] = set()
-        self.wake: asyncio.Event | None = None
-        self.loop_task: asyncio.Task | None = None
-        self.loop_error: BaseException | None = None
-        self.steps = 0
-        self.largest_batch = 0  # most requests that shared one step
-        self.busy_s = 0.0  # time spent in engine steps (busy_s / uptime = engine utilisation)
+        self.loop = EngineLoop(self.engine, config, self.device, hooks=self)
         self.started_at = time.time()
+
+    steps = property(lambda self: self.loop.steps)
+    largest_batch = property(lambda self: self.loop.largest_batch)  # most requests that shared one step
+    busy_s = property(lambda self: self.loop.busy_s)  # time in engine steps (busy_s / uptime = utilisation)
 
     # --- the public (remote) methods ------------------------------------------------------------------
     async def generate(self, request: SpeechRequest):
@@ -91,12 +78,11 @@ class LLMStage:
             raise ValueError(f"request must be a SpeechRequest, got {type(request).__name__}")
         if request.request_id in self.requests:
             raise ValueError(f"request_id={request.request_id!r} is already running")
-        self._ensure_loop()
+        self.loop.ensure_running()
         prompt_ids = build_prompt(request, self.tokenizer, self.layout)
         state = _Request(request.request_id, asyncio.Queue(self.config.queue_size + 1), TextDetokenizer(self.tokenizer))
         self.requests[request.request_id] = state
-        self.to_add.append(to_generation_request(request, prompt_ids))
-        self.wake.set()
+        self.loop.submit(to_generation_request(request, prompt_ids))
         interval, sent = self.config.stream_interval_s, 0
         try:
             while True:
@@ -125,13 +111,12 @@ class LLMStage:
         finally:  # normal end, consumer gone (cancellation) or error: free the engine's state
             self.requests.pop(request.request_id, None)
             if not state.finished:
-                self.to_abort.add(request.request_id)
-                self.wake.set()
+                self.loop.abort(request.request_id)
 
     async def _next(self, state: _Request) -> LLMOutput:
         item = await state.queue.get()
         if state.full_since is not None:  # the consumer caught up: let the engine loop resume the request
-            self.wake.set()
+            self.loop.notify()
         if isinstance(item, BaseException):
             raise item
         return item
@@ -141,10 +126,9 @@ class LLMStage:
         state = self.requests.pop(request_id, None)
         if state is None:
             return False
-        self.to_abort.add(request_id)
         if not state.queue.full():
             state.queue.put_nowait(RequestAborted(f"request {request_id!r} was aborted"))
-        self.wake.set()
+        self.loop.abort(request_id)
         return True
 
     async def stats(self) -> dict:
@@ -155,76 +139,11 @@ class LLMStage:
         return describe("llm", self.device, self.dtype)
 
     async def check_health(self) -> None:
-        if self.loop_error is not None:
-            raise RuntimeError(f"LLM engine loop failed: {self.loop_error!r}")
+        if self.loop.error is not None:
+            raise RuntimeError(f"LLM engine loop failed: {self.loop.error!r}")
 
-    # --- the engine loop -------------------------------------------------------------------------------
-    def _ensure_loop(self) -> None:
-        if self.loop_error is not None:
-            raise RuntimeError(f"LLM engine loop failed: {self.loop_error!r}")
-        loop = asyncio.get_running_loop()
-        if self.loop_task is None or self.loop_task.done() or self.loop_task.get_loop() is not loop:
-            # first request, or a new event loop (a plain-class stage driven by successive asyncio.run calls)
-            self.wake = asyncio.Event()
-            self.loop_task = loop.create_task(self._engine_loop())
-
-    async def _engine_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            full = self._full_requests()
-            paused = self.engine.paused_ids()
-            runnable = self.to_add or self.to_abort or self.engine.has_unfinished() or set(paused) - full
-            if not runnable:  # idle, or every request waits for its consumer: sleep until something changes
-                self.wake.clear()
-                try:
-                    await within(self.wake.wait(), 1.0 if paused else None)
-                except asyncio.TimeoutError:
-                    pass
-                continue
-            if self.to_add and not self.engine.has_unfinished() and self.config.admission_wait_s > 0:
-                await self._wait_for_burst()
-            adds, self.to_add = self.to_add, []
-            aborts, self.to_abort = self.to_abort, set()
-            threaded = self._use_thread()
-            try:
-                if threaded:
-                    events, rejected = await loop.run_in_executor(self.executor, self._step, adds, aborts, full)
-                else:
-                    events, rejected = self._step(adds, aborts, full)
-            except Exception as err:  # the engine is in an unknown state: fail everyone, keep the actor up
-                self._fail_all(RequestAborted(f"LLM engine step failed: {err!r}"))
-                self.engine.reset()
-                continue
-            for request_id, err in rejected.items():  # bad request (mode, prompt): fails alone
-                state = self.requests.pop(request_id, None)
-                if state is not None:
-                    state.finished = True
-                    state.queue.put_nowait(err)
-            self._dispatch(events)
-            if not threaded:
-                await asyncio.sleep(0)  # the generators take their items before the next inline steps
-
-    async def _wait_for_burst(self) -> None:
-        """An idle engine waits until no new request came for `admission_wait_s` (at most 4x that in all), so a
-        burst starts in one step, in phase. Ray may deliver the calls of a burst sent within 1 ms over several
-        ms; a fixed wait then split it into groups that joined a step or more apart, out of phase."""
-        wait = self.config.admission_wait_s
-        deadline, seen = time.monotonic() + 4 * wait, 0
-        while len(self.to_add) != seen and (left := deadline - time.monotonic()) > 0:
-            seen = len(self.to_add)
-            await asyncio.sleep(min(wait, left))
-
-    INLINE_STEP_S = 0.004  # automatic engine_thread: steps shorter than this run inline on the event loop
-    # longest run of steps between two turns of the event loop: new calls reach `generate()` only in those turns
-    # (runs of 40 ms made requests arriving 10 ms apart join ~180 ms late; benchmarks/README.md)
-    MAX_RUN_S = 0.01
-
-    def _use_thread(self) -> bool:
-        if self.config.engine_thread is not None:
-            return self.config.engine_thread
-        return self.device.type == "cuda" or self.step_s > self.INLINE_STEP_S
-
-    def _full_requests(self) -> set[str]:
+    # --- the hooks of the engine loop (actors.engine_loop.StageHooks) ----------------------------------
+    def full_requests(self) -> set[str]:
         """Requests whose consumer is `queue_size` items behind (paused); abort those stalled too long."""
         full, now = set(), time.monotonic()
         for request_id, state in list(self.requests.items()):
@@ -234,7 +153,7 @@ class LLMStage:
             state.full_since = state.full_since or now
             if now - state.full_since > self.config.stall_timeout_s:
                 self.requests.pop(request_id, None)
-                self.to_abort.add(request_id)
+                self.loop.abort(request_id)
                 state.queue.put_nowait(RequestAborted(  # the spare slot: queue_size + 1
                     f"request {request_id!r} aborted: its consumer took nothing for "
                     f"{self.config.stall_timeout_s:g} s (stall_timeout_s)"))
@@ -242,60 +161,14 @@ class LLMStage:
             full.add(request_id)
         return full
 
-    def _step(self, adds: list, aborts: set[str], full: set[str]) -> tuple[list, dict[str, Exception]]:
-        """On the engine thread: pause/resume for backpressure, apply aborts and admissions, then one decode
-        step over every active request.
+    def is_live(self, request_id: str) -> bool:
+        return request_id in self.requests
 
-        A paused request (its consumer is behind) leaves the engine's batch with its caches intact and rejoins
-        at the front of the queue once its consumer caught up; the others go on meanwhile.
-        """
-        engine = self.engine
-        for request_id in [rid for rid in engine.running_ids() if rid in full]:
-            engine.pause(request_id)
-        for request_id in [rid for rid in engine.paused_ids() if rid not in full or rid in aborts]:
-            engine.resume(request_id)
-        for request_id in aborts:
-            engine.abort(request_id)
-        rejected = {}
-        for request in adds:
-            if request.request_id not in self.requests:  # cancelled while waiting to be admitted
-                continue
-            try:
-                engine.add_request(request)
-            except ValueError as err:
-                rejected[request.request_id] = err
-        if not engine.has_unfinished():
-            return [], rejected
-        # Several steps per hand-off: thread switches and consumer wake-ups cost about as much as a step of a
-        # small model. Stop early for anything a client waits on (a first token, an audio chunk, an end) or for
-        # new work from the event loop, so batching saves time without delaying first text or audio.
-        started = time.monotonic()
-        events, deadline = [], started + min(self.MAX_RUN_S, self.config.stream_interval_s / 2)
-        with torch.inference_mode():
-            while engine.has_unfinished():
-                batch = engine.next_batch_size()
-                t0 = time.monotonic()
-                new = engine.step()
-                self.step_s += 0.1 * (time.monotonic() - t0 - self.step_s)
-                events += new
-                self.steps += 1
-                self.largest_batch = max(self.largest_batch, batch)
-                if self.to_add or self.to_abort or time.monotonic() >= deadline or self._needs_dispatch(new):
-                    break
-        self.busy_s += time.monotonic() - started
-        return events, rejected
+    def awaits_first_token(self, request_id: str) -> bool:
+        state = self.requests.get(request_id)
+        return state is None or not state.token_ids
 
-    def _needs_dispatch(self, events: list) -> bool:
-        """True if a client is waiting for one of these events: an audio chunk, an end, or its first token."""
-        for event in events:
-            if not isinstance(event, TokenEvent):
-                return True
-            state = self.requests.get(event.request_id)
-            if state is None or not state.token_ids:
-                return True
-        return False
-
-    def _dispatch(self, events: list) -> None:
+    def dispatch(self, events: list) -> None:
         by_request: dict[str, list] = {}
         for event in events:
             by_request.setdefault(event.request_id, []).append(event)
@@ -310,7 +183,14 @@ class LLMStage:
             if output.text or output.audio_chunks or output.end is not None:
                 state.queue.put_nowait(output)
 
-    def _fail_all(self, error: BaseException) -> None:
+    def reject(self, request_id: str, error: Exception) -> None:
+        state = self.requests.pop(request_id, None)
+        if state is not None:
+            state.finished = True
+            state.queue.put_nowait(error)
+
+    def fail_all(self, error: Exception) -> None:
+        error = RequestAborted(f"LLM engine step failed: {error!r}")
         for request_id, state in list(self.requests.items()):
             self.requests.pop(request_id, None)
             state.finished = True

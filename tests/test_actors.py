@@ -196,8 +196,8 @@ def test_llm_stage_starts_a_burst_that_trickles_in_together(config):
 
     stage = LLMStage(dataclasses.replace(config.llm, admission_wait_s=0.1))  # wide margins: CI timers jitter
     admitted = []  # requests added per engine step
-    step = stage._step
-    stage._step = lambda adds, aborts, full: (admitted.append(len(adds)), step(adds, aborts, full))[1]
+    step = stage.loop.step
+    stage.loop.step = lambda adds, aborts, full: (admitted.append(len(adds)), step(adds, aborts, full))[1]
 
     def request(i):
         return SpeechRequest(task="tts", text=TEXTS[i], max_new_tokens=8, request_id=f"b{i}")
