@@ -7,8 +7,12 @@ The last stdout line (with --json) is {"ids": [...], "backbone_forwards": n, "mt
 """
 from __future__ import annotations
 
+import json
+import re
 import time
 from pathlib import Path
+
+from jobs.common import CLIError
 
 
 def add_arguments(p, name: str) -> None:
@@ -41,21 +45,44 @@ def parse_ids(text: str, name: str) -> list[int]:
         raise ValueError(f"{name} must be comma-separated integers, got {text!r}") from None
 
 
+def _positions(llm_dir: Path) -> int:
+    path = llm_dir / "config.json"
+    try:
+        return int(json.loads(path.read_text())["max_position_embeddings"])
+    except FileNotFoundError:
+        raise CLIError(f"{path}: missing (is {llm_dir} an LLM folder?)") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise CLIError(f"{path}: not a valid model config ({type(err).__name__}: {err})") from None
+
+
 def run(args) -> dict:
+    prompt = parse_ids(args.prompt_ids, "--prompt-ids")
+    if not prompt:
+        raise CLIError("--prompt-ids is empty")
+    stop_ids = parse_ids(args.stop_ids, "--stop-ids") if args.stop_ids is not None else None
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", args.device):
+        raise CLIError(f"--device {args.device!r}: use cpu, cuda, cuda:N or mps")
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    llm_dir = args.llm
+    if llm_dir is None:
+        from jobs.common import resolve_models_dir
+
+        llm_dir = resolve_models_dir(None) / "llm"
+    positions = _positions(Path(llm_dir))
+    if len(prompt) + args.max_new_tokens > positions:
+        raise CLIError(f"--max-new-tokens {args.max_new_tokens} plus {len(prompt)} prompt ids exceed the model's "
+                       f"{positions} positions ({Path(llm_dir) / 'config.json'})")
+
     import torch
 
     from pipeline.generate import SamplingParams, generate
     from pipeline.llm import load_llm
 
-    prompt = parse_ids(args.prompt_ids, "--prompt-ids")
-    if not prompt:
-        raise ValueError("--prompt-ids is empty")
-    stop_ids = parse_ids(args.stop_ids, "--stop-ids") if args.stop_ids is not None else None
-    llm_dir = args.llm
-    if llm_dir is None:
-        from pipeline.tiny import default_models_dir
-
-        llm_dir = default_models_dir() / "llm"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {args.device}: CUDA is not available on this machine")
+    if args.device == "mps" and not torch.backends.mps.is_available():
+        raise CLIError("--device mps: MPS is not available on this machine")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     sampling = SamplingParams(

@@ -12,12 +12,19 @@ time and per-stage forward counts. Bad input (missing/corrupt audio, empty text)
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from jobs.common import CLIError, check_address, resolve_models_dir, start_ray
+
+AUDIO_SUFFIXES = (".wav", ".flac")  # what write_audio writes
+MIN_AUDIO_SECONDS = 0.1             # shorter input has no speech to transcribe (a 1-sample wav "transcribed")
+MIN_SAMPLE_RATE = 8000              # telephone quality; below that the header is wrong, not the audio
+PROMPT_RESERVE = 64                 # chat-template tokens around the user's text
+MAX_MODE_VALUE = 1000               # a schedule entry counts forwards of one kind; beyond this it is a typo
 
 
 def add_arguments(p, name: str) -> None:
@@ -28,7 +35,7 @@ def add_arguments(p, name: str) -> None:
     elif name == "asr":
         p.add_argument("audio", nargs="+", help="audio files to transcribe")
     else:
-        p.add_argument("audio", help="the spoken question (audio file)")
+        p.add_argument("audio", help="the spoken question (an audio file; text questions are not supported here)")
         p.add_argument("-o", "--output", type=Path, required=True, help="output wav/flac for the spoken answer")
         p.add_argument("--voice", help="voice prompt audio file")
         p.add_argument("--system", help="system turn (default: the built-in persona)")
@@ -53,18 +60,22 @@ def add_arguments(p, name: str) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole request")
+    p.add_argument("--max-audio-seconds", type=float, default=600.0,
+                   help="longest input audio accepted (default 600 s; raise it for longer files)")
     p.add_argument("--json", action="store_true")
 
 
 def run(args) -> dict:
+    """Check every argument and input first (exit 2, before Ray), then start Ray and the stages, then run."""
     from actors.config import PipelineConfig
 
-    options, inputs = _check_inputs(args)  # before Ray starts: bad input fails fast with exit code 2
-    models = args.models or os.environ.get("VITA_AUDIO_MODELS")
-    if models is None:
-        from pipeline.tiny import default_models_dir
-
-        models = default_models_dir()
+    _check_flags(args)
+    models = resolve_models_dir(args.models)
+    limits = _model_limits(models)
+    options, inputs, bad = _check_inputs(args, limits)
+    if args.task == "asr" and not inputs:
+        _print_failures(args, bad)
+        raise CLIError(f"none of the {len(bad)} audio file(s) could be read")
     if args.constraint == "auto":  # random tiny weights need the layout forced; trained ones follow their own
         from pipeline.tiny import is_tiny_set
 
@@ -73,72 +84,199 @@ def run(args) -> dict:
 
     import ray
 
-    started = _start_ray(args)
+    startup = {}
+    t0 = time.perf_counter()
+    _progress(args, "starting Ray" if not args.address else f"joining Ray at {args.address}")
+    started = start_ray(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    startup["ray_s"] = round(time.perf_counter() - t0, 3)
     try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        if args.placement == "STRICT_SPREAD" and len(nodes) < 3:
+            raise CLIError(f"--placement STRICT_SPREAD needs 3 nodes (one per stage); this cluster has {len(nodes)}")
         config = config.with_resources(num_gpus=_gpus_per_stage(args, ray.cluster_resources().get("GPU", 0)))
         from actors.pipeline import Pipeline, collect
 
-        t0 = time.perf_counter()
+        _progress(args, f"Ray ready in {startup['ray_s']:.1f} s; loading the encoder, LLM and decoder stages")
+        t1 = time.perf_counter()
         pipe = Pipeline.start(config)
-        startup = time.perf_counter() - t0
+        startup["stages_s"] = round(time.perf_counter() - t1, 3)
+        _progress(args, f"stages loaded in {startup['stages_s']:.1f} s")
         try:
-            results = [collect(_call(pipe, args.task, item, options)) for item in inputs]
+            results = []
+            for i, item in enumerate(inputs, 1):
+                results.append(collect(_call(pipe, args.task, item, options)))
+                if args.task == "asr" and len(inputs) + len(bad) > 1:
+                    _progress(args, f"{i + len(bad)}/{len(inputs) + len(bad)} files")
             placement = {stage: p.to_dict() for stage, p in pipe.placement().items()}
         finally:
             pipe.shutdown()
     finally:
         if started:
             ray.shutdown()
-    return _report(args, results, placement, startup)
+    startup["total_s"] = round(time.perf_counter() - t0, 3)
+    return _report(args, inputs, results, bad, placement, startup)
 
 
-def _check_inputs(args):
-    from pipeline.audio import load_audio
+def _progress(args, message: str) -> None:
+    print(f"vita-audio {args.task}: {message}", file=sys.stderr, flush=True)
+
+
+def _check_flags(args) -> None:
+    """Flag checks that need no file: values in range, sampling flags that would be ignored, the output path."""
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature is None:
+        ignored = [flag for flag, value, default in (("--top-k", args.top_k, 0), ("--top-p", args.top_p, 1.0),
+                                                     ("--seed", args.seed, None)) if value != default]
+        if ignored:
+            raise CLIError(f"{', '.join(ignored)} only apply when sampling: add --temperature T (e.g. 0.8)")
+    elif not args.temperature > 0:
+        raise CLIError(f"--temperature must be > 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise CLIError(f"--top-k must be >= 0, got {args.top_k}")
+    if not args.max_audio_seconds > 0:
+        raise CLIError(f"--max-audio-seconds must be > 0, got {args.max_audio_seconds}")
+    if not args.timeout > 0:
+        raise CLIError(f"--timeout must be > 0, got {args.timeout}")
+    for flag in ("num_gpus", "num_cpus"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            raise CLIError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+    _parse_mode(args.mode)
+    if args.task != "asr":
+        _check_output(args.output)
+    if args.address:
+        check_address(args.address)  # a dead address fails now, not after Ray's long retries
+
+
+def _parse_mode(mode):
+    if not mode or "," not in mode:
+        if mode and mode.strip().lower() not in ("vanilla", "balance", "boost", "turbo", "exact"):
+            raise CLIError(f"--mode {mode!r}: use vanilla, balance, boost, turbo, exact or a list like 1,10,4,10")
+        return mode
+    try:
+        values = [int(x) for x in mode.split(",")]
+    except ValueError:
+        raise CLIError(f"--mode {mode!r}: a list must be integers like 1,10,4,10") from None
+    if len(values) % 2 or any(v < 0 or v > MAX_MODE_VALUE for v in values):
+        raise CLIError(f"--mode {mode!r}: a list of pairs of integers in 0..{MAX_MODE_VALUE} like 1,10,4,10")
+    return values
+
+
+def _check_output(path: Path) -> None:
+    """-o must end in .wav/.flac and be creatable: probed now, not after minutes of generation."""
+    if path.suffix.lower() not in AUDIO_SUFFIXES:
+        raise CLIError(f"-o {path}: the output must end in {' or '.join(AUDIO_SUFFIXES)}")
+    if path.is_dir():
+        raise CLIError(f"-o {path}: is a folder; give a file name")
+    existed = path.exists()
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as err:
+        raise CLIError(f"-o {path}: cannot write there ({err.strerror or err})") from None
+    if not existed:
+        path.unlink(missing_ok=True)
+
+
+def _model_limits(models: Path) -> dict:
+    """The LLM's context length and a token counter for user text, read without torch."""
+    cfg_path = models / "llm" / "config.json"
+    try:
+        config = json.loads(cfg_path.read_text())
+        positions = int(config["max_position_embeddings"])
+    except FileNotFoundError:
+        raise CLIError(f"{cfg_path}: missing (the llm/ folder needs its config.json)") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise CLIError(f"{cfg_path}: not a valid model config ({type(err).__name__}: {err})") from None
+    count = None
+    tok_path = models / "llm" / "tokenizer.json"
+    if tok_path.is_file():
+        try:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(tok_path))
+            count = lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)  # noqa: E731
+        except Exception as err:  # noqa: BLE001 - a broken tokenizer.json is the user's file
+            raise CLIError(f"{tok_path}: cannot be read ({_first_line(err)})") from None
+    return {"positions": positions, "count": count or (lambda text: len(text.encode()))}
+
+
+def _first_line(err) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def _check_inputs(args, limits: dict):
+    """Options for the pipeline, the inputs to run and (asr) the files that failed their checks: [(path, why)]."""
     from pipeline.generate import SamplingParams
 
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    positions = limits["positions"]
+    if args.max_new_tokens > positions:
+        raise CLIError(f"--max-new-tokens {args.max_new_tokens} is more than the model's {positions} positions "
+                       "(llm/config.json max_position_embeddings)")
     sampling = SamplingParams() if args.temperature is None else SamplingParams(
         greedy=False, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed)
     if args.temperature is None and args.repetition_penalty != 1.0:
         sampling = SamplingParams(repetition_penalty=args.repetition_penalty)
-    mode = args.mode
-    if mode and "," in mode:
-        try:
-            mode = [int(x) for x in mode.split(",")]
-        except ValueError:
-            raise ValueError(f"--mode {args.mode!r}: a list must be integers like 1,10,4,10") from None
-    options = dict(mode=mode, max_new_tokens=args.max_new_tokens, sampling=sampling,
+    options = dict(mode=_parse_mode(args.mode), max_new_tokens=args.max_new_tokens, sampling=sampling,
                    constraint=None if args.constraint in ("none", "auto") else args.constraint)
+    texts = []
     if args.task == "tts":
         if not args.text.strip():
-            raise ValueError("TEXT is empty: give the text to speak")
-        inputs = [args.text]
-    elif args.task == "asr":
-        inputs = list(args.audio)
+            raise CLIError("TEXT is empty: give the text to speak")
+        texts.append(("TEXT", args.text))
+    if getattr(args, "system", None) is not None:
+        options["system"] = args.system
+        texts.append(("--system", args.system))
+    for name, text in texts:
+        tokens = limits["count"](text)
+        if tokens + args.max_new_tokens + PROMPT_RESERVE > positions:
+            raise CLIError(f"{name} is {tokens} tokens ({len(text)} characters); with --max-new-tokens "
+                           f"{args.max_new_tokens} it does not fit the model's {positions} positions")
+    bad = []
+    if args.task == "asr":
+        inputs = []
+        for path in args.audio:
+            try:
+                _check_audio(path, args.max_audio_seconds)
+                inputs.append(path)
+            except (ValueError, OSError) as err:
+                bad.append((path, _first_line(err).replace(f": {path}", "").replace(f"{path}: ", "").replace(f" {path}", "")))
     else:
-        inputs = [args.audio]
-        if args.system is not None:
-            options["system"] = args.system
-    for path in ([] if args.task == "tts" else inputs) + ([args.voice] if getattr(args, "voice", None) else []):
-        load_audio(path)  # AudioError (a ValueError) or FileNotFoundError names the file and the problem
+        inputs = [args.text] if args.task == "tts" else [args.audio]
+        if args.task == "chat":
+            _check_audio(args.audio, args.max_audio_seconds)
     if getattr(args, "voice", None):
+        _check_audio(args.voice, args.max_audio_seconds)
         options["voice"] = args.voice
-    return options, inputs
+    return options, inputs, bad
 
 
-def _start_ray(args) -> bool:
-    import ray
+def _check_audio(path, max_seconds: float) -> None:
+    """Decodes the file (AudioError names it) and checks its rate, length and samples."""
+    import numpy as np
+    import soundfile as sf
 
-    if ray.is_initialized():
-        return False
-    if args.address:
-        ray.init(address=args.address, log_to_driver=False)
-    else:
-        ray.init(num_gpus=args.num_gpus, num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}})
-    return True
+    from pipeline.audio import load_audio
+
+    try:
+        info = sf.info(str(path))
+    except Exception:  # noqa: BLE001 - load_audio below gives the precise reason
+        info = None
+    if info is not None:
+        if info.samplerate < MIN_SAMPLE_RATE:
+            raise CLIError(f"{path}: sample rate {info.samplerate} Hz is below {MIN_SAMPLE_RATE} Hz")
+        if info.frames / info.samplerate > max_seconds:
+            raise CLIError(f"{path}: {info.frames / info.samplerate:.1f} s long, over --max-audio-seconds "
+                           f"{max_seconds:g} (raise it to accept longer audio)")
+    pcm = load_audio(path, max_seconds=max_seconds)
+    if len(pcm) < MIN_AUDIO_SECONDS * 16000:
+        raise CLIError(f"{path}: {len(pcm) / 16000:.3f} s of audio, shorter than {MIN_AUDIO_SECONDS} s")
+    if not np.isfinite(pcm).all():
+        raise CLIError(f"{path}: holds NaN or infinite samples")
 
 
 def _gpus_per_stage(args, cluster_gpus: float) -> float:
@@ -159,36 +297,68 @@ def _call(pipe, task: str, item, options: dict):
     return pipe.chat(item, **options)
 
 
-def _report(args, results, placement: dict, startup: float) -> dict:
+def _report(args, inputs, results, bad, placement: dict, startup: dict) -> dict:
     from pipeline.audio import write_audio
 
-    outputs = []
-    for item, result in zip(args.audio if args.task == "asr" else [None], results):
-        if not result.ok:
-            if result.error.stage == "input":
-                raise ValueError(result.error.message)
-            _fail(f"{result.error.stage} stage: {result.error.message}")
-        entry = {"text": result.text, "reason": result.done.reason, **_timings(result.done)}
-        if item is not None:
-            entry["audio"] = str(item)
-        if args.task != "asr":
-            if not len(result.pcm):
-                _fail("the pipeline produced no audio (try a larger --max-new-tokens)")
-            write_audio(args.output, result.pcm, result.sample_rate)
-            entry.update(output=str(args.output), seconds_of_audio=len(result.pcm) / result.sample_rate,
-                         sample_rate=result.sample_rate)
-        outputs.append(entry)
-        print(result.text if args.task == "asr" else f"{result.text!r} -> {args.output}")
     report = {
         "task": args.task,
         "placement": {stage: {k: p[k] for k in ("node_id", "ip", "gpu_ids", "device", "dtype")} for stage, p in placement.items()},
-        "startup_s": startup,
-        **({"results": outputs} if args.task == "asr" else outputs[0]),
+        "startup_s": startup.get("ray_s", 0) + startup.get("stages_s", 0),
+        "startup": startup,
     }
     if not args.json:
         line = ", ".join(f"{s}: node {p['node_id'][:8]} gpu {p['gpu_ids'] or '-'} {p['device']}" for s, p in report["placement"].items())
         print(f"stages: {line}", file=sys.stderr)
-    return report
+    if args.task == "asr":
+        return _report_asr(args, inputs, results, bad, report)
+    result = results[0]
+    if not result.ok:
+        if result.error.stage == "input":
+            raise CLIError(result.error.message)
+        _fail(f"{result.error.stage} stage: {result.error.message}")
+    if not len(result.pcm):
+        _fail("the pipeline produced no audio (try a larger --max-new-tokens)")
+    write_audio(args.output, result.pcm, result.sample_rate)
+    print(f"{result.text!r} -> {args.output}")
+    return {**report, "text": result.text, "reason": result.done.reason, **_timings(result.done),
+            "output": str(args.output), "seconds_of_audio": len(result.pcm) / result.sample_rate,
+            "sample_rate": result.sample_rate}
+
+
+def _report_asr(args, inputs, results, bad, report: dict) -> dict:
+    """One line per file, in the order given: `path<TAB>text` (escaped) or a JSON line with --json."""
+    outcome = {path: {"audio": str(path), "ok": False, "error": why} for path, why in bad}
+    for path, result in zip(inputs, results):
+        if result.ok:
+            outcome[path] = {"audio": str(path), "ok": True, "text": result.text, "reason": result.done.reason,
+                             **_timings(result.done)}
+        else:
+            outcome[path] = {"audio": str(path), "ok": False, "error": f"{result.error.stage}: {result.error.message}"}
+    entries = [outcome[path] for path in args.audio if path in outcome]
+    for entry in entries:
+        if args.json:
+            print(json.dumps({k: entry.get(k) for k in ("audio", "ok", "text", "error")}))
+        elif entry["ok"]:
+            print(f"{_escape(entry['audio'])}\t{_escape(entry['text'])}")
+        else:
+            print(f"vita-audio asr: error: {entry['audio']}: {entry['error']}", file=sys.stderr)
+    failed = sum(not e["ok"] for e in entries)
+    if failed:
+        print(f"vita-audio asr: {failed} of {len(entries)} file(s) failed", file=sys.stderr)
+    return {**report, "results": entries, "failed": failed, "exit_code": 2 if failed else 0}
+
+
+def _print_failures(args, bad) -> None:
+    for path, why in bad:
+        if args.json:
+            print(json.dumps({"audio": str(path), "ok": False, "text": None, "error": why}))
+        else:
+            print(f"vita-audio asr: error: {path}: {why}", file=sys.stderr)
+
+
+def _escape(text: str) -> str:
+    """One line per file: backslash, tab, newline and other control characters written as escapes."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode() for c in text.replace("\\", "\\\\"))
 
 
 def _fail(message: str) -> None:

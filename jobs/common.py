@@ -43,7 +43,7 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus:
     if ray.is_initialized():
         return False
     if address:
-        _check_address(address, connect_timeout_s)
+        check_address(address, connect_timeout_s)
         ray.init(address=address, log_to_driver=False)
         return True
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
@@ -52,11 +52,12 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus:
     return True
 
 
-def _check_address(address: str, timeout_s: float) -> None:
+def check_address(address: str, timeout_s: float = 3.0) -> None:
+    """CLIError naming `address` unless a Ray cluster answers there (`auto`: the one this machine runs)."""
     if address == "auto":
         env = os.environ.get("RAY_ADDRESS")
         if env and env != "auto":
-            return _check_address(env, timeout_s)
+            return check_address(env, timeout_s)
         current = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray" / "ray_current_cluster"
         if not current.is_file():
             raise CLIError("--address auto: no running Ray cluster found on this machine (start one with "
