@@ -4,6 +4,7 @@
     payloads       typed stage payloads, client events, and the glue functions between stages
     encoder_stage  EncoderStage: waveform -> audio codes (batched)
     llm_stage      LLMStage: prompt -> text deltas + audio chunks (continuous batching, per-request backpressure)
+    engine_loop    EngineLoop: the LLM stage's engine task (admission wait, inline-or-thread steps, runs of steps)
     decoder_stage  DecoderStage: audio chunks -> PCM (one incremental stream per request, batched)
     builder        placement group + ray.remote + resources (the only module that knows Ray options)
     orchestration  run_request: the speech data path, once, over a StageClients protocol (no ray)
@@ -20,6 +21,9 @@ _EXPORTS = {
     "StageResources": "actors.config",
     "Pipeline": "actors.pipeline",
     "collect": "actors.results",
+    "run_request": "actors.orchestration",
+    "StageClients": "actors.orchestration",
+    "StageFailure": "actors.orchestration",
     "LocalPipeline": "actors.local",
     "EncoderStage": "actors.encoder_stage",
     "LLMStage": "actors.llm_stage",
