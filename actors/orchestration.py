@@ -24,9 +24,9 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, Protocol, Sequence, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, Iterator, Protocol, Sequence, TypeVar
 
-from actors.aio import within
+from actors.aio import LoopThread, within
 from actors.config import STAGES
 from actors.payloads import (
     TASK_DEFAULT,
@@ -357,7 +357,9 @@ async def _aclose(stream) -> None:
 
 
 class SpeechAPI:
-    """tts / asr / chat as async generators over `run_request`; a front end provides `clients` and `limits`.
+    """tts / asr / chat over `run_request`; a front end provides `clients`, `limits` and `bridge`.
+
+    `*_async` methods are async generators; the sync ones drive them on `bridge`'s loop thread.
 
     Options for every method: mode, max_new_tokens, sampling (pipeline.generate.SamplingParams, None =
     greedy), constraint ("task" = the task's layout, "interleaved", "text" or None), request_id, timeout_s.
@@ -365,6 +367,18 @@ class SpeechAPI:
 
     clients: StageClients
     limits: Limits
+    bridge: LoopThread
+
+    def tts(self, text: str, *, voice=None, **options) -> Iterator[PipelineEvent]:
+        return self.bridge.iterate(self.tts_async(text, voice=voice, **options))
+
+    def asr(self, audio, **options) -> Iterator[PipelineEvent]:
+        return self.bridge.iterate(self.asr_async(audio, **options))
+
+    def chat(self, audio_or_text, *, history: Sequence[dict] = (), voice=None, system: str | None = None,
+             **options) -> Iterator[PipelineEvent]:
+        return self.bridge.iterate(self.chat_async(audio_or_text, history=history, voice=voice, system=system,
+                                                   **options))
 
     def tts_async(self, text: str, *, voice=None, **options) -> AsyncIterator[PipelineEvent]:
         """Speak `text` (optional voice prompt: audio or codes): text deltas, PCM chunks, then Done."""
