@@ -74,6 +74,8 @@ def run(args) -> dict:
     limits = _model_limits(models)
     options, inputs, bad = _check_inputs(args, limits)
     if args.task == "asr" and not inputs:
+        if len(bad) == 1:
+            raise CLIError(f"{bad[0][0]}: {bad[0][1]}")
         _print_failures(args, bad)
         raise CLIError(f"none of the {len(bad)} audio file(s) could be read")
     if args.constraint == "auto":  # random tiny weights need the layout forced; trained ones follow their own
