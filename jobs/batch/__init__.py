@@ -1,0 +1,8 @@
+"""Batch ASR / TTS over audio archives on Ray Data: exactly once, resumable (`vita-audio batch`).
+
+    inputs    folder / JSONL-CSV manifest / WebDataset tar / texts -> BatchInput list (fixed order, unique ids)
+    segments  long recordings: windows with overlap, transcripts stitched (per-segment timestamps kept)
+    stages    Ray Data callable classes over the actors/ stage classes (encoder, LLM+MCTP, decoder)
+    job       BatchConfig, run_batch: the pipeline, block-keyed result files, resume
+    report    summary.json / report.md (counts, audio hours, RTF, throughput, WER / CER with jiwer)
+"""

@@ -1,0 +1,172 @@
+"""What a batch job reads: one `BatchInput` per item, in a fixed order, with unique ids.
+
+    enumerate_inputs("corpus/", "asr")        # a folder of audio files (LibriSpeech *.trans.txt -> references)
+    enumerate_inputs("list.jsonl", "asr")     # JSONL / CSV manifest: id, path, optional text (the reference)
+    enumerate_inputs("shard-000.tar", "asr")  # WebDataset-style tar: KEY.flac (+ KEY.txt reference) per item
+    enumerate_inputs("texts.jsonl", "tts")    # JSONL / CSV with id, text (or a .txt file, one text a line)
+
+The order and the ids are what makes a job exactly-once: the result files are keyed by blocks of this list,
+so the same source must give the same list on every run (sorted paths, manifest order). Duplicate ids are
+refused up front: two rows for one id could never both be "the" result. A tar member is addressed as
+`SHARD.tar::MEMBER`, read with `read_audio_bytes`.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus")
+TAR_SEPARATOR = "::"
+TASKS = ("asr", "tts")
+
+
+@dataclass(frozen=True)
+class BatchInput:
+    id: str
+    path: str = ""  # asr: an audio file, or SHARD.tar::MEMBER
+    text: str | None = None  # asr: the reference transcript (optional); tts: the text to speak
+
+
+def enumerate_inputs(source: str | os.PathLike, task: str) -> list[BatchInput]:
+    """Every input of `source` for `task`, in a deterministic order; ValueError names what is wrong."""
+    if task not in TASKS:
+        raise ValueError(f"task={task!r}; expected one of {TASKS}")
+    path = Path(os.fspath(source))
+    if not path.exists():
+        raise FileNotFoundError(f"--input {path}: no such file or folder")
+    if task == "tts":
+        if path.is_dir():
+            raise ValueError(f"--input {path}: TTS reads a JSONL / CSV / TXT file of texts, not a folder")
+        items = _read_texts(path)
+    elif path.is_dir():
+        items = _read_folder(path)
+    elif path.suffix == ".tar":
+        items = _read_tar(path)
+    elif path.suffix in (".jsonl", ".csv"):
+        items = _read_manifest(path)
+    else:
+        raise ValueError(f"--input {path}: expected a folder, a .jsonl / .csv manifest or a .tar shard")
+    _check_unique(items, path)
+    if not items:
+        raise ValueError(f"--input {path}: no inputs found")
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sources
+
+
+def _read_folder(root: Path) -> list[BatchInput]:
+    """Audio files under `root` (recursive, sorted); ids are relative paths without suffix, except in a
+    LibriSpeech layout, where the utterance id of each `*.trans.txt` line is the id and its text the reference."""
+    references = {}
+    for trans in sorted(root.rglob("*.trans.txt")):
+        for line in trans.read_text(encoding="utf-8").splitlines():  # "1000-5000-0000 THE BIRCH CANOE ..."
+            if line.strip():
+                utt, _, text = line.strip().partition(" ")
+                references[(trans.parent, utt)] = text
+    items = []
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES):
+        key = (file.parent, file.stem)
+        item_id = file.stem if key in references else file.relative_to(root).with_suffix("").as_posix()
+        items.append(BatchInput(item_id, str(file), references.get(key)))
+    return items
+
+
+def _read_manifest(path: Path) -> list[BatchInput]:
+    """JSONL or CSV rows with `path` (relative to the manifest's folder), optional `id` (default: the path
+    stem) and optional `text` (the reference)."""
+    items = []
+    for line, row in _rows(path):
+        file = row.get("path") or row.get("audio")
+        if not file:
+            raise ValueError(f"{path}:{line}: a row needs a 'path' (got keys {sorted(row)})")
+        file = Path(file) if os.path.isabs(file) else path.parent / file
+        item_id = str(row.get("id") or file.stem)
+        items.append(BatchInput(item_id, str(file), _text(row.get("text"))))
+    return items
+
+
+def _read_texts(path: Path) -> list[BatchInput]:
+    """TTS texts: JSONL / CSV rows with `text` and optional `id` (default: the line number), or plain lines."""
+    if path.suffix == ".txt":
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        return [BatchInput(f"{i:06d}", text=ln) for i, ln in enumerate(lines) if ln]
+    if path.suffix not in (".jsonl", ".csv"):
+        raise ValueError(f"--input {path}: TTS reads a .jsonl, .csv or .txt file of texts")
+    items = []
+    for line, row in _rows(path):
+        text = _text(row.get("text"))
+        if text is None:
+            raise ValueError(f"{path}:{line}: a row needs a non-empty 'text' (got keys {sorted(row)})")
+        items.append(BatchInput(str(row.get("id") or f"{line:06d}"), text=text))
+    return items
+
+
+def _read_tar(path: Path) -> list[BatchInput]:
+    """WebDataset convention: members sharing a key (the name up to the first dot) form one sample; the
+    audio member is the input, a `.txt` member its reference."""
+    audio, texts = {}, {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.partition(".")
+            if ("." + ext.lower()) in AUDIO_SUFFIXES:
+                audio[key] = member.name
+            elif ext == "txt":
+                texts[key] = tar.extractfile(member).read().decode("utf-8").strip()
+    return [BatchInput(key, f"{path}{TAR_SEPARATOR}{name}", texts.get(key)) for key, name in sorted(audio.items())]
+
+
+def read_audio_bytes(path: str) -> bytes | str:
+    """A tar member's bytes for `SHARD.tar::MEMBER`, else the path itself (load_audio reads both)."""
+    if TAR_SEPARATOR not in path:
+        return path
+    shard, member = path.split(TAR_SEPARATOR, 1)
+    with tarfile.open(shard) as tar:
+        try:
+            return tar.extractfile(member).read()
+        except KeyError:
+            raise FileNotFoundError(f"{shard} has no member {member!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _rows(path: Path):
+    """(line number, dict) per row of a JSONL or CSV file; a malformed JSON line is named."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".csv":
+        for i, row in enumerate(csv.DictReader(io.StringIO(text)), start=2):
+            yield i, {k.strip(): (v or "").strip() for k, v in row.items() if k}
+        return
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{i}: not JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+        yield i, row
+
+
+def _text(value) -> str | None:
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def _check_unique(items: list[BatchInput], source: Path) -> None:
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items):
+        if item.id in seen:
+            raise ValueError(f"--input {source}: id {item.id!r} appears twice (items {seen[item.id]} and {i}); "
+                             "ids must be unique for exactly-once results")
+        seen[item.id] = i

@@ -1,0 +1,317 @@
+"""Ray Data callable classes, one per pipeline stage, over the stage classes of `actors/` (not copies).
+
+    SpeechEncoder  rows (id, path)        -> + audio_seconds, segments' times and audio codes  (EncoderStage)
+    SpeechLLM      rows (codes or text)   -> + transcript / audio chunks                        (LLMStage)
+    AudioDecoder   rows (audio chunks)    -> + a FLAC file under DIR/audio/, its duration       (DecoderStage)
+
+Each class loads its stage once in `__init__` (Ray Data keeps it in an actor of a pool) and maps a batch of
+rows (a pyarrow table, or a list of dicts when tested on `take_batch`-style input without Ray). The stage
+objects are async: their calls for the whole batch are issued at once on the class's event-loop thread, so
+the encoder's micro-batcher shares forwards between windows, the LLM stage's engine loop decodes every
+request of the batch in one continuously batched engine, and the decoder batches chunks of different rows.
+
+A bad row never fails the batch: it leaves a stage with `status` "error" and `error` naming the stage and
+the reason, and later stages pass it through. Timings are each row's share of the stage's wall time for the
+batch (by audio seconds, generated tokens, output seconds), so they add up to the time the stage was busy.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import time
+import uuid
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pyarrow as pa
+
+from actors.aio import LoopThread
+from actors.config import DecoderStageConfig, EncoderStageConfig, LLMStageConfig
+from actors.payloads import AudioPayload, DecodeChunk, SpeechRequest
+from jobs.batch.inputs import read_audio_bytes
+from jobs.batch.segments import Segment, WindowConfig, plan_windows, stitch
+
+SEGMENT = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string())])
+# Every column a row may carry between the stages; a stage fills its own and passes the others on.
+ROW_SCHEMA = pa.schema([
+    ("id", pa.string()), ("path", pa.string()), ("text", pa.string()), ("reference", pa.string()),
+    ("audio", pa.string()), ("audio_seconds", pa.float64()), ("status", pa.string()), ("error", pa.string()),
+    ("segments", pa.list_(SEGMENT)), ("tokens", pa.int64()), ("finish_reason", pa.string()),
+    ("encode_s", pa.float64()), ("llm_s", pa.float64()), ("decode_s", pa.float64()),
+    # in flight only (dropped from the result files): per-segment audio codes, and the LLM's audio chunks
+    ("seg_codes", pa.list_(pa.list_(pa.int32()))), ("chunks", pa.list_(pa.list_(pa.int32()))),
+])
+IN_FLIGHT = ("seg_codes", "chunks")
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How the LLM decodes every request of the job (the same for each, so results do not depend on batching)."""
+
+    mode: object = None  # None: the checkpoint's default schedule; a name or a list like [1, 10, 4, 10]
+    max_new_tokens: int = 256
+    temperature: float | None = None  # None: greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0  # with sampling: each request's seed is derived from this and its id (batch-independent)
+    constraint: str | None = "task"  # the task's output layout (random tiny weights need it); None: the model's
+
+    def sampling(self, request_id: str):
+        from pipeline.sampling import SamplingParams
+
+        if self.temperature is None:
+            return SamplingParams(repetition_penalty=self.repetition_penalty)
+        seed = zlib.crc32(f"{self.seed}:{request_id}".encode()) & 0x7FFFFFFF
+        return SamplingParams(greedy=False, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                              repetition_penalty=self.repetition_penalty, seed=seed)
+
+
+class _AsyncStage:
+    """A stage object whose async methods run on this class's own event-loop thread."""
+
+    def __init__(self, name: str):
+        self.bridge = LoopThread(f"batch-{name}")
+
+    def run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.bridge.loop).result()
+
+    def run_all(self, coroutines) -> list:
+        """Run the coroutines concurrently on the stage's loop; their results in order."""
+        async def together():
+            return await asyncio.gather(*coroutines)
+
+        return self.run(together())
+
+
+class SpeechEncoder(_AsyncStage):
+    """Reads each row's audio, cuts it into windows (`WindowConfig`) and tokenizes every window of the batch."""
+
+    def __init__(self, config: EncoderStageConfig, windows: WindowConfig = WindowConfig(),
+                 max_audio_seconds: float | None = 4 * 3600.0):
+        from actors.encoder_stage import EncoderStage
+
+        super().__init__("encoder")
+        self.stage = EncoderStage(config)
+        self.windows, self.max_audio_seconds = windows, max_audio_seconds
+
+    def __call__(self, batch) -> pa.Table:
+        rows = to_rows(batch)
+        start = time.perf_counter()
+        waves = {}
+        for i, row in enumerate(rows):
+            try:
+                waves[i] = self._load(row["path"])
+                row["audio_seconds"] = len(waves[i]) / self.stage.sample_rate
+            except (ValueError, OSError) as err:  # AudioError is a ValueError
+                fail(row, "input", err)
+        codes = self.run(self._tokenize(rows, waves))
+        total = sum(len(w) for w in waves.values()) or 1
+        elapsed = time.perf_counter() - start
+        for i, wave in waves.items():
+            rows[i]["encode_s"] = elapsed * len(wave) / total
+        return to_table(rows)
+
+    def _load(self, path: str):
+        from pipeline.audio import load_audio
+
+        return load_audio(read_audio_bytes(path), target_sample_rate=self.stage.sample_rate,
+                          max_seconds=self.max_audio_seconds)
+
+    async def _tokenize(self, rows: list[dict], waves: dict) -> None:
+        rate = self.stage.sample_rate
+
+        async def one(row, wave):
+            spans = plan_windows(len(wave), rate, self.windows)
+            try:
+                codes = await asyncio.gather(*(self.stage.tokenize(AudioPayload(wave[a:b], rate, row["id"]))
+                                               for a, b in spans))
+            except Exception as err:  # noqa: BLE001 - one row's failure, reported in its row
+                return fail(row, "encoder", err)
+            if not all(codes):
+                return fail(row, "encoder", f"no audio codes for {row['audio_seconds']:.2f} s of audio (too short?)")
+            row["seg_codes"] = [list(c) for c in codes]
+            row["segments"] = [{"start": a / rate, "end": b / rate, "text": ""} for a, b in spans]
+
+        await asyncio.gather(*(one(rows[i], wave) for i, wave in waves.items()))
+
+
+class SpeechLLM(_AsyncStage):
+    """ASR rows: one request per segment (codes -> text), stitched; TTS rows: text -> audio chunks.
+
+    Every request of the batch goes to the LLM stage at once; its engine loop runs them continuously
+    batched (up to `LLMStageConfig.max_batch_size` per step, the rest joining as others finish).
+    """
+
+    def __init__(self, config: LLMStageConfig, task: str, options: DecodeOptions = DecodeOptions()):
+        from actors.llm_stage import LLMStage
+
+        if task not in ("asr", "tts"):
+            raise ValueError(f"task={task!r}; expected 'asr' or 'tts'")
+        super().__init__("llm")
+        self.stage = LLMStage(config)
+        self.task, self.options = task, options
+
+    def __call__(self, batch) -> pa.Table:
+        rows = to_rows(batch)
+        start = time.perf_counter()
+        requests = []  # (row, segment index, SpeechRequest)
+        for row in rows:
+            if row["status"] != "ok":
+                continue
+            try:
+                inputs = row["seg_codes"] if self.task == "asr" else [None]
+                for k, codes in enumerate(inputs):
+                    request_id = f"{row['id']}#{k}"
+                    requests.append((row, k, SpeechRequest(
+                        task=self.task, request_id=request_id, text=row["text"] if self.task == "tts" else None,
+                        codes=codes, mode=self.options.mode, max_new_tokens=self.options.max_new_tokens,
+                        sampling=self.options.sampling(request_id), constraint=self.options.constraint)))
+            except ValueError as err:
+                fail(row, "input", err)
+        outputs = self.run_all([self._generate(request) for _, _, request in requests])
+        for (row, k, _), out in zip(requests, outputs):
+            self._fold(row, k, out)
+        for row in rows:
+            if row["status"] == "ok" and self.task == "asr":
+                row["text"] = stitch([Segment(**s) for s in row["segments"]])
+            elif row["status"] == "ok" and not row["chunks"]:
+                fail(row, "llm", f"no audio in {row['tokens']} generated tokens (raise --max-new-tokens?)")
+            row["seg_codes"] = None
+        total = sum(row["tokens"] or 0 for row in rows) or 1
+        elapsed = time.perf_counter() - start
+        for row in rows:
+            if row["tokens"]:
+                row["llm_s"] = elapsed * row["tokens"] / total
+        return to_table(rows)
+
+    async def _generate(self, request: SpeechRequest) -> dict:
+        text, chunks, end = [], [], None
+        try:
+            async for item in self.stage.generate(request):
+                text.append(item.text)
+                chunks.extend(item.audio_chunks)
+                end = item.end or end
+        except Exception as err:  # noqa: BLE001 - the request failed alone
+            return {"error": f"{type(err).__name__}: {err}"}
+        return {"text": "".join(text).strip(), "chunks": chunks, "tokens": len(end.token_ids), "reason": end.reason}
+
+    def _fold(self, row: dict, k: int, out: dict) -> None:
+        if row["status"] != "ok":
+            return
+        if "error" in out:
+            fail(row, "llm", out["error"])
+            return
+        row["tokens"] = (row["tokens"] or 0) + out["tokens"]
+        reasons = {r for r in ((row["finish_reason"] or "").split(",") + [out["reason"]]) if r}
+        row["finish_reason"] = ",".join(sorted(reasons))
+        if self.task == "asr":
+            row["segments"][k]["text"] = out["text"]
+        else:
+            row["chunks"] = out["chunks"]
+
+
+class AudioDecoder(_AsyncStage):
+    """Decodes each row's audio chunks as one incremental stream (as the live pipeline does) and writes
+    `audio_dir/<id>.flac` atomically (a temporary name, then a rename: a file there is always whole)."""
+
+    def __init__(self, config: DecoderStageConfig, audio_dir: str | os.PathLike):
+        from actors.decoder_stage import DecoderStage
+
+        super().__init__("decoder")
+        self.stage = DecoderStage(config)
+        self.audio_dir = Path(audio_dir)
+        self.audio_dir.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, batch) -> pa.Table:
+        rows = to_rows(batch)
+        start = time.perf_counter()
+        ready = [row for row in rows if row["status"] == "ok"]
+        pcms = self.run_all([self._decode(row) for row in ready])
+        for row, pcm in zip(ready, pcms):
+            if isinstance(pcm, Exception):
+                fail(row, "decoder", pcm)
+                continue
+            row["audio"] = str(self._write(row["id"], pcm))
+            row["audio_seconds"] = len(pcm) / self.stage.sample_rate
+            row["chunks"] = None
+        total = sum(row["audio_seconds"] or 0 for row in ready) or 1
+        elapsed = time.perf_counter() - start
+        for row in ready:
+            if row["status"] == "ok":
+                row["decode_s"] = elapsed * row["audio_seconds"] / total
+        return to_table(rows)
+
+    async def _decode(self, row: dict):
+        import numpy as np
+
+        request_id = f"{row['id']}#{uuid.uuid4().hex[:8]}"
+        chunks = row["chunks"]
+        try:
+            pcm = [(await self.stage.push(DecodeChunk(request_id, list(codes), seq=i))).pcm
+                   for i, codes in enumerate(chunks)]
+            pcm.append((await self.stage.push(DecodeChunk(request_id, [], final=True, seq=len(chunks)))).pcm)
+        except Exception as err:  # noqa: BLE001 - reported in the row
+            await self.stage.close(request_id)
+            return err
+        return np.concatenate(pcm)
+
+    def _write(self, item_id: str, pcm) -> Path:
+        from pipeline.audio import write_audio
+
+        final = self.audio_dir / f"{file_stem(item_id)}.flac"
+        temp = final.with_name(f".{final.stem}.{uuid.uuid4().hex[:8]}.tmp.flac")
+        write_audio(temp, pcm, self.stage.sample_rate)
+        os.replace(temp, final)
+        return final
+
+
+# ---------------------------------------------------------------------------------------------------------
+# rows
+
+
+def new_row(**fields) -> dict:
+    row = dict.fromkeys(ROW_SCHEMA.names)
+    row.update(status="ok", error="")
+    row.update(fields)
+    return row
+
+
+def fail(row: dict, stage: str, err) -> None:
+    """Mark a row failed (the first failure wins: later stages pass the row on untouched)."""
+    if row["status"] == "ok":
+        message = str(err) if not isinstance(err, Exception) or isinstance(err, (ValueError, OSError)) \
+            else f"{type(err).__name__}: {err}"
+        row.update(status="error", error=f"{stage}: {message}", seg_codes=None, chunks=None)
+
+
+def to_rows(batch) -> list[dict]:
+    """A pyarrow table, a dict of columns or a list of dicts -> full rows (every ROW_SCHEMA column)."""
+    if isinstance(batch, pa.Table):
+        items = batch.to_pylist()
+    elif isinstance(batch, dict):
+        keys = list(batch)
+        items = [dict(zip(keys, values)) for values in zip(*(list(batch[k]) for k in keys))]
+    else:
+        items = list(batch)
+    return [new_row(**{k: v for k, v in item.items() if k in ROW_SCHEMA.names}) for item in items]
+
+
+def to_table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+def file_stem(item_id: str) -> str:
+    """A file name for an id: kept if it is a plain name, else made safe with a hash of the id (unique)."""
+    safe = re.sub(r"[^\w.-]+", "_", item_id).strip("._") or "item"
+    if safe == item_id:
+        return safe
+    return f"{safe[:80]}-{hashlib.sha1(item_id.encode()).hexdigest()[:8]}"
+
+
+def with_threads(config, threads: int | None):
+    """A stage config whose actor uses `threads` torch threads (None: unchanged)."""
+    return config if threads is None else replace(config, resources=replace(config.resources, torch_threads=threads))
