@@ -83,29 +83,27 @@ def _read_manifest(path: Path) -> list[BatchInput]:
     stem) and optional `text` (the reference)."""
     items = []
     for line, row in _rows(path):
-        file = row.get("path") or row.get("audio")
-        if not file:
-            raise ValueError(f"{path}:{line}: a row needs a 'path' (got keys {sorted(row)})")
-        file = Path(file) if os.path.isabs(file) else path.parent / file
-        item_id = str(row.get("id") or file.stem)
-        items.append(BatchInput(item_id, str(file), _text(row.get("text"))))
+        file = str(row.get("path") or row.get("audio") or "")
+        if not file and not row.get("id"):
+            raise ValueError(f"{path}:{line}: a row needs a 'path' or at least an 'id' (got keys {sorted(row)})")
+        if file and not os.path.isabs(file):
+            file = str(path.parent / file)
+        item_id = str(row.get("id") or Path(file).stem)
+        items.append(BatchInput(item_id, file, _text(row.get("text"))))  # no path: an error row, not a crash
     return items
 
 
 def _read_texts(path: Path) -> list[BatchInput]:
-    """TTS texts: JSONL / CSV rows with `text` and optional `id` (default: the line number), or plain lines."""
+    """TTS texts: JSONL / CSV rows with `text` and optional `id` (default: the line number), or plain lines
+    (ids: the line numbers, blank lines skipped)."""
     if path.suffix == ".txt":
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
         return [BatchInput(f"{i:06d}", text=ln) for i, ln in enumerate(lines) if ln]
     if path.suffix not in (".jsonl", ".csv"):
         raise ValueError(f"--input {path}: TTS reads a .jsonl, .csv or .txt file of texts")
-    items = []
-    for line, row in _rows(path):
-        text = _text(row.get("text"))
-        if text is None:
-            raise ValueError(f"{path}:{line}: a row needs a non-empty 'text' (got keys {sorted(row)})")
-        items.append(BatchInput(str(row.get("id") or f"{line:06d}"), text=text))
-    return items
+    # a row without text is kept: it becomes an error row of its own instead of stopping the job
+    return [BatchInput(str(row.get("id") or f"{line:06d}"), text=_text(row.get("text")) or "")
+            for line, row in _rows(path)]
 
 
 def _read_tar(path: Path) -> list[BatchInput]:

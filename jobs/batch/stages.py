@@ -104,6 +104,8 @@ class SpeechEncoder(_AsyncStage):
         waves = {}
         for i, row in enumerate(rows):
             try:
+                if not row["path"]:
+                    raise ValueError("the input has no audio path")
                 waves[i] = self._load(row["path"])
                 row["audio_seconds"] = len(waves[i]) / self.stage.sample_rate
             except (ValueError, OSError) as err:  # AudioError is a ValueError

@@ -1,0 +1,291 @@
+"""Batch ASR / TTS on Ray Data (jobs.batch): inputs, windows, the stage classes without Ray, and whole jobs
+on the tiny set: mini-speech with WER/CER, a damaged folder, TTS to FLAC, a killed driver resumed."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from jobs.batch.inputs import enumerate_inputs, read_audio_bytes
+from jobs.batch.segments import Segment, WindowConfig, plan_windows, stitch
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def mini(shared_dir) -> Path:
+    return shared_dir / "corpora" / "mini-speech" / "LibriSpeech" / "dev-clean-mini"
+
+
+@pytest.fixture(scope="module")
+def stage_configs(tiny_models):
+    from actors.config import PipelineConfig
+
+    return PipelineConfig.from_models_dir(tiny_models).with_resources(num_gpus=0)
+
+
+def _config(tiny_models, task, input, out, **overrides):
+    from jobs.batch.job import BatchConfig
+    from jobs.batch.stages import DecodeOptions
+
+    decode = overrides.pop("decode", DecodeOptions(max_new_tokens=24))
+    return BatchConfig(task=task, input=str(input), out=str(out), models=str(tiny_models), decode=decode,
+                       progress=False, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inputs and windows (no models)
+
+
+def test_folder_with_librispeech_transcripts(mini):
+    items = enumerate_inputs(mini, "asr")
+    assert len(items) == 40 and len({i.id for i in items}) == 40
+    first = items[0]
+    assert first.id == "1000-5000-0000" and first.text == "THE BIRCH CANOE SLID ON THE SMOOTH PLANKS"
+    assert [i.id for i in items] == [i.id for i in enumerate_inputs(mini, "asr")]  # same order every time
+
+
+def test_manifests_tar_and_texts(tmp_path, mini):
+    files = sorted(mini.rglob("*.flac"))[:3]
+    (tmp_path / "list.jsonl").write_text(
+        "\n".join(json.dumps({"id": f"u{i}", "path": str(f), "text": "hello"}) for i, f in enumerate(files)) + "\n")
+    items = enumerate_inputs(tmp_path / "list.jsonl", "asr")
+    assert [(i.id, i.text) for i in items] == [("u0", "hello"), ("u1", "hello"), ("u2", "hello")]
+    shutil.copy(files[0], tmp_path / "rel.flac")
+    (tmp_path / "list.csv").write_text("id,path,text\na,rel.flac,\nb,,\n")  # relative path; a row without path
+    rows = enumerate_inputs(tmp_path / "list.csv", "asr")
+    assert rows[0].path == str(tmp_path / "rel.flac") and rows[0].text is None and rows[1].path == ""
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        tar.add(files[0], arcname="k1.flac")
+        (tmp_path / "k1.txt").write_text("REFERENCE ONE")
+        tar.add(tmp_path / "k1.txt", arcname="k1.txt")
+        tar.add(files[1], arcname="k2.flac")
+    shard = enumerate_inputs(tmp_path / "shard.tar", "asr")
+    assert [(i.id, i.text) for i in shard] == [("k1", "REFERENCE ONE"), ("k2", None)]
+    assert read_audio_bytes(shard[0].path) == files[0].read_bytes()
+    (tmp_path / "texts.jsonl").write_text('{"id": "t1", "text": "Hi."}\n{"id": "t2", "text": ""}\n{"text": "x"}\n')
+    texts = enumerate_inputs(tmp_path / "texts.jsonl", "tts")
+    assert [(t.id, t.text) for t in texts] == [("t1", "Hi."), ("t2", ""), ("000003", "x")]
+    (tmp_path / "dup.jsonl").write_text('{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n')
+    with pytest.raises(ValueError, match="'a' appears twice"):
+        enumerate_inputs(tmp_path / "dup.jsonl", "tts")
+
+
+def test_windows_cover_a_long_recording_with_overlap():
+    config = WindowConfig(window_s=30.0, overlap_s=2.0)
+    assert plan_windows(16000 * 12, 16000, config) == [(0, 16000 * 12)]
+    spans = plan_windows(16000 * 185, 16000, config)
+    assert spans[0] == (0, 16000 * 30) and spans[-1] == (16000 * 155, 16000 * 185)
+    assert all(b - a == 16000 * 30 for a, b in spans)
+    assert all(next_a < b for (_, b), (next_a, _) in zip(spans, spans[1:]))  # neighbours overlap, no gap
+
+
+def test_stitch_keeps_overlapping_words_once():
+    merged = stitch([Segment(0, 30, "the birch canoe slid on"), Segment(28, 58, "slid on the smooth planks")])
+    assert merged == "the birch canoe slid on the smooth planks"
+    # no shared words: each side keeps its half of the 2 s overlap (1 s at 1 word/s here)
+    assert stitch([Segment(0, 10, "a b c d e f g h i j"), Segment(8, 18, "K L M N O P Q R S T")]) \
+        == "a b c d e f g h i L M N O P Q R S T"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the stage classes on take_batch-style rows, without Ray
+
+
+def test_batched_stages_equal_one_at_a_time(stage_configs, mini, tmp_path):
+    from jobs.batch.stages import AudioDecoder, DecodeOptions, SpeechEncoder, SpeechLLM
+
+    files = sorted(mini.rglob("*.flac"))[:5]
+    rows = [{"id": f.stem, "path": str(f)} for f in files]
+    encoder = SpeechEncoder(stage_configs.encoder)
+    encoded = encoder(rows)
+    assert encoded.column("status").to_pylist() == ["ok"] * 5
+    assert encoded.to_pylist() and all(encoded.column("seg_codes").to_pylist())
+    llm = SpeechLLM(stage_configs.llm, "asr", DecodeOptions(max_new_tokens=24))
+    batched = llm(encoded).to_pylist()
+    single = [llm(encoded.slice(i, 1)).to_pylist()[0] for i in range(5)]
+    assert [r["text"] for r in batched] == [r["text"] for r in single]
+    assert all(r["text"] and r["tokens"] == 24 for r in batched)
+    assert llm.stage.largest_batch > 1  # the batch's requests shared engine steps
+
+    tts = SpeechLLM(stage_configs.llm, "tts", DecodeOptions(max_new_tokens=40))
+    texts = [{"id": "a", "text": "Hello there."}, {"id": "b", "text": "The birch canoe."}]
+    spoken = tts(texts)
+    alone = [tts(texts[i : i + 1]).to_pylist()[0] for i in range(2)]
+    assert spoken.column("chunks").to_pylist() == [r["chunks"] for r in alone]
+    decoder = AudioDecoder(stage_configs.decoder, tmp_path / "audio")
+    together = decoder(spoken).to_pylist()
+    for row in together:
+        pcm, rate = sf.read(row["audio"])
+        assert row["status"] == "ok" and rate == 22050 and abs(len(pcm) / rate - row["audio_seconds"]) < 1e-6
+    first = sf.read(together[0]["audio"])[0]
+    one = AudioDecoder(stage_configs.decoder, tmp_path / "one")(spoken.slice(0, 1)).to_pylist()[0]
+    np.testing.assert_allclose(sf.read(one["audio"])[0], first, atol=1e-3)  # batched forwards round differently
+
+
+def test_long_recording_is_windowed_and_stitched(stage_configs, mini, tmp_path):
+    from jobs.batch.stages import DecodeOptions, SpeechEncoder, SpeechLLM
+
+    long = tmp_path / "meeting.flac"
+    _long_recording(mini, long, seconds=150)
+    encoder = SpeechEncoder(stage_configs.encoder, WindowConfig(30.0, 2.0))
+    row = encoder([{"id": "meeting", "path": str(long)}]).to_pylist()[0]
+    assert row["status"] == "ok" and row["audio_seconds"] == pytest.approx(150.0, abs=0.01)
+    segments = row["segments"]
+    assert len(segments) == 6 and segments[0]["start"] == 0.0 and segments[-1]["end"] == pytest.approx(150.0)
+    assert all(s["end"] - s["start"] == pytest.approx(30.0) for s in segments)
+    assert [len(c) for c in row["seg_codes"]] == [375] * 6  # 12.5 codes per second of each window
+    out = SpeechLLM(stage_configs.llm, "asr", DecodeOptions(max_new_tokens=16))(encoder([{"id": "m", "path": str(long)}]))
+    row = out.to_pylist()[0]
+    assert row["status"] == "ok" and all(s["text"] for s in row["segments"])
+    assert row["text"] == stitch([Segment(**s) for s in row["segments"]]) and row["tokens"] == 6 * 16
+
+
+# ---------------------------------------------------------------------------------------------------------
+# whole jobs on Ray Data
+
+
+def test_asr_mini_speech_report_and_noop_rerun(ray_session, tiny_models, mini, tmp_path):
+    from jobs.batch.job import read_results, run_batch
+    from jobs.common import CLIError
+
+    out = tmp_path / "asr"
+    summary = run_batch(_config(tiny_models, "asr", mini, out, block_size=16))
+    table = read_results(out)
+    assert table.num_rows == 40 and len(set(table.column("id").to_pylist())) == 40
+    assert summary["complete"] and summary["ok"] == 40 and sorted(os.listdir(out / "results")) == [
+        "part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
+    rates = summary["error_rates"]
+    assert rates["scored"] == 40 and rates["wer"] > 0 and rates["cer"] > 0  # random weights: garbage text
+    report = (out / "report.md").read_text()
+    assert "WER (40 rows with a reference)" in report and json.loads((out / "summary.json").read_text())["rows"] == 40
+    assert summary["audio_hours"] * 3600 == pytest.approx(104.22, abs=0.05) and summary["rtfx"] > 0
+
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "results").iterdir()}
+    again = run_batch(_config(tiny_models, "asr", mini, out, block_size=16))
+    assert again["this_run"]["inputs"] == 0 and again["rows"] == 40
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "results").iterdir()} == before
+    with pytest.raises(CLIError, match="other settings"):
+        run_batch(_config(tiny_models, "asr", mini, out, block_size=8))
+
+
+def test_damaged_folder_gives_one_error_row_each(ray_session, tiny_models, mini, tmp_path):
+    from jobs.batch.job import read_results, run_batch
+
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    good = sorted(mini.rglob("*.flac"))[:2]
+    shutil.copy(good[0], folder / "good1.flac")
+    (folder / "sub").mkdir()
+    shutil.copy(good[1], folder / "sub" / "good2.flac")
+    sf.write(folder / "truncated.wav", np.zeros(16000, np.float32), 16000, subtype="PCM_16")
+    data = (folder / "truncated.wav").read_bytes()
+    (folder / "truncated.wav").write_bytes(data[: len(data) // 2])
+    (folder / "empty.wav").write_bytes(b"")
+    (folder / "notaudio.flac").write_text("this is not audio\n")
+    noisy = np.full(16000, 0.1, np.float32)
+    noisy[100:200] = np.nan
+    sf.write(folder / "nan.wav", noisy, 16000, subtype="FLOAT")
+    _long_recording(mini, folder / "long.flac", seconds=100)
+
+    summary = run_batch(_config(tiny_models, "asr", folder, tmp_path / "out", block_size=3))
+    rows = {r["id"]: r for r in read_results(tmp_path / "out").to_pylist()}
+    assert summary["rows"] == summary["inputs"] == 7 and len(rows) == 7
+    assert {i for i, r in rows.items() if r["status"] == "ok"} == {"good1", "sub/good2", "long"}
+    for name, words in (("truncated", "truncated"), ("empty", "empty"), ("notaudio", "cannot decode"),
+                        ("nan", "NaN")):
+        assert rows[name]["status"] == "error" and words in rows[name]["error"], rows[name]["error"]
+    assert len(rows["long"]["segments"]) == 4 and rows["long"]["segments"][-1]["end"] == pytest.approx(100.0)
+    assert "## Errors" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_tts_from_texts_writes_readable_flac(ray_session, tiny_models, tmp_path):
+    from jobs.batch.job import read_results, run_batch
+    from jobs.batch.stages import DecodeOptions
+
+    texts = tmp_path / "texts.jsonl"
+    lines = [{"id": "a", "text": "The birch canoe slid on the smooth planks."}, {"id": "b", "text": "Hello."},
+             {"id": "blank", "text": ""}, {"id": "c/d", "text": "Glue the sheet to the dark blue background."}]
+    texts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "tts"
+    summary = run_batch(_config(tiny_models, "tts", texts, out, decode=DecodeOptions(max_new_tokens=48)))
+    rows = {r["id"]: r for r in read_results(out).to_pylist()}
+    assert summary["rows"] == 4 and rows["blank"]["status"] == "error" and "text" in rows["blank"]["error"]
+    for item_id in ("a", "b", "c/d"):
+        row = rows[item_id]
+        assert row["status"] == "ok" and Path(row["audio"]).parent == out / "audio"
+        info = sf.info(row["audio"])
+        assert info.format == "FLAC" and info.samplerate == 22050
+        assert info.duration == pytest.approx(row["audio_seconds"], abs=1e-3) and row["audio_seconds"] > 0.5
+    assert summary["audio_hours"] > 0 and not list((out / "audio").glob(".*tmp*"))
+
+
+def test_killed_driver_resumes_exactly_once(ray_session, tiny_models, mini, tmp_path):
+    """The driver (a subprocess on the test's Ray) is killed once about a third of the result files exist;
+    the rerun processes only the rest; every id has one row, equal to an uninterrupted run's (greedy)."""
+    from jobs.batch.job import read_results, run_batch
+
+    files = sorted(mini.rglob("*.flac"))
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"r{k}-{f.stem}", "path": str(f)}) + "\n"
+                                for k in range(3) for f in files))  # 120 inputs
+    flags = dict(block_size=4, decode=_decode(48))
+    out = tmp_path / "killed"
+    address = ray_session.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "jobs.cmd_batch", "asr", "--input", str(manifest), "--out", str(out),
+           "--models", str(tiny_models), "--address", address, "--block-size", "4", "--max-new-tokens", "48",
+           "--encoder-rows", "4", "--llm-rows", "4", "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list((out / "results").glob("part-*.parquet"))) < 10:
+            assert driver.poll() is None, "the driver ended before it could be killed"
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    written = len(list((out / "results").glob("part-*.parquet")))
+    assert 10 <= written < 30, f"{written} of 30 blocks written when killed"
+
+    resumed = run_batch(_config(tiny_models, "asr", manifest, out, **flags))
+    assert resumed["this_run"]["blocks"] == 30 - written
+    table = read_results(out)
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 120 and resumed["complete"] and not resumed["repeated_ids"]
+
+    whole = run_batch(_config(tiny_models, "asr", manifest, tmp_path / "whole", **flags))
+    assert whole["rows"] == 120
+    expect = {r["id"]: r["text"] for r in read_results(tmp_path / "whole").to_pylist()}
+    assert {r["id"]: r["text"] for r in table.to_pylist()} == expect
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _decode(max_new_tokens: int):
+    from jobs.batch.stages import DecodeOptions
+
+    return DecodeOptions(max_new_tokens=max_new_tokens)
+
+
+def _long_recording(mini: Path, path: Path, seconds: float) -> None:
+    """`seconds` of real speech: the mini-speech utterances one after another, repeated."""
+    clips = [sf.read(f, dtype="float32")[0] for f in sorted(mini.rglob("*.flac"))]
+    pcm = np.concatenate(clips * int(np.ceil(seconds / (sum(map(len, clips)) / 16000))))
+    sf.write(path, pcm[: int(seconds * 16000)], 16000)
