@@ -74,6 +74,9 @@ def test_manifests_tar_and_texts(tmp_path, mini):
     shard = enumerate_inputs(tmp_path / "shard.tar", "asr")
     assert [(i.id, i.text) for i in shard] == [("k1", "REFERENCE ONE"), ("k2", None)]
     assert read_audio_bytes(shard[0].path) == files[0].read_bytes()
+    (tmp_path / "shards").mkdir()
+    shutil.copy(tmp_path / "shard.tar", tmp_path / "shards" / "000.tar")
+    assert [i.id for i in enumerate_inputs(tmp_path / "shards", "asr")] == ["k1", "k2"]
     (tmp_path / "texts.jsonl").write_text('{"id": "t1", "text": "Hi."}\n{"id": "t2", "text": ""}\n{"text": "x"}\n')
     texts = enumerate_inputs(tmp_path / "texts.jsonl", "tts")
     assert [(t.id, t.text) for t in texts] == [("t1", "Hi."), ("t2", ""), ("000003", "x")]
@@ -132,6 +135,18 @@ def test_batched_stages_equal_one_at_a_time(stage_configs, mini, tmp_path):
     first = sf.read(together[0]["audio"])[0]
     one = AudioDecoder(stage_configs.decoder, tmp_path / "one")(spoken.slice(0, 1)).to_pylist()[0]
     np.testing.assert_allclose(sf.read(one["audio"])[0], first, atol=1e-3)  # batched forwards round differently
+
+
+def test_tar_member_encodes_like_its_file(stage_configs, mini, tmp_path):
+    from jobs.batch.stages import SpeechEncoder
+
+    file = sorted(mini.rglob("*.flac"))[0]
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        tar.add(file, arcname="k.flac")
+    (member,) = enumerate_inputs(tmp_path / "s.tar", "asr")
+    rows = SpeechEncoder(stage_configs.encoder)([{"id": "file", "path": str(file)}, {"id": "k", "path": member.path}])
+    codes = rows.column("seg_codes").to_pylist()
+    assert rows.column("status").to_pylist() == ["ok", "ok"] and codes[0] == codes[1] and codes[0][0]
 
 
 def test_long_recording_is_windowed_and_stitched(stage_configs, mini, tmp_path):

@@ -3,6 +3,7 @@
     enumerate_inputs("corpus/", "asr")        # a folder of audio files (LibriSpeech *.trans.txt -> references)
     enumerate_inputs("list.jsonl", "asr")     # JSONL / CSV manifest: id, path, optional text (the reference)
     enumerate_inputs("shard-000.tar", "asr")  # WebDataset-style tar: KEY.flac (+ KEY.txt reference) per item
+    enumerate_inputs("shards/", "asr")        # a folder holding only *.tar shards: all of them, in name order
     enumerate_inputs("texts.jsonl", "tts")    # JSONL / CSV with id, text (or a .txt file, one text a line)
 
 The order and the ids are what makes a job exactly-once: the result files are keyed by blocks of this list,
@@ -45,6 +46,8 @@ def enumerate_inputs(source: str | os.PathLike, task: str) -> list[BatchInput]:
         items = _read_texts(path)
     elif path.is_dir():
         items = _read_folder(path)
+        if not items:  # a folder of WebDataset shards
+            items = [item for shard in sorted(path.glob("*.tar")) for item in _read_tar(shard)]
     elif path.suffix == ".tar":
         items = _read_tar(path)
     elif path.suffix in (".jsonl", ".csv"):
