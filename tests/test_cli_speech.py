@@ -65,6 +65,33 @@ def test_asr_and_chat_in_process_on_session_ray(ray_session, tiny_models, wav, t
     assert report["generated_tokens"] == 30 and report["audio_codes"] > 0
 
 
+def test_asr_over_a_folder_with_damaged_files_transcribes_every_good_one(ray_session, tiny_models, wav, tmp_path,
+                                                                       capsys):
+    folder = tmp_path / "wavs"
+    folder.mkdir()
+    good = [folder / f"good{i}.wav" for i in range(3)]
+    for path in good:
+        path.write_bytes(wav.read_bytes())
+    (folder / "broken.wav").write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt garbage")
+    sf.write(folder / "nan.wav", np.full(8000, np.nan, np.float32), 16000, subtype="FLOAT")
+    files = sorted(map(str, folder.iterdir()))
+    code = main(["asr", *files, "--models", str(tiny_models), "--max-new-tokens", "6"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err
+    rows = [line.split("\t") for line in out.strip().splitlines()]
+    assert [r[0] for r in rows] == [str(p) for p in good] and all(len(r) == 2 for r in rows)
+    assert sum(f"error: {folder / 'broken.wav'}" in ln for ln in err.splitlines()) == 1
+    assert sum(f"error: {folder / 'nan.wav'}" in ln for ln in err.splitlines()) == 1
+    assert "5/5 files" in err and "2 of 5 file(s) failed" in err and "stages loaded" in err
+
+    code = main(["asr", *files, "--models", str(tiny_models), "--max-new-tokens", "6", "--json"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows, report = [json.loads(ln) for ln in lines[:-1]], json.loads(lines[-1])
+    assert code == 2 and [r["audio"] for r in rows] == files
+    assert [r["ok"] for r in rows] == [not p.startswith(str(folder / "broken")) and "nan" not in p for p in files]
+    assert report["failed"] == 2 and report["exit_code"] == 2 and report["startup"]["stages_s"] > 0
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["tts", "  ", "-o", "x.wav"], "empty"),
     (["asr", "/nonexistent/a.wav"], "a.wav"),
