@@ -193,6 +193,12 @@ def test_asr_mini_speech_report_and_noop_rerun(ray_session, tiny_models, mini, t
     assert {p.name: p.stat().st_mtime_ns for p in (out / "results").iterdir()} == before
     with pytest.raises(CLIError, match="other settings"):
         run_batch(_config(tiny_models, "asr", mini, out, block_size=8))
+    from jobs.batch.job import _lock
+
+    held = _lock(out)
+    with pytest.raises(CLIError, match="another batch run"):
+        run_batch(_config(tiny_models, "asr", mini, out, block_size=16))
+    held.close()
 
 
 def test_damaged_folder_gives_one_error_row_each(ray_session, tiny_models, mini, tmp_path):

@@ -91,22 +91,19 @@ def run_batch(config: BatchConfig) -> dict:
     blocks = [items[i : i + config.block_size] for i in range(0, len(items), config.block_size)]
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)
-    _check_plan(out, _plan(config, models, items))
-    for stale in results.glob(".part-*"):  # a crash mid-write leaves only a temporary file
-        stale.unlink()
-    pending = [b for b, block in enumerate(blocks) if not _complete(block_path(out, b), len(block))]
-
-    started, t0 = time.time(), time.perf_counter()
-    if pending:
-        _run_pipeline(config, models, out, blocks, pending)
-    wall = time.perf_counter() - t0
-    run = {"started_at": started, "wall_s": wall, "inputs": sum(len(blocks[b]) for b in pending),
-           "blocks": len(pending)}
-    if pending:
-        with open(out / "runs.jsonl", "a") as f:
-            f.write(json.dumps(run) + "\n")
-    summary = write_report(out, config.task, len(items), this_run=run)
-    return summary
+    with _lock(out):  # held until the run ends (or its process dies)
+        _check_plan(out, _plan(config, models, items))
+        for stale in results.glob(".part-*"):  # a crash mid-write leaves only a temporary file
+            stale.unlink()
+        pending = [b for b, block in enumerate(blocks) if not _complete(block_path(out, b), len(block))]
+        started, t0 = time.time(), time.perf_counter()
+        stream = _run_pipeline(config, models, out, blocks, pending, t0) if pending else {}
+        run = {"started_at": started, "wall_s": time.perf_counter() - t0,
+               "inputs": sum(len(blocks[b]) for b in pending), "blocks": len(pending), **stream}
+        if pending:
+            with open(out / "runs.jsonl", "a") as f:
+                f.write(json.dumps(run) + "\n")
+        return write_report(out, config.task, len(items), this_run=run)
 
 
 def block_path(out: Path, block: int) -> Path:
@@ -126,7 +123,10 @@ def read_results(out: str | os.PathLike) -> pa.Table:
 
 
 def _run_pipeline(config: BatchConfig, models: Path, out: Path, blocks: list[list[BatchInput]],
-                   pending: list[int]) -> None:
+                   pending: list[int], t0: float) -> dict:
+    """Stream the pending blocks through the stage pools; returns when the first rows arrived (start-up:
+    Ray, actors, model loads) and the rate after that (`steady_audio_s_per_s`, audio seconds of the rows
+    that came after the first batch over the time they took)."""
     import ray
 
     from jobs.common import start_ray
@@ -146,6 +146,7 @@ def _run_pipeline(config: BatchConfig, models: Path, out: Path, blocks: list[lis
         missing = collector.missing()
         if missing:  # a stage dropped rows (a bug): fail loudly; the next run redoes those blocks
             raise RuntimeError(f"{len(missing)} input(s) got no result row, e.g. {missing[:3]}")
+        return collector.timing(t0)
     finally:
         if started:
             ray.shutdown()
@@ -193,8 +194,16 @@ class _Collector:
         self.order = {item.id: i for items in blocks.values() for i, item in enumerate(items)}
         self.rows: dict[int, dict[str, dict]] = {b: {} for b in blocks}
         self.written: set[int] = set()
+        self.first = self.last = None  # perf_counter of the first and the latest batch
+        self.audio_after_first = 0.0
 
     def add(self, batch: pa.Table) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        elif "audio_seconds" in batch.column_names:
+            self.audio_after_first += sum(s or 0.0 for s in batch.column("audio_seconds").to_pylist())
+        self.last = now
         keep = [c for c in RESULT_SCHEMA.names if c in batch.column_names]
         for row in batch.select(keep).to_pylist():
             b = self.block_of.get(row["id"])
@@ -214,6 +223,13 @@ class _Collector:
         os.replace(temp, final)
         self.written.add(b)
 
+    def timing(self, t0: float) -> dict:
+        if self.first is None:
+            return {}
+        steady = self.last - self.first
+        return {"startup_s": self.first - t0,
+                "steady_audio_s_per_s": self.audio_after_first / steady if steady > 0 else None}
+
     def missing(self) -> list[str]:
         return [i for i, b in self.block_of.items() if b not in self.written and i not in self.rows.get(b, {})]
 
@@ -228,6 +244,19 @@ def _plan(config: BatchConfig, models: Path, items: list[BatchInput]) -> dict:
             "inputs": len(items), "ids_sha256": ids, "block_size": config.block_size,
             "models": str(Path(models).resolve()), "decode": dataclasses.asdict(config.decode),
             "windows": dataclasses.asdict(config.windows), "max_audio_seconds": config.max_audio_seconds}
+
+
+def _lock(out: Path):
+    """An exclusive lock on DIR/.lock: two drivers on one folder would each write the blocks they lack."""
+    import fcntl
+
+    handle = open(out / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise CLIError(f"--out {out}: another batch run is writing there (wait for it, or choose a new --out)") from None
+    return handle
 
 
 def _check_plan(out: Path, plan: dict) -> None:
