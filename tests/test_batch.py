@@ -310,3 +310,18 @@ def _long_recording(mini: Path, path: Path, seconds: float) -> None:
     clips = [sf.read(f, dtype="float32")[0] for f in sorted(mini.rglob("*.flac"))]
     pcm = np.concatenate(clips * int(np.ceil(seconds / (sum(map(len, clips)) / 16000))))
     sf.write(path, pcm[: int(seconds * 16000)], 16000)
+
+
+def test_cli_module_fits_the_registry(monkeypatch, tmp_path, capsys):
+    """`vita-audio batch` / `bench batch` as the lead registers them: argument and input errors are one line,
+    exit 2, before Ray starts."""
+    import jobs.cli as cli
+
+    monkeypatch.setitem(cli.COMMANDS, "batch", ("jobs.cmd_batch", "batch ASR / TTS on Ray Data"))
+    monkeypatch.setitem(cli.BENCHMARKS, "batch", "jobs.bench.batch")
+    assert cli.main(["batch", "asr", "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--json"]) == 2
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "no such file or folder" in last["error"] and last["command"] == "batch"
+    assert cli.main(["batch", "tts", "--input", str(tmp_path), "--out", str(tmp_path / "o"), "--overlap", "20"]) == 2
+    assert "overlap_s" in capsys.readouterr().err
+    assert cli.main(["bench", "batch", "--pool-sizes", "0", "--out", str(tmp_path / "b")]) == 2
