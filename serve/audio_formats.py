@@ -9,8 +9,14 @@ import soundfile
 CONTENT_TYPES = {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac"}
 
 
+def int16_samples(pcm: np.ndarray) -> np.ndarray:
+    """float32 in [-1, 1] -> rounded 16-bit samples: one conversion for every format, so wav, flac and pcm carry
+    the same samples."""
+    return np.round(np.clip(np.asarray(pcm, dtype=np.float32), -1.0, 1.0) * 32767.0).astype("<i2")
+
+
 def to_int16(pcm: np.ndarray) -> bytes:
-    return (np.clip(np.asarray(pcm, dtype=np.float32), -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    return int16_samples(pcm).tobytes()
 
 
 def encode(pcm: np.ndarray, sample_rate: int, fmt: str) -> bytes:
@@ -18,5 +24,5 @@ def encode(pcm: np.ndarray, sample_rate: int, fmt: str) -> bytes:
     if fmt == "pcm":
         return to_int16(pcm)
     buffer = io.BytesIO()
-    soundfile.write(buffer, np.asarray(pcm, dtype=np.float32), sample_rate, format=fmt.upper(), subtype="PCM_16")
+    soundfile.write(buffer, int16_samples(pcm), sample_rate, format=fmt.upper(), subtype="PCM_16")
     return buffer.getvalue()

@@ -5,7 +5,7 @@ maps every refusal to OpenAI's error JSON with a 4xx status (stage failures are 
 
 import base64
 import json
-import time
+import logging
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -14,12 +14,13 @@ from pydantic import ValidationError
 from ray import serve
 
 from actors.orchestration import Limits, run_request
-from actors.payloads import AudioChunk, Done, ErrorEvent, TextDelta
+from actors.payloads import AudioChunk, Done, ErrorEvent
 from serve.api import DEFAULT_VOICE, MODEL_ID, OPENAI_VOICES, APIError, SpeechBody, validation_message
 from serve.audio_formats import CONTENT_TYPES, encode, to_int16
 from serve.deployments import ServeStageClients
 
 app = FastAPI(title="VITA-Audio speech API")
+logger = logging.getLogger("ray.serve")
 
 
 @app.exception_handler(APIError)
@@ -29,6 +30,7 @@ async def _api_error(request: Request, err: APIError):
 
 @app.exception_handler(Exception)
 async def _internal(request: Request, err: Exception):
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=err)  # the replica log keeps the trace
     return JSONResponse(APIError(500, f"internal error: {type(err).__name__}", type="server_error").body(),
                         status_code=500)
 
@@ -39,6 +41,40 @@ def _stage_error(event: ErrorEvent) -> "APIError":
     return APIError(503, f"{event.stage} stage: {event.message}", type="server_error", code="stage_failed")
 
 
+async def _gather(first, events):
+    chunks, rate, event = [], 24000, first
+    while True:
+        if isinstance(event, AudioChunk):
+            chunks.append(event.pcm)
+            rate = event.sample_rate
+        elif isinstance(event, Done):
+            return chunks, rate, event
+        elif isinstance(event, ErrorEvent):
+            raise _stage_error(event)
+        event = await anext(events)
+
+
+def _usage(done: Done) -> dict:
+    llm = done.usage.get("llm", {})
+    out = len(done.token_ids) or llm.get("completion_tokens", 0)
+    prompt = llm.get("prompt_tokens", 0)
+    return {"input_tokens": prompt, "output_tokens": out, "total_tokens": prompt + out,
+            "output_tokens_details": {"audio_tokens": len(done.audio_codes),
+                                      "text_tokens": max(out - len(done.audio_codes), 0)}}
+
+
+def _usage_headers(done: Done) -> dict:
+    usage = _usage(done)
+    return {"x-usage-input-tokens": str(usage["input_tokens"]), "x-usage-output-tokens": str(usage["output_tokens"]),
+            "x-usage-audio-tokens": str(usage["output_tokens_details"]["audio_tokens"])}
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+# Module helpers stand above the class: serve.ingress wraps it when it is defined, so names defined below
+# it are missing in the replica.
 @serve.ingress(app)
 class Ingress:
     """Holds the stage handles and the caps; one method per route."""
@@ -165,34 +201,3 @@ class Ingress:
                 return
             event = await anext(events)
 
-
-async def _gather(first, events):
-    chunks, rate, event = [], 24000, first
-    while True:
-        if isinstance(event, AudioChunk):
-            chunks.append(event.pcm)
-            rate = event.sample_rate
-        elif isinstance(event, Done):
-            return chunks, rate, event
-        elif isinstance(event, ErrorEvent):
-            raise _stage_error(event)
-        event = await anext(events)
-
-
-def _usage(done: Done) -> dict:
-    llm = done.usage.get("llm", {})
-    out = len(done.token_ids) or llm.get("completion_tokens", 0)
-    prompt = llm.get("prompt_tokens", 0)
-    return {"input_tokens": prompt, "output_tokens": out, "total_tokens": prompt + out,
-            "output_tokens_details": {"audio_tokens": len(done.audio_codes),
-                                      "text_tokens": max(out - len(done.audio_codes), 0)}}
-
-
-def _usage_headers(done: Done) -> dict:
-    usage = _usage(done)
-    return {"x-usage-input-tokens": str(usage["input_tokens"]), "x-usage-output-tokens": str(usage["output_tokens"]),
-            "x-usage-audio-tokens": str(usage["output_tokens_details"]["audio_tokens"])}
-
-
-def _sse(data: dict) -> str:
-    return f"data: {json.dumps(data)}\n\n"

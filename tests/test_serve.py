@@ -50,15 +50,23 @@ def local_tts(tiny_models):
     from actors.local import LocalPipeline
     from actors.results import collect
 
+    import torch
+
+    # Session fixtures start before the module's one_torch_thread: set the thread count the Serve stages use
+    # (torch_threads=1), or float sums reorder and the audio differs in its last bits.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
     pipe = LocalPipeline(PipelineConfig.from_models_dir(tiny_models))
     try:
         yield collect(pipe.tts(TEXT, max_new_tokens=64))
     finally:
         pipe.bridge.stop()
+        torch.set_num_threads(previous)
 
 
 def _int16(pcm) -> np.ndarray:
-    return (np.clip(pcm, -1, 1) * 32767.0).astype("<i2")
+    """The pipeline's float PCM as 16-bit samples, rounded (what every response format carries)."""
+    return np.round(np.clip(pcm, -1, 1) * 32767.0).astype("<i2")
 
 
 def test_speech_wav_matches_pipeline(client, local_tts):
