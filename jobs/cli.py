@@ -21,6 +21,7 @@ BENCHMARKS = {
     "encoder": "jobs.bench.encoder",    # speech tokenizer, batched vs one by one
     "decoder": "jobs.bench.decoder",    # flow + HiFT, streaming cost vs audio length
     "pipeline": "jobs.bench.pipeline",  # staged Ray pipeline vs in-process composition
+    "batch": "jobs.bench.batch",        # batch ASR/TTS: LLM batch size, actors per stage, vs an in-process loop
 }
 
 # Subcommands implemented in their own modules: name -> (module with add_arguments(p, name) and run(args), help).
@@ -31,6 +32,7 @@ COMMANDS = {
     "tts": ("jobs.cmd_speech", "text -> speech through the staged Ray pipeline"),
     "asr": ("jobs.cmd_speech", "speech -> text through the staged Ray pipeline"),
     "chat": ("jobs.cmd_speech", "speech (or text) -> text + speech through the staged Ray pipeline"),
+    "batch": ("jobs.cmd_batch", "batch ASR / TTS over a folder, manifest or tar shards on Ray Data (resumable)"),
 }
 
 USER_ERRORS = (CLIError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
