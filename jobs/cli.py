@@ -22,6 +22,9 @@ BENCHMARKS = {
     "decoder": "jobs.bench.decoder",    # flow + HiFT, streaming cost vs audio length
     "pipeline": "jobs.bench.pipeline",  # staged Ray pipeline vs in-process composition
     "batch": "jobs.bench.batch",        # batch ASR/TTS: LLM batch size, actors per stage, vs an in-process loop
+    "prepare": "jobs.bench.prepare",    # corpus preparation: encoder actors vs a plain loop
+    "train": "jobs.bench.train",        # Ray Train + DeepSpeed vs a plain PyTorch loop, 2 workers vs 1
+    "serve": "jobs.bench.serve",        # HTTP time to first audio and RTF vs concurrency, vs in-process
 }
 
 # Subcommands implemented in their own modules: name -> (module with add_arguments(p, name) and run(args), help).
@@ -33,6 +36,9 @@ COMMANDS = {
     "asr": ("jobs.cmd_speech", "speech -> text through the staged Ray pipeline"),
     "chat": ("jobs.cmd_speech", "speech (or text) -> text + speech through the staged Ray pipeline"),
     "batch": ("jobs.cmd_batch", "batch ASR / TTS over a folder, manifest or tar shards on Ray Data (resumable)"),
+    "prepare": ("jobs.cmd_prepare", "speech corpora -> audio-token training shards on Ray Data (resumable)"),
+    "train": ("jobs.cmd_train", "the four VITA-Audio training stages on Ray Train + DeepSpeed (resumable)"),
+    "serve": ("jobs.cmd_serve", "the OpenAI-compatible speech endpoint on Ray Serve"),
 }
 
 USER_ERRORS = (CLIError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,

@@ -114,6 +114,7 @@ CASES = 48
 @pytest.mark.parametrize("index", range(CASES))
 def test_user_error_is_one_line_exit_2_before_ray(files, tiny_models, capsys, index, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray_inits = _forbid_ray_init(monkeypatch)
     cases = _user_error_cases(files, tiny_models)
     assert len(cases) == CASES
     argv, name = cases[index]
@@ -122,9 +123,23 @@ def test_user_error_is_one_line_exit_2_before_ray(files, tiny_models, capsys, in
     assert code == 2, (argv[:3], err)
     assert_one_line(err, name)
     assert sorted(p.name for p in files.iterdir()) == before  # nothing created, nothing deleted
+    assert ray_inits == []
+
+
+def _forbid_ray_init(monkeypatch) -> list:
+    """Make `ray.init` record and refuse any call, and Ray look not started (another test module's session
+    Ray may be up in this process): a command that reached start-up fails the test instead of starting Ray."""
     import ray
 
-    assert not ray.is_initialized()
+    calls: list = []
+
+    def refuse(*args, **kwargs):
+        calls.append(kwargs)
+        raise AssertionError("ray.init called before the argument checks finished")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    return calls
 
 
 def test_asr_with_only_bad_files_reports_each_on_its_own_line(files, tiny_models, capsys):
