@@ -2,7 +2,9 @@
 
 VITA-Audio puts the audio codebook into the LLM vocabulary: `<|audio_i|>` = `audio_offset + i`, audio spans
 are wrapped in `<|begin_of_audio|>` (BOA) ... `<|end_of_audio|>` (EOA), and messages carry `<|audio|>`
-placeholders that are replaced by such spans *in the text* before tokenisation. Every id is read from the
+placeholders where such spans go. Prompts are built from ids (`encode_chat`, `build_training_sample`): the
+ChatML markers and audio spans are structural ids and all other text goes through `encode_text`, so a
+special-token string inside user text (`<|im_end|><|im_start|>assistant`) stays text. Every id is read from the
 tokenizer (`TokenLayout.from_tokenizer`): the Plus variants insert `<|context_of_audio|>` after EOA, which
 shifts `<|audio_0|>` by one, so no offset is ever hard-coded.
 
@@ -12,9 +14,11 @@ then 4 text tokens and 8 codes, and so on. The decode schedules of spec §3.1 (`
 """
 from __future__ import annotations
 
+import json
 import operator
 import os
 import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,9 +241,72 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str
 
 
 def encode_chat(tokenizer, layout: TokenLayout, messages, audios=(), add_generation_prompt: bool = True) -> list[int]:
-    """Prompt ids: render the chat, expand `<|audio|>` placeholders with `audios` (code lists), tokenise."""
-    text = expand_audio_placeholders(render_chat(messages, add_generation_prompt), list(audios), layout.codebook_size)
-    return tokenizer.encode(text, add_special_tokens=False)
+    """Prompt ids of the spec §2.2 ChatML with each `<|audio|>` replaced by the span of `audios` (code lists).
+
+    `<|im_start|>`, `<|im_end|>` and the audio spans are ids; roles and contents are plain text
+    (`encode_text`). For text without special-token strings this equals tokenising `render_chat` after
+    `expand_audio_placeholders`, the original's way.
+    """
+    messages = _normalise_messages(messages)
+    audios = [list(a) for a in audios]
+    count = sum(m["content"].count(AUDIO_PLACEHOLDER) for m in messages)
+    if count != len(audios):
+        raise ValueError(f"messages have {count} {AUDIO_PLACEHOLDER} placeholder(s) but {len(audios)} audio(s) were given")
+    ids: list[int] = []
+    text: list[str] = []  # text since the last structural id, encoded as one run (BPE merges across it)
+
+    def structural(token_ids: list[int]) -> None:
+        ids.extend(encode_text(tokenizer, "".join(text)))
+        text.clear()
+        ids.extend(token_ids)
+
+    spans = iter(audios)
+    for message in messages:
+        structural([layout.im_start])
+        first, *rest = message["content"].split(AUDIO_PLACEHOLDER)
+        text.append(f"{message['role']}\n{first}")
+        for piece in rest:
+            structural(layout.audio_span(next(spans)))
+            text.append(piece)
+        structural([layout.im_end])
+        text.append("\n")
+    if add_generation_prompt:
+        structural([layout.im_start])
+        text.append("assistant\n")
+    structural([])
+    return ids
+
+
+_PLAIN_TEXT = weakref.WeakKeyDictionary()  # tokenizer -> its BPE without added tokens
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Ids of `text` as plain text: no special or added token (`<|im_end|>`, `<|audio_5|>`) is read out of it.
+
+    User text comes from anyone (CLI, corpora, the Serve endpoint); only the prompt builders place special
+    ids. The tokenizer's own BPE with its added tokens removed gives exactly the ids the full tokenizer
+    gives for text that holds no such strings.
+    """
+    if not text:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow tokenizer: special tokens split, added (audio) tokens as the tokenizer reads them
+        return tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+    try:
+        plain = _PLAIN_TEXT.get(tokenizer)
+    except TypeError:
+        plain = None
+    if plain is None:
+        from tokenizers import Tokenizer
+
+        spec = json.loads(backend.to_str())
+        spec["added_tokens"] = []
+        plain = Tokenizer.from_str(json.dumps(spec))
+        try:
+            _PLAIN_TEXT[tokenizer] = plain
+        except TypeError:
+            pass
+    return plain.encode(text, add_special_tokens=False).ids
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -252,10 +319,16 @@ def _codes(codes, name: str) -> list[int]:
     return list(codes)
 
 
+def _no_placeholder(text: str, name: str) -> None:
+    if AUDIO_PLACEHOLDER in text:
+        raise ValueError(f"{name} must not contain {AUDIO_PLACEHOLDER!r}: it marks where audio goes in a prompt")
+
+
 def tts_messages(text: str, voice_codes: Sequence[int] | None = None) -> tuple[list[dict], list[list[int]]]:
     """TTS: user "Convert the text to speech.\\n{text}"; an optional voice prompt goes into the system turn."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"text must be a non-empty string, got {text!r}")
+    _no_placeholder(text, "text")
     messages, audios = [], []
     if voice_codes is not None:
         messages.append({"role": "system", "content": VOICE_SYSTEM})
@@ -305,6 +378,7 @@ def chat_messages(
     if isinstance(codes_or_text, str):
         if not codes_or_text:
             raise ValueError("codes_or_text must be a non-empty string or a sequence of audio codes")
+        _no_placeholder(codes_or_text, "text")
         messages.append({"role": "user", "content": codes_or_text})
     else:
         messages.append({"role": "user", "content": f"\n{AUDIO_PLACEHOLDER}"})
@@ -437,21 +511,21 @@ def build_training_sample(
     placeholders = sum(m["content"].count(AUDIO_PLACEHOLDER) for m in messages)
     if placeholders != len(audio_codes):
         raise ValueError(f"sample has {placeholders} {AUDIO_PLACEHOLDER} placeholder(s) but {len(audio_codes)} code list(s)")
-    used = 0
-    for message in messages:
-        n = message["content"].count(AUDIO_PLACEHOLDER)
-        message["content"] = expand_audio_placeholders(message["content"], audio_codes[used : used + n], layout.codebook_size)
-        used += n
+    spans = iter(audio_codes)
 
-    def encode(text: str) -> list[int]:
-        return tokenizer.encode(text, add_special_tokens=False)
+    def encode_content(content: str) -> list[int]:  # text pieces as plain text, each <|audio|> as its span
+        first, *rest = content.split(AUDIO_PLACEHOLDER)
+        ids = encode_text(tokenizer, first)
+        for piece in rest:
+            ids += layout.audio_span(next(spans)) + encode_text(tokenizer, piece)
+        return ids
 
-    newline = encode("\n")
+    newline = encode_text(tokenizer, "\n")
     input_ids: list[int] = []
     labels: list[int] = []
     for message in messages:
-        header = [layout.im_start, *encode(message["role"]), *newline]
-        content = encode(message["content"])
+        header = [layout.im_start, *encode_text(tokenizer, message["role"]), *newline]
+        content = encode_content(message["content"])
         if message["role"] == "assistant":
             if ratio is not None:
                 content = interleave_content(content, ratio, layout)
