@@ -10,14 +10,13 @@ from pipeline.requests import EXACT, GenerationRequest
 from pipeline.schedules import _m_run, expand_schedule
 
 if TYPE_CHECKING:
-    from pipeline.generate import DecodeEngine
     from pipeline.sampling import TokenSampler
 
 
 class _Sequence:
     """Decode state of one request: tokens, caches, hidden buffers, schedule position, counters."""
 
-    def __init__(self, engine: "DecodeEngine", request: GenerationRequest, mode, verify: bool, sampler, stop_ids):
+    def __init__(self, engine, request: GenerationRequest, mode, verify: bool, sampler, stop_ids):
         self.request = request
         self.id = request.request_id
         self.prompt_len = len(request.prompt_ids)
