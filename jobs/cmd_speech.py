@@ -35,7 +35,9 @@ def add_arguments(p, name: str) -> None:
     elif name == "asr":
         p.add_argument("audio", nargs="+", help="audio files to transcribe")
     else:
-        p.add_argument("audio", help="the spoken question (an audio file; text questions are not supported here)")
+        p.add_argument("audio", metavar="QUESTION",
+                       help="the spoken question (an audio file), or a text question (anything that is neither an "
+                            "existing file nor ends in .wav/.flac/.mp3/.ogg)")
         p.add_argument("-o", "--output", type=Path, required=True, help="output wav/flac for the spoken answer")
         p.add_argument("--voice", help="voice prompt audio file")
         p.add_argument("--system", help="system turn (default: the built-in persona)")
@@ -212,7 +214,9 @@ def _first_line(err) -> str:
 
 def _check_inputs(args, limits: dict):
     """Options for the pipeline, the inputs to run and (asr) the files that failed their checks: [(path, why)]."""
+    from actors.orchestration import looks_like_path
     from pipeline.generate import SamplingParams
+    from pipeline.tokens import AUDIO_PLACEHOLDER
 
     positions = limits["positions"]
     if args.max_new_tokens > positions:
@@ -233,7 +237,13 @@ def _check_inputs(args, limits: dict):
     if getattr(args, "system", None) is not None:
         options["system"] = args.system
         texts.append(("--system", args.system))
+    if args.task == "chat" and not looks_like_path(args.audio):
+        if not args.audio.strip():
+            raise CLIError("QUESTION is empty: give an audio file or a text question")
+        texts.append(("QUESTION", args.audio))
     for name, text in texts:
+        if AUDIO_PLACEHOLDER in text and name != "--system":
+            raise CLIError(f"{name} must not contain {AUDIO_PLACEHOLDER!r}: it marks where audio goes in a prompt")
         tokens = limits["count"](text)
         if tokens + args.max_new_tokens + PROMPT_RESERVE > positions:
             raise CLIError(f"{name} is {tokens} tokens ({len(text)} characters); with --max-new-tokens "
@@ -249,7 +259,7 @@ def _check_inputs(args, limits: dict):
                 bad.append((path, _first_line(err).replace(f": {path}", "").replace(f"{path}: ", "").replace(f" {path}", "")))
     else:
         inputs = [args.text] if args.task == "tts" else [args.audio]
-        if args.task == "chat":
+        if args.task == "chat" and looks_like_path(args.audio):
             _check_audio(args.audio, args.max_audio_seconds)
     if getattr(args, "voice", None):
         _check_audio(args.voice, args.max_audio_seconds)

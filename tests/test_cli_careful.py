@@ -82,7 +82,7 @@ def _user_error_cases(files, models):
         (["tts", "hi", "-o", out, "--models", str(files / "corrupt-config")], "config.json"),
         (["tts", "hi", "-o", out, "--models", str(files / "afile")], "afile"),
         (["chat", str(files / "missing.wav"), "-o", out, *m], "missing.wav"),
-        (["chat", "What is the weather?", "-o", out, *m], "What is the weather?"),
+        (["tts", "say <|audio|> twice", "-o", out, *m], "<|audio|>"),
         (["chat", str(files / "garbage.wav"), "-o", out, *m], "garbage.wav"),
         (["chat", str(files / "empty.wav"), "-o", out, *m], "empty.wav"),
         (["chat", str(files / "one.wav"), "-o", out, *m], "one.wav"),
