@@ -27,8 +27,7 @@ import numpy as np
 import torch
 from huggingface_hub.dataclasses import strict
 from huggingface_hub.errors import StrictDataclassError
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer, sinusoids
@@ -372,7 +371,9 @@ class SpeechTokenizer:
 
 
 def load_encoder(path, device="cpu", dtype=None, **tokenizer_kwargs) -> SpeechTokenizer:
-    """glm-4-voice-tokenizer folder (config.json, model*.safetensors, preprocessor_config.json) -> SpeechTokenizer.
+    """glm-4-voice-tokenizer folder (config.json, weights, preprocessor_config.json) -> SpeechTokenizer.
+
+    Weights: model.safetensors or pytorch_model.bin, single or sharded with an index (pipeline.checkpoints).
 
     Keys may carry a `model.encoder.`/`encoder.`/`model.` prefix; the EMA buffers and any layers
     after the quantizer (or a final layer_norm / decoder, in a full WhisperVQ checkpoint) are
@@ -384,9 +385,9 @@ def load_encoder(path, device="cpu", dtype=None, **tokenizer_kwargs) -> SpeechTo
     for name in ("config.json", "preprocessor_config.json"):
         if not (folder / name).is_file():
             raise ValueError(f"encoder folder {folder} has no {name}")
-    weight_files = sorted(folder.glob("model*.safetensors"))
-    if not weight_files:
-        raise ValueError(f"encoder folder {folder} has no model*.safetensors")
+    from pipeline.checkpoints import load_state_dict, weight_files
+
+    weight_files(folder)  # no weights: fail before building the model
 
     config_dict = json.loads((folder / "config.json").read_text())
     if config_dict.get("model_type") != "whisper":
@@ -399,12 +400,7 @@ def load_encoder(path, device="cpu", dtype=None, **tokenizer_kwargs) -> SpeechTo
     feature_extractor = WhisperFeatureExtractor.from_json_file(str(folder / "preprocessor_config.json"))
 
     model = WhisperVQEncoder(config)
-    state = {}
-    for file in weight_files:
-        try:
-            state.update(load_file(str(file)))
-        except SafetensorError as err:
-            raise ValueError(f"cannot read {file}: {err}") from None
+    state = load_state_dict(folder)
     model.load_state_dict(_map_state_dict(state, model), strict=True)
     dtype = _resolve_dtype(dtype)
     model.to(device=torch.device(device), dtype=dtype)

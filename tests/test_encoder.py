@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -376,3 +377,23 @@ def test_bench_encoder_smoke(shared_dir, tmp_path):
     assert "batched_vs_one_by_one_cpu" in (tmp_path / "encoder.md").read_text()
     with pytest.raises(ValueError, match="--sizes"):
         bench.run(parser.parse_args(["--out", str(tmp_path), "--sizes", "huge"]))
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_loader_reads_pytorch_model_bin_like_safetensors(tiny_dir, tiny, corpus_files, tmp_path, shards):
+    from pipeline.checkpoints import convert_to_bin
+
+    folder = tmp_path / f"bin{shards}"
+    shutil.copytree(tiny_dir, folder)
+    written = convert_to_bin(folder, shards=shards)
+    assert not list(folder.glob("*.safetensors")) and len(written) == shards
+    assert (folder / "pytorch_model.bin.index.json").is_file() == (shards > 1)
+    assert load_encoder(folder).tokenize(corpus_files[0]) == tiny.tokenize(corpus_files[0])
+    state = torch.load(written[0], weights_only=True)
+    key = next(iter(state))
+    torch.save(dict(state, **{key: torch.zeros(3, 3)}), written[0])  # same strict shape check as safetensors
+    with pytest.raises(ValueError, match=rf"{key}: shape \(3, 3\)"):
+        load_encoder(folder)
+    written[0].write_bytes(written[0].read_bytes()[:100])  # truncated
+    with pytest.raises(ValueError, match="cannot read"):
+        load_encoder(folder)
