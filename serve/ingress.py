@@ -1,89 +1,49 @@
 """The FastAPI ingress: the only place that knows HTTP. It validates requests into OpenAI's shapes, runs
 them through `actors.orchestration.run_request` over the stage DeploymentHandles (`ServeStageClients`) and
-maps every refusal to OpenAI's error JSON with a 4xx status (stage failures are 5xx/503).
+maps every refusal to OpenAI's error JSON with a 4xx status (stage failures are 503 with Retry-After).
+
+Routes here: /v1/audio/speech, /v1/audio/transcriptions, /v1/audio/voices, /v1/models, /health; the chat
+route is in serve.routes_chat. The app and shared helpers are in serve.http, checks in serve.api /
+serve.uploads, chat shapes in serve.chat_format.
 """
-
-import base64
 import json
-import logging
 
-import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
-from actors.orchestration import Limits, run_request
-from actors.payloads import AudioChunk, Done, ErrorEvent
-from serve.api import DEFAULT_VOICE, MODEL_ID, OPENAI_VOICES, APIError, SpeechBody, validation_message
+from actors.orchestration import Limits
+from actors.payloads import AudioChunk, AudioPayload, Done, ErrorEvent, TextDelta
+from serve import chat_format
+from serve.api import MODEL_ID, APIError, Sampling, SpeechBody, TranscriptionForm
 from serve.audio_formats import CONTENT_TYPES, encode, to_int16
 from serve.deployments import ServeStageClients
-
-app = FastAPI(title="VITA-Audio speech API")
-logger = logging.getLogger("ray.serve")
-
-
-@app.exception_handler(APIError)
-async def _api_error(request: Request, err: APIError):
-    return JSONResponse(err.body(), status_code=err.status)
-
-
-@app.exception_handler(Exception)
-async def _internal(request: Request, err: Exception):
-    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=err)  # the replica log keeps the trace
-    return JSONResponse(APIError(500, f"internal error: {type(err).__name__}", type="server_error").body(),
-                        status_code=500)
-
-
-def _stage_error(event: ErrorEvent) -> "APIError":
-    if event.stage == "input":
-        return APIError(400, event.message)
-    return APIError(503, f"{event.stage} stage: {event.message}", type="server_error", code="stage_failed")
-
-
-async def _gather(first, events):
-    chunks, rate, event = [], 24000, first
-    while True:
-        if isinstance(event, AudioChunk):
-            chunks.append(event.pcm)
-            rate = event.sample_rate
-        elif isinstance(event, Done):
-            return chunks, rate, event
-        elif isinstance(event, ErrorEvent):
-            raise _stage_error(event)
-        event = await anext(events)
-
-
-def _usage(done: Done) -> dict:
-    llm = done.usage.get("llm", {})
-    out = len(done.token_ids) or llm.get("completion_tokens", 0)
-    prompt = llm.get("prompt_tokens", 0)
-    return {"input_tokens": prompt, "output_tokens": out, "total_tokens": prompt + out,
-            "output_tokens_details": {"audio_tokens": len(done.audio_codes),
-                                      "text_tokens": max(out - len(done.audio_codes), 0)}}
-
-
-def _usage_headers(done: Done) -> dict:
-    usage = _usage(done)
-    return {"x-usage-input-tokens": str(usage["input_tokens"]), "x-usage-output-tokens": str(usage["output_tokens"]),
-            "x-usage-audio-tokens": str(usage["output_tokens_details"]["audio_tokens"])}
-
-
-def _sse(data: dict) -> str:
-    return f"data: {json.dumps(data)}\n\n"
-
+from serve.http import (ENCODER_RATE, RETRY_AFTER_S, Run, app, b64, check_mode, check_text, gather, joined_pcm,
+                        refused, speech_usage, sse, stage_error, transcription_usage, usage_headers,
+                        verbose_transcription)
+from serve.routes_chat import ChatRoutes
+from serve.uploads import check_audio
+from serve.voices import MAX_VOICE_SECONDS, VoiceStore
 
 # Module helpers stand above the class: serve.ingress wraps it when it is defined, so names defined below
 # it are missing in the replica.
+
+
 @serve.ingress(app)
-class Ingress:
-    """Holds the stage handles and the caps; one method per route."""
+class Ingress(ChatRoutes):
+    """Holds the stage handles, the caps, the voice store; one method per route."""
 
     def __init__(self, encoder, llm, decoder, caps: dict, api_key: str | None = None):
         self.clients = ServeStageClients(encoder, llm, decoder)
         self.limits = Limits()
         self.caps = caps
         self.api_key = api_key
+        self.voice_store = VoiceStore()
+        self.answers = chat_format.AudioAnswers()
+
+    def _run(self, route: str, task: str, **options) -> Run:
+        return Run(self.clients, self.limits, route, task, **options)
 
     # -- shared checks -----------------------------------------------------------------------------------
     async def _json(self, request: Request) -> dict:
@@ -98,6 +58,31 @@ class Ingress:
         if not isinstance(data, dict):
             raise APIError(400, "body must be a JSON object")
         return data
+
+    async def _form(self, request: Request, file_field: str) -> tuple[dict, bytes]:
+        """A multipart/form-data body: its text fields (lists for `name[]`) and the bytes of `file_field`."""
+        self._auth(request)
+        await self._body(request)  # the cap first; request.form() then parses the kept body
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise APIError(415, "Content-Type must be multipart/form-data (a file upload)")
+        try:
+            form = await request.form()
+        except Exception as err:
+            raise APIError(400, f"body is not valid multipart/form-data: {err}") from None
+        fields, data = {}, None
+        for key in set(form.keys()):
+            values = form.getlist(key)
+            if key == file_field:
+                if len(values) != 1 or isinstance(values[0], str):
+                    raise APIError(400, f"{file_field} must be one uploaded file", param=file_field)
+                data = await values[0].read()
+            elif any(not isinstance(v, str) for v in values):
+                raise APIError(400, f"{key} must be a form field, not a file", param=key)
+            else:
+                fields[key] = values if key.endswith("[]") else values[-1]
+        if data is None:
+            raise APIError(400, f"{file_field} is required (an audio file)", param=file_field)
+        return fields, data
 
     def _auth(self, request: Request) -> None:
         if self.api_key and request.headers.get("authorization", "") != f"Bearer {self.api_key}":
@@ -119,21 +104,23 @@ class Ingress:
             raise APIError(404, f"model {model!r} does not exist; available: {MODEL_ID!r}", param="model",
                            code="model_not_found")
 
-    def _voice(self, voice: str) -> None:
-        if voice != DEFAULT_VOICE and voice not in OPENAI_VOICES:
-            raise APIError(400, f"unknown voice {voice!r}; see GET /v1/audio/voices", param="voice")
-
-    def _tokens(self, n: int) -> None:
+    def _tokens(self, n: int, param: str = "max_new_tokens") -> None:
         if n > self.caps["max_tokens"]:
-            raise APIError(400, f"max_new_tokens={n} exceeds max_tokens={self.caps['max_tokens']}",
-                           param="max_new_tokens", code="max_tokens")
+            raise APIError(400, f"{param}={n} exceeds max_tokens={self.caps['max_tokens']}", param=param,
+                           code="max_tokens")
+
+    def _audio(self, data: bytes, param: str, max_seconds: float | None = None) -> float:
+        """Check an uploaded clip against the caps; its length in seconds."""
+        cap = min(self.caps["max_audio_seconds"], max_seconds or float("inf"))
+        return len(check_audio(data, cap, param)) / ENCODER_RATE
 
     # -- routes --------------------------------------------------------------------------------------------
     @app.get("/health")
     async def health(self):
         states = await self.clients.check_health()
         ok = all(v == "ok" for v in states.values())
-        return JSONResponse({"status": "ok" if ok else "unavailable", "stages": states}, status_code=200 if ok else 503)
+        return JSONResponse({"status": "ok" if ok else "unavailable", "stages": states}, status_code=200 if ok else 503,
+                            headers=None if ok else {"Retry-After": RETRY_AFTER_S})
 
     @app.get("/v1/models")
     async def models(self, request: Request):
@@ -143,7 +130,35 @@ class Ingress:
     @app.get("/v1/audio/voices")
     async def voices(self, request: Request):
         self._auth(request)
-        return {"voices": [DEFAULT_VOICE], "aliases": {v: DEFAULT_VOICE for v in OPENAI_VOICES}}
+        return self.voice_store.listing()
+
+    @app.post("/v1/audio/voices")
+    async def upload_voice(self, request: Request):
+        """A voice prompt from a short clip (OpenAI's voices.create: audio_sample + name [+ consent, type])."""
+        fields, data = await self._form(request, "audio_sample")
+        unknown = set(fields) - {"name", "consent", "type"}
+        if unknown:
+            raise APIError(400, f"unknown field(s) {sorted(unknown)}", param=sorted(unknown)[0])
+        name = fields.get("name", "")
+        if not name.strip() or len(name) > 64:
+            raise APIError(400, "name must be a non-empty text of at most 64 characters", param="name")
+        if fields.get("type", "audio_sample") != "audio_sample":
+            raise APIError(400, f"type={fields['type']!r}: only audio_sample voices are supported", param="type")
+        seconds = self._audio(data, "audio_sample", MAX_VOICE_SECONDS)
+        from pipeline.audio import load_audio
+
+        payload = AudioPayload(load_audio(data), ENCODER_RATE, f"voice {name}")
+        try:
+            codes = await self.clients.tokenize(payload)
+        except Exception as err:
+            raise stage_error(ErrorEvent("encoder", str(err))) from None
+        return self.voice_store.add(name, codes, seconds).describe()
+
+    @app.delete("/v1/audio/voices/{voice_id}")
+    async def delete_voice(self, voice_id: str, request: Request):
+        self._auth(request)
+        self.voice_store.delete(voice_id)
+        return {"id": voice_id, "object": "audio.voice.deleted", "deleted": True}
 
     @app.post("/v1/audio/speech")
     async def speech(self, request: Request):
@@ -151,53 +166,95 @@ class Ingress:
         try:
             body = SpeechBody.model_validate(data)
         except ValidationError as err:
-            message, param = validation_message(err)
-            raise APIError(400, message, param=param)
+            raise refused(err) from None
         self._model(body.model)
-        self._voice(body.voice)
+        voice = self.voice_store.resolve(body.voice)
         self._tokens(body.max_new_tokens)
+        check_mode(body.mode)
         if body.speed != 1.0:
             raise APIError(400, f"speed={body.speed}: only 1.0 is supported", param="speed")
-        if not body.input.strip():
-            raise APIError(400, "input must be a non-empty text", param="input")
-        if len(body.input) > self.caps["max_text_chars"]:
-            raise APIError(400, f"input of {len(body.input)} characters exceeds "
-                                f"max_text_chars={self.caps['max_text_chars']}", param="input", code="max_text_chars")
-        events = run_request(self.clients, self.limits, "tts", text=body.input, mode=body.mode,
-                             max_new_tokens=body.max_new_tokens)
-        first = await anext(events)  # input / first-stage errors still get a status code
-        if isinstance(first, ErrorEvent):
-            raise _stage_error(first)
+        check_text(body.input, self.caps["max_text_chars"], "input")
+        run = self._run("speech", "tts", text=body.input, voice=voice, mode=body.mode,
+                        max_new_tokens=body.max_new_tokens, sampling=body.params())
+        first = await run.first()  # input / first-stage errors still get a status code
         if body.stream_format == "sse":
-            return StreamingResponse(self._sse_speech(first, events, body.response_format),
+            return StreamingResponse(self._sse_speech(run, first, body.response_format),
                                      media_type="text/event-stream")
         if body.response_format == "pcm":
-            return StreamingResponse(self._raw_pcm(first, events), media_type=CONTENT_TYPES["pcm"])
-        chunks, rate, done = await _gather(first, events)
-        return Response(encode(np.concatenate(chunks) if chunks else np.zeros(0, np.float32), rate,
-                               body.response_format), media_type=CONTENT_TYPES[body.response_format],
-                        headers=_usage_headers(done))
+            return StreamingResponse(self._raw_pcm(run, first), media_type=CONTENT_TYPES["pcm"])
+        _, chunks, rate, done = await gather(run, first)
+        return Response(encode(joined_pcm(chunks), rate, body.response_format), media_type=CONTENT_TYPES[body.response_format],
+                        headers=usage_headers(done))
 
-    async def _raw_pcm(self, first, events):
+    async def _raw_pcm(self, run: Run, first):
         event = first
-        while True:
-            if isinstance(event, AudioChunk):
-                yield to_int16(event.pcm)
-            if isinstance(event, (Done, ErrorEvent)):
-                return  # an error mid-stream truncates the body (the status is already sent)
-            event = await anext(events)
+        try:
+            while True:
+                if isinstance(event, AudioChunk):
+                    yield to_int16(event.pcm)
+                if isinstance(event, (Done, ErrorEvent)):
+                    return  # an error mid-stream truncates the body (the status is already sent)
+                event = await anext(run)
+        finally:
+            await run.aclose()
 
-    async def _sse_speech(self, first, events, fmt: str):
+    async def _sse_speech(self, run: Run, first, fmt: str):
         event = first
-        while True:
-            if isinstance(event, AudioChunk):
-                audio = to_int16(event.pcm) if fmt == "pcm" else encode(event.pcm, event.sample_rate, fmt)
-                yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(audio).decode()})
-            elif isinstance(event, Done):
-                yield _sse({"type": "speech.audio.done", "usage": _usage(event)})
-                return
-            elif isinstance(event, ErrorEvent):
-                yield _sse({"type": "error", "error": _stage_error(event).body()["error"]})
-                return
-            event = await anext(events)
+        try:
+            while True:
+                if isinstance(event, AudioChunk):
+                    audio = to_int16(event.pcm) if fmt == "pcm" else encode(event.pcm, event.sample_rate, fmt)
+                    yield sse({"type": "speech.audio.delta", "audio": b64(audio)})
+                elif isinstance(event, Done):
+                    yield sse({"type": "speech.audio.done", "usage": speech_usage(event)})
+                    return
+                elif isinstance(event, ErrorEvent):
+                    yield sse({"type": "error", "error": stage_error(event).body()["error"]})
+                    return
+                event = await anext(run)
+        finally:
+            await run.aclose()
 
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(self, request: Request):
+        fields, data = await self._form(request, "file")
+        try:
+            body = TranscriptionForm.model_validate(fields)
+        except ValidationError as err:
+            raise refused(err) from None
+        self._model(body.model)
+        self._tokens(body.max_new_tokens)
+        check_mode(body.mode)
+        if body.include:
+            raise APIError(400, "include[]=logprobs is not supported", param="include[]")
+        seconds = self._audio(data, "file")
+        sampling = Sampling(temperature=body.temperature).params()
+        run = self._run("transcriptions", "asr", audio=data, mode=body.mode, max_new_tokens=body.max_new_tokens,
+                        sampling=sampling)
+        first = await run.first()
+        if body.stream:
+            return StreamingResponse(self._sse_transcript(run, first), media_type="text/event-stream")
+        ids, _, _, done = await gather(run, first)
+        if body.response_format == "text":
+            return PlainTextResponse(done.text)
+        if body.response_format == "verbose_json":
+            return verbose_transcription(done.text, ids, seconds, body, done)
+        return {"text": done.text, "usage": transcription_usage(done)}
+
+    async def _sse_transcript(self, run: Run, first):
+        event = first
+        try:
+            while True:
+                if isinstance(event, TextDelta) and event.text:
+                    yield sse({"type": "transcript.text.delta", "delta": event.text})
+                elif isinstance(event, Done):
+                    yield sse({"type": "transcript.text.done", "text": event.text,
+                                "usage": transcription_usage(event)})
+                    yield "data: [DONE]\n\n"
+                    return
+                elif isinstance(event, ErrorEvent):
+                    yield sse({"type": "error", "error": stage_error(event).body()["error"]})
+                    return
+                event = await anext(run)
+        finally:
+            await run.aclose()

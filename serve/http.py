@@ -1,0 +1,173 @@
+"""The ingress' FastAPI app and its HTTP helpers: OpenAI error JSON for every refusal, the observed
+`run_request` stream (`Run`) and the usage / SSE shapes shared by the route modules (serve.ingress,
+serve.routes_chat). Imported modules reach the replica whole; names defined below the `@serve.ingress`
+class in its own module do not, so the helpers live here.
+"""
+
+import base64
+import json
+import logging
+import zlib
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from actors.orchestration import run_request
+from actors.payloads import AudioChunk, Done, ErrorEvent, TextDelta
+from serve.api import APIError, TranscriptionForm, validation_message
+from serve.chat_format import AUDIO_PLACEHOLDER
+from serve.metrics import observed
+
+app = FastAPI(title="VITA-Audio speech API")
+logger = logging.getLogger("ray.serve")
+RETRY_AFTER_S = "1"
+ENCODER_RATE = 16000
+
+
+@app.exception_handler(APIError)
+async def _api_error(request: Request, err: APIError):
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+@app.exception_handler(Exception)
+async def _internal(request: Request, err: Exception):
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=err)  # the replica log keeps the trace
+    return JSONResponse(APIError(500, f"internal error: {type(err).__name__}", type="server_error").body(),
+                        status_code=500)
+
+
+def stage_error(event: ErrorEvent) -> APIError:
+    """A request's ErrorEvent as an HTTP error: the caller's input is a 400, a full stage (Serve's
+    BackPressureError) or a failed one a 503 with Retry-After."""
+    if event.stage == "input":
+        return APIError(400, event.message)
+    retry = {"Retry-After": RETRY_AFTER_S}
+    if "BackPressureError" in event.message:
+        return APIError(503, f"{event.stage} stage is at capacity, retry later: {event.message}", type="server_error",
+                        code="overloaded", headers=retry)
+    return APIError(503, f"{event.stage} stage: {event.message}", type="server_error", code="stage_failed",
+                    headers=retry)
+
+
+def refused(err: ValidationError) -> APIError:
+    message, param = validation_message(err)
+    return APIError(400, message, param=param)
+
+
+class Run:
+    """One `run_request` event stream, observed for metrics. `aclose` closes both generators (an `async for`
+    over a generator does not close it), so a client that goes away aborts the LLM request at once."""
+
+    def __init__(self, clients, limits, route: str, task: str, **options):
+        self.source = run_request(clients, limits, task, **options)
+        self.events = observed(route, self.source)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        return await self.events.__anext__()
+
+    async def first(self):
+        """The first event; a stage or input error before any output is raised as an APIError (status code)."""
+        event = await self.__anext__()
+        if isinstance(event, ErrorEvent):
+            await self.aclose()
+            raise stage_error(event)
+        return event
+
+    async def aclose(self) -> None:
+        await self.events.aclose()
+        await self.source.aclose()
+
+
+async def gather(run: Run, first):
+    """Every event up to Done: (text ids, PCM chunks, rate, Done); an ErrorEvent is raised."""
+    ids, chunks, rate, event = [], [], 24000, first
+    try:
+        while True:
+            if isinstance(event, TextDelta):
+                ids.extend(event.token_ids)
+            elif isinstance(event, AudioChunk):
+                chunks.append(event.pcm)
+                rate = event.sample_rate
+            elif isinstance(event, Done):
+                return ids, chunks, rate, event
+            elif isinstance(event, ErrorEvent):
+                raise stage_error(event)
+            event = await anext(run)
+    finally:
+        await run.aclose()
+
+
+def joined_pcm(chunks) -> np.ndarray:
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+
+
+def speech_usage(done: Done) -> dict:
+    llm = done.usage.get("llm", {})
+    out = len(done.token_ids) or llm.get("completion_tokens", 0)
+    prompt = llm.get("prompt_tokens", 0)
+    return {"input_tokens": prompt, "output_tokens": out, "total_tokens": prompt + out,
+            "output_tokens_details": {"audio_tokens": len(done.audio_codes),
+                                      "text_tokens": max(out - len(done.audio_codes), 0)}}
+
+
+def usage_headers(done: Done) -> dict:
+    usage = speech_usage(done)
+    return {"x-usage-input-tokens": str(usage["input_tokens"]), "x-usage-output-tokens": str(usage["output_tokens"]),
+            "x-usage-audio-tokens": str(usage["output_tokens_details"]["audio_tokens"])}
+
+
+def transcription_usage(done: Done) -> dict:
+    prompt = int(done.usage.get("llm", {}).get("prompt_tokens", 0))
+    audio = int(done.usage.get("encoder", {}).get("codes", 0))
+    out = len(done.token_ids)
+    return {"type": "tokens", "input_tokens": prompt, "output_tokens": out, "total_tokens": prompt + out,
+            "input_token_details": {"audio_tokens": audio, "text_tokens": max(prompt - audio, 0)}}
+
+
+def verbose_transcription(text: str, ids: list[int], seconds: float, body: TranscriptionForm, done: Done) -> dict:
+    """OpenAI's verbose_json (one segment: the model gives no timestamps) plus `token_ids`, every generated id."""
+    raw = text.encode()
+    ratio = len(raw) / len(zlib.compress(raw)) if raw else 0.0
+    segment = {"id": 0, "seek": 0, "start": 0.0, "end": round(seconds, 3), "text": text, "tokens": ids,
+               "temperature": body.temperature, "avg_logprob": 0.0, "compression_ratio": round(ratio, 4),
+               "no_speech_prob": 0.0}
+    return {"task": "transcribe", "language": body.language or "unknown", "duration": round(seconds, 3),
+            "text": text, "segments": [segment], "usage": {"type": "duration", "seconds": round(seconds, 3)},
+            "token_ids": list(done.token_ids)}
+
+
+def sse(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def check_mode(mode) -> None:
+    if mode is None:
+        return
+    from pipeline.schedules import resolve_mode
+
+    try:
+        resolve_mode(mode, None)
+    except ValueError as err:
+        raise APIError(400, f"mode: {err}", param="mode") from None
+
+
+def check_text(text: str, cap: int, param: str) -> None:
+    if not text.strip():
+        raise APIError(400, f"{param} must be a non-empty text", param=param)
+    if len(text) > cap:
+        raise APIError(400, f"{param} of {len(text)} characters exceeds max_text_chars={cap}", param=param,
+                       code="max_text_chars")
+    if AUDIO_PLACEHOLDER in text:
+        raise APIError(400, f"{param} contains {AUDIO_PLACEHOLDER}, which marks audio in the prompt",
+                       param=param)
+
+

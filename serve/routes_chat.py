@@ -1,0 +1,142 @@
+"""POST /v1/chat/completions: OpenAI chat with `input_audio` parts and text in, text or text + audio out,
+multi-turn, non-streamed (`message.audio` with id, data, expires_at, transcript) or streamed (SSE chunks;
+the transcript and base64 16-bit PCM in `choices[0].delta.audio`, as OpenAI streams audio).
+
+A mixin of the ingress class (its routes register on serve.http.app; Serve finds inherited route methods).
+"""
+from __future__ import annotations
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+
+from actors.payloads import TASK_DEFAULT, AudioChunk, AudioPayload, Done, ErrorEvent, TextDelta
+from serve import chat_format
+from serve.api import APIError, ChatBody
+from serve.audio_formats import encode, to_int16
+from serve.http import ENCODER_RATE, app, b64, check_mode, check_text, gather, joined_pcm, refused, sse, stage_error
+from serve.uploads import check_audio
+
+DEFAULT_MAX_TOKENS = 256
+AUDIO_FORMATS = {"wav": "wav", "flac": "flac", "pcm16": "pcm"}  # OpenAI's name -> serve.audio_formats
+
+
+class ChatRoutes:
+    """The chat route; expects the ingress' clients, caps, voice_store, answers, _json, _model, _tokens, _run."""
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        data = await self._json(request)
+        try:
+            body = ChatBody.model_validate(data)
+        except ValidationError as err:
+            raise refused(err) from None
+        self._model(body.model)
+        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        max_new_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
+        self._tokens(max_new_tokens, param)
+        check_mode(body.mode)
+        speak = "audio" in body.modalities
+        audio_out = body.audio or chat_format_default_audio()
+        if body.stream and speak and audio_out.format != "pcm16":
+            raise APIError(400, f"audio.format={audio_out.format!r}: streamed audio is pcm16", param="audio.format")
+        conversation = chat_format.parse_messages(body.messages)
+        voice = self.voice_store.resolve(audio_out.voice, "audio.voice") if body.audio else None
+        if voice is not None and conversation.system is not None:
+            raise APIError(400, "give either a system message or a custom voice: the voice prompt is the system turn",
+                           param="audio.voice")
+        self._chat_text_cap(conversation)
+        history, audio_tokens, seconds_left = [], len(voice or ()), self.caps["max_audio_seconds"]
+        for i, turn in enumerate(conversation.history):
+            codes = []
+            for clip in turn.audios:
+                pcm = check_audio(clip, seconds_left, "messages.input_audio")
+                seconds_left -= len(pcm) / ENCODER_RATE
+                codes.append(await self._encode(pcm))
+            audio_tokens += sum(len(c) for c in codes)
+            transcript = self.answers.transcript(turn.audio_id, f"messages[{i}].audio") if turn.audio_id else None
+            history.append(chat_format.history_entry(turn, codes, transcript))
+        turn = {}
+        if conversation.last.audios:
+            clip = conversation.last.audios[0]
+            check_audio(clip, seconds_left, "messages.input_audio")
+            turn["audio"] = clip
+        else:
+            turn["text"] = "\n".join(conversation.last.texts)
+            check_text(turn["text"], self.caps["max_text_chars"], "messages.content")
+        run = self._run("chat", "chat", history=history, voice=voice, system=conversation.system, mode=body.mode,
+                        max_new_tokens=max_new_tokens, sampling=body.params(),
+                        constraint=TASK_DEFAULT if speak else "text", **turn)
+        first = await run.first()
+        completion_id = chat_format.new_completion_id()
+        if body.stream:
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(self._chat_chunks(run, first, completion_id, speak, audio_tokens, usage),
+                                     media_type="text/event-stream")
+        _, chunks, rate, done = await gather(run, first)
+        message = {"role": "assistant", "content": done.text, "refusal": None}
+        if speak:
+            audio_id, expires_at = self.answers.add(done.text)
+            data = encode(joined_pcm(chunks), rate, AUDIO_FORMATS[audio_out.format])
+            message.update(content=None, audio={"id": audio_id, "data": b64(data), "expires_at": expires_at,
+                                                "transcript": done.text})
+        usage = chat_format.chat_usage(done, audio_tokens + _encoded(done))
+        return chat_format.completion(completion_id, message, done, usage)
+
+    async def _chat_chunks(self, run, first, completion_id: str, speak: bool, audio_tokens: int, include_usage: bool):
+        audio_id = expires_at = None
+        if speak:
+            audio_id, expires_at = self.answers.add("")
+        yield sse(chat_format.chunk(completion_id, {"role": "assistant", "content": None if speak else "",
+                                                    "refusal": None}))
+        event = first
+        try:
+            while True:
+                if isinstance(event, TextDelta) and event.text:
+                    delta = {"audio": {"id": audio_id, "transcript": event.text}} if speak else {"content": event.text}
+                    yield sse(chat_format.chunk(completion_id, delta))
+                elif isinstance(event, AudioChunk):
+                    yield sse(chat_format.chunk(completion_id, {"audio": {"id": audio_id,
+                                                                          "data": b64(to_int16(event.pcm))}}))
+                elif isinstance(event, Done):
+                    if speak:
+                        self.answers.items[audio_id] = (event.text, expires_at)
+                        yield sse(chat_format.chunk(completion_id, {"audio": {"id": audio_id,
+                                                                              "expires_at": expires_at}}))
+                    yield sse(chat_format.chunk(completion_id, {}, chat_format.finish_reason(event)))
+                    if include_usage:
+                        usage = chat_format.chat_usage(event, audio_tokens + _encoded(event))
+                        yield sse(chat_format.chunk(completion_id, {}, usage=usage, choices=False))
+                    yield "data: [DONE]\n\n"
+                    return
+                elif isinstance(event, ErrorEvent):
+                    yield sse({"error": stage_error(event).body()["error"]})
+                    return
+                event = await anext(run)
+        finally:
+            await run.aclose()
+
+    async def _encode(self, pcm) -> list[int]:
+        try:
+            return await self.clients.tokenize(AudioPayload(pcm, ENCODER_RATE, "messages.input_audio"))
+        except Exception as err:
+            raise stage_error(ErrorEvent("encoder", str(err))) from None
+
+    def _chat_text_cap(self, conversation) -> None:
+        texts = [conversation.system or ""] + [t for turn in (*conversation.history, conversation.last)
+                                               for t in turn.texts]
+        total, cap = sum(len(t) for t in texts), self.caps["max_text_chars"]
+        if total > cap:
+            raise APIError(400, f"messages hold {total} characters of text, over max_text_chars={cap}",
+                           param="messages", code="max_text_chars")
+
+
+def chat_format_default_audio():
+    from serve.api import AudioOut
+
+    return AudioOut()
+
+
+def _encoded(done: Done) -> int:
+    """Audio codes the encoder made for this request's new turn (and an uploaded voice clip)."""
+    return int(done.usage.get("encoder", {}).get("codes", 0))
