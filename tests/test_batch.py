@@ -305,6 +305,24 @@ def _decode(max_new_tokens: int):
     return DecodeOptions(max_new_tokens=max_new_tokens)
 
 
+@pytest.mark.slow
+def test_one_hour_recording_transcribes_through_the_ray_job(ray_session, tiny_models, mini, tmp_path):
+    from jobs.batch.job import read_results, run_batch
+    from jobs.batch.stages import DecodeOptions
+
+    folder = tmp_path / "podcast"
+    folder.mkdir()
+    _long_recording(mini, folder / "hour.flac", seconds=3600)
+    summary = run_batch(_config(tiny_models, "asr", folder, tmp_path / "out", decode=DecodeOptions(max_new_tokens=4)))
+    (row,) = read_results(tmp_path / "out").to_pylist()
+    assert summary["ok"] == 1 and row["status"] == "ok"
+    assert row["audio_seconds"] == pytest.approx(3600.0, abs=0.01)
+    segments = row["segments"]
+    assert len(segments) == 129 and segments[0]["start"] == 0.0 and segments[-1]["end"] == pytest.approx(3600.0)
+    assert all(b["start"] < a["end"] for a, b in zip(segments, segments[1:]))  # neighbours overlap
+    assert all(s["text"] for s in segments) and row["text"]
+
+
 def _long_recording(mini: Path, path: Path, seconds: float) -> None:
     """`seconds` of real speech: the mini-speech utterances one after another, repeated."""
     clips = [sf.read(f, dtype="float32")[0] for f in sorted(mini.rglob("*.flac"))]
