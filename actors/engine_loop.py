@@ -7,8 +7,8 @@ backpressure (pause / resume), and runs a run of engine steps; the events go bac
 Where the steps run (`engine_thread`, default automatic): on a worker thread when steps are slow or wait for
 a GPU, so the event loop streams results meanwhile (a GPU wait releases the GIL); inline on the event loop
 when steps are short CPU work (a small model on CPU), since such a step holds the GIL anyway and a second
-thread only adds GIL hand-offs (measured on the tiny set through Ray: 8 concurrent streams got ~20 % fewer
-tokens/s on a thread), while blocking the loop for a few milliseconds delays no item noticeably.
+thread only adds GIL hand-offs (benchmarks/pipeline.md), while blocking the loop for a few milliseconds
+delays no item noticeably.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class StageHooks(Protocol):
 class EngineLoop:
     INLINE_STEP_S = 0.004  # automatic engine_thread: steps shorter than this run inline on the event loop
     # longest run of steps between two turns of the event loop: new calls reach `generate()` only in those turns
-    # (runs of 40 ms made requests arriving 10 ms apart join ~180 ms late; benchmarks/README.md)
+    # (longer runs make requests arriving a few ms apart join many steps late; benchmarks/README.md)
     MAX_RUN_S = 0.01
 
     def __init__(self, engine, config: LLMStageConfig, device: torch.device, hooks: StageHooks):

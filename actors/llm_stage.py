@@ -89,8 +89,7 @@ class LLMStage:
                 item = await self._next(state)
                 last = time.monotonic()
                 # An item waits up to stream_interval_s for more (fewer, larger items: each costs a Ray report
-                # beside the decode steps; 8 streams of 256 tokens on the tiny model send ≈8 items each at 50 ms,
-                # ≈11 at 20 ms, 20 unmerged; each step +2-4 % of 8-stream tokens/s) unless it is the
+                # beside the decode steps; benchmarks/pipeline.md) unless it is the
                 # stream's first item, carries its first audio chunk or ends it (the client's first text, the
                 # decoder's first input). Later audio chunks can wait: the decoder is busy with the earlier ones.
                 first_audio = bool(item.audio_chunks) and not state.audio_sent

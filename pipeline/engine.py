@@ -27,7 +27,6 @@ attention; K/V live in one pool (`pipeline.kv_cache`). Requests join (`add_reque
 from __future__ import annotations
 
 import operator
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,9 +34,10 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.admission import joins_now
+from pipeline.cpu_kernels import CPU_DECODE_ATTENTION
 from pipeline.kv_cache import BatchKV, KVPool, group_attention_mask
 from pipeline.layout import default_layout
-from pipeline.llm import CPU_DECODE_ATTENTION
+from pipeline.observe import StepObserver
 from pipeline.requests import EXACT, AudioChunkEvent, EndEvent, GenerationRequest, TokenEvent
 from pipeline.sampling import CONSTRAINTS, OutputConstraint, SamplingParams, TokenSampler, choose_batch
 from pipeline.schedules import resolve_mode
@@ -69,7 +69,8 @@ class DecodeEngine:
     """Batched LLM + MCTP decoding with streaming events (see the module docstring).
 
     `device` / `dtype` move the model if given (bf16 on GPU for real checkpoints, float32 on CPU).
-    `trace=True` records per request every forward (producer, q_len, first and last rotary position).
+    `observer` (a `pipeline.observe.StepObserver`) is told about every forward, request and step: traces,
+    profiles and benchmarks watch the engine through it.
     """
 
     def __init__(
@@ -79,10 +80,8 @@ class DecodeEngine:
         device=None,
         dtype=None,
         max_batch_size: int = 16,
-        trace: bool = False,
-        trace_logits: bool = False,
-        profile: bool = False,
         align_steps: int = 0,
+        observer: StepObserver | None = None,
     ):
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an integer >= 1, got {max_batch_size!r}")
@@ -100,17 +99,13 @@ class DecodeEngine:
             model.config._attn_implementation = CPU_DECODE_ATTENTION  # same outputs, no repeated K/V copies
         self.layout = layout if layout is not None else default_layout(model)
         self.max_batch_size = max_batch_size
-        self.trace = trace
-        self.trace_logits = trace_logits
+        self.observer = observer
         self.num_modules = model.num_mtp_modules
         self.mtp_names = [f"mtp{k}" for k in range(self.num_modules)]  # producer of each module's tokens
         self.num_backbone = model.num_backbone_layers
         self.num_layers = model.config.num_hidden_layers
         self.vocab_size = model.config.vocab_size
         self.reset()
-        self.profile = profile
-        self.forward_log: list[tuple[str, int, int, float]] = []  # (kind, group size, max q_len, seconds)
-        self.forward_seconds = 0.0
 
     def reset(self) -> None:
         """Drop every request and cache (after a failed step left the engine in an unknown state)."""
@@ -118,7 +113,6 @@ class DecodeEngine:
         self.active: list[_Sequence] = []
         self._paused: dict[str, _Sequence] = {}  # taken out of the batch with their caches (see pause)
         self._ended: list[EndEvent] = []
-        self._traces: dict[str, dict] = {}
         # one pool entry per backbone layer, one for all MCTP modules (entry num_backbone)
         self.kv = KVPool([1] * self.num_backbone + [self.num_modules], min_capacity=128)
 
@@ -167,7 +161,7 @@ class DecodeEngine:
             ratio = check_ratio(ratio)
             constraint = OutputConstraint(request.constraint, self.layout, self.vocab_size, self.device, ratio)
         sampler = TokenSampler(request.sampling, self.device, constraint)
-        self.waiting.append(_Sequence(self, request, mode, verify, sampler, stop_ids))
+        self.waiting.append(_Sequence(request, mode, verify, sampler, stop_ids, self.num_modules, self.device))
         return request.request_id
 
     def abort(self, request_id: str) -> None:
@@ -178,6 +172,8 @@ class DecodeEngine:
         if seq is not None:
             self._ended.append(EndEvent(seq.id, "aborted", seq.usage()))
             self._free(seq)
+            if self.observer is not None:
+                self.observer.on_abort(seq.id)
 
     def pause(self, request_id: str) -> bool:
         """Take a running request out of the batch, keeping its caches (e.g. its consumer is behind); the
@@ -218,10 +214,6 @@ class DecodeEngine:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.active or self._ended)
 
-    def trace_of(self, request_id: str) -> dict | None:
-        """The recorded trace of a finished request (trace=True), removed once read."""
-        return self._traces.pop(request_id, None)
-
     # --- stepping -----------------------------------------------------------------------------------------
     def step(self) -> list:
         """One engine step: every active request runs one forward. Returns the events in order."""
@@ -243,6 +235,8 @@ class DecodeEngine:
             if admitted:
                 self.active.sort(key=lambda s: s.slot)  # groups on consecutive slots read the pool without a copy
         if not self.active:
+            if self.observer is not None and events:
+                self.observer.on_step(events)
             return events
         backbone, mtp, modules = [], [], []
         for seq in self.active:
@@ -255,6 +249,8 @@ class DecodeEngine:
         with torch.inference_mode():
             self._run_step(backbone, mtp, modules, events)
         self.active = [s for s in self.active if s.finished is None]
+        if self.observer is not None:
+            self.observer.on_step(events)
         return events
 
     def stream(self, request: GenerationRequest) -> Iterator:
@@ -269,19 +265,13 @@ class DecodeEngine:
                         return
 
     # --- forwards -----------------------------------------------------------------------------------------
-    def _timed(self, kind: str, G: int, Q: int, fn):
-        if not self.profile:
-            return fn()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        out = fn()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        dt = time.perf_counter() - t0
-        self.forward_seconds += dt
-        self.forward_log.append((kind, G, Q, dt))
-        return out
+    def _observed(self, kind: str, G: int, Q: int, fn):
+        return fn() if self.observer is None else self.observer.on_forward(kind, G, Q, fn)
+
+    def _record(self, seq: _Sequence, producer: str, q_len: int, pos_first: int, logits: torch.Tensor) -> None:
+        if self.observer is not None:
+            logits = logits if self.observer.record_logits and not seq.verify else None
+            self.observer.on_request_forward(seq.id, producer, q_len, pos_first, logits)
 
     def _pad(self, rows: list[list[int]], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token rows and their first rotary positions -> right-padded ids and position ids [G, Q]."""
@@ -318,7 +308,7 @@ class DecodeEngine:
                 group.append(seq)
                 choice_rows.append(row - 1)
         lo, hi = self._choice_range(group)  # scores for ids lo..hi-1 only
-        logits = self._timed("lm_head", last.shape[0], 1, lambda: self.model.decode_logits(last, lo, hi))
+        logits = self._observed("lm_head", last.shape[0], 1, lambda: self.model.decode_logits(last, lo, hi))
         if len(choice_rows) < logits.shape[0]:
             chosen = self._choose_unverified(group, logits[torch.tensor(choice_rows, device=logits.device)])
         else:
@@ -337,11 +327,12 @@ class DecodeEngine:
         output constraint (no drafts to verify, no penalty, no logits trace), the union of the ids its slot allows
         (a TTS step on audio slots: the codebook; on BOA: one id); else the whole vocabulary. The choice is
         the same: ids outside a slot's range are never chosen."""
+        if self.observer is not None and self.observer.record_logits:
+            return 0, self.vocab_size
         lo, hi = self.vocab_size, 0
         for seq in group:
             sampler = seq.sampler
-            if (seq.verify or sampler.constraint is None or not sampler.params.greedy or sampler.penalty is not None
-                    or (seq.trace is not None and "logits" in seq.trace)):
+            if seq.verify or sampler.constraint is None or not sampler.params.greedy or sampler.penalty is not None:
                 return 0, self.vocab_size
             slot_lo, slot_hi, _ = sampler.constraint.ranges[sampler.constraint.slot(seq.generated)]
             lo, hi = min(lo, slot_lo), max(hi, slot_hi)
@@ -370,7 +361,7 @@ class DecodeEngine:
             index = torch.tensor(picks, device=self.device)
             return hidden, hidden[index[:, 0], index[:, 1]]  # (rows picked, H)
 
-        hidden, last = self._timed("backbone", len(group), max(q_lens), forward)
+        hidden, last = self._observed("backbone", len(group), max(q_lens), forward)
         return _Forward(group, q_lens, past, hidden, last)
 
     def _backbone_done(self, part: "_Forward", logits: torch.Tensor, chosen: list, events: list) -> None:
@@ -384,8 +375,7 @@ class DecodeEngine:
                 seq.hidden[0].append(outputs[i])
             n_logits = len(seq.drafts) + 1
             row += n_logits
-            if seq.trace is not None:
-                seq.record("backbone", q, part.starts[i], logits[row - 1] if not seq.verify else None)
+            self._record(seq, "backbone", q, part.starts[i], logits[row - 1])
             if seq.verify:
                 self._verify(seq, logits[row - n_logits : row], events)
             else:
@@ -419,7 +409,7 @@ class DecodeEngine:
             return out, out[torch.arange(G, device=self.device), torch.tensor(q_lens, device=self.device) - 1]
 
         kind = "mtp" + ",".join(str(k) for k in sorted(set(modules)))
-        out, last = self._timed(kind, G, Q, forward)
+        out, last = self._observed(kind, G, Q, forward)
         return _Forward(group, q_lens, firsts, out, last, modules)
 
     def _mtp_done(self, part: "_Forward", logits: torch.Tensor, chosen: list, events: list) -> None:
@@ -432,8 +422,7 @@ class DecodeEngine:
             seq.hidden[k].trim(end - seq.hidden_slack)
             if k + 1 < self.num_modules and seq.hidden[k + 1] is not None:
                 seq.hidden[k + 1].append(outputs[i])
-            if seq.trace is not None:
-                seq.record(self.mtp_names[k], q, part.starts[i] + k + 1, logits[i] if not seq.verify else None)
+            self._record(seq, self.mtp_names[k], q, part.starts[i] + k + 1, logits[i])
             L = len(seq.tokens)
             if seq.verify:
                 index = L + len(seq.drafts)
@@ -523,8 +512,7 @@ class DecodeEngine:
             events.append(AudioChunkEvent(seq.id, seq.pending_codes))
             seq.pending_codes = []
         seq.finished = reason
-        if seq.trace is not None:
-            seq.trace["hidden_state_lengths"] = [seq.bb_len, *seq.mod_len]  # rows of backbone / module outputs
-            self._traces[seq.id] = seq.trace
+        if self.observer is not None:
+            self.observer.on_finish(seq.id, [seq.bb_len, *seq.mod_len])  # rows of backbone / module outputs
         events.append(EndEvent(seq.id, reason, seq.usage()))
         self._free(seq)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pipeline.engine import DecodeEngine
 from pipeline.layout import default_layout
+from pipeline.observe import RequestTrace, StepObserver
 from pipeline.requests import EXACT, AudioChunkEvent, EndEvent, GenerationRequest, GenerationResult, TokenEvent
 from pipeline.sampling import SamplingParams
 from pipeline.schedules import checkpoint_default_mode, expand_schedule, resolve_mode
@@ -17,7 +18,7 @@ from pipeline.tokens import TokenLayout
 __all__ = [
     "SamplingParams", "GenerationRequest", "TokenEvent", "AudioChunkEvent", "EndEvent", "DecodeEngine",
     "GenerationResult", "generate", "expand_schedule", "resolve_mode", "default_layout", "EXACT",
-    "checkpoint_default_mode",
+    "checkpoint_default_mode", "StepObserver", "RequestTrace",
 ]
 
 
@@ -35,7 +36,8 @@ def generate(
     trace_logits: bool = False,
 ) -> GenerationResult:
     """Generate for one prompt and return the new ids with forward counts (and the trace if asked)."""
-    engine = DecodeEngine(model, layout=layout, trace=trace or trace_logits, trace_logits=trace_logits)
+    observer = RequestTrace(logits=trace_logits) if trace or trace_logits else None
+    engine = DecodeEngine(model, layout=layout, observer=observer)
     request = GenerationRequest(
         prompt_ids=prompt_ids,
         mode=mode,
@@ -58,5 +60,5 @@ def generate(
         backbone_forwards=usage["backbone_forwards"],
         mtp_forwards=usage["mtp_forwards"],
         usage=usage,
-        trace=engine.trace_of(request.request_id),
+        trace=observer.pop(request.request_id) if observer is not None else None,
     )

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from safetensors import safe_open
 from torch import nn
-from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, Qwen2Config
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2.modeling_qwen2 import (
@@ -36,35 +35,19 @@ from transformers.models.qwen2.modeling_qwen2 import (
     eager_attention_forward,
 )
 
+from pipeline.cpu_kernels import (  # noqa: F401  (CPU_DECODE_ATTENTION, sdpa_gqa_attention: public names here too)
+    CPU_DECODE_ATTENTION,
+    linear_prepacked,
+    mtp_module_size,
+    packed_lm_head,
+    run_mtp_modules_gathered,
+    sdpa_gqa_attention,
+)
+
 IGNORE_INDEX = -100
 # `run_mtp_modules` gathers each row's module weights when rows x module size stays below this (small models,
 # CPU); larger modules run per module on their rows instead (a gather would copy more than it saves).
 MTP_GATHER_MAX_ELEMENTS = 1 << 21
-# decode attention on CPU (`sdpa_gqa_attention`), selected by pipeline.generate.DecodeEngine
-CPU_DECODE_ATTENTION = "vita_sdpa_gqa"
-# decode_logits: largest lm_head (elements) that gets a second, prepacked copy for batched CPU rows
-PACKED_LM_HEAD_MAX_ELEMENTS = 1 << 26
-
-
-def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' "sdpa" attention, except on CPU with a mask or one query: grouped query heads read
-    their shared key/value heads through SDPA's `enable_gqa` instead of the copies `repeat_kv` makes.
-
-    transformers uses `enable_gqa` only without a mask, because CUDA's fast kernels refuse a masked GQA call;
-    the CPU kernel takes it and gives identical outputs, ~15 % faster at 8 decoding rows (the copies grow
-    with the cached length times the rows). Everywhere else this is transformers' function unchanged.
-    """
-    groups = getattr(module, "num_key_value_groups", 1)
-    plain = query.device.type != "cpu" or groups == 1 or kwargs.get("position_bias") is not None
-    if plain or (attention_mask is None and query.shape[2] > 1):  # causal without a mask: transformers' path
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                         scale=scaling, enable_gqa=True)
-    return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(CPU_DECODE_ATTENTION, sdpa_gqa_attention)
 
 
 @strict
@@ -245,8 +228,8 @@ class Qwen2MTPForCausalLM(Qwen2PreTrainedModel):
         N, NB = self.num_mtp_modules, self.num_backbone_layers
         if len(modules) != G or not all(0 <= k < N for k in modules):
             raise ValueError(f"modules must hold one MCTP module index in [0, {N}) per row ({G} rows), got {modules}")
-        if len(set(modules)) > 1 and G * self._mtp_module_size() <= MTP_GATHER_MAX_ELEMENTS:
-            return self._run_mtp_modules_gathered(modules, hidden, next_embeds, position_ids, attention_mask, cache)
+        if len(set(modules)) > 1 and G * mtp_module_size(self) <= MTP_GATHER_MAX_ELEMENTS:
+            return run_mtp_modules_gathered(self, modules, hidden, next_embeds, position_ids, attention_mask, cache)
         rows: dict[int, list[int]] = {}
         for i, k in enumerate(modules):
             rows.setdefault(k, []).append(i)
@@ -296,120 +279,25 @@ class Qwen2MTPForCausalLM(Qwen2PreTrainedModel):
 
         return self.model.norm(per_module(rest, out, u))
 
-    def _mtp_module_size(self) -> int:
-        """Parameters of one MCTP module (its decoder layer, projection and norms)."""
-        if getattr(self, "_mtp_size", None) is None:
-            layer = self.model.layers[self.mtp_layer_index(0)] if self.num_mtp_modules else None
-            self._mtp_size = 0 if layer is None else (
-                sum(p.numel() for p in layer.parameters()) + self.mtp_projs[0].weight.numel() + 2 * self.config.hidden_size)
-        return self._mtp_size
-
-    def _stacked_mtp_weights(self) -> dict:
-        """Every module's weights stacked on a leading module dim (built once, for `_run_mtp_modules_gathered`)."""
-        cached = getattr(self, "_mtp_stacked", None)
-        stamp = _weight_stamp(self.mtp_projs[0].weight)
-        if cached is not None and cached["stamp"] == stamp:
-            return cached
-        layers = [self.model.layers[self.mtp_layer_index(k)] for k in range(self.num_mtp_modules)]
-
-        def stack(get) -> torch.Tensor:
-            return torch.stack([get(k, layer).detach() for k, layer in enumerate(layers)])
-
-        self._mtp_stacked = {
-            "embed_norm": stack(lambda k, _: self.mtp_embed_norms[k].weight),  # (N, H)
-            "hidden_norm": stack(lambda k, _: self.mtp_hidden_norms[k].weight),
-            "proj": stack(lambda k, _: self.mtp_projs[k].weight.t()),  # (N, 2H, H)
-            "input_norm": stack(lambda _, l: l.input_layernorm.weight),
-            "qkv": stack(lambda _, l: torch.cat([l.self_attn.q_proj.weight, l.self_attn.k_proj.weight,
-                                                 l.self_attn.v_proj.weight]).t()),  # (N, H, (heads + 2 kv) * D)
-            "qkv_bias": stack(lambda _, l: torch.cat([l.self_attn.q_proj.bias, l.self_attn.k_proj.bias,
-                                                      l.self_attn.v_proj.bias])),
-            "o": stack(lambda _, l: l.self_attn.o_proj.weight.t()),  # (N, heads * D, H)
-            "post_norm": stack(lambda _, l: l.post_attention_layernorm.weight),
-            "gate_up": stack(lambda _, l: torch.cat([l.mlp.gate_proj.weight, l.mlp.up_proj.weight]).t()),  # (N, H, 2I)
-            "down": stack(lambda _, l: l.mlp.down_proj.weight.t()),  # (N, I, H)
-            "stamp": stamp,
-        }
-        return self._mtp_stacked
-
-    def _run_mtp_modules_gathered(self, modules, hidden, next_embeds, position_ids, attention_mask, cache):
-        """`run_mtp_modules` for small modules: each row's weights are gathered and every projection is one
-        batched matmul, so a step costs about the same whether its rows share a module or not."""
-        G, Q, H = hidden.shape
-        w = self._stacked_mtp_weights()
-        ks = torch.tensor(modules, device=hidden.device)
-        eps = self.config.rms_norm_eps
-        layer0 = self.model.layers[self.mtp_layer_index(modules[0])]
-        attn = layer0.self_attn
-        if attn.sliding_window is not None:
-            raise ValueError("run_mtp_modules does not support sliding-window attention layers")
-
-        def norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # Qwen2RMSNorm with per-row weights
-            x32 = x.float()
-            x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-            return weight[ks][:, None, :] * x32.to(x.dtype)
-
-        z = torch.cat([norm(next_embeds, w["embed_norm"]), norm(hidden, w["hidden_norm"])], dim=-1)  # (G, Q, 2H)
-        u = torch.bmm(z, w["proj"][ks])  # (G, Q, H)
-        cos, sin = self.model.rotary_emb(u, position_ids)
-        D, heads, kv_heads = attn.head_dim, attn.config.num_attention_heads, attn.config.num_key_value_heads
-        qkv = torch.baddbmm(w["qkv_bias"][ks][:, None, :], norm(u, w["input_norm"]), w["qkv"][ks])
-        q, k_, v = qkv.split([heads * D, kv_heads * D, kv_heads * D], dim=-1)
-        query = q.view(G, Q, -1, D).transpose(1, 2)  # (G, heads, Q, D)
-        key = k_.view(G, Q, -1, D).transpose(1, 2)  # (G, kv_heads, Q, D)
-        value = v.view(G, Q, -1, D).transpose(1, 2)
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        key, value = cache.update(key, value, self.mtp_layer_index(modules[0]))
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager_attention_forward)
-        out, _ = interface(attn, query, key, value, attention_mask, dropout=0.0, scaling=attn.scaling)
-        x = u + torch.bmm(out.reshape(G, Q, -1), w["o"][ks])  # (G, Q, H)
-        gate, up = torch.bmm(norm(x, w["post_norm"]), w["gate_up"][ks]).chunk(2, dim=-1)  # (G, Q, I) each
-        x = x + torch.bmm(layer0.mlp.act_fn(gate) * up, w["down"][ks])
-        return self.model.norm(x)
-
     def decode_logits(self, hidden: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """lm_head over the rows of a decode step, for ids lo..hi-1 only: [rows, H] -> float32 [rows, hi - lo].
 
         A step whose rows may only choose among some ids (an audio slot: the codebook's ids; a text slot: the
         text ids) needs no scores for the rest; on a real checkpoint the codebook is a tenth of the vocabulary.
-        On CPU in float32, several rows go through a copy of the weight rows prepacked (reordered once) for
-        oneDNN. The plain fp32 matmul handles a few rows poorly: 8 rows of the tiny set took ~0.30 ms
-        (0.7-0.8 ms with the weight out of cache) against ~0.19 ms (0.37 ms) prepacked, for outputs equal
-        within float rounding. One row stays a plain matrix-vector product, already the fastest.
+        On CPU in float32, several rows go through a copy of the weight rows prepacked for oneDNN
+        (`pipeline.cpu_kernels`); one row stays a plain matrix-vector product.
         """
         V = self.lm_head.weight.shape[0]
         hi = V if hi is None else hi
         if not 0 <= lo < hi <= V:
             raise ValueError(f"id range [{lo}, {hi}) is not inside the vocabulary [0, {V})")
         weight, bias = self.lm_head.weight, self.lm_head.bias
-        packed = self._packed_lm_head(lo, hi) if hidden.shape[0] > 1 else None
+        packed = packed_lm_head(self, lo, hi) if hidden.shape[0] > 1 else None
         if packed is not None:
-            bias = None if bias is None else bias[lo:hi]
-            return torch.ops.mkldnn._linear_pointwise(hidden.contiguous(), packed, bias, "none", [], "")
+            return linear_prepacked(hidden, packed, None if bias is None else bias[lo:hi])
         if (lo, hi) == (0, V):
             return self.lm_head(hidden).float()
         return F.linear(hidden, weight[lo:hi], None if bias is None else bias[lo:hi]).float()
-
-    def _packed_lm_head(self, lo: int, hi: int) -> torch.Tensor | None:
-        """lm_head weight rows lo..hi-1 prepacked for oneDNN (CPU, float32, up to PACKED_LM_HEAD_MAX_ELEMENTS
-        in all), else None. Kept per id range: a model serves a few (whole vocabulary, text ids, codebook)."""
-        weight = self.lm_head.weight
-        stamp = _weight_stamp(weight)
-        cache = getattr(self, "_lm_head_packed", None)
-        if cache is None or cache["stamp"] != stamp:
-            cache = self._lm_head_packed = {"stamp": stamp, "elements": 0}
-        if (lo, hi) in cache:
-            return cache[(lo, hi)]
-        elements = (hi - lo) * weight.shape[1]
-        usable = (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-                  and cache["elements"] + elements <= PACKED_LM_HEAD_MAX_ELEMENTS
-                  and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
-        packed = None
-        if usable:  # 8: the row count it is tuned for
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach()[lo:hi].contiguous(), 8)
-            cache["elements"] += elements
-        cache[(lo, hi)] = packed
-        return packed
 
     # --- teacher-forced / training forward --------------------------------------------------------------
     def forward(
@@ -503,12 +391,6 @@ class Qwen2MTPForCausalLM(Qwen2PreTrainedModel):
             backbone_loss=backbone_loss,
             mtp_losses=tuple(mtp_losses) if labels is not None else None,
         )
-
-
-def _weight_stamp(weight: torch.Tensor) -> tuple:
-    """Identity of a weight's current contents: a copy derived from it (stacked, prepacked) is rebuilt when
-    the model was moved, cast or trained since."""
-    return weight.device, weight.dtype, weight.data_ptr(), weight._version
 
 
 def _shift_left(x: torch.Tensor, shift: int) -> torch.Tensor:

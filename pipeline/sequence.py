@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 class _Sequence:
     """Decode state of one request: tokens, caches, hidden buffers, schedule position, counters."""
 
-    def __init__(self, engine, request: GenerationRequest, mode, verify: bool, sampler, stop_ids):
+    def __init__(self, request: GenerationRequest, mode, verify: bool, sampler, stop_ids, num_modules: int, device):
         self.request = request
         self.id = request.request_id
         self.prompt_len = len(request.prompt_ids)
@@ -25,12 +25,12 @@ class _Sequence:
         self.verify = verify
         self.sampler: TokenSampler = sampler
         self.stop_ids = stop_ids
-        N = engine.num_modules
+        N = num_modules
         self.schedule = None if mode == EXACT else expand_schedule(mode, self.max_new)
         self.tokens = [int(t) for t in request.prompt_ids]  # committed: prompt + generated
         self.ids = None  # tokens, then drafts, as a [1, capacity] tensor: only a repetition penalty reads them
         if sampler.penalty is not None:
-            self.ids = torch.zeros(1, self.prompt_len + self.max_new + N + 2, dtype=torch.long, device=engine.device)
+            self.ids = torch.zeros(1, self.prompt_len + self.max_new + N + 2, dtype=torch.long, device=device)
             self.ids[0, : self.prompt_len] = torch.tensor(self.tokens, dtype=torch.long)
         self.slot: int | None = None  # KV pool slot, held while the request is active
         used = self._modules_used(N)
@@ -51,9 +51,6 @@ class _Sequence:
         self.accepted_drafts = 0
         self.drafted = 0
         self.verify_calls = 0
-        self.trace = {"producer": [], "q_len": [], "pos_first": [], "pos_last": []} if engine.trace else None
-        if self.trace is not None and engine.trace_logits:
-            self.trace["logits"] = []
         self.finished: str | None = None
         self.waited = 0  # steps spent waiting to join in phase with the running requests
 
@@ -133,7 +130,7 @@ class _Sequence:
     def adapt_draft_length(self, drafted: int, accepted: int, N: int) -> None:
         """Exact mode: double the draft length while all drafts pass, else use accepted + 1; when even a
         single draft fails, pause drafting for 1, 2, 4, ... 32 backbone steps (drafts that are never
-        accepted then cost ~3% instead of one MCTP step per token)."""
+        accepted then cost a small share of the backbone steps instead of one MCTP step per token)."""
         if accepted == drafted:
             self.exact_draft, self.exact_backoff = min(2 * drafted, N), 0
         elif accepted > 0 or drafted > 1:
@@ -160,13 +157,3 @@ class _Sequence:
             usage["accepted_drafts"] = self.accepted_drafts
             usage["acceptance_length"] = self.accepted_drafts / max(self.verify_calls, 1)
         return usage
-
-    def record(self, producer: str, q_len: int, pos_first: int, logits: torch.Tensor | None = None) -> None:
-        if self.trace is None:
-            return
-        self.trace["producer"].append(producer)
-        self.trace["q_len"].append(q_len)
-        self.trace["pos_first"].append(pos_first)
-        self.trace["pos_last"].append(pos_first + q_len - 1)
-        if "logits" in self.trace and logits is not None:
-            self.trace["logits"].append(logits.detach().float().cpu())

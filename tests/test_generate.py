@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from jobs.bench.decode import make_drafting_model
 from pipeline.generate import (
     AudioChunkEvent,
     DecodeEngine,
@@ -23,6 +22,7 @@ from pipeline.generate import (
     resolve_mode,
 )
 from pipeline.llm import load_llm
+from pipeline.sizes import make_drafting_model
 
 # Runs are parametrised from the fixture itself (same lookup as conftest.shared_dir), so a fixture set with
 # other models, sizes or runs is checked the same way.
@@ -352,19 +352,6 @@ def test_cli_generate(parity, models, capsys):
         assert err.startswith("vita-audio generate: error:") and match in err
     assert main(["generate", "--llm", str(parity["root"]), "--prompt-ids", "1"]) == 2
     assert "config.json" in capsys.readouterr().err
-
-
-def test_bench_decode_plumbing(models):
-    """The benchmark's bookkeeping on a tiny model: forward classes, predicted time, ids stable across runs."""
-    from jobs.bench.decode import bench_models, summarise
-
-    timed = bench_models({"m": models[BIG]}, {"m": ["vanilla", "boost", "exact"]}, [0] * 8, 24, runs=2)
-    rows, step_ms = summarise(timed, 24)
-    by_mode = {r["mode"]: r for r in rows}
-    assert by_mode["vanilla"]["backbone_fwd"] == 24 and by_mode["boost"]["backbone_fwd"] < 24
-    assert by_mode["exact"]["same_ids_as_vanilla"] and not by_mode["boost"]["same_ids_as_vanilla"]
-    assert all(r["predicted_s"] > 0 and r["of_ceiling"] > 0 for r in rows)
-    assert {"prefill", "backbone_1tok", "catchup_11tok", "mtp_first_use"} <= {c for _, c in step_ms}
 
 
 def test_interleaved_constraint_slots_follow_the_ratio(parity):

@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine_probes import ForwardLog
 from pipeline.generate import DecodeEngine, EndEvent, GenerationRequest, SamplingParams, TokenEvent, generate
+from pipeline.observe import RequestTrace
 from pipeline.llm import load_llm
 
 
@@ -32,8 +34,8 @@ REQUESTS = [  # (prompt length, mode, max_new_tokens, repetition penalty, join a
 ]
 
 
-def _run_batched(model, specs, max_batch_size: int = 16, profile: bool = False, align_steps: int = 0):
-    engine = DecodeEngine(model, max_batch_size=max_batch_size, profile=profile, align_steps=align_steps)
+def _run_batched(model, specs, max_batch_size: int = 16, align_steps: int = 0):
+    engine = DecodeEngine(model, max_batch_size=max_batch_size, align_steps=align_steps, observer=ForwardLog())
     ids: dict[str, list[int]] = {}
     ends: dict[str, EndEvent] = {}
     step = 0
@@ -61,9 +63,8 @@ def _run_batched(model, specs, max_batch_size: int = 16, profile: bool = False, 
 def test_batched_greedy_equals_alone(shared_dir, max_batch_size, attn, align_steps):
     model = load_llm(shared_dir / "parity" / "llm" / "model", dtype=torch.float32)
     model.config._attn_implementation = attn
-    ids, ends, engine = _run_batched(model, REQUESTS, max_batch_size=max_batch_size, profile=True,
-                                     align_steps=align_steps)
-    assert max(G for _, G, _, _ in engine.forward_log) > 1, "no forward ran more than one request"
+    ids, ends, engine = _run_batched(model, REQUESTS, max_batch_size=max_batch_size, align_steps=align_steps)
+    assert max(G for _, G, _ in engine.observer.forwards) > 1, "no forward ran more than one request"
     for i, (n, mode, max_new, rp, _) in enumerate(REQUESTS):
         alone = generate(model, _prompt(n, i), mode=mode, max_new_tokens=max_new, sampling=SamplingParams(repetition_penalty=rp))
         assert ids[f"r{i}"] == alone.ids, f"request {i} ({mode})"
@@ -76,13 +77,14 @@ def test_batched_greedy_equals_alone(shared_dir, max_batch_size, attn, align_ste
 def test_groups_mix_prefill_catchup_and_modules(model):
     """A step runs at most two padded forwards: the backbone (prefill / 1 token / catch-up, mixed) and the MCTP
     modules (different modules in one forward), then one lm_head over all their rows."""
-    _, _, engine = _run_batched(model, REQUESTS[:5], profile=True)
-    kinds = {kind for kind, G, _, _ in engine.forward_log if G > 1}
+    _, _, engine = _run_batched(model, REQUESTS[:5])
+    log = engine.observer.forwards
+    kinds = {kind for kind, G, _ in log if G > 1}
     assert "backbone" in kinds and any(k.startswith("mtp") for k in kinds)
-    assert any(kind == "backbone" and G > 1 and Q > 1 for kind, G, Q, _ in engine.forward_log)
+    assert any(kind == "backbone" and G > 1 and Q > 1 for kind, G, Q in log)
     assert any(kind.startswith("mtp") and "," in kind for kind in kinds), "no forward mixed two modules"
     steps, forwards = [], 0  # forwards between two lm_head calls = forwards of one step
-    for kind, *_ in engine.forward_log:
+    for kind, *_ in log:
         if kind == "lm_head":
             steps.append(forwards)
             forwards = 0
@@ -151,21 +153,21 @@ def test_new_request_waits_to_join_in_phase(model):
     specs = [(9, "boost", 60), (12, "boost", 60)]
     results = {}
     for align in (0, 16):
-        engine = DecodeEngine(model, align_steps=align, profile=True)
+        engine = DecodeEngine(model, align_steps=align, observer=ForwardLog())
         engine.add_request(GenerationRequest(_prompt(*specs[0][:1], 0), mode="boost", max_new_tokens=60, request_id="r0"))
         ids = {"r0": [], "r1": []}
         joined, step = None, 0
         while engine.has_unfinished():
             if step == 6:  # r0 is in its first MCTP run
                 engine.add_request(GenerationRequest(_prompt(specs[1][0], 1), mode="boost", max_new_tokens=60, request_id="r1"))
-            before = len(engine.forward_log)
+            before = len(engine.observer.forwards)
             for event in engine.step():
                 if isinstance(event, TokenEvent):
                     ids[event.request_id].append(event.token_id)
                     if event.request_id == "r1" and joined is None:
                         joined = step
             if joined is not None and joined < step and len(ids["r1"]) < 60 and len(ids["r0"]) < 60:
-                forwards = [k for k, *_ in engine.forward_log[before:] if k != "lm_head"]
+                forwards = [k for k, *_ in engine.observer.forwards[before:] if k != "lm_head"]
                 results.setdefault(align, []).append(len(forwards))
             step += 1
         results[(align, "joined")] = joined
@@ -452,7 +454,7 @@ def test_constrained_greedy_steps_score_only_the_allowed_ids(model):
         batched = run(prompts)
         narrow = [r for r in ranges if r != (0, V)]
         ranges.clear()
-        whole = run(prompts, trace=True, trace_logits=True)
+        whole = run(prompts, observer=RequestTrace(logits=True))
         assert set(ranges) == {(0, V)}
     finally:
         del model.decode_logits

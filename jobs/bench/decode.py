@@ -1,8 +1,8 @@
 """`vita-audio bench decode`: the decode engine per schedule, on the bench-sized random model.
 
 Model and protocol are those of ../shared/research/original-speed.md (LLM part), so the numbers sit next to
-the original's: 28 backbone layers + 10 MCTP modules, hidden 256, intermediate 1376, 4 heads / 1 KV head,
-vocab 69632, float32, seed 11, built in memory; prompt [0] * 32, 256 new tokens, greedy, repetition penalty
+the original's: the "bench" size of `pipeline.sizes` (28 backbone layers + 10 MCTP modules, hidden 256,
+intermediate 1376, 4 heads / 1 KV head), vocab 69632, float32, seed 11, built in memory; prompt [0] * 32, 256 new tokens, greedy, repetition penalty
 1.0, no EOS. Every mode runs in the same process, round robin (1 warm-up round, then timed rounds), and the
 rows report medians.
 
@@ -22,6 +22,9 @@ import time
 from collections import defaultdict
 
 import torch
+
+from pipeline.observe import StepObserver
+from pipeline.sizes import build_llm, make_drafting_model
 
 MODES = ["vanilla", "balance", "boost", "turbo", "exact"]
 
@@ -47,44 +50,26 @@ def add_arguments(p, name: str) -> None:
     p.add_argument("--no-drafting-model", action="store_true", help="skip exact mode on the drafting model")
 
 
-def build_bench_model(seed: int = 11, layers: int = 28, mtp: int = 10, hidden: int = 256, inter: int = 1376,
-                      heads: int = 4, kv_heads: int = 1, vocab: int = 69632):
-    """The bench-size random Qwen2-MTP model (float32, the model's own init, seeded), in memory."""
-    from pipeline.llm import Qwen2MTPConfig, Qwen2MTPForCausalLM
+class ForwardTimer(StepObserver):
+    """Times every model call of the engine (CUDA synchronised around it): `log` of (kind, rows, longest query,
+    seconds) and their sum `seconds`."""
 
-    offset = vocab - 16387  # codebook of 16384 + 3 padding rows at the end, as in the release
-    config = Qwen2MTPConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers + mtp,
-        num_nextn_predict_layers=mtp, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        speech_token_offset=offset, bos_token_id=offset - 42, eos_token_id=offset - 40, pad_token_id=offset - 42,
-    )
-    torch.manual_seed(seed)
-    return Qwen2MTPForCausalLM(config).eval()
+    def __init__(self):
+        self.log: list[tuple[str, int, int, float]] = []
+        self.seconds = 0.0
 
-
-def make_drafting_model(model, broken_modules=(), backbone_scale: float = 0.05):
-    """Make MCTP drafts agree with the backbone, training-free (exact mode's good case).
-
-    The backbone's attention / MLP outputs are scaled by `backbone_scale` so its next token depends mostly
-    (0.0: only) on the current token; each module's projection passes the embedding half through and its
-    decoder layer is zeroed to an identity, so module k at row t outputs norm(embed(x_{t+k+1})), the
-    backbone's (near-)prediction of x_{t+k+2}. Modules in `broken_modules` keep their weights (their drafts
-    are rejected). Every layer still runs, so forward costs are unchanged.
-    """
-    H = model.config.hidden_size
-    with torch.no_grad():
-        for i, layer in enumerate(model.model.layers):
-            scale = backbone_scale if i < model.num_backbone_layers else 0.0
-            layer.self_attn.o_proj.weight.mul_(scale)
-            layer.mlp.down_proj.weight.mul_(scale)
-        for k in range(model.num_mtp_modules):
-            if k in broken_modules:
-                continue
-            model.mtp_projs[k].weight.zero_()
-            model.mtp_projs[k].weight[:, :H] = torch.eye(H)
-            model.mtp_embed_norms[k].weight.fill_(1.0)
-    return model
+    def on_forward(self, kind, rows, q_len, run):
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = run()
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        self.seconds += dt
+        self.log.append((kind, rows, q_len, dt))
+        return out
 
 
 def _classify(log, prompt_len: int) -> list[str]:
@@ -102,7 +87,8 @@ def _classify(log, prompt_len: int) -> list[str]:
 def run_once(model, layout, mode: str, prompt: list[int], max_new: int) -> dict:
     from pipeline.generate import DecodeEngine, EndEvent, GenerationRequest, TokenEvent
 
-    engine = DecodeEngine(model, layout=layout, profile=True)
+    timer = ForwardTimer()
+    engine = DecodeEngine(model, layout=layout, observer=timer)
     engine.add_request(GenerationRequest(prompt, mode=mode, max_new_tokens=max_new, stop_ids=[]))
     ids, usage, t10 = [], None, None
     t0 = time.perf_counter()
@@ -116,13 +102,13 @@ def run_once(model, layout, mode: str, prompt: list[int], max_new: int) -> dict:
                 usage = event.usage
     wall = time.perf_counter() - t0
     log = []  # one entry per forward, the step's lm_head time added to it (one request: one forward a step)
-    for entry in engine.forward_log:
+    for entry in timer.log:
         if entry[0] == "lm_head" and log:
             log[-1] = (*log[-1][:3], log[-1][3] + entry[3])
         else:
             log.append(entry)
     return {
-        "wall": wall, "inside": engine.forward_seconds, "forwards": len(log), "ids": ids, "usage": usage, "t10": t10,
+        "wall": wall, "inside": timer.seconds, "forwards": len(log), "ids": ids, "usage": usage, "t10": t10,
         "classes": _classify(log, len(prompt)), "seconds": [s for *_, s in log],
     }
 
@@ -209,10 +195,10 @@ def run(args) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        models = {"random": build_bench_model()}
+        models = {"random": build_llm("bench")}
         modes_of = {"random": modes}
         if "exact" in modes and not args.no_drafting_model:
-            models["drafting"] = make_drafting_model(build_bench_model(), backbone_scale=0.0)
+            models["drafting"] = make_drafting_model(build_llm("bench"), backbone_scale=0.0)
             modes_of["drafting"] = ["vanilla", "exact"]
         t0 = time.perf_counter()
         timed = bench_models(models, modes_of, [0] * 32, max_new, runs)

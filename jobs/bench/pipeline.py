@@ -291,6 +291,7 @@ def engine_throughput(args, models, label: str) -> dict:
 
     from actors.config import PipelineConfig
     from actors.payloads import SpeechRequest, build_prompt, to_generation_request
+    from jobs.bench.decode import ForwardTimer
     from pipeline.generate import DecodeEngine, TokenEvent
     from pipeline.llm import load_llm
     from pipeline.tokens import TokenLayout, load_tokenizer
@@ -301,10 +302,11 @@ def engine_throughput(args, models, label: str) -> dict:
     model = load_llm(config.llm.path)
     n, tokens = args.concurrency, args.throughput_tokens
 
-    def run(k: int, profile: bool = False) -> tuple[float, float, int, DecodeEngine]:
-        """k requests added together, run to the end: (tokens/s, seconds per step, steps, the engine)."""
+    def run(k: int, profile: bool = False) -> tuple[float, float, int, ForwardTimer | None]:
+        """k requests added together, run to the end: (tokens/s, seconds per step, steps, the forward timer)."""
+        timer = ForwardTimer() if profile else None
         engine = DecodeEngine(model, layout=layout, max_batch_size=max(16, n), align_steps=config.llm.align_steps,
-                              profile=profile)
+                              observer=timer)
         for i in range(k):
             request = SpeechRequest(task="tts", text=TEXTS[i % len(TEXTS)], max_new_tokens=tokens)
             engine.add_request(to_generation_request(request, build_prompt(request, tokenizer, layout)))
@@ -314,7 +316,7 @@ def engine_throughput(args, models, label: str) -> dict:
                 generated += sum(isinstance(event, TokenEvent) for event in engine.step())
                 steps += 1
         seconds = time.perf_counter() - t0
-        return generated / seconds, seconds / steps, steps, engine
+        return generated / seconds, seconds / steps, steps, timer
 
     run(1), run(n)  # warm-up
     ones, manys = [], []
@@ -335,7 +337,7 @@ STEP_PARTS = ("backbone", "mtp", "lm_head", "rest")
 
 
 def step_costs(run, n: int, rounds: int) -> dict:
-    """Where a step's time goes at 1 and at n requests (engine `profile=True`, alternated rounds, medians): the
+    """Where a step's time goes at 1 and at n requests (`ForwardTimer`, alternated rounds, medians): the
     backbone forward, the MCTP forward, lm_head, and the rest (inputs, masks, token choice, bookkeeping).
 
     Each request adds one row to every step, so a step costs about fixed + rows * per_row, and n requests give
@@ -345,9 +347,9 @@ def step_costs(run, n: int, rounds: int) -> dict:
     samples: dict[int, list[dict]] = {1: [], n: []}  # per round: ms per step of each part
     for _ in range(rounds):
         for k in (1, n):
-            _, seconds_per_step, steps, engine = run(k, profile=True)
+            _, seconds_per_step, steps, timer = run(k, profile=True)
             parts = dict.fromkeys(STEP_PARTS, 0.0)
-            for kind, _, _, seconds in engine.forward_log:
+            for kind, _, _, seconds in timer.log:
                 parts[kind if kind in ("backbone", "lm_head") else "mtp"] += seconds
             parts = {part: seconds / steps * 1000 for part, seconds in parts.items()}
             parts["total"] = seconds_per_step * 1000

@@ -1,0 +1,115 @@
+"""The named model sizes, in one place: "tiny" (the built-in test set `vita-audio tiny` writes), "bench" (the
+benchmark size of ../shared/research/original-speed.md) and "7B" (the released VITA-Audio, spec §1).
+
+`llm_size(name)` / `decoder_size(name)` give the shapes; `pipeline.tiny.write_model_set` writes a random set of
+a size in the released formats; `build_llm` builds a random LLM of a size in memory; `make_drafting_model`
+turns one into a model whose MCTP drafts agree with its backbone (lossless decoding's good case).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.decoder.config import DecoderConfig, FlowConfig, HiFTConfig
+from pipeline.tokens import MODES
+
+__all__ = ["LLMSize", "LLM_SIZES", "DECODER_SIZES", "llm_size", "decoder_size", "build_llm", "make_drafting_model",
+           "RELEASE_VOCAB_SIZE", "CODEBOOK_SIZE"]
+
+CODEBOOK_SIZE = 16384  # GLM-4-Voice VQ: the encoder's, the decoder's and the LLM's audio codebook
+RELEASE_VOCAB_SIZE = 168072  # the released LLM's rows (spec §2)
+
+
+@dataclass(frozen=True)
+class LLMSize:
+    """Shape of a Qwen2-MTP LLM, plus how the random writer initialises it (defaults: the tiny set, sized like
+    the parity fixtures' `mtp10` model)."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    backbone_layers: int = 2
+    mtp_modules: int = 10
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    rope_theta: float = 1e6
+    logit_std: float = 4.0  # random writer: lm_head ~ N(0, logit_std^2 / hidden), logits with std ~4
+    eos_row_scale: float = 0.25  # random writer: shrink the EOS rows so the random model rarely stops at once
+    mode: tuple[int, ...] = tuple(MODES["boost"])  # generation_config.mtp_inference_mode
+
+
+LLM_SIZES: dict[str, LLMSize] = {
+    "tiny": LLMSize(),
+    "bench": LLMSize(hidden_size=256, intermediate_size=1376, backbone_layers=28, mtp_modules=10,
+                     num_attention_heads=4, num_key_value_heads=1),
+    "7B": LLMSize(hidden_size=3584, intermediate_size=18944, backbone_layers=28, mtp_modules=10,
+                  num_attention_heads=28, num_key_value_heads=4),
+}
+
+_FLOW = {
+    "tiny": dict(input_size=32, encoder_dim=32, encoder_heads=2, encoder_ffn=64, encoder_blocks=2,
+                 channels=(32, 32), attention_head_dim=8, n_blocks=1, num_mid_blocks=2, num_heads=2),
+    "bench": dict(input_size=128, encoder_dim=128, encoder_heads=2, encoder_ffn=512, encoder_blocks=6,
+                  channels=(64, 64), attention_head_dim=16, num_heads=2, n_blocks=4, num_mid_blocks=12),
+    "7B": {},  # the released glm-4-voice-decoder: FlowConfig's defaults
+}
+_HIFT = {"tiny": dict(base_channels=32, f0_cond_channels=32), "bench": dict(base_channels=128, f0_cond_channels=128),
+         "7B": {}}
+DECODER_SIZES = tuple(_FLOW)
+
+
+def llm_size(name: str) -> LLMSize:
+    if name not in LLM_SIZES:
+        raise ValueError(f"unknown LLM size {name!r}: use one of {sorted(LLM_SIZES)}")
+    return LLM_SIZES[name]
+
+
+def decoder_size(name: str) -> DecoderConfig:
+    """The speech decoder's config for a size (vocabulary: the 16384-code codebook, blocks of 10 ids)."""
+    if name not in _FLOW:
+        raise ValueError(f"unknown decoder size {name!r}: use one of {sorted(_FLOW)}")
+    flow = FlowConfig(vocab_size=CODEBOOK_SIZE, block_size=10, **_FLOW[name])
+    return DecoderConfig(flow=flow, hift=HiFTConfig(**_HIFT[name]))
+
+
+def build_llm(size: str | LLMSize, vocab_size: int = 69632, seed: int = 11):
+    """A random Qwen2-MTP LLM of a size in memory (float32, the model's own init after `manual_seed(seed)`),
+    with the release's id layout at the end of the vocabulary: 16384 codes + 3 padding rows, the specials
+    before them. The default vocabulary is that of ../shared/research/original-speed.md's benchmark."""
+    from pipeline.llm import Qwen2MTPConfig, Qwen2MTPForCausalLM
+
+    shape = llm_size(size) if isinstance(size, str) else size
+    offset = vocab_size - (CODEBOOK_SIZE + 3)
+    config = Qwen2MTPConfig(
+        vocab_size=vocab_size, hidden_size=shape.hidden_size, intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.backbone_layers + shape.mtp_modules, num_nextn_predict_layers=shape.mtp_modules,
+        num_attention_heads=shape.num_attention_heads, num_key_value_heads=shape.num_key_value_heads,
+        max_position_embeddings=32768, rope_theta=shape.rope_theta, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        speech_token_offset=offset, bos_token_id=offset - 42, eos_token_id=offset - 40, pad_token_id=offset - 42,
+    )
+    torch.manual_seed(seed)
+    return Qwen2MTPForCausalLM(config).eval()
+
+
+def make_drafting_model(model, broken_modules=(), backbone_scale: float = 0.05):
+    """Make MCTP drafts agree with the backbone, training-free (lossless decoding's good case).
+
+    The backbone's attention / MLP outputs are scaled by `backbone_scale` so its next token depends mostly
+    (0.0: only) on the current token; each module's projection passes the embedding half through and its
+    decoder layer is zeroed to an identity, so module k at row t outputs norm(embed(x_{t+k+1})), the
+    backbone's (near-)prediction of x_{t+k+2}. Modules in `broken_modules` keep their weights (their drafts
+    are rejected). Every layer still runs, so forward costs are unchanged.
+    """
+    H = model.config.hidden_size
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            scale = backbone_scale if i < model.num_backbone_layers else 0.0
+            layer.self_attn.o_proj.weight.mul_(scale)
+            layer.mlp.down_proj.weight.mul_(scale)
+        for k in range(model.num_mtp_modules):
+            if k in broken_modules:
+                continue
+            model.mtp_projs[k].weight.zero_()
+            model.mtp_projs[k].weight[:, :H] = torch.eye(H)
+            model.mtp_embed_norms[k].weight.fill_(1.0)
+    return model
