@@ -101,8 +101,7 @@ class ChatRoutes:
                 elif isinstance(event, Done):
                     if speak:
                         self.answers.items[audio_id] = (event.text, expires_at)
-                        yield sse(chat_format.chunk(completion_id, {"audio": {"id": audio_id,
-                                                                              "expires_at": expires_at}}))
+                        yield sse(chat_format.chunk(completion_id, {"audio": {"expires_at": expires_at}}))
                     yield sse(chat_format.chunk(completion_id, {}, chat_format.finish_reason(event)))
                     if include_usage:
                         usage = chat_format.chat_usage(event, audio_tokens + _encoded(event))
