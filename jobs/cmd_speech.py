@@ -327,7 +327,11 @@ def _report(args, inputs, results, bad, placement: dict, startup: dict) -> dict:
     if not result.ok:
         if result.error.stage == "input":
             raise CLIError(result.error.message)
-        _fail(f"{result.error.stage} stage: {result.error.message}")
+        kept = ""
+        if len(result.pcm):  # a timeout or a failing stage late in the answer: keep the audio already decoded
+            write_audio(args.output, result.pcm, result.sample_rate)
+            kept = f" (the {len(result.pcm) / result.sample_rate:.1f} s of audio decoded before it are in {args.output})"
+        _fail(f"{result.error.stage} stage: {result.error.message}{kept}")
     if not len(result.pcm):
         _fail("the pipeline produced no audio (try a larger --max-new-tokens)")
     write_audio(args.output, result.pcm, result.sample_rate)

@@ -254,3 +254,23 @@ def test_help_imports_neither_torch_nor_ray_and_is_fast():
     heavy = [ln for ln in proc.stdout.splitlines() if ln.startswith("HEAVY")][0].split()
     assert heavy[1:3] == ["False", "False"] and float(heavy[3]) < 1.0
     assert "max-audio-seconds" in proc.stdout
+
+
+def test_audio_decoded_before_a_timeout_is_kept(tmp_path, capsys):
+    """A request that fails late (here: its timeout) still writes the audio it had, and says where, exit 1."""
+    import argparse
+
+    from actors.payloads import AudioChunk, ErrorEvent
+    from actors.results import collect
+    from jobs.cmd_speech import _report
+
+    pcm = np.linspace(-0.5, 0.5, 22050, dtype=np.float32)
+    result = collect([AudioChunk(pcm=pcm, sample_rate=22050, index=0), ErrorEvent(stage="pipeline", message="timed out after 1.0 s")])
+    args = argparse.Namespace(task="tts", json=True, output=tmp_path / "partial.wav")
+    with pytest.raises(SystemExit) as exit_:
+        _report(args, ["hi"], [result], [], {}, {})
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert_one_line(err, "timed out", "1.0 s of audio", "partial.wav")
+    audio, rate = sf.read(tmp_path / "partial.wav")
+    assert rate == 22050 and len(audio) == 22050
