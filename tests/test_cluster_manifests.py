@@ -35,3 +35,24 @@ def test_kuberay_schema_rejects_a_broken_manifest(shared_dir):
     doc["spec"]["workerGroupSpecs"][0]["replicas"] = "two"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(doc, crd_schema(shared_dir, "RayCluster"))
+
+
+def test_train_rayjob_runs_vita_audio_train_on_all_its_gpus():
+    """The training RayJob's entrypoint parses with `vita-audio train`'s own flags, names a recipe that loads,
+    and asks for exactly the GPUs its worker group has (one DeepSpeed rank per GPU)."""
+    import argparse
+    import shlex
+
+    from jobs import cmd_train
+    from jobs.train.run import load_recipe
+
+    doc = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayjob-train.yaml").read_text())
+    words = shlex.split(doc["spec"]["entrypoint"])
+    assert words[:2] == ["vita-audio", "train"]
+    parser = argparse.ArgumentParser()
+    cmd_train.add_arguments(parser, "train")
+    args = parser.parse_args(words[2:])
+    assert sorted(load_recipe(str(REPO / args.recipe))) == [1, 2, 3, 4] and args.stages == "1-4"
+    gpus = sum(g["replicas"] * g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+               for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"])
+    assert args.workers * args.gpus_per_worker == gpus and args.out.is_absolute()
