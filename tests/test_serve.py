@@ -1,6 +1,7 @@
 """The Serve app through the official openai SDK on 127.0.0.1 (a free port), against the in-process pipeline:
-speech, transcriptions, voices, and the speech route's refusals. (Chat: tests/test_serve_chat.py; the
-hostile battery over every route: tests/test_serve_hostile.py.)"""
+speech, transcriptions, voices, the hostile battery over every route (each a 4xx in OpenAI's error shape naming
+the problem; the server healthy and correct afterwards), and a client that goes away mid-stream freeing its
+LLM request and decoder stream. (Chat: tests/test_serve_chat.py.)"""
 from __future__ import annotations
 
 import io
@@ -131,11 +132,6 @@ def test_broken_bodies_are_4xx(serve_url, content, ctype, status):
     assert r.status_code == status and "error" in r.json()
 
 
-def test_healthy_and_correct_after_bad_requests(client, serve_url, local_tts):
-    test_bad_speech_requests_are_4xx_in_openai_shape(serve_url, *BAD[0])
-    test_speech_wav_matches_pipeline(client, local_tts)
-
-
 # -- transcriptions ---------------------------------------------------------------------------------------
 
 
@@ -217,3 +213,232 @@ def test_voice_upload_list_use_and_delete(client, serve_url, local):
     r = httpx.post(f"{serve_url}/v1/audio/speech", headers=auth, timeout=30,
                    json={"model": "vita-audio", "input": TEXT, "voice": "me"})
     assert r.status_code == 400 and "unknown voice 'me'" in r.json()["error"]["message"]
+
+
+# -- the hostile battery over every route ------------------------------------------------------------------
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
+
+
+def _chat(**fields) -> dict:
+    return {"model": "vita-audio", "messages": [{"role": "user", "content": "hi"}], **fields}
+
+
+def _audio_msg(data_b64: str, fmt: str = "wav") -> list:
+    return [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": data_b64, "format": fmt}}]}]
+
+
+def _form(model="vita-audio", **fields) -> dict:
+    return {"model": model, **fields}
+
+
+GOOD = clip()
+TRUNCATED = GOOD[: len(GOOD) // 2]
+LONG = clip(seconds=9.0)  # over max_audio_seconds=6, under max_body_bytes=400_000
+MULTIPART_GARBAGE = b"--xyz\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nabc"  # no closing boundary
+
+# (name, method, path, request kwargs for httpx, status, needle in the message)
+HOSTILE = [
+    # transcriptions
+    ("asr no file", "POST", "/v1/audio/transcriptions", {"files": {"model": (None, "vita-audio")}}, 400,
+     "file is required"),
+    ("asr urlencoded form", "POST", "/v1/audio/transcriptions", {"data": _form()}, 415, "multipart"),
+    ("asr multipart without boundary", "POST", "/v1/audio/transcriptions",
+     {"content": b"x", "headers": {**AUTH, "Content-Type": "multipart/form-data"}}, 400, "multipart"),
+    ("asr not audio", "POST", "/v1/audio/transcriptions",
+     {"data": _form(), "files": {"file": ("a.wav", b"this is not audio at all", "audio/wav")}}, 400, "cannot decode"),
+    ("asr truncated wav", "POST", "/v1/audio/transcriptions",
+     {"data": _form(), "files": {"file": ("a.wav", TRUNCATED, "audio/wav")}}, 400, "truncated"),
+    ("asr empty file", "POST", "/v1/audio/transcriptions",
+     {"data": _form(), "files": {"file": ("a.wav", b"", "audio/wav")}}, 400, "empty"),
+    ("asr too long", "POST", "/v1/audio/transcriptions",
+     {"data": _form(), "files": {"file": ("a.wav", LONG, "audio/wav")}}, 413, "max_audio_seconds=6"),
+    ("asr unknown model", "POST", "/v1/audio/transcriptions",
+     {"data": _form(model="whisper-1"), "files": {"file": ("a.wav", GOOD, "audio/wav")}}, 404, "whisper-1"),
+    ("asr bad format", "POST", "/v1/audio/transcriptions",
+     {"data": _form(response_format="srt"), "files": {"file": ("a.wav", GOOD, "audio/wav")}}, 400, "response_format"),
+    ("asr json body", "POST", "/v1/audio/transcriptions", {"json": {"model": "vita-audio"}}, 415, "multipart"),
+    ("asr negative temperature", "POST", "/v1/audio/transcriptions",
+     {"data": _form(temperature="-1"), "files": {"file": ("a.wav", GOOD, "audio/wav")}}, 400, "temperature"),
+    ("asr temperature not a number", "POST", "/v1/audio/transcriptions",
+     {"data": _form(temperature="hot"), "files": {"file": ("a.wav", GOOD, "audio/wav")}}, 400, "temperature"),
+    ("asr unknown field", "POST", "/v1/audio/transcriptions",
+     {"data": _form(bogus="1"), "files": {"file": ("a.wav", GOOD, "audio/wav")}}, 400, "bogus"),
+    ("asr absurd tokens", "POST", "/v1/audio/transcriptions",
+     {"data": _form(max_new_tokens="99999999"), "files": {"file": ("a.wav", GOOD, "audio/wav")}}, 400, "max_tokens"),
+    ("asr word timestamps", "POST", "/v1/audio/transcriptions",
+     {"data": _form(**{"timestamp_granularities[]": "word"}), "files": {"file": ("a.wav", GOOD, "audio/wav")}},
+     400, "timestamp_granularities"),
+    ("asr oversized upload", "POST", "/v1/audio/transcriptions",
+     {"data": _form(), "files": {"file": ("a.wav", b"\0" * 450_000, "audio/wav")}}, 413, "max_body_bytes"),
+    ("asr broken multipart", "POST", "/v1/audio/transcriptions",
+     {"content": MULTIPART_GARBAGE, "headers": {**AUTH, "Content-Type": "multipart/form-data; boundary=xyz"}},
+     400, "file"),
+    ("asr no auth", "POST", "/v1/audio/transcriptions",
+     {"data": _form(), "files": {"file": ("a.wav", GOOD, "audio/wav")}, "headers": {}}, 401, "API key"),
+    # chat
+    ("chat no messages", "POST", "/v1/chat/completions", {"json": _chat(messages=[])}, 400, "messages"),
+    ("chat messages not a list", "POST", "/v1/chat/completions", {"json": _chat(messages="hi")}, 400, "messages"),
+    ("chat bad base64", "POST", "/v1/chat/completions", {"json": _chat(messages=_audio_msg("%%%not base64"))},
+     400, "base64"),
+    ("chat broken audio", "POST", "/v1/chat/completions", {"json": _chat(messages=_audio_msg(_b64(b"RIFFjunk")))},
+     400, "cannot decode"),
+    ("chat truncated audio", "POST", "/v1/chat/completions", {"json": _chat(messages=_audio_msg(_b64(TRUNCATED)))},
+     400, "truncated"),
+    ("chat audio too long", "POST", "/v1/chat/completions",
+     {"json": _chat(messages=_audio_msg(_b64(clip(seconds=7.0))))}, 413, "max_audio_seconds"),
+    ("chat audio format", "POST", "/v1/chat/completions", {"json": _chat(messages=_audio_msg(_b64(GOOD), "aiff"))},
+     400, "format"),
+    ("chat tool role", "POST", "/v1/chat/completions",
+     {"json": _chat(messages=[{"role": "tool", "content": "x"}])}, 400, "role"),
+    ("chat ends with assistant", "POST", "/v1/chat/completions",
+     {"json": _chat(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])},
+     400, "last message"),
+    ("chat modality", "POST", "/v1/chat/completions", {"json": _chat(modalities=["video"])}, 400, "modalities"),
+    ("chat n=2", "POST", "/v1/chat/completions", {"json": _chat(n=2)}, 400, "n"),
+    ("chat absurd max_tokens", "POST", "/v1/chat/completions", {"json": _chat(max_tokens=10**7)}, 400, "max_tokens"),
+    ("chat negative max_tokens", "POST", "/v1/chat/completions", {"json": _chat(max_tokens=-5)}, 400, "max_tokens"),
+    ("chat image part", "POST", "/v1/chat/completions",
+     {"json": _chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])},
+     400, "image_url"),
+    ("chat streamed wav", "POST", "/v1/chat/completions",
+     {"json": _chat(modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"}, stream=True)},
+     400, "pcm16"),
+    ("chat unknown voice", "POST", "/v1/chat/completions",
+     {"json": _chat(modalities=["text", "audio"], audio={"voice": "nobody", "format": "wav"})}, 400, "nobody"),
+    ("chat huge text", "POST", "/v1/chat/completions",
+     {"json": _chat(messages=[{"role": "user", "content": "a" * 5000}])}, 400, "max_text_chars"),
+    ("chat absurd temperature", "POST", "/v1/chat/completions", {"json": _chat(temperature=50)}, 400, "temperature"),
+    ("chat unknown audio id", "POST", "/v1/chat/completions",
+     {"json": _chat(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "audio": {"id": "audio_x"}},
+                              {"role": "user", "content": "b"}])}, 400, "audio_x"),
+    ("chat audio placeholder", "POST", "/v1/chat/completions",
+     {"json": _chat(messages=[{"role": "user", "content": "say <|audio|>"}])}, 400, "<|audio|>"),
+    ("chat unknown field", "POST", "/v1/chat/completions", {"json": _chat(tools=[])}, 400, "tools"),
+    ("chat content a number", "POST", "/v1/chat/completions",
+     {"json": _chat(messages=[{"role": "user", "content": 5}])}, 400, "content"),
+    ("chat unknown model", "POST", "/v1/chat/completions", {"json": _chat(model="gpt-4o")}, 404, "gpt-4o"),
+    ("chat bad json", "POST", "/v1/chat/completions",
+     {"content": b'{"model": "vita-audio", "messages": [', "headers": {**AUTH, "Content-Type": "application/json"}},
+     400, "JSON"),
+    ("chat wrong key", "POST", "/v1/chat/completions", {"json": _chat(), "headers": {"Authorization": "Bearer no"}},
+     401, "API key"),
+    ("chat oversized body", "POST", "/v1/chat/completions",
+     {"json": _chat(messages=[{"role": "user", "content": "a" * 500_000}])}, 413, "max_body_bytes"),
+    # voices
+    ("voice no sample", "POST", "/v1/audio/voices", {"files": {"name": (None, "x")}}, 400, "audio_sample"),
+    ("voice no name", "POST", "/v1/audio/voices", {"files": {"audio_sample": ("v.wav", GOOD, "audio/wav")}},
+     400, "name"),
+    ("voice too long", "POST", "/v1/audio/voices",
+     {"data": {"name": "long"}, "files": {"audio_sample": ("v.wav", clip(seconds=7.0), "audio/wav")}},
+     413, "max_audio_seconds"),
+    ("voice not audio", "POST", "/v1/audio/voices",
+     {"data": {"name": "junk"}, "files": {"audio_sample": ("v.wav", b"\x00\x01junk", "audio/wav")}},
+     400, "cannot decode"),
+    ("voice taken name", "POST", "/v1/audio/voices",
+     {"data": {"name": "alloy"}, "files": {"audio_sample": ("v.wav", GOOD, "audio/wav")}}, 400, "alloy"),
+    ("voice delete unknown", "DELETE", "/v1/audio/voices/voice_nope", {}, 404, "voice_nope"),
+    ("voices no auth", "GET", "/v1/audio/voices", {"headers": {}}, 401, "API key"),
+    ("models no auth", "GET", "/v1/models", {"headers": {}}, 401, "API key"),
+    # speech (beyond BAD above)
+    ("speech unknown voice id", "POST", "/v1/audio/speech",
+     {"json": {"model": "vita-audio", "input": "hi", "voice": {"id": "voice_nope"}}}, 400, "voice_nope"),
+    ("speech unknown mode", "POST", "/v1/audio/speech",
+     {"json": {"model": "vita-audio", "input": "hi", "mode": "warp"}}, 400, "mode"),
+    ("speech temperature a string", "POST", "/v1/audio/speech",
+     {"json": {"model": "vita-audio", "input": "hi", "temperature": "hot"}}, 400, "temperature"),
+    ("speech audio placeholder", "POST", "/v1/audio/speech",
+     {"json": {"model": "vita-audio", "input": "a <|audio|> b"}}, 400, "<|audio|>"),
+    ("speech null input", "POST", "/v1/audio/speech", {"json": {"model": "vita-audio", "input": None}}, 400, "input"),
+]
+
+
+def _send(serve_url: str, method: str, path: str, kwargs: dict):
+    import httpx
+
+    kwargs = dict(kwargs)
+    kwargs["headers"] = AUTH if "headers" not in kwargs else kwargs["headers"]
+    return httpx.request(method, f"{serve_url}{path}", timeout=60, **kwargs)
+
+
+def _assert_refused(r, status: int, needle: str) -> None:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) >= {"message", "type", "param", "code"} and needle in error["message"], error
+
+
+@pytest.mark.parametrize("name,method,path,kwargs,status,needle", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_requests_are_4xx_in_openai_shape(serve_url, name, method, path, kwargs, status, needle):
+    _assert_refused(_send(serve_url, method, path, kwargs), status, needle)
+
+
+def test_battery_size():
+    assert len(HOSTILE) + len(BAD) + 4 >= 30
+
+
+def test_healthy_and_correct_after_hostile_requests(client, serve_url, local_tts, local_asr):
+    import httpx
+
+    for _, method, path, kwargs, status, needle in HOSTILE:  # again, back to back: no 5xx, nothing left broken
+        _assert_refused(_send(serve_url, method, path, kwargs), status, needle)
+    for _, headers, body, status, _ in BAD:
+        r = httpx.post(f"{serve_url}/v1/audio/speech", json=body, headers=AUTH if headers is None else headers,
+                       timeout=60)
+        assert 400 <= r.status_code < 500
+    assert httpx.get(f"{serve_url}/health", timeout=30).json()["status"] == "ok"
+    test_speech_wav_matches_pipeline(client, local_tts)
+    test_transcription_json_matches_pipeline(client, local_asr)
+
+
+# -- capacity and clients that go away ---------------------------------------------------------------------
+
+
+def test_stage_overload_maps_to_503_with_retry_after():
+    from actors.payloads import ErrorEvent
+    from serve.http import stage_error
+
+    full = stage_error(ErrorEvent("llm", "llm stage failed: BackPressureError: Request dropped due to backpressure"))
+    assert full.status == 503 and full.code == "overloaded" and full.headers["Retry-After"]
+    failed = stage_error(ErrorEvent("decoder", "decoder stage failed: RayActorError: died"))
+    assert failed.status == 503 and failed.headers["Retry-After"] and "decoder" in failed.message
+    assert stage_error(ErrorEvent("input", "text is empty")).status == 400
+
+
+def _stage_stats(stage: str) -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle(f"vita-{stage}", app_name="vita").stats.remote().result(timeout_s=30)
+
+
+def test_client_gone_mid_stream_frees_llm_slot_and_decoder_stream(serve_url):
+    """A streamed speech request of 512 tokens, dropped after its first bytes: the LLM stage stops it (far
+    fewer engine steps than the whole request takes) and the decoder stream is closed."""
+    import time
+
+    import httpx
+
+    body = {"model": "vita-audio", "input": "A long story " * 10, "response_format": "pcm", "max_new_tokens": 512}
+    steps_before = _stage_stats("llm")["steps"]
+    with httpx.stream("POST", f"{serve_url}/v1/audio/speech", json=body, headers=AUTH, timeout=60) as r:
+        assert r.status_code == 200
+        next(r.iter_bytes())
+        assert _stage_stats("llm")["active"] == 1
+    deadline, llm, decoder = time.monotonic() + 10, None, None
+    while time.monotonic() < deadline:
+        llm, decoder = _stage_stats("llm"), _stage_stats("decoder")
+        if llm["active"] == 0 and decoder["open_streams"] == 0:
+            break
+        time.sleep(0.1)
+    assert llm["active"] == 0 and decoder["open_streams"] == 0, (llm, decoder)
+    aborted_steps = llm["steps"] - steps_before
+    # the same request run to its end, for scale
+    with httpx.stream("POST", f"{serve_url}/v1/audio/speech", json=body, headers=AUTH, timeout=120) as r:
+        b"".join(r.iter_bytes())
+    full_steps = _stage_stats("llm")["steps"] - steps_before - aborted_steps
+    assert aborted_steps < full_steps / 2, (aborted_steps, full_steps)
