@@ -137,7 +137,7 @@ def test_bad_codes_are_clear_errors(fixture_decoder, codes, match):
 
 
 def test_bad_stream_arguments(fixture_decoder):
-    with pytest.raises(DecoderError, match="mode"):
+    with pytest.raises(DecoderError, match="stream kind"):
         fixture_decoder.stream("nope")
     with pytest.raises(DecoderError, match="n_steps"):
         fixture_decoder.decode([1, 2], n_steps=0)
