@@ -1,4 +1,4 @@
-"""`vita-audio tiny DIR [--seed N] [--force]`: write the tiny random model set in the released on-disk formats.
+"""`vita-audio tiny DIR [--seed N] [--force] [--format safetensors|bin]`: write the tiny random model set in the released on-disk formats.
 
 Never destroys anything: DIR must be new, empty, or (with --force) hold only a previous tiny set, file for
 file. The set is written to a sibling temporary folder first and moved into place when complete.
@@ -14,12 +14,19 @@ from pathlib import Path
 from jobs.common import CLIError
 
 PARTS = ("llm", "encoder", "decoder")
+# The weight files of a tiny set in either --format (so --force may switch formats).
+WEIGHT_NAMES = {"llm/model.safetensors", "encoder/model.safetensors", "encoder/pytorch_model.bin",
+                "llm/pytorch_model.bin.index.json", "llm/pytorch_model-00001-of-00002.bin",
+                "llm/pytorch_model-00002-of-00002.bin"}
 
 
 def add_arguments(p, name: str) -> None:
     p.add_argument("dir", type=Path, help="output folder (new or empty); gets llm/, encoder/, decoder/")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace a previous tiny set in DIR (nothing else)")
+    p.add_argument("--format", choices=("safetensors", "bin"), default="safetensors",
+                   help="weight files: safetensors (the releases), or pytorch_model.bin as many hub checkpoints "
+                        "ship them (llm/ sharded in 2 with an index, encoder/ one file)")
     p.add_argument("--json", action="store_true")
 
 
@@ -36,8 +43,13 @@ def run(args) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tiny-", dir=parent))
     try:
         write_tiny_set(tmp, seed=args.seed)
+        if args.format == "bin":
+            from pipeline.checkpoints import convert_to_bin
+
+            convert_to_bin(tmp / "llm", shards=2)
+            convert_to_bin(tmp / "encoder", shards=1)
         fresh = _files(tmp)
-        foreign = sorted(existing - fresh - {".completed"})
+        foreign = sorted(existing - fresh - WEIGHT_NAMES - {".completed"})
         if foreign:  # a folder that looked like a tiny set but holds other files: keep it untouched
             raise CLIError(f"{out}: holds files a tiny set does not have ({', '.join(foreign[:3])}); "
                            "not replacing it — choose an empty folder")
@@ -56,7 +68,7 @@ def run(args) -> dict:
         counts = ", ".join(f"{n}/ ({sum(1 for f in (out / n).rglob('*') if f.is_file())} files)" for n in PARTS)
         print(f"wrote the tiny random model set (seed {args.seed}) to {out}: {counts}")
     print(f"note: {out} holds random weights ({TINY_MARKER}); it is for tests, not a checkpoint", file=sys.stderr)
-    return {**paths, "dir": str(out), "seed": args.seed, "replaced": bool(existing)}
+    return {**paths, "dir": str(out), "seed": args.seed, "format": args.format, "replaced": bool(existing)}
 
 
 def _check_target(out: Path, force: bool) -> set[str]:

@@ -15,14 +15,12 @@ which drives `run_backbone` / `run_mtp_modules` (a batch mixing modules) with it
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
 from transformers.modeling_outputs import ModelOutput
@@ -35,6 +33,7 @@ from transformers.models.qwen2.modeling_qwen2 import (
     eager_attention_forward,
 )
 
+from pipeline.checkpoints import CheckpointError, tensor_shapes  # noqa: F401  (CheckpointError: public here too)
 from pipeline.cpu_kernels import (  # noqa: F401  (CPU_DECODE_ATTENTION, sdpa_gqa_attention: public names here too)
     CPU_DECODE_ATTENTION,
     linear_prepacked,
@@ -443,14 +442,10 @@ AutoConfig.register("qwen2_mtp", Qwen2MTPConfig)
 AutoModelForCausalLM.register(Qwen2MTPConfig, Qwen2MTPForCausalLM)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder that does not match the model it claims to be (missing keys, wrong shapes)."""
-
-
 def load_llm(
     path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> Qwen2MTPForCausalLM:
-    """Load a released VITA-Audio LLM folder (config.json + safetensors, sharded or not) strictly.
+    """Load a released VITA-Audio LLM folder (config.json + safetensors or pytorch_model.bin, sharded or not) strictly.
 
     Also accepts a plain Qwen2.5 folder (model_type "qwen2": no MCTP modules, the stage-1 starting point).
     Every checkpoint tensor must match a parameter by name and shape; anything missing is an error rather
@@ -472,25 +467,8 @@ def load_llm(
 
 
 def checkpoint_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of every tensor in a safetensors checkpoint folder (single file or sharded + index)."""
-    path = os.fspath(path)
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
-    shapes = {}
-    for name in files:
-        try:
-            with safe_open(os.path.join(path, name), framework="pt") as f:
-                for key in f.keys():
-                    shapes[key] = tuple(f.get_slice(key).get_shape())
-        except Exception as err:  # truncated or not a safetensors file
-            raise CheckpointError(f"cannot read {name!r} in {path!r}: {err}") from err
-    return shapes
+    """Names and shapes of every tensor in an LLM folder (safetensors or pytorch_model.bin, single or sharded)."""
+    return tensor_shapes(path)
 
 
 def check_checkpoint(path: str | os.PathLike, config: Qwen2MTPConfig) -> None:
