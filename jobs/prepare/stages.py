@@ -1,0 +1,136 @@
+"""The two Ray Data steps of corpus preparation.
+
+    read_and_check   (tasks, CPU)          input rows -> + 16 kHz waveforms, audio seconds, content hash, or an error
+    SampleBuilder    (actor pool, GPU/CPU) -> audio codes (speech encoder, loaded once per actor) -> ids + labels
+
+Both map a pyarrow table (or a list of dicts, to be called without Ray) and never raise for one bad row: the
+row leaves with status "error", a `reason` and a `detail`, and later steps pass it on. Waveforms travel as
+float32 bytes, one per audio of the sample.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from jobs.prepare.checks import TARGET_RATE, AudioChecks, Reject, content_hash, read_checked
+from jobs.prepare.recipes import AudioRef
+from jobs.prepare.samples import INPUT_SCHEMA, OUT_SCHEMA, build_sample
+
+READ_SCHEMA = pa.schema([*INPUT_SCHEMA, ("status", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
+                         ("path", pa.string()), ("pcm", pa.list_(pa.binary())), ("audio_seconds", pa.float64()),
+                         ("audio_sha1", pa.string()), ("converted", pa.list_(pa.string()))])
+
+
+def read_and_check(batch, checks: AudioChecks = AudioChecks()) -> pa.Table:
+    """Read, resample and check every audio of every row; the content hash of each accepted row's audio."""
+    rows = _rows(batch, READ_SCHEMA)
+    for row in rows:
+        row.update(status="ok", pcm=[], converted=[], audio_seconds=0.0)
+        refs = json.loads(row["refs"] or "[]")
+        row["path"] = ";".join(r["path"] for r in refs)
+        if row["error"]:
+            _reject(row, "bad_input", row["error"])
+            continue
+        if not row["messages"]:
+            _reject(row, "bad_input", "no transcript or conversation to build a sample from")
+            continue
+        waves = []
+        try:
+            for ref in refs:
+                wave, converted = read_checked(AudioRef(**ref), checks)
+                waves.append(wave)
+                row["converted"] += converted
+        except Reject as err:
+            _reject(row, err.reason, err.detail)
+            continue
+        except Exception as err:  # noqa: BLE001 - an unexpected failure is still this row's alone
+            _reject(row, "unreadable", f"{type(err).__name__}: {err}")
+            continue
+        row["pcm"] = [w.astype(np.float32).tobytes() for w in waves]
+        row["audio_seconds"] = sum(len(w) for w in waves) / TARGET_RATE
+        # dedup key: the task and the audio, or the text of a text-only sample
+        row["audio_sha1"] = content_hash(waves) if waves else content_hash([np.frombuffer(
+            row["messages"].encode(), np.uint8).astype(np.float32) / 32767])
+    return pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+
+
+class SampleBuilder:
+    """Loads the speech encoder and the LLM's tokenizer once; per batch, one batched encoder call for every
+    waveform of the batch (`tokenize_waveforms`: equal to one clip at a time), then each row's sample."""
+
+    def __init__(self, encoder_dir: str, llm_dir: str, ratio=(1, 10, 4, 10), torch_threads: int | None = 1,
+                 max_batch_windows: int = 128):
+        import torch
+
+        from actors.placement import stage_device
+        from pipeline.encoder import load_encoder
+        from pipeline.tokens import TokenLayout, load_tokenizer
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        device, dtype = stage_device()  # cuda:0 in bf16 when Ray gave this actor a GPU, else CPU fp32
+        self.encoder = load_encoder(encoder_dir, device=device, dtype=dtype, max_batch_windows=max_batch_windows)
+        self.tokenizer = load_tokenizer(llm_dir)
+        self.layout = TokenLayout.from_tokenizer(self.tokenizer)
+        self.ratio = tuple(ratio) if ratio else None
+        self.encode_s = 0.0
+
+    def __call__(self, batch) -> pa.Table:
+        rows = _rows(batch, READ_SCHEMA)
+        ready = [row for row in rows if row["status"] == "ok"]
+        codes = self._encode([[np.frombuffer(p, np.float32) for p in row["pcm"]] for row in ready])
+        for row, row_codes in zip(ready, codes):
+            if isinstance(row_codes, Exception):
+                _reject(row, "encoder", f"{type(row_codes).__name__}: {row_codes}")
+                continue
+            if any(not c for c in row_codes):
+                _reject(row, "too_short", f"{row['path']}: no audio codes (under one 80 ms token)")
+                continue
+            try:
+                row.update(build_sample(self.tokenizer, self.layout, row, row_codes, self.ratio))
+            except ValueError as err:
+                _reject(row, "bad_sample", str(err))
+        out = []
+        for row in rows:
+            row["paths"] = row["path"].split(";") if row["path"] else []
+            out.append({name: row.get(name) for name in OUT_SCHEMA.names})
+        return pa.Table.from_pylist(out, schema=OUT_SCHEMA)
+
+    def _encode(self, per_row: list[list[np.ndarray]]) -> list:
+        """Codes per row (a list per audio), all rows' audio in one batched call; a failing batch is retried
+        row by row so one bad row cannot fail the others."""
+        import torch
+
+        start = time.perf_counter()
+        flat = [w for waves in per_row for w in waves]
+        try:
+            with torch.inference_mode():
+                codes = self.encoder.tokenize_waveforms(flat) if flat else []
+            out, i = [], 0
+            for waves in per_row:
+                out.append(codes[i : i + len(waves)])
+                i += len(waves)
+        except Exception:  # noqa: BLE001
+            out = []
+            for waves in per_row:
+                try:
+                    with torch.inference_mode():
+                        out.append(self.encoder.tokenize_waveforms(waves) if waves else [])
+                except Exception as err:  # noqa: BLE001 - this row's failure, in its row
+                    out.append(err)
+        self.encode_s += time.perf_counter() - start
+        return out
+
+
+def _reject(row: dict, reason: str, detail: str) -> None:
+    if row["status"] == "ok":
+        row.update(status="error", reason=reason, detail=detail, pcm=[])
+
+
+def _rows(batch, schema: pa.Schema) -> list[dict]:
+    """A pyarrow table or a list of dicts -> dicts with every column of `schema` (missing ones None)."""
+    items = batch.to_pylist() if isinstance(batch, pa.Table) else list(batch)
+    return [{**dict.fromkeys(schema.names), **item} for item in items]

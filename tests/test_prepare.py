@@ -1,0 +1,401 @@
+"""Corpus preparation (jobs/prepare): recipes on tiny folders written here; the Ray Data job on mini-speech and on
+a damaged corpus (one error row per damaged file, rows + errors == inputs); samples decode back to the chat
+layout with the encoder's codes; a finished rerun changes nothing; a killed driver resumes to the same samples."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def mini(shared_dir) -> Path:
+    return shared_dir / "corpora" / "mini-speech"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# recipes (pure parsers: audio files are never opened, so empty placeholder files do)
+
+
+def _touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def test_librispeech_recipe_parts_and_errors(tmp_path):
+    from jobs.prepare.recipes import prepare_librispeech, read_utterances
+
+    root = tmp_path / "LibriSpeech"
+    for part, spk in (("dev-clean", "84"), ("test-clean", "61")):
+        chapter = root / part / spk / "121"
+        (chapter).mkdir(parents=True)
+        (chapter / f"{spk}-121.trans.txt").write_text(f"{spk}-121-0000 HELLO WORLD\n{spk}-121-0001 SECOND ONE\n\n")
+        _touch(chapter / f"{spk}-121-0000.flac")  # -0001 is missing: the pipeline reports it, the recipe lists it
+    parts = prepare_librispeech(root, output_dir=tmp_path / "manifests")
+    assert sorted(parts) == ["dev-clean", "test-clean"]
+    first = parts["dev-clean"][0]
+    assert (first.id, first.text, first.speaker, first.part) == ("84-121-0000", "HELLO WORLD", "84", "dev-clean")
+    assert first.audio[0].path.endswith("84-121-0000.flac") and parts["dev-clean"][1].audio[0].path.endswith("0001.flac")
+    assert read_utterances(tmp_path / "manifests" / "librispeech_dev-clean.jsonl") == parts["dev-clean"]
+    assert list(prepare_librispeech(root, parts=["test-clean"])) == ["test-clean"]
+    assert list(prepare_librispeech(root / "dev-clean")) == ["dev-clean"]  # a part folder itself
+    with pytest.raises(ValueError, match="no part 'train-clean-100'.*found: dev-clean, test-clean"):
+        prepare_librispeech(root, parts=["train-clean-100"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=f"{tmp_path / 'empty'}: no LibriSpeech transcripts"):
+        prepare_librispeech(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        prepare_librispeech(tmp_path / "nope")
+
+
+def test_libritts_ljspeech_commonvoice_recipes(tmp_path):
+    from jobs.prepare.recipes import prepare_commonvoice, prepare_libritts, prepare_ljspeech
+
+    tts = tmp_path / "LibriTTS" / "train-clean-100" / "19" / "198"
+    tts.mkdir(parents=True)
+    _touch(tts / "19_198_000000_000000.wav")
+    (tts / "19_198_000000_000000.normalized.txt").write_text("Hello, world.\n")
+    (tts / "19_198_000000_000000.original.txt").write_text("HELLO world\n")
+    (utt,) = prepare_libritts(tmp_path / "LibriTTS")["train-clean-100"]
+    assert (utt.id, utt.text, utt.speaker) == ("19_198_000000_000000", "Hello, world.", "19")
+    assert utt.audio[0].path.endswith(".wav")
+    assert prepare_libritts(tmp_path / "LibriTTS", text="original")["train-clean-100"][0].text == "HELLO world"
+
+    lj = tmp_path / "LJSpeech-1.1"
+    (lj / "wavs").mkdir(parents=True)
+    (lj / "metadata.csv").write_text("LJ001-0001|Printing, in 1st|Printing, in first\nLJ001-0002|raw only|\nLJ001-0003|\n")
+    items = prepare_ljspeech(lj)["all"]
+    assert [(u.id, u.text) for u in items] == [("LJ001-0001", "Printing, in first"), ("LJ001-0002", "raw only"),
+                                               ("LJ001-0003", None)]
+    assert items[0].audio[0].path == str(lj / "wavs" / "LJ001-0001.wav") and "no text" in items[2].error
+    with pytest.raises(ValueError, match="no LJSpeech metadata.csv"):
+        prepare_ljspeech(tmp_path)
+
+    cv = tmp_path / "cv" / "en"
+    (cv / "clips").mkdir(parents=True)
+    header = "client_id\tpath\tsentence_id\tsentence\tup_votes\tdown_votes\tlocale\n"
+    (cv / "train.tsv").write_text(header + "c1\tcommon_voice_en_1.mp3\ts1\tA \"quoted\" line.\t2\t0\ten\n"
+                                  "c2\tcommon_voice_en_2.mp3\ts2\t\t2\t0\ten\n")
+    (cv / "dev.tsv").write_text(header + "c3\tcommon_voice_en_3.mp3\ts3\tDev line.\t2\t0\ten\n")
+    (cv / "invalidated.tsv").write_text(header + "c4\tcommon_voice_en_4.mp3\ts4\tBad.\t0\t3\ten\n")
+    parts = prepare_commonvoice(cv)
+    assert sorted(parts) == ["dev", "train"]  # invalidated only when named
+    first, second = parts["train"]
+    assert (first.id, first.text, first.speaker, first.language) == ("common_voice_en_1", 'A "quoted" line.', "c1", "en")
+    assert first.audio[0].path == str(cv / "clips" / "common_voice_en_1.mp3") and "no sentence" in second.error
+    assert list(prepare_commonvoice(cv, parts=["invalidated"])) == ["invalidated"]
+
+
+def test_vita_jsonl_recipe(mini, tmp_path):
+    from jobs.prepare.recipes import prepare_vita_jsonl
+
+    parts = prepare_vita_jsonl(mini / "vita_jsonl")
+    assert sorted(parts) == ["asr", "sqa", "tts"]
+    assert {u.task for u in parts["asr"]} == {"asr"} and {u.task for u in parts["tts"]} == {"tts"}
+    sqa = parts["sqa"][0]
+    assert sqa.task == "sqa" and [Path(a.path).name for a in sqa.audio] == ["q00.wav", "a00.wav"]
+    assert all(Path(a.path).is_file() for items in parts.values() for u in items for a in u.audio)
+
+    bad = tmp_path / "mixed.jsonl"
+    bad.write_text("\n".join([
+        json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}),
+        "{not json",
+        json.dumps({"messages": [{"role": "user", "content": "<|audio|>"}], "audios": []}),
+        json.dumps({"conversations": [{"role": "human", "content": "<|audio|>"}, {"role": "gpt", "content": "x"}],
+                    "audios": ["/abs/q.wav"]}),
+    ]) + "\n")
+    text, broken, mismatch, old = prepare_vita_jsonl(bad)["mixed"]
+    assert text.task == "text" and text.error is None
+    assert "not JSON" in broken.error and f"{bad}:2" in broken.error
+    assert "1 <|audio|> placeholder(s) but 0 audio path(s)" in mismatch.error
+    assert old.task == "sqa" and old.audio[0].path == "/abs/q.wav"
+
+
+def test_lhotse_recipe_supervisions_and_cuts(tmp_path):
+    from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, SupervisionSet
+
+    from jobs.prepare.recipes import prepare_lhotse
+
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    rate = 16000
+    sf.write(audio / "rec1.wav", np.zeros(rate * 4, np.float32), rate)
+    sf.write(audio / "rec2.wav", np.zeros(rate * 2, np.float32), rate)
+    recs = RecordingSet.from_recordings([Recording.from_file(audio / "rec1.wav"), Recording.from_file(audio / "rec2.wav")])
+    sups = SupervisionSet.from_segments([
+        SupervisionSegment("rec1-a", "rec1", start=0.5, duration=1.5, text="first part", speaker="s1", language="en"),
+        SupervisionSegment("rec1-b", "rec1", start=2.0, duration=2.0, text="second part"),
+        SupervisionSegment("rec2-a", "rec2", start=0.0, duration=2.0, text="whole file"),
+    ])
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    recs.to_file(manifests / "mini_recordings_dev.jsonl.gz")
+    sups.to_file(manifests / "mini_supervisions_dev.jsonl.gz")
+    CutSet.from_manifests(recordings=recs, supervisions=sups).trim_to_supervisions().to_file(
+        tmp_path / "mini_cuts_train.jsonl")
+
+    items = prepare_lhotse(manifests)["dev"]
+    assert [(u.id, u.text) for u in items] == [("rec1-a", "first part"), ("rec1-b", "second part"),
+                                               ("rec2-a", "whole file")]
+    first = items[0].audio[0]
+    assert (first.offset, first.duration, first.sample_rate) == (0.5, 1.5, 16000) and items[0].speaker == "s1"
+    assert items[2].audio[0].duration is None  # the whole recording: read as a file
+    with gzip.open(manifests / "mini_supervisions_dev.jsonl.gz", "rt") as f:
+        assert len(f.read().splitlines()) == 3  # read from the documented JSONL.gz format by lhotse itself
+
+    cuts = prepare_lhotse(tmp_path / "mini_cuts_train.jsonl")["train"]
+    assert sorted(u.text for u in cuts) == ["first part", "second part", "whole file"]
+    with pytest.raises(ValueError, match="no Lhotse cuts or supervisions manifests"):
+        prepare_lhotse(audio)
+
+
+def test_source_specs_and_config_errors(tmp_path, mini):
+    from jobs.prepare.job import PrepareConfig, SourceSpec
+
+    spec = SourceSpec.parse(f"librispeech:{mini / 'LibriSpeech'}@dev-clean-mini")
+    assert spec.kind == "librispeech" and spec.parts == ("dev-clean-mini",)
+    assert SourceSpec.parse(f"vita_jsonl:{mini / 'vita_jsonl'}").kind == "vita-jsonl"
+    for text, words in (("nokind", "expected KIND:PATH"), ("wav:/x", "unknown kind 'wav'"),
+                        (f"ljspeech:{tmp_path}/missing", "does not exist"), (f"ljspeech:{tmp_path}@", "name parts")):
+        with pytest.raises((ValueError, FileNotFoundError), match=words):
+            SourceSpec.parse(text)
+    with pytest.raises(ValueError, match="choose from asr, tts, sqa, text"):
+        PrepareConfig(sources=[f"ljspeech:{tmp_path}"], out=str(tmp_path / "o"), tasks=("asr", "qa"))
+    with pytest.raises(ValueError, match="every text count >= 1"):
+        PrepareConfig(sources=[f"ljspeech:{tmp_path}"], out=str(tmp_path / "o"), ratio=(0, 10))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the Ray Data job
+
+
+def _config(models, sources, out, **kw):
+    from jobs.prepare.job import PoolConfig, PrepareConfig
+
+    kw.setdefault("encoder", PoolConfig(size=1, batch_size=8))
+    return PrepareConfig(sources=[str(s) for s in sources], out=str(out), models=str(models), progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def prepared(ray_session, tiny_models, mini, tmp_path_factory):
+    """mini-speech (LibriSpeech layout + the VITA JSONL files) prepared once for the tests below."""
+    from jobs.prepare.job import run_prepare
+
+    out = tmp_path_factory.mktemp("prepared")
+    manifest = run_prepare(_config(tiny_models, [f"librispeech:{mini / 'LibriSpeech'}", f"vita-jsonl:{mini / 'vita_jsonl'}"],
+                                   out, block_size=16))
+    return out, manifest
+
+
+def test_mini_speech_to_shards(prepared):
+    from jobs.prepare.job import read_shards
+    from jobs.prepare.samples import SAMPLE_SCHEMA
+
+    out, manifest = prepared
+    c = manifest["counts"]
+    # 40 LibriSpeech utterances x (asr, tts) + 20 asr + 20 tts + 6 sqa JSONL lines; the JSONL's ASR/TTS lines
+    # reuse LibriSpeech files, so they are duplicates of the LibriSpeech samples (same task, same audio)
+    assert c["inputs"] == 126 and c["samples"] + c["errors"] == c["inputs"]
+    assert c["by_task"] == {"asr": 40, "sqa": 6, "tts": 40} and c["rejects"] == {"duplicate": 40}
+    errors = pq.read_table(out / "errors.parquet").to_pylist()
+    assert {e["id"].split("/")[0] for e in errors} == {"vita-jsonl"} and all(e["reason"] == "duplicate" for e in errors)
+    table = read_shards(out)
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 86 and table.schema.equals(SAMPLE_SCHEMA)
+    for f in (out / "shards").glob("*.parquet"):
+        names = pq.read_schema(f).names
+        assert {"id", "source", "task", "input_ids", "labels", "audio_seconds"} <= set(names)
+    rows = table.to_pylist()
+    assert all(len(r["input_ids"]) == len(r["labels"]) == r["num_tokens"] for r in rows)
+    assert c["hours"] == pytest.approx(sum(r["audio_seconds"] for r in rows) / 3600)
+    assert c["tokens"] == sum(r["num_tokens"] for r in rows)
+    report = (out / "report.md").read_text()
+    assert "| librispeech | asr | 40 |" in report and "| duplicate | 40 |" in report and "audio s per wall s" in report
+    assert json.loads((out / "manifest.json").read_text())["schema_version"] == 1
+
+
+def test_samples_decode_to_the_chat_layout(prepared, tiny_models, mini):
+    from jobs.prepare.job import read_shards
+    from pipeline.encoder import load_encoder
+    from pipeline.tokens import IGNORE_INDEX, BOOST_RATIO, TokenLayout, interleave, load_tokenizer
+
+    out, _ = prepared
+    tokenizer = load_tokenizer(tiny_models / "llm")
+    layout = TokenLayout.from_tokenizer(tokenizer)
+    encoder = load_encoder(tiny_models / "encoder")
+    rows = {r["id"]: r for r in read_shards(out).to_pylist()}
+
+    asr = rows["librispeech/1000-5000-0000/asr"]
+    path = mini / "LibriSpeech" / "dev-clean-mini" / "1000" / "5000" / "1000-5000-0000.flac"
+    codes = encoder.tokenize(str(path))
+    assert layout.audio_codes(asr["input_ids"]) == codes == asr["audio_codes"][0]
+    assert asr["audio_seconds"] == pytest.approx(sf.info(path).duration, abs=1e-3)
+    text = tokenizer.decode(asr["input_ids"])
+    audio = "<|begin_of_audio|>" + "".join(f"<|audio_{c}|>" for c in codes) + "<|end_of_audio|>"
+    prompt = f"<|im_start|>user\nConvert the speech to text.\n{audio}<|im_end|>\n<|im_start|>assistant\n"
+    assert text == prompt + "THE BIRCH CANOE SLID ON THE SMOOTH PLANKS<|im_end|>\n"
+    n_prompt = len(tokenizer.encode(prompt, add_special_tokens=False))
+    assert asr["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt and asr["labels"][n_prompt:] == asr["input_ids"][n_prompt:]
+
+    # TTS: the assistant turn is the text interleaved with the audio at the Boost ratio (spec §2.3)
+    tts = rows["librispeech/1000-5000-0000/tts"]
+    words = "THE BIRCH CANOE SLID ON THE SMOOTH PLANKS"
+    prompt = f"<|im_start|>user\nConvert the text to speech.\n{words}<|im_end|>\n<|im_start|>assistant\n"
+    n_prompt = len(tokenizer.encode(prompt, add_special_tokens=False))
+    body = interleave(tokenizer.encode(words, add_special_tokens=False), [layout.to_id(c) for c in codes],
+                      BOOST_RATIO, layout)
+    tail = tokenizer.encode("<|im_end|>\n", add_special_tokens=False)
+    assert tts["input_ids"] == tokenizer.encode(prompt, add_special_tokens=False) + body + tail
+    assert tts["labels"] == [IGNORE_INDEX] * n_prompt + body + tail
+    assert tts["input_ids"][n_prompt + 1] == layout.boa and tts["input_ids"][n_prompt + 2 : n_prompt + 10] == \
+        [layout.to_id(c) for c in codes[:8]]  # 1 text token, then 8 codes
+
+    # spoken QA: question audio in the user turn, answer text interleaved with the answer audio
+    sqa = rows["vita-jsonl/sqa-000001/sqa"]
+    q, a = (encoder.tokenize(str(mini / "qa_wavs" / n)) for n in ("q00.wav", "a00.wav"))
+    assert sqa["audio_codes"] == [q, a] and layout.audio_codes(sqa["input_ids"]) == q + a
+    answer = tokenizer.encode("On a clear day the sky is blue.\n", add_special_tokens=False)
+    body = interleave(answer, [layout.to_id(c) for c in a], BOOST_RATIO, layout)
+    assert sqa["input_ids"][-len(body) - len(tail):] == body + tail
+    assert sqa["labels"][-len(body) - len(tail):] == body + tail
+
+
+def test_finished_rerun_is_a_noop(prepared, tiny_models, mini):
+    from jobs.prepare.job import run_prepare
+
+    out, manifest = prepared
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    again = run_prepare(_config(tiny_models, [f"librispeech:{mini / 'LibriSpeech'}", f"vita-jsonl:{mini / 'vita_jsonl'}"],
+                                out, block_size=16))
+    assert again == manifest
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    from jobs.common import CLIError
+
+    with pytest.raises(CLIError, match="other settings.*block_size"):
+        run_prepare(_config(tiny_models, [f"librispeech:{mini / 'LibriSpeech'}", f"vita-jsonl:{mini / 'vita_jsonl'}"],
+                            out, block_size=8))
+
+
+def _speech(mini: Path, k: int = 0) -> np.ndarray:
+    return sf.read(sorted((mini / "LibriSpeech").rglob("*.flac"))[k], dtype="float32")[0]
+
+
+def _damaged_corpus(mini: Path, root: Path) -> dict[str, str]:
+    """A LibriSpeech-layout part with one good file and damaged ones; utterance -> the expected outcome."""
+    import soxr
+
+    chapter = root / "damaged" / "9" / "9"
+    chapter.mkdir(parents=True)
+    speech = _speech(mini)
+    files = {}
+
+    def put(name, pcm, rate, subtype="PCM_16", expect="ok"):
+        sf.write(chapter / f"9-9-{name}.wav", pcm, rate, subtype=subtype)
+        files[name] = expect
+
+    shutil.copy(sorted((mini / "LibriSpeech").rglob("*.flac"))[0], chapter / "9-9-good.flac")
+    files["good"] = "ok"
+    put("truncated", speech, 16000, expect="truncated")
+    data = (chapter / "9-9-truncated.wav").read_bytes()
+    (chapter / "9-9-truncated.wav").write_bytes(data[: len(data) // 2])
+    (chapter / "9-9-empty.wav").write_bytes(b"")
+    files["empty"] = "empty"
+    (chapter / "9-9-notaudio.wav").write_text("this is a text file, not audio\n" * 20)
+    files["notaudio"] = "unreadable"
+    nan = speech.copy()
+    nan[1000:1100] = np.nan
+    put("nan", nan, 16000, subtype="FLOAT", expect="non_finite")
+    put("lowrate", soxr.resample(speech, 16000, 8000), 8000, expect="low_sample_rate")
+    other = _speech(mini, 2)  # not the good file's speech: that would be a duplicate of it
+    put("stereo", np.stack([other, np.resize(_speech(mini, 1), len(other))], axis=1), 16000)
+    put("rate48k", soxr.resample(_speech(mini, 3), 16000, 48000), 48000)
+    put("silent", np.zeros(16000, np.float32), 16000, expect="silent")
+    put("clipped", np.clip(np.sin(np.linspace(0, 2000, 32000)) * 3, -1, 1).astype(np.float32), 16000, expect="clipped")
+    put("short", speech[:1600], 16000, expect="too_short")
+    files["missing"] = "missing_file"  # in the transcript, no file
+    (chapter / "9-9.trans.txt").write_text("".join(f"9-9-{name} SOME WORDS {name.upper()}\n" for name in files))
+    return files
+
+
+def test_damaged_corpus_one_error_row_each(ray_session, tiny_models, mini, tmp_path):
+    """Each damaged file is one error row naming its reason; a stereo file keeps channel 0 (as the original
+    tokenizer) and a 48 kHz file is resampled; rows + error rows == inputs."""
+    from jobs.prepare.job import read_shards, run_prepare
+    from pipeline.encoder import load_encoder
+
+    expected = _damaged_corpus(mini, tmp_path / "corpus")
+    out = tmp_path / "out"
+    manifest = run_prepare(_config(tiny_models, [f"librispeech:{tmp_path / 'corpus'}"], out, tasks=("asr",), block_size=4))
+    errors = {e["utterance"].removeprefix("9-9-"): e for e in pq.read_table(out / "errors.parquet").to_pylist()}
+    rows = {r["utterance"].removeprefix("9-9-"): r for r in read_shards(out).to_pylist()}
+    c = manifest["counts"]
+    assert c["inputs"] == len(expected) == 12 and c["samples"] + c["errors"] == c["inputs"]
+    assert sorted(rows) == sorted(n for n, e in expected.items() if e == "ok")
+    assert {n: e["reason"] for n, e in errors.items()} == {n: e for n, e in expected.items() if e != "ok"}
+    assert "truncated" in errors["truncated"]["detail"] and "8000 Hz" in errors["lowrate"]["detail"]
+    assert errors["missing"]["path"].endswith("9-9-missing.flac") and "no such file" in errors["missing"]["detail"]
+    assert rows["stereo"]["converted"] == ["channel 0 of 2"] and rows["rate48k"]["converted"] == ["resampled 48000 Hz"]
+    encoder = load_encoder(tiny_models / "encoder")
+    left = sf.read(tmp_path / "corpus/damaged/9/9/9-9-stereo.wav", dtype="float32")[0][:, 0]
+    assert rows["stereo"]["audio_codes"][0] == encoder.tokenize(left, 16000)
+    assert rows["rate48k"]["audio_codes"][0] == encoder.tokenize(str(tmp_path / "corpus/damaged/9/9/9-9-rate48k.wav"))
+    report = (out / "report.md").read_text()
+    assert all(f"| {reason} | 1 |" in report for reason in set(expected.values()) - {"ok"})
+
+
+def test_killed_driver_resumes_to_the_same_samples(ray_session, tiny_models, mini, tmp_path):
+    """The driver (a subprocess on the test's Ray) is killed once about half the blocks are written; the rerun
+    does only the rest: the same sample ids as an uninterrupted run, none twice."""
+    from jobs.prepare.job import read_shards, run_prepare
+
+    source = f"librispeech:{mini / 'LibriSpeech'}"
+    out = tmp_path / "killed"
+    address = ray_session.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "jobs.cmd_prepare", "--source", source, "--out", str(out), "--models", str(tiny_models),
+           "--address", address, "--block-size", "2", "--encoder-rows", "2", "--no-progress"]
+    driver = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while len(list((out / ".blocks").glob("done-*.json"))) < 20:
+            assert driver.poll() is None, "the driver ended before it could be killed"
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.02)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    written = len(list((out / ".blocks").glob("done-*.json")))
+    assert 20 <= written < 40, f"{written} of 40 blocks written when killed"
+    assert not (out / "manifest.json").exists()
+
+    resumed = run_prepare(_config(tiny_models, [source], out, block_size=2, encoder=_pool(2)))
+    assert resumed["runs"][-1]["blocks"] == 40 - written
+    ids = read_shards(out).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 80 and resumed["counts"]["errors"] == 0
+
+    whole = run_prepare(_config(tiny_models, [source], tmp_path / "whole", block_size=2))
+    assert sorted(read_shards(tmp_path / "whole").column("id").to_pylist()) == sorted(ids)
+    assert whole["counts"] == resumed["counts"]
+
+
+def _pool(rows: int):
+    from jobs.prepare.job import PoolConfig
+
+    return PoolConfig(size=1, batch_size=rows)
