@@ -1,24 +1,40 @@
-"""The typed application builder: `serve run serve.app:build_app models=DIR`, serve/config.yaml and
-`vita-audio serve` all start this same app (three stage deployments + the ingress holding their handles).
+"""The typed application builder: `serve run serve.app:build_app models=DIR`, serve/config.yaml (`serve run
+serve/config.yaml`, the RayService's serveConfigV2) and `vita-audio serve` all start this same app: three
+stage deployments + the ingress holding their handles.
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.config import STAGES, PipelineConfig
-from serve.deployments import StageScaling, stage_application
+from serve.deployments import IngressScaling, StageScaling, ingress_options, stage_application
 
 
 class ScalingArgs(BaseModel):
+    """One stage deployment's resources and autoscaling (`serve.deployments.StageScaling`)."""
+
     model_config = ConfigDict(extra="forbid")
 
     num_gpus: float = Field(0.0, ge=0)
     num_cpus: float = Field(0.0, ge=0)
+    accelerator_type: str | None = None  # e.g. "L40S": pin the stage to that GPU type (a cluster-only setting)
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(2.0, gt=0)
     upscale_delay_s: float = Field(30.0, ge=0)
     downscale_delay_s: float = Field(600.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(64, ge=-1)  # per caller (the ingress); beyond it: BackPressureError, -1 = no cap
+    health_check_period_s: float = Field(2.0, gt=0)
+    health_check_timeout_s: float = Field(10.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(5.0, ge=0)
+
+    @model_validator(mode="after")
+    def _replicas(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} > max_replicas={self.max_replicas}")
+        return self
 
 
 class Args(BaseModel):
@@ -26,31 +42,63 @@ class Args(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    models: str  # folder with llm/, encoder/, decoder/
+    models: str | None = None  # folder with llm/, encoder/, decoder/; None: $VITA_AUDIO_MODELS, else the tiny set
     api_key: str | None = None
     max_body_bytes: int = Field(8 * 2**20, ge=1)
     max_audio_seconds: float = Field(60.0, gt=0)
     max_text_chars: int = Field(4096, ge=1)
     max_tokens: int = Field(2048, ge=1)
     torch_threads: int | None = 1
+    # the ingress: requests it runs at once per replica, and how many wait at the proxy beyond that before the
+    # proxy answers 503 with Retry-After (requests beyond capacity fail fast instead of piling up)
+    max_concurrent_requests: int = Field(64, ge=1)
+    max_waiting_requests: int = Field(32, ge=-1)
+    retry_after_s: float = Field(1.0, ge=0)
+    env_vars: dict[str, str] = {}  # set in every replica of the app (e.g. Serve's metric push intervals)
     encoder: ScalingArgs = ScalingArgs()
     llm: ScalingArgs = ScalingArgs()
     decoder: ScalingArgs = ScalingArgs()
+
+    @model_validator(mode="after")
+    def _decoder_affinity(self):
+        # A decoder stream (flow-matching + vocoder state) lives on one replica and Serve routes each push on its
+        # own: with two replicas the chunks of one request would land on different streams. Until pushes are
+        # routed by request id, the decoder scales up by batching (max_batch_size), not by replicas.
+        if self.decoder.max_replicas > 1:
+            raise ValueError(f"decoder.max_replicas={self.decoder.max_replicas}: the decoder keeps each request's "
+                             "stream on its replica, so it runs as one replica (scale it with a bigger GPU share "
+                             "or decoder batching)")
+        return self
 
     def caps(self) -> dict:
         return {"max_body_bytes": self.max_body_bytes, "max_audio_seconds": self.max_audio_seconds,
                 "max_text_chars": self.max_text_chars, "max_tokens": self.max_tokens}
 
+    def stage_scaling(self, stage: str) -> StageScaling:
+        return StageScaling(**getattr(self, stage).model_dump(), env_vars=dict(self.env_vars))
+
+    def ingress_scaling(self) -> IngressScaling:
+        return IngressScaling(max_ongoing_requests=self.max_concurrent_requests,
+                              max_queued_requests=self.max_waiting_requests, retry_after_s=self.retry_after_s,
+                              env_vars=dict(self.env_vars))
+
+    def models_dir(self) -> str:
+        if self.models:
+            return self.models
+        from pipeline.tiny import default_models_dir
+
+        return str(default_models_dir())
+
 
 def build_app(args: Args | dict):
     """The bound Serve application (stage deployments built from the plain stage classes)."""
+    from ray import serve
+
     from serve.ingress import Ingress
 
     args = args if isinstance(args, Args) else Args.model_validate(args)
-    config = PipelineConfig.from_models_dir(args.models).with_resources(num_gpus=0.0,
-                                                                       torch_threads=args.torch_threads)
-    handles = {s: stage_application(s, config, StageScaling(**getattr(args, s).model_dump())) for s in STAGES}
-    from ray import serve
-
-    return serve.deployment(Ingress, name="vita-ingress", max_ongoing_requests=256).bind(handles["encoder"], handles["llm"], handles["decoder"],
-                                                      args.caps(), args.api_key)
+    config = PipelineConfig.from_models_dir(args.models_dir()).with_resources(num_gpus=0.0,
+                                                                             torch_threads=args.torch_threads)
+    handles = {s: stage_application(s, config, args.stage_scaling(s)) for s in STAGES}
+    ingress = serve.deployment(Ingress).options(**ingress_options(args.ingress_scaling()))
+    return ingress.bind(handles["encoder"], handles["llm"], handles["decoder"], args.caps(), args.api_key)

@@ -1,12 +1,18 @@
 """One Serve deployment per stage, built from the plain stage classes at build time, and the adapter that
 lets `actors.orchestration.run_request` drive them through DeploymentHandles (no copy of the data path).
 
-Each stage gets its own resources and autoscaling config (the LLM is KV-bound, the decoder FLOP-bound).
-Note: a decoder stream lives on one replica; with several decoder replicas use session affinity (not yet).
+Each stage gets its own resources and autoscaling config (the LLM is KV-bound, the decoder FLOP-bound) and a
+cap on the requests waiting for it at each caller (`max_queued_requests`): beyond it Serve refuses at once
+(BackPressureError) instead of letting requests pile up. The adapter records each stage's queue time (until
+a replica took the call) and in-flight calls (serve.metrics).
+
+A decoder stream lives on one replica: the app refuses decoder max_replicas > 1 (serve.app.Args).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import time
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from ray import serve
@@ -15,28 +21,70 @@ from actors.builder import STAGE_CLASSES
 from actors.config import STAGES, PipelineConfig
 from actors.orchestration import StageFailure
 from actors.payloads import AudioPayload, DecodeChunk, LLMOutput, PCMChunk, SpeechRequest
+from serve import metrics
+
+HEALTH_TIMEOUT_S = 3.0  # a stage whose replica is gone (calls wait for a new one) counts as down after this
 
 
 @dataclass
 class StageScaling:
-    """Serve options of one stage deployment."""
+    """Serve options of one stage deployment (the fields of serve.app.ScalingArgs)."""
 
     num_gpus: float = 0.0
     num_cpus: float = 0.0
+    accelerator_type: str | None = None
     min_replicas: int = 1
     max_replicas: int = 1
     target_ongoing_requests: float = 2.0
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
+    look_back_period_s: float = 30.0
     max_ongoing_requests: int = 64
+    max_queued_requests: int = 64
+    health_check_period_s: float = 2.0
+    health_check_timeout_s: float = 10.0
+    graceful_shutdown_timeout_s: float = 5.0  # a stopping replica's requests get this long to finish
+    env_vars: dict = field(default_factory=dict)
 
     def options(self, name: str) -> dict:
         autoscaling = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                       "initial_replicas": max(self.min_replicas, 1),
                        "target_ongoing_requests": self.target_ongoing_requests,
-                       "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s}
-        return dict(name=name, ray_actor_options={"num_gpus": self.num_gpus, "num_cpus": self.num_cpus},
-                    autoscaling_config=autoscaling, max_ongoing_requests=self.max_ongoing_requests,
-                    health_check_period_s=2.0)
+                       "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+                       "look_back_period_s": self.look_back_period_s}
+        actor = {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus}
+        if self.accelerator_type:
+            actor["accelerator_type"] = self.accelerator_type
+        if self.env_vars:
+            actor["runtime_env"] = {"env_vars": dict(self.env_vars)}
+        return dict(name=name, ray_actor_options=actor, autoscaling_config=autoscaling,
+                    max_ongoing_requests=self.max_ongoing_requests, max_queued_requests=self.max_queued_requests,
+                    health_check_period_s=self.health_check_period_s,
+                    health_check_timeout_s=self.health_check_timeout_s,
+                    graceful_shutdown_timeout_s=self.graceful_shutdown_timeout_s, graceful_shutdown_wait_loop_s=0.5)
+
+
+@dataclass
+class IngressScaling:
+    """The ingress: requests per replica, the proxy's wait queue and the Retry-After of its 503s."""
+
+    max_ongoing_requests: int = 64
+    max_queued_requests: int = 32
+    retry_after_s: float = 1.0
+    num_cpus: float = 0.0
+    graceful_shutdown_timeout_s: float = 5.0
+    env_vars: dict = field(default_factory=dict)
+
+
+def ingress_options(scaling: IngressScaling) -> dict:
+    """Beyond max_ongoing + max_queued requests the proxy answers 503 with Retry-After (Serve's backpressure)."""
+    actor = {"num_cpus": scaling.num_cpus}
+    if scaling.env_vars:
+        actor["runtime_env"] = {"env_vars": dict(scaling.env_vars)}
+    return dict(name="vita-ingress", ray_actor_options=actor, max_ongoing_requests=scaling.max_ongoing_requests,
+                max_queued_requests=scaling.max_queued_requests,
+                backpressure_config={"status_code": 503, "retry_after_s": scaling.retry_after_s},
+                graceful_shutdown_timeout_s=scaling.graceful_shutdown_timeout_s, graceful_shutdown_wait_loop_s=0.5)
 
 
 def stage_application(stage: str, config: PipelineConfig, scaling: StageScaling):
@@ -45,11 +93,27 @@ def stage_application(stage: str, config: PipelineConfig, scaling: StageScaling)
     return deployment.bind(config.stage(stage))
 
 
-def _failure(stage: str, err: BaseException) -> StageFailure:
+class StageBusy(StageFailure):
+    """The stage refused the call: its callers' queue is full (Serve's max_queued_requests). Retry later."""
+
+
+def stage_failure(stage: str, err: BaseException) -> StageFailure:
+    """A stage-named failure for what a DeploymentHandle call raised (dead replica, backpressure, error)."""
+    from ray.serve.exceptions import BackPressureError
+
     if isinstance(err, StageFailure):
         return err
+    if isinstance(err, BackPressureError):
+        return StageBusy(stage, f"BackPressureError: {err}")
     text = str(err).strip().splitlines()
     return StageFailure(stage, f"{stage} stage failed: {type(err).__name__}: {text[-1] if text else ''}")
+
+
+async def _assigned(response) -> None:
+    """Wait until Serve assigned the call to a replica (the routing queue; raises BackPressureError)."""
+    fetch = getattr(response, "_fetch_future_result_async", None)  # cached: awaiting the response reuses it
+    if fetch is not None:
+        await fetch()
 
 
 class ServeStageClients:
@@ -57,32 +121,58 @@ class ServeStageClients:
 
     def __init__(self, encoder, llm, decoder):
         self.encoder, self.llm, self.decoder = encoder, llm, decoder
+        self.in_flight = {stage: 0 for stage in STAGES}
+
+    async def _call(self, stage: str, response):
+        self._enter(stage)
+        start = time.perf_counter()
+        try:
+            await _assigned(response)
+            metrics.stage_queued(stage, time.perf_counter() - start)
+            return await response
+        except asyncio.CancelledError:
+            response.cancel()
+            raise
+        except Exception as err:
+            raise stage_failure(stage, err) from None
+        finally:
+            self._leave(stage)
+
+    def _enter(self, stage: str) -> None:
+        self.in_flight[stage] += 1
+        metrics.stage_in_flight(stage, self.in_flight[stage])
+
+    def _leave(self, stage: str) -> None:
+        self.in_flight[stage] -= 1
+        metrics.stage_in_flight(stage, self.in_flight[stage])
 
     async def tokenize(self, audio: AudioPayload) -> list[int]:
-        try:
-            return await self.encoder.tokenize.remote(audio)
-        except Exception as err:
-            raise _failure("encoder", err) from None
+        return await self._call("encoder", self.encoder.tokenize.remote(audio))
 
     async def generate(self, request: SpeechRequest) -> AsyncIterator[LLMOutput]:
         stream = self.llm.options(stream=True).generate.remote(request)
+        self._enter("llm")
+        start = time.perf_counter()
         try:
+            try:
+                await _assigned(stream)
+            except Exception as err:
+                raise stage_failure("llm", err) from None
+            metrics.stage_queued("llm", time.perf_counter() - start)
             while True:
                 try:
                     item = await stream.__anext__()
                 except StopAsyncIteration:
                     return
                 except Exception as err:
-                    raise _failure("llm", err) from None
+                    raise stage_failure("llm", err) from None
                 yield item
         finally:
+            self._leave("llm")
             stream.cancel()
 
     async def push(self, chunk: DecodeChunk) -> PCMChunk:
-        try:
-            return await self.decoder.push.remote(chunk)
-        except Exception as err:
-            raise _failure("decoder", err) from None
+        return await self._call("decoder", self.decoder.push.remote(chunk))
 
     def close(self, request_id: str) -> None:
         _fire(self.decoder.close, request_id)
@@ -90,16 +180,22 @@ class ServeStageClients:
     def abort(self, request_id: str) -> None:
         _fire(self.llm.abort, request_id)
 
-    async def check_health(self) -> dict[str, str]:
-        """Each stage's state ("ok" or the error)."""
-        states = {}
-        for stage in STAGES:
+    async def check_health(self, timeout_s: float = HEALTH_TIMEOUT_S) -> dict[str, str]:
+        """Each stage's state: "ok", or why not. A stage with no live replica is down: its calls would wait
+        for a replacement, so a check that takes longer than `timeout_s` reports it."""
+
+        async def one(stage: str) -> str:
             try:
-                await getattr(self, stage).check_health.remote()
-                states[stage] = "ok"
+                await asyncio.wait_for(getattr(self, stage).check_health.remote(), timeout_s)
+                return "ok"
+            except asyncio.TimeoutError:
+                return f"down: no replica answered within {timeout_s:g} s (restarting?)"
             except Exception as err:
-                states[stage] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        return states
+                text = str(err).strip().splitlines()
+                return f"down: {type(err).__name__}: {text[-1] if text else ''}"
+
+        states = await asyncio.gather(*(one(stage) for stage in STAGES))
+        return dict(zip(STAGES, states))
 
 
 def _fire(method, *args) -> None:

@@ -1,0 +1,182 @@
+"""Operating the endpoint: the shipped Serve config builds the same app as `vita-audio serve` and the RayService,
+`vita-audio serve` refuses bad flags before Ray, and (slow) serves /health and speech on 127.0.0.1 and stops
+cleanly on SIGTERM."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "serve" / "config.yaml"
+
+
+def _app_entry() -> dict:
+    (app,) = yaml.safe_load(CONFIG.read_text())["applications"]
+    return app
+
+
+def test_shipped_config_is_one_app_of_build_app():
+    from serve.app import Args
+
+    app = _app_entry()
+    assert app["import_path"] == "serve.app:build_app" and app["route_prefix"] == "/"
+    args = Args.model_validate(app["args"])  # every key is an Args field (extra=forbid)
+    assert args.llm.max_replicas > 1 and args.decoder.max_replicas == 1
+    llm = args.stage_scaling("llm").options("vita-llm")
+    assert llm["autoscaling_config"]["max_replicas"] == args.llm.max_replicas
+    assert llm["ray_actor_options"]["num_gpus"] == args.llm.num_gpus
+    assert llm["max_queued_requests"] == args.llm.max_queued_requests
+
+
+def test_build_app_from_the_config_and_from_key_values_is_the_same_app(tiny_models):
+    """`serve run serve/config.yaml` passes the config's args to build_app; `serve run serve.app:build_app k=v`
+    passes strings; vita-audio serve passes Args: the same deployments with the same options."""
+    from serve.app import Args, build_app
+
+    values = {**_app_entry()["args"], "models": str(tiny_models)}
+    one = _deployments(build_app(values))
+    two = _deployments(build_app(Args.model_validate(values)))
+    three = _deployments(build_app({k: str(v) if isinstance(v, (int, float)) else v for k, v in values.items()}))
+    assert one == two == three
+    assert set(one) == {"vita-ingress", "vita-encoder", "vita-llm", "vita-decoder"}
+    assert one["vita-llm"]["max_replicas"] == values["llm"]["max_replicas"]
+    assert one["vita-ingress"]["max_queued_requests"] == values["max_waiting_requests"]
+
+
+def _deployments(app) -> dict:
+    """name -> the options that matter, for a bound application (the ingress and the stages bound to it)."""
+    out = {}
+
+    def walk(node):
+        if not hasattr(node, "_bound_deployment"):
+            return
+        deployment = node._bound_deployment
+        config = deployment._deployment_config
+        auto = config.autoscaling_config
+        out[deployment.name] = {"max_replicas": auto.max_replicas if auto else None,
+                                "max_queued_requests": config.max_queued_requests,
+                                "max_ongoing_requests": config.max_ongoing_requests,
+                                "actor": deployment.ray_actor_options}
+        for arg in deployment.init_args:
+            walk(arg)
+
+    walk(app)
+    return out
+
+
+def test_decoder_replicas_are_refused():
+    from pydantic import ValidationError
+
+    from serve.app import Args
+
+    with pytest.raises(ValidationError, match="decoder.max_replicas=2"):
+        Args.model_validate({"decoder": {"max_replicas": 2}})
+    with pytest.raises(ValidationError, match="min_replicas=3 > max_replicas=2"):
+        Args.model_validate({"llm": {"min_replicas": 3, "max_replicas": 2}})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--port", "0"], "--port must be 1..65535"),
+    (["--port", "70000"], "--port must be 1..65535"),
+    (["--config", "/nonexistent/serve.yaml"], "no such file"),
+    (["--models", "/nonexistent/models"], "not a folder"),
+    (["--api-key", " "], "--api-key must not be empty"),
+    (["--address", "127.0.0.1:1"], "no Ray cluster answering"),
+], ids=["port0", "port-big", "config", "models", "api-key", "address"])
+def test_serve_flag_errors_are_one_line_before_ray(argv, message, capsys, monkeypatch):
+    import ray
+
+    from jobs import cli
+
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init called for a bad flag"))
+    assert cli.main(["serve", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vita-audio serve: error:") and message in err[0], err
+
+
+def test_serve_config_errors_name_the_problem(tmp_path, capsys, tiny_models):
+    from jobs import cli
+
+    cases = {
+        "notyaml.yaml": ("applications: [", "not valid YAML"),
+        "two.yaml": ("applications: [{name: a}, {name: b}]", "one entry under `applications:`"),
+        "other.yaml": ("applications: [{import_path: 'x:y'}]", "import_path must be serve.app:build_app"),
+        "deploy.yaml": ("applications: [{deployments: [{name: vita-llm}]}]", "per-deployment overrides"),
+        "badarg.yaml": ("applications: [{args: {llm: {max_replicas: 0}}}]", "args.llm.max_replicas"),
+        "unknown.yaml": ("applications: [{args: {bogus: 1}}]", "args.bogus"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        assert cli.main(["serve", "--config", str(tmp_path / name), "--models", str(tiny_models)]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (name, err)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_vita_audio_serve_answers_and_stops_on_sigterm(tiny_models, tmp_path):
+    """The command as a user runs it: a local Ray, the shipped config, the URL printed, /health and a speech
+    request answered, and SIGTERM (to the command only) shuts Serve and Ray down with exit code 0."""
+    import httpx
+    import soundfile
+    import io
+
+    import shutil
+    import tempfile
+
+    port = _free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="vs", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    out, err = open(tmp_path / "out.txt", "w+"), open(tmp_path / "err.txt", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--port", str(port), "--models",
+                             str(tiny_models)], cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True)
+    try:
+        url = _wait_for_url(proc, tmp_path / "out.txt", tmp_path / "err.txt", timeout_s=300)
+        assert url == f"http://127.0.0.1:{port}/v1"
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=30)
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        r = httpx.post(f"{url}/audio/speech", timeout=120,
+                       json={"model": "vita-audio", "input": "Hello there.", "max_new_tokens": 48})
+        assert r.status_code == 200, r.text
+        pcm, rate = soundfile.read(io.BytesIO(r.content), dtype="int16")
+        assert rate == 22050 and len(pcm) > 0
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0, (tmp_path / "err.txt").read_text()[-2000:]
+        stopped_s = time.monotonic() - t0
+        print(f"vita-audio serve stopped {stopped_s:.1f} s after SIGTERM")
+        assert "stopped" in (tmp_path / "err.txt").read_text()
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the command and the Ray it started
+            proc.wait(timeout=30)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _wait_for_url(proc, out_path: Path, err_path: Path, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = out_path.read_text()
+        if " at http" in text:
+            return text.split(" at ", 1)[1].split()[0]
+        if proc.poll() is not None:
+            pytest.fail(f"vita-audio serve exited with {proc.returncode}: {err_path.read_text()[-2000:]}")
+        time.sleep(0.5)
+    pytest.fail(f"vita-audio serve not ready after {timeout_s:g} s: {err_path.read_text()[-2000:]}")
