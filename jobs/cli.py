@@ -150,8 +150,26 @@ def _user_cause(err: BaseException) -> BaseException | None:
         seen.add(id(current))
         if isinstance(current, USER_ERRORS):
             return current
-        nested = getattr(current, "cause", None)  # RayTaskError / ActorDiedError keep the original here
+        text_cause = _cause_in_text(getattr(current, "error_msg", None))
+        if text_cause is not None:  # an actor's creation task failed: Ray keeps only the traceback text
+            return text_cause
+        nested = getattr(current, "cause", None)  # RayTaskError keeps the original here
         current = nested if isinstance(nested, BaseException) else (current.__cause__ or current.__context__)
+    return None
+
+
+_USER_ERROR_NAMES = {cls.__name__ for cls in USER_ERRORS} | {"CheckpointError", "AudioError"}
+_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(\w+): (.+)$")
+
+
+def _cause_in_text(text) -> CLIError | None:
+    """The last `SomeUserError: message` line of a remote traceback, as a CLIError with that message."""
+    if not isinstance(text, str):
+        return None
+    for line in reversed(_ANSI.sub("", text).splitlines()):
+        match = _ERROR_LINE.match(line.strip())
+        if match and match.group(1) in _USER_ERROR_NAMES:
+            return CLIError(match.group(2))
     return None
 
 

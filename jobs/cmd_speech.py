@@ -72,6 +72,9 @@ def run(args) -> dict:
     from actors.config import PipelineConfig
 
     _check_flags(args)
+    if args.placement == "STRICT_SPREAD" and not args.address:
+        raise CLIError("--placement STRICT_SPREAD needs 3 nodes (one per stage) and a local Ray has one: "
+                       "join a cluster with --address, or use PACK / SPREAD")
     models = resolve_models_dir(args.models)
     limits = _model_limits(models)
     options, inputs, bad = _check_inputs(args, limits)

@@ -35,6 +35,12 @@ def files(tmp_path_factory, tiny_models):
     (corrupt / "llm" / "config.json").write_text("{not json")
     partial = root / "partial"
     (partial / "llm").mkdir(parents=True)
+    for name, part, weights in (("trunc-llm", "llm", "model.safetensors"), ("trunc-encoder", "encoder", "model.safetensors"),
+                                ("trunc-flow", "decoder", "flow.pt"), ("junk-hift", "decoder", "hift.pt")):
+        broken = root / name
+        shutil.copytree(tiny_models, broken)
+        data = (broken / part / weights).read_bytes()
+        (broken / part / weights).write_bytes(data[: len(data) // 2] if name.startswith("trunc") else b"<html>404</html>")
     return root
 
 
@@ -81,6 +87,11 @@ def _user_error_cases(files, models):
         (["tts", "hi", "-o", out, "--models", str(files / "partial")], "encoder/"),
         (["tts", "hi", "-o", out, "--models", str(files / "corrupt-config")], "config.json"),
         (["tts", "hi", "-o", out, "--models", str(files / "afile")], "afile"),
+        (["tts", "hi", "-o", out, "--models", str(files / "trunc-llm")], "llm/model.safetensors: truncated"),
+        (["tts", "hi", "-o", out, "--models", str(files / "trunc-encoder")], "encoder/model.safetensors"),
+        (["asr", str(files / "ok.wav"), "--models", str(files / "trunc-flow")], "decoder/flow.pt: truncated"),
+        (["tts", "hi", "-o", out, "--models", str(files / "junk-hift")], "hift.pt: not a torch checkpoint"),
+        (["tts", "hi", "-o", out, "--placement", "STRICT_SPREAD", *m], "STRICT_SPREAD"),
         (["chat", str(files / "missing.wav"), "-o", out, *m], "missing.wav"),
         (["tts", "say <|audio|> twice", "-o", out, *m], "<|audio|>"),
         (["chat", str(files / "garbage.wav"), "-o", out, *m], "garbage.wav"),
@@ -108,7 +119,7 @@ def _user_error_cases(files, models):
     ]
 
 
-CASES = 48
+CASES = 53
 
 
 @pytest.mark.parametrize("index", range(CASES))
@@ -217,6 +228,30 @@ def test_wrapped_checkpoint_error_is_a_user_error(capsys, monkeypatch):
     code, out, err = run_cli(capsys, ["tiny", "/tmp/never-written"])
     assert code == 2
     assert_one_line(err, "model.safetensors: truncated")
+
+
+def test_actor_creation_error_text_surfaces_as_one_user_line(ray_session, capsys, monkeypatch):
+    """A real ActorDiedError keeps only the remote traceback text: its last user-error line is the message."""
+    import ray
+
+    import jobs.cmd_tiny
+
+    @ray.remote(num_cpus=0)
+    class Stage:
+        def __init__(self):
+            raise ValueError("/m/llm/config.json: vocab_size 3 does not fit the tokenizer")
+
+        def ping(self):
+            return 1
+
+    def died(args):
+        ray.get(Stage.remote().ping.remote(), timeout=60)
+
+    monkeypatch.setattr(jobs.cmd_tiny, "run", died)
+    code, out, err = run_cli(capsys, ["tiny", "/tmp/never-written"])
+    assert code == 2
+    assert_one_line(err, "/m/llm/config.json: vocab_size 3 does not fit the tokenizer")
+    assert "ActorDiedError" not in err and "\x1b" not in err
 
 
 def test_tiny_never_deletes_user_files(tmp_path, capsys):
