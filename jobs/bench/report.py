@@ -17,6 +17,7 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load_average": [round(x, 2) for x in os.getloadavg()],  # 1, 5, 15 min: other work on a shared machine
     }
 
 
@@ -44,5 +45,8 @@ def write_report(name: str, results: dict, markdown: str, out_dir: str | Path) -
     json_path = out / f"{name}.json"
     md_path = out / f"{name}.md"
     json_path.write_text(json.dumps(payload, indent=1, default=float))
-    md_path.write_text(f"# Benchmark `{name}`\n\n{markdown}")
+    machine = payload["machine"]
+    note = (f"{machine['cores']} cores, torch {machine['torch']}, {machine['date']}; load average "
+            f"{machine['load_average'][1]} over the last 5 min (other processes share the machine)")
+    md_path.write_text(f"# Benchmark `{name}`\n\n_{note}_\n\n{markdown}")
     return json_path, md_path
