@@ -25,7 +25,8 @@ def test_manifest_is_valid(path, shared_dir):
     assert isinstance(doc, dict) and doc, f"{path} is empty"
     if doc.get("apiVersion", "").startswith("ray.io/"):
         jsonschema.validate(doc, crd_schema(shared_dir, doc["kind"]))
-        assert doc["spec"].get("rayVersion", doc["spec"].get("rayClusterSpec", {}).get("rayVersion")) == "2.60.0"
+        cluster = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or {}  # RayJob / RayService
+        assert doc["spec"].get("rayVersion", cluster.get("rayVersion")) == "2.60.0"
     else:  # Ray cluster launcher
         assert doc["head_node_type"] in doc["available_node_types"]
 
@@ -56,3 +57,10 @@ def test_train_rayjob_runs_vita_audio_train_on_all_its_gpus():
     gpus = sum(g["replicas"] * g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
                for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"])
     assert args.workers * args.gpus_per_worker == gpus and args.out.is_absolute()
+
+
+def test_rayservice_schema_rejects_a_broken_upgrade_strategy(shared_dir):
+    doc = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayservice.yaml").read_text())
+    doc["spec"]["upgradeStrategy"] = {"type": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {}}
+    with pytest.raises(jsonschema.ValidationError):  # incremental upgrades need gatewayClassName, step, interval
+        jsonschema.validate(doc, crd_schema(shared_dir, "RayService"))

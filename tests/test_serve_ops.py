@@ -71,6 +71,27 @@ def _deployments(app) -> dict:
     return out
 
 
+def test_rayservice_serves_the_shipped_config():
+    """The RayService's serveConfigV2 is serve/config.yaml verbatim, and its worker groups hold the stages'
+    GPUs at the config's max replicas."""
+    service = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayservice.yaml").read_text())
+    assert service["kind"] == "RayService"
+    assert service["spec"]["serveConfigV2"] == CONFIG.read_text()
+    assert service["spec"]["upgradeStrategy"]["type"] in ("NewCluster", "NewClusterWithIncrementalUpgrade")
+    args = _app_entry()["args"]
+    groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+
+    def gpus(group) -> int:
+        (container,) = group["template"]["spec"]["containers"]
+        assert "readinessProbe" in container and "livenessProbe" in container
+        return int(container["resources"]["limits"]["nvidia.com/gpu"]) * group["maxReplicas"]
+
+    assert gpus(groups["llm"]) >= args["llm"]["num_gpus"] * args["llm"]["max_replicas"]
+    assert gpus(groups["codec"]) >= sum(args[s]["num_gpus"] * args[s]["max_replicas"] for s in ("encoder", "decoder"))
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["readinessProbe"]["httpGet"]["path"] == "/health"
+
+
 def test_decoder_replicas_are_refused():
     from pydantic import ValidationError
 
