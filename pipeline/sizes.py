@@ -1,9 +1,11 @@
 """The named model sizes, in one place: "tiny" (the built-in test set `vita-audio tiny` writes), "bench" (the
 benchmark size of ../shared/research/original-speed.md) and "7B" (the released VITA-Audio, spec §1).
 
-`llm_size(name)` / `decoder_size(name)` give the shapes; `pipeline.tiny.write_model_set` writes a random set of
-a size in the released formats; `build_llm` builds a random LLM of a size in memory; `make_drafting_model`
-turns one into a model whose MCTP drafts agree with its backbone (lossless decoding's good case).
+`llm_size(name)` gives an LLM's shape, `decoder_shape(name)` the speech decoder's (as `FlowConfig` /
+`HiFTConfig` arguments; `pipeline.decoder.tiny.decoder_config(name)` builds the config); the random writers
+(`pipeline.tiny.write_model_set`) put a set of a size on disk in the released formats; `build_llm` builds a
+random LLM of a size in memory; `make_drafting_model` turns one into a model whose MCTP drafts agree with
+its backbone (lossless decoding's good case). Plain data, below every model module.
 """
 from __future__ import annotations
 
@@ -11,10 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.decoder.config import DecoderConfig, FlowConfig, HiFTConfig
 from pipeline.tokens import MODES
 
-__all__ = ["LLMSize", "LLM_SIZES", "DECODER_SIZES", "llm_size", "decoder_size", "build_llm", "make_drafting_model",
+__all__ = ["LLMSize", "LLM_SIZES", "SIZES", "llm_size", "decoder_shape", "build_llm", "make_drafting_model",
            "RELEASE_VOCAB_SIZE", "CODEBOOK_SIZE"]
 
 CODEBOOK_SIZE = 16384  # GLM-4-Voice VQ: the encoder's, the decoder's and the LLM's audio codebook
@@ -46,16 +47,17 @@ LLM_SIZES: dict[str, LLMSize] = {
                   num_attention_heads=28, num_key_value_heads=4),
 }
 
-_FLOW = {
-    "tiny": dict(input_size=32, encoder_dim=32, encoder_heads=2, encoder_ffn=64, encoder_blocks=2,
-                 channels=(32, 32), attention_head_dim=8, n_blocks=1, num_mid_blocks=2, num_heads=2),
-    "bench": dict(input_size=128, encoder_dim=128, encoder_heads=2, encoder_ffn=512, encoder_blocks=6,
-                  channels=(64, 64), attention_head_dim=16, num_heads=2, n_blocks=4, num_mid_blocks=12),
-    "7B": {},  # the released glm-4-voice-decoder: FlowConfig's defaults
+# speech decoder: FlowConfig / HiFTConfig arguments (the codebook's 16384 codes, blocks of 10 ids, in every size)
+_DECODER = {
+    "tiny": {"flow": dict(input_size=32, encoder_dim=32, encoder_heads=2, encoder_ffn=64, encoder_blocks=2,
+                          channels=(32, 32), attention_head_dim=8, n_blocks=1, num_mid_blocks=2, num_heads=2),
+             "hift": dict(base_channels=32, f0_cond_channels=32)},
+    "bench": {"flow": dict(input_size=128, encoder_dim=128, encoder_heads=2, encoder_ffn=512, encoder_blocks=6,
+                           channels=(64, 64), attention_head_dim=16, num_heads=2, n_blocks=4, num_mid_blocks=12),
+              "hift": dict(base_channels=128, f0_cond_channels=128)},
+    "7B": {"flow": {}, "hift": {}},  # the released glm-4-voice-decoder: the configs' defaults
 }
-_HIFT = {"tiny": dict(base_channels=32, f0_cond_channels=32), "bench": dict(base_channels=128, f0_cond_channels=128),
-         "7B": {}}
-DECODER_SIZES = tuple(_FLOW)
+SIZES = tuple(LLM_SIZES)
 
 
 def llm_size(name: str) -> LLMSize:
@@ -64,12 +66,12 @@ def llm_size(name: str) -> LLMSize:
     return LLM_SIZES[name]
 
 
-def decoder_size(name: str) -> DecoderConfig:
-    """The speech decoder's config for a size (vocabulary: the 16384-code codebook, blocks of 10 ids)."""
-    if name not in _FLOW:
-        raise ValueError(f"unknown decoder size {name!r}: use one of {sorted(_FLOW)}")
-    flow = FlowConfig(vocab_size=CODEBOOK_SIZE, block_size=10, **_FLOW[name])
-    return DecoderConfig(flow=flow, hift=HiFTConfig(**_HIFT[name]))
+def decoder_shape(name: str) -> dict[str, dict]:
+    """{"flow": FlowConfig arguments, "hift": HiFTConfig arguments} of the speech decoder of a size."""
+    if name not in _DECODER:
+        raise ValueError(f"unknown decoder size {name!r}: use one of {sorted(_DECODER)}")
+    shape = _DECODER[name]
+    return {"flow": dict(vocab_size=CODEBOOK_SIZE, block_size=10, **shape["flow"]), "hift": dict(shape["hift"])}
 
 
 def build_llm(size: str | LLMSize, vocab_size: int = 69632, seed: int = 11):

@@ -2,8 +2,9 @@
 
 `write_tiny_set(dir)` writes `llm/` (Qwen2-MTP folder: config.json, generation_config.json,
 model.safetensors, tokenizer files), `encoder/` (glm-4-voice-tokenizer layout) and `decoder/`
-(glm-4-voice-decoder layout). The models are real models with small sizes, so every code path runs on
-them; they just say nothing meaningful. Same seed -> byte-identical files. No network.
+(glm-4-voice-decoder layout); `write_model_set(dir, llm=, decoder=)` does the same for the other named sizes
+of `pipeline.sizes` (the benchmarks' "bench"). The models are real models with small sizes, so every code
+path runs on them; they just say nothing meaningful. Same seed -> byte-identical files. No network.
 
 The tokenizer keeps the released id *order* with a small text part: a byte-level BPE trained here on
 `pipeline/data/tiny_corpus.txt`, then Qwen2.5's 22 specials, VITA-Audio's 20 specials and the 16384
@@ -24,11 +25,11 @@ from pathlib import Path
 
 import torch
 
+from pipeline.sizes import CODEBOOK_SIZE, LLM_SIZES, LLMSize
 from pipeline.tokens import (
     CHAT_TEMPLATE,
     ENDOFTEXT_TOKEN,
     IM_END_TOKEN,
-    MODES,
     QWEN_SPECIAL_TOKENS,
     TokenLayout,
     audio_token,
@@ -37,24 +38,10 @@ from pipeline.tokens import (
 
 CORPUS = Path(__file__).parent / "data" / "tiny_corpus.txt"
 TINY_MARKER = "tiny-models.json"  # written at the root of a tiny set
-CODEBOOK_SIZE = 16384  # GLM-4-Voice VQ; the tiny encoder and decoder use the same codebook
 BPE_VOCAB = 256 + 2000  # upper bound (bytes + merges); the corpus yields a few hundred merges
 
 
-@dataclass(frozen=True)
-class TinyLLMConfig:
-    """Sizes of the tiny LLM (those of the parity fixtures' `mtp10` model)."""
-
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    backbone_layers: int = 2
-    mtp_modules: int = 10
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    rope_theta: float = 1e6
-    logit_std: float = 4.0  # lm_head ~ N(0, logit_std^2 / hidden): logits with std ~4
-    eos_row_scale: float = 0.25  # shrink the EOS rows so the random model rarely stops at once
-    mode: tuple[int, ...] = tuple(MODES["boost"])  # generation_config.mtp_inference_mode
+TinyLLMConfig = LLMSize  # the old name of an LLM size (defaults: the tiny one)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -117,7 +104,7 @@ def build_tiny_tokenizer(plus: bool = False, codebook_size: int = CODEBOOK_SIZE)
 # LLM
 
 
-def llm_config_dict(layout: TokenLayout, cfg: TinyLLMConfig) -> dict:
+def llm_config_dict(layout: TokenLayout, cfg: LLMSize) -> dict:
     """config.json in the released key set (../shared/parity/llm/model/config.json)."""
     import transformers
 
@@ -157,7 +144,7 @@ def llm_config_dict(layout: TokenLayout, cfg: TinyLLMConfig) -> dict:
     }
 
 
-def generation_config_dict(layout: TokenLayout, cfg: TinyLLMConfig) -> dict:
+def generation_config_dict(layout: TokenLayout, cfg: LLMSize) -> dict:
     """generation_config.json with the released sampling defaults and the Boost schedule."""
     import transformers
 
@@ -176,7 +163,7 @@ def generation_config_dict(layout: TokenLayout, cfg: TinyLLMConfig) -> dict:
 
 
 @torch.no_grad()
-def init_tiny_weights(model: torch.nn.Module, layout: TokenLayout, seed: int, cfg: TinyLLMConfig) -> None:
+def init_tiny_weights(model: torch.nn.Module, layout: TokenLayout, seed: int, cfg: LLMSize) -> None:
     """The parity recipe: one seeded generator over `named_parameters()` in order.
 
     embeddings N(0,1); linear weights N(0, 1/fan_in); q/k/v biases N(0, 0.2^2); RMSNorm weights U(0.7, 1.3)
@@ -202,11 +189,13 @@ def init_tiny_weights(model: torch.nn.Module, layout: TokenLayout, seed: int, cf
     head[layout.vocab_size :] = 0.0
 
 
-def write_tiny_llm(out_dir, seed: int = 0, cfg: TinyLLMConfig = TinyLLMConfig()) -> Path:
-    """Write the tiny LLM folder (weights, configs, tokenizer) to `out_dir`, atomically."""
+def write_tiny_llm(out_dir, seed: int = 0, cfg: LLMSize | str = "tiny") -> Path:
+    """Write a random LLM folder (weights, configs, tiny tokenizer) of a size (`pipeline.sizes`) to `out_dir`,
+    atomically."""
     from pipeline.llm import Qwen2MTPConfig, Qwen2MTPForCausalLM
 
     seed = _check_seed(seed)
+    cfg = LLM_SIZES[cfg] if isinstance(cfg, str) else cfg
     out = Path(os.fspath(out_dir))
     tokenizer = build_tiny_tokenizer()
     layout = TokenLayout.from_tokenizer(tokenizer)
@@ -248,19 +237,28 @@ class ModelPaths:
         return cls(**paths)
 
 
-def write_tiny_set(out_dir, seed: int = 0) -> dict[str, Path]:
-    """Write llm/, encoder/ and decoder/ under `out_dir`; each part appears only once complete."""
-    from pipeline.decoder import write_tiny_decoder
+def write_model_set(out_dir, seed: int = 0, llm: str = "tiny", decoder: str = "tiny") -> dict[str, Path]:
+    """Write a random set of named sizes (`pipeline.sizes`): llm/, encoder/ (tiny) and decoder/ under
+    `out_dir`, in the released formats; each part appears only once complete."""
+    from pipeline.decoder.tiny import decoder_config, write_decoder
     from pipeline.encoder import write_tiny_encoder
 
     seed = _check_seed(seed)
     out = Path(os.fspath(out_dir))
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"llm": write_tiny_llm(out / "llm", seed)}
-    for name, writer in (("encoder", write_tiny_encoder), ("decoder", write_tiny_decoder)):
+    paths = {"llm": write_tiny_llm(out / "llm", seed, llm)}
+    config = decoder_config(decoder)
+    for name, writer in (("encoder", write_tiny_encoder), ("decoder", lambda d, s: write_decoder(d, config, s))):
         with _atomic_dir(out / name) as tmp:
             writer(tmp, seed)
         paths[name] = out / name
+    return paths
+
+
+def write_tiny_set(out_dir, seed: int = 0) -> dict[str, Path]:
+    """Write the tiny set (`vita-audio tiny`): llm/, encoder/ and decoder/ of the "tiny" size, and its marker."""
+    paths = write_model_set(out_dir, seed)
+    out = Path(os.fspath(out_dir))
     # Says what this folder is: tools use it to know the weights are random (e.g. to force the output layout).
     (out / TINY_MARKER).write_text(json.dumps({"random_weights": True, "seed": seed, "writer": "vita-audio tiny"}) + "\n")
     return paths

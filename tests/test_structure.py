@@ -8,7 +8,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MAX_LINES = 520  # "no product file over ~500 lines"
 # Longer modules not yet split, each owned by another issue: listed so a new one fails this test.
-LONG_KNOWN = {"pipeline/encoder.py", "pipeline/tokens.py", "jobs/bench/pipeline.py"}
+LONG_KNOWN = {"pipeline/encoder.py", "pipeline/tokens.py"}
 
 
 def _module_name(path: Path) -> str:
@@ -40,9 +40,12 @@ def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
         for name in names:
             while name and name not in modules:
                 name = name.rpartition(".")[0]
-            # a package's own __init__ runs before its modules: a module importing its parent package is no edge
-            if name and name != own and not own.startswith(name + "."):
-                found.add(name)
+            # importing a.b.c first runs the __init__ of a and of a.b: edges too, except to the importer's own
+            # packages (their __init__ already runs before the importer)
+            while name:
+                if name != own and not own.startswith(name + "."):
+                    found.add(name)
+                name = name.rpartition(".")[0]
     return found
 
 

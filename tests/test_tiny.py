@@ -196,3 +196,23 @@ def test_write_tiny_set_and_cli(tmp_path):
     assert main(["tiny", str(tmp_path / "cli"), "--seed", "0"]) == 0
     for name in LLM_FILES:
         assert (tmp_path / "cli" / "llm" / name).read_bytes() == (paths["llm"] / name).read_bytes()
+
+
+def test_named_sizes_are_shared(llm_dirs):
+    """One table of sizes (pipeline.sizes): the tiny set is its "tiny" size, the benchmarks build "bench"."""
+    from pipeline.decoder.tiny import decoder_config, tiny_config
+    from pipeline.sizes import LLM_SIZES, build_llm, decoder_shape, llm_size
+
+    config = json.loads((llm_dirs["a"] / "config.json").read_text())
+    tiny_size = LLM_SIZES["tiny"]
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_nextn_predict_layers"]) == (
+        tiny_size.hidden_size, tiny_size.backbone_layers + tiny_size.mtp_modules, tiny_size.mtp_modules)
+    assert tiny_config() == decoder_config("tiny")
+    assert decoder_config("bench").flow.encoder_dim == decoder_shape("bench")["flow"]["encoder_dim"] == 128
+    seven = llm_size("7B")
+    assert (seven.hidden_size, seven.intermediate_size, seven.num_attention_heads, seven.num_key_value_heads) == (
+        3584, 18944, 28, 4)
+    small = build_llm(LLM_SIZES["tiny"], vocab_size=16387 + 64)
+    assert small.num_mtp_modules == tiny_size.mtp_modules and small.config.speech_token_offset == 64
+    with pytest.raises(ValueError, match="unknown LLM size"):
+        llm_size("13B")

@@ -8,7 +8,7 @@ For 10 s and 60 s of random codes (numpy default_rng(5), the 10 s input is the f
 - vita_prefix: VITA-Audio's web_demo_stream schedule (re-decode of all codes since the start,
   ODE steps 1, 3, 5, ... capped; history reset after a decode of more than 512 codes) fed with
   segments of 8 codes,
-on the tiny decoder and on the "bench" decoder size of original-speed.md (flow encoder d 128 /
+on the "tiny" decoder size and on the "bench" size (`pipeline.sizes`) of original-speed.md (flow encoder d 128 /
 FFN 512 x 6, estimator channels 64 with 2 heads x 16, 4 blocks per level, 12 mid blocks; HiFT
 base 128; vocab 16384; random weights built in memory). It reports real-time factors, the
 60 s / 10 s cost ratios (linear = 6), the incremental stream's mel distance to a whole decode
@@ -22,10 +22,9 @@ import numpy as np
 import torch
 
 from jobs.bench.report import markdown_table, write_report
-from pipeline.decoder.config import DecoderConfig, FlowConfig, HiFTConfig
-from pipeline.decoder.speech_decoder import SpeechDecoder
+from pipeline.decoder import SpeechDecoder
 from pipeline.decoder.stream import position_noise
-from pipeline.decoder.tiny import random_modules, tiny_config
+from pipeline.decoder.tiny import decoder_config, random_modules
 
 TOKENS_PER_S = 12.5
 
@@ -34,12 +33,6 @@ ORIGINAL_BENCH = {
     10: {"offline_s": 2.62, "web_demo_stream_s": 6.70, "prefix_no_reset_s": 6.70, "first_chunk_s": 0.11},
     60: {"offline_s": 54.13, "web_demo_stream_s": 189.32, "prefix_no_reset_s": 462.88, "first_chunk_s": 0.08},
 }
-
-
-def bench_config() -> DecoderConfig:
-    flow = FlowConfig(vocab_size=16384, input_size=128, encoder_dim=128, encoder_heads=2, encoder_ffn=512, encoder_blocks=6,
-                      block_size=10, channels=(64, 64), attention_head_dim=16, num_heads=2, n_blocks=4, num_mid_blocks=12)
-    return DecoderConfig(flow=flow, hift=HiFTConfig(base_channels=128, f0_cond_channels=128))
 
 
 def add_arguments(parser, name: str) -> None:
@@ -123,7 +116,7 @@ def run(args) -> dict:
     rows, results = [], {"settings": vars(args).copy(), "sizes": {}}
     results["settings"].pop("_module", None)
     for size in sizes:
-        config = tiny_config() if size == "tiny" else bench_config()
+        config = decoder_config(size)
         flow, hift = random_modules(config, seed=5)
         decoder = SpeechDecoder(config, flow, hift)
         decoder.decode(all_codes[:16], n_steps=1)  # warm-up

@@ -4,15 +4,15 @@ Part 1, latency (bench-sized models): time to first audio and total time of a TT
 Ray stage actors (local Ray, 3 logical GPUs) and through `actors.local.LocalPipeline` in this process, side
 by side in one run (1 warm-up each, then round robin; medians; overheads are medians of each round's
 staged - in-process difference). Ray overhead = staged - in-process.
-Models: an LLM sized like the decode bench (28 backbone layers + 10 MCTP modules, hidden 256, intermediate
-1376, 4 heads / 1 KV head; the tiny tokenizer, so its vocab is the tiny one) written with
-`pipeline.tiny.write_tiny_llm`, and the bench-sized decoder of ../shared/research/original-speed.md (flow
-encoder d 128 / FFN 512 x 6, estimator channels 64, 2 heads x 16, 4 blocks per level, 12 mid blocks; HiFT
-base 128), both random, written to a temp folder; the tiny encoder (TTS does not use it).
+Models: the "bench" size of `pipeline.sizes` written with `pipeline.tiny.write_model_set` to a temp folder:
+the LLM of the decode bench (28 backbone layers + 10 MCTP modules, hidden 256, intermediate 1376, 4 heads /
+1 KV head; the tiny tokenizer, so its vocab is the tiny one) and the bench-sized decoder of
+../shared/research/original-speed.md (flow encoder d 128 / FFN 512 x 6, estimator channels 64, 2 heads x 16,
+4 blocks per level, 12 mid blocks; HiFT base 128), both random; the tiny encoder (TTS does not use it).
 
 On one machine the stages share the CPU: while the decoder works on chunk 1 the LLM goes on decoding, which
-the in-process composition never does, and on this 2-core VM any busy process slows the other core's work by
-roughly 5-15 %. So the whole request's overhead mixes Ray with CPU sharing that separate GPUs would not have.
+the in-process composition never does, and on a 2-core VM any busy process slows the other core's work.
+So the whole request's overhead mixes Ray with CPU sharing that separate GPUs would not have.
 Ray's own overhead is measured on a control: the same request cut where its first audio chunk closes, so
 both paths compute exactly the same things before the first audio and the LLM is idle meanwhile.
 
@@ -42,9 +42,6 @@ from pathlib import Path
 TEXT = "The quick brown fox jumps over the lazy dog."
 TEXTS = ["Hello there.", "How are you today?", "The cat sat on the mat.", "One two three.",
          "Good morning!", "A short test.", "Streaming speech.", "Last one here."]
-BENCH_FLOW = dict(input_size=128, encoder_dim=128, encoder_heads=2, encoder_ffn=512, encoder_blocks=6,
-                  channels=(64, 64), attention_head_dim=16, num_heads=2, n_blocks=4, num_mid_blocks=12)
-BENCH_HIFT = dict(base_channels=128, f0_cond_channels=128)
 
 
 def add_arguments(p, name: str) -> None:
@@ -66,17 +63,10 @@ def add_arguments(p, name: str) -> None:
 
 
 def build_bench_models(out_dir: Path, seed: int = 11) -> Path:
-    """llm/ (decode-bench size), encoder/ (tiny), decoder/ (original-speed.md bench size) under out_dir."""
-    from pipeline.decoder.config import DecoderConfig, FlowConfig, HiFTConfig
-    from pipeline.decoder.tiny import write_decoder
-    from pipeline.encoder import write_tiny_encoder
-    from pipeline.tiny import TinyLLMConfig, write_tiny_llm
+    """llm/ and decoder/ of the "bench" size (`pipeline.sizes`), encoder/ (tiny) under out_dir."""
+    from pipeline.tiny import write_model_set
 
-    write_tiny_llm(out_dir / "llm", seed=seed, cfg=TinyLLMConfig(
-        hidden_size=256, intermediate_size=1376, backbone_layers=28, mtp_modules=10,
-        num_attention_heads=4, num_key_value_heads=1))
-    write_tiny_encoder(out_dir / "encoder", seed)
-    write_decoder(out_dir / "decoder", DecoderConfig(flow=FlowConfig(**BENCH_FLOW), hift=HiFTConfig(**BENCH_HIFT)), seed)
+    write_model_set(out_dir, seed, llm="bench", decoder="bench")
     return out_dir
 
 

@@ -17,10 +17,8 @@ import torch.nn as nn
 from pipeline.decoder.config import DecoderConfig, FlowConfig, HiFTConfig
 from pipeline.decoder.flow import FlowModel
 from pipeline.decoder.hift import F0Predictor, HiFTGenerator, Snake, WNConv1d
+from pipeline.sizes import decoder_shape
 
-TINY_FLOW = dict(vocab_size=16384, input_size=32, encoder_dim=32, encoder_heads=2, encoder_ffn=64, encoder_blocks=2,
-                 block_size=10, channels=(32, 32), attention_head_dim=8, n_blocks=1, num_mid_blocks=2, num_heads=2)
-TINY_HIFT = dict(base_channels=32, f0_cond_channels=32)
 
 CONFIG_TEMPLATE = """\
 # Tiny random GLM-4-Voice speech decoder (vita-audio-ray `write_tiny_decoder`, seed {seed}). Same
@@ -224,8 +222,14 @@ def calibrate_f0(flow: FlowModel, hift: HiFTGenerator, generator: torch.Generato
         hift.conv_post.bias[:half] -= torch.log(rms / target_rms)
 
 
+def decoder_config(size: str = "tiny") -> DecoderConfig:
+    """The speech decoder config of a named size (`pipeline.sizes`: tiny, bench, 7B)."""
+    shape = decoder_shape(size)
+    return DecoderConfig(flow=FlowConfig(**shape["flow"]), hift=HiFTConfig(**shape["hift"]))
+
+
 def tiny_config() -> DecoderConfig:
-    return DecoderConfig(flow=FlowConfig(**TINY_FLOW), hift=HiFTConfig(**TINY_HIFT))
+    return decoder_config("tiny")
 
 
 def random_modules(config: DecoderConfig, seed: int = 0) -> tuple[FlowModel, HiFTGenerator]:
