@@ -358,6 +358,7 @@ def test_damaged_corpus_one_error_row_each(ray_session, tiny_models, mini, tmp_p
     assert all(f"| {reason} | 1 |" in report for reason in set(expected.values()) - {"ok"})
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes_to_the_same_samples(ray_session, tiny_models, mini, tmp_path):
     """The driver (a subprocess on the test's Ray) is killed once about half the blocks are written; the rerun
     does only the rest: the same sample ids as an uninterrupted run, none twice."""
@@ -393,6 +394,42 @@ def test_killed_driver_resumes_to_the_same_samples(ray_session, tiny_models, min
     whole = run_prepare(_config(tiny_models, [source], tmp_path / "whole", block_size=2))
     assert sorted(read_shards(tmp_path / "whole").column("id").to_pylist()) == sorted(ids)
     assert whole["counts"] == resumed["counts"]
+
+
+def test_cli_checks_before_ray_and_prints_counts(ray_session, tiny_models, mini, tmp_path, capsys, monkeypatch):
+    """`vita-audio prepare` as the registry runs it: bad flags and sources are one line, exit 2, before any
+    Ray work; a run on an LJSpeech-layout folder prints the manifest's counts as the last line (--json)."""
+    import jobs.cli as cli
+
+    monkeypatch.setitem(cli.COMMANDS, "prepare", ("jobs.cmd_prepare", "corpus preparation"))
+    out = str(tmp_path / "o")
+    for argv, words in ((["--source", "wav:/x"], "unknown kind 'wav'"),
+                        (["--source", f"ljspeech:{tmp_path}/nope"], "does not exist"),
+                        (["--source", f"ljspeech:{tmp_path}"], "no LJSpeech metadata.csv"),
+                        (["--source", f"librispeech:{mini / 'LibriSpeech'}@train-clean-100"], "no part 'train-clean-100'"),
+                        (["--source", f"librispeech:{mini / 'LibriSpeech'}", "--tasks", "asr,qa"], "--tasks"),
+                        (["--source", f"librispeech:{mini / 'LibriSpeech'}", "--ratio", "1,x"], "--ratio"),
+                        (["--source", f"librispeech:{mini / 'LibriSpeech'}", "--encoder-actors", "0"], "encoder actors"),
+                        (["--source", f"librispeech:{mini / 'LibriSpeech'}", "--channels", "all"], "invalid choice")):
+        assert cli.main(["prepare", *argv, "--out", out, "--json"]) == 2, argv
+        captured = capsys.readouterr()
+        assert words in json.loads(captured.out.strip().splitlines()[-1])["error"], (argv, captured)
+        assert len(captured.err.strip().splitlines()) == 1
+    assert not Path(out).exists()  # nothing written before the checks passed
+
+    lj = tmp_path / "LJSpeech"
+    (lj / "wavs").mkdir(parents=True)
+    flacs = sorted((mini / "LibriSpeech").rglob("*.flac"))[:3]
+    for k, f in enumerate(flacs):
+        sf.write(lj / "wavs" / f"LJ001-{k:04d}.wav", sf.read(f)[0], 16000)
+    (lj / "metadata.csv").write_text("".join(f"LJ001-{k:04d}|Text {k}.|Text {k}.\n" for k in range(3)))
+    argv = ["prepare", "--source", f"ljspeech:{lj}", "--out", out, "--models", str(tiny_models), "--no-progress", "--json"]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    counts = json.loads(captured.out.strip().splitlines()[-1])
+    assert counts["inputs"] == counts["samples"] == 6 and counts["by_task"] == {"asr": 3, "tts": 3}
+    assert "6 samples, 0 error rows from 6 inputs" in captured.err
+    assert cli.main(argv) == 0 and "already complete, nothing to do" in capsys.readouterr().err
 
 
 def _pool(rows: int):
