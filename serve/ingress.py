@@ -54,7 +54,9 @@ class Ingress(ChatRoutes):
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as err:
-            raise APIError(400, f"body is not valid JSON: {err}")
+            raise APIError(400, f"body is not valid JSON: {err}") from None
+        except RecursionError:
+            raise APIError(400, "body is not valid JSON: nested too deeply") from None
         if not isinstance(data, dict):
             raise APIError(400, "body must be a JSON object")
         return data
