@@ -64,3 +64,25 @@ def test_rayservice_schema_rejects_a_broken_upgrade_strategy(shared_dir):
     doc["spec"]["upgradeStrategy"] = {"type": "NewClusterWithIncrementalUpgrade", "clusterUpgradeOptions": {}}
     with pytest.raises(jsonschema.ValidationError):  # incremental upgrades need gatewayClassName, step, interval
         jsonschema.validate(doc, crd_schema(shared_dir, "RayService"))
+
+
+def test_prepare_rayjob_runs_vita_audio_prepare_on_its_gpus():
+    """The preparation RayJob's entrypoint parses with `vita-audio prepare`'s own flags (sources with absolute
+    paths and known kinds), and its encoder actors fit the GPUs of its worker group."""
+    import argparse
+    import shlex
+
+    from jobs import cmd_prepare
+
+    doc = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayjob-prepare.yaml").read_text())
+    words = shlex.split(doc["spec"]["entrypoint"])
+    assert words[:2] == ["vita-audio", "prepare"]
+    parser = argparse.ArgumentParser()
+    cmd_prepare.add_arguments(parser, "prepare")
+    args = parser.parse_args(words[2:])
+    for source in args.source:
+        kind, _, path = source.partition(":")
+        assert kind in cmd_prepare.KINDS and path.startswith("/data/")
+    gpus = sum(g["replicas"] * g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+               for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"])
+    assert 0 < args.encoder_actors * args.gpus_per_actor <= gpus and args.out.is_absolute() and args.address == "auto"
