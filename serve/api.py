@@ -59,7 +59,7 @@ class SpeechBody(Sampling):
     model: str
     input: str
     voice: str | VoiceRef = DEFAULT_VOICE
-    response_format: Literal["wav", "pcm", "flac"] = "wav"
+    response_format: Literal["wav", "pcm", "flac", "mp3", "opus"] = "wav"
     stream_format: Literal["audio", "sse"] = "audio"
     speed: float = 1.0
     instructions: str | None = None
@@ -91,7 +91,7 @@ class AudioOut(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     voice: str | VoiceRef = DEFAULT_VOICE
-    format: Literal["wav", "pcm16", "flac"] = "wav"
+    format: Literal["wav", "pcm16", "flac", "mp3", "opus"] = "wav"
 
 
 class StreamOptions(BaseModel):

@@ -18,7 +18,7 @@ from serve.http import ENCODER_RATE, app, b64, check_mode, check_text, gather, j
 from serve.uploads import check_audio
 
 DEFAULT_MAX_TOKENS = 256
-AUDIO_FORMATS = {"wav": "wav", "flac": "flac", "pcm16": "pcm"}  # OpenAI's name -> serve.audio_formats
+AUDIO_FORMATS = {"wav": "wav", "flac": "flac", "pcm16": "pcm", "mp3": "mp3", "opus": "opus"}  # OpenAI's name -> serve.audio_formats
 
 
 class ChatRoutes:

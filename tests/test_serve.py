@@ -59,6 +59,22 @@ def test_speech_wav_matches_pipeline(client, local_tts):
     np.testing.assert_array_equal(pcm, _int16(local_tts.pcm))
 
 
+@pytest.mark.parametrize("fmt,ctype,rate", [("mp3", "audio/mpeg", None), ("opus", "audio/ogg", 48000)])
+def test_speech_lossy_formats_decode_to_the_pipelines_audio(client, local_tts, fmt, ctype, rate):
+    """mp3 / opus (libsndfile encodes them): the clip decodes, at the expected rate, as long as the pipeline's
+    audio, and its loudness is the pipeline's (lossy: no sample equality)."""
+    with client.audio.speech.with_streaming_response.create(model="vita-audio", voice="alloy", input=TEXT,
+                                                            response_format=fmt,
+                                                            extra_body={"max_new_tokens": 64}) as response:
+        assert response.headers["content-type"] == ctype
+        data = response.read()
+    pcm, got_rate = soundfile.read(io.BytesIO(data), dtype="float32")
+    assert got_rate == (rate or local_tts.sample_rate)
+    assert len(pcm) / got_rate == pytest.approx(len(local_tts.pcm) / local_tts.sample_rate, abs=0.08)
+    rms = lambda x: float(np.sqrt(np.mean(np.square(x))))  # noqa: E731
+    assert rms(pcm) == pytest.approx(rms(local_tts.pcm), rel=0.35)
+
+
 def test_speech_streamed_pcm_matches_pipeline(client, local_tts):
     with client.audio.speech.with_streaming_response.create(
             model="vita-audio", voice="default", input=TEXT, response_format="pcm",
