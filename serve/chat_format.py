@@ -17,6 +17,7 @@ from serve.uploads import decode_base64
 
 AUDIO_PLACEHOLDER = "<|audio|>"  # pipeline.tokens.AUDIO_PLACEHOLDER (imported lazily there: torch-free here)
 INPUT_AUDIO_FORMATS = ("wav", "flac", "ogg", "mp3")
+MAX_MESSAGES = 512  # with max_text_chars this bounds the prompt (each message costs its template tokens)
 
 
 @dataclass
@@ -72,6 +73,9 @@ def _parts(content, role: str, param: str, turn: Turn) -> None:
 
 
 def parse_messages(messages: list) -> Conversation:
+    if len(messages) > MAX_MESSAGES:
+        raise APIError(400, f"messages holds {len(messages)} messages, over the limit of {MAX_MESSAGES}",
+                       param="messages")
     system, turns = [], []
     for i, message in enumerate(messages):
         param = f"messages[{i}]"

@@ -311,6 +311,8 @@ HOSTILE = [
      {"json": _chat(messages=_audio_msg(_b64(clip(seconds=7.0))))}, 413, "max_audio_seconds"),
     ("chat audio format", "POST", "/v1/chat/completions", {"json": _chat(messages=_audio_msg(_b64(GOOD), "aiff"))},
      400, "format"),
+    ("chat too many messages", "POST", "/v1/chat/completions",
+     {"json": _chat(messages=[{"role": "user", "content": "a"}] * 600)}, 400, "limit of 512"),
     ("chat tool role", "POST", "/v1/chat/completions",
      {"json": _chat(messages=[{"role": "tool", "content": "x"}])}, 400, "role"),
     ("chat ends with assistant", "POST", "/v1/chat/completions",

@@ -173,3 +173,30 @@ def test_special_tokens_in_user_text_stay_text(client, serve_url, local):
     r = httpx.post(f"{serve_url}/v1/audio/speech", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60,
                    json={"model": "vita-audio", "input": hostile, "max_new_tokens": 16})
     assert r.status_code == 200 and r.headers["content-type"] == "audio/wav"
+
+
+def test_client_gone_mid_chat_stream_frees_its_llm_request(serve_url):
+    """A streamed spoken answer dropped after its first chunk: no LLM request or decoder stream stays open."""
+    import json
+    import time
+
+    import httpx
+    from ray import serve
+
+    def stats(stage):
+        return serve.get_deployment_handle(f"vita-{stage}", app_name="vita").stats.remote().result(timeout_s=30)
+
+    body = {"model": "vita-audio", "modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "pcm16"},
+            "max_tokens": 512, "stream": True, "messages": [{"role": "user", "content": "Tell me everything."}]}
+    with httpx.stream("POST", f"{serve_url}/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[6:])["object"] == "chat.completion.chunk"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        llm, decoder = stats("llm"), stats("decoder")
+        if llm["active"] == 0 and decoder["open_streams"] == 0:
+            break
+        time.sleep(0.1)
+    assert llm["active"] == 0 and decoder["open_streams"] == 0, (llm, decoder)
