@@ -1,4 +1,4 @@
-"""KV caches and hidden-state buffers for the decode engine (`pipeline.generate`).
+"""KV caches and hidden-state buffers for the LLM engine (`pipeline.engine`).
 
 All running requests share one `KVPool` and each holds one slot of it for its lifetime. The pool has one
 entry per backbone layer, a [1, slots, kv_heads, capacity, head_dim] K and V tensor, and one entry for all

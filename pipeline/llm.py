@@ -10,7 +10,7 @@ The state-dict layout is the released one, so checkpoints load by key name with 
     mtp_projs.{k}                                Linear(2H -> H), input = [embedding, hidden] (embedding first)
     model.norm, lm_head                          shared by the backbone and every module
 
-The forward here is the teacher-forced (training) pass; incremental decoding lives in `pipeline.generate`,
+The forward here is the teacher-forced (training) pass; incremental decoding lives in `pipeline.engine`,
 which drives `run_backbone` / `run_mtp_modules` (a batch mixing modules) with its own caches and masks.
 """
 from __future__ import annotations
@@ -147,7 +147,7 @@ class Qwen2MTPForCausalLM(Qwen2PreTrainedModel):
             raise ValueError(f"MCTP module index k={k} out of range [0, {self.num_mtp_modules})")
         return self.num_backbone_layers + k
 
-    # --- building blocks used by the training forward and by pipeline.generate --------------------------
+    # --- building blocks used by the training forward and by pipeline.engine ----------------------------
     def run_backbone(
         self,
         inputs_embeds: torch.Tensor,

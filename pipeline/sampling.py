@@ -1,4 +1,4 @@
-"""Token selection for the decode engine: HF sampling semantics plus the output constraint.
+"""Token selection for the LLM engine: HF sampling semantics plus the output constraint.
 
 Scores are processed exactly as transformers' `generate` does (logits in float32; repetition penalty over
 prompt + generated ids, applied to every step including MCTP ones; then, when sampling, temperature ->

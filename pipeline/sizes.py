@@ -1,8 +1,8 @@
 """The named model sizes, in one place: "tiny" (the built-in test set `vita-audio tiny` writes), "bench" (the
 benchmark size of ../shared/research/original-speed.md) and "7B" (the released VITA-Audio, spec §1).
 
-`llm_size(name)` gives an LLM's shape, `decoder_shape(name)` the speech decoder's (as `FlowConfig` /
-`HiFTConfig` arguments; `pipeline.decoder.tiny.decoder_config(name)` builds the config); the random writers
+`llm_size(name)` gives an LLM's shape, `encoder_shape(name)` the speech encoder's, `decoder_shape(name)` the
+audio decoder's (as `FlowConfig` / `HiFTConfig` arguments; `pipeline.decoder.tiny.decoder_config(name)` builds the config); the random writers
 (`pipeline.tiny.write_model_set`) put a set of a size on disk in the released formats; `build_llm` builds a
 random LLM of a size in memory; `make_drafting_model` turns one into a model whose MCTP drafts agree with
 its backbone (lossless decoding's good case). Plain data, below every model module.
@@ -15,7 +15,7 @@ import torch
 
 from pipeline.tokens import MODES
 
-__all__ = ["LLMSize", "LLM_SIZES", "SIZES", "llm_size", "decoder_shape", "build_llm", "make_drafting_model",
+__all__ = ["LLMSize", "LLM_SIZES", "SIZES", "llm_size", "decoder_shape", "encoder_shape", "ENCODER_SIZES", "build_llm", "make_drafting_model",
            "RELEASE_VOCAB_SIZE", "CODEBOOK_SIZE"]
 
 CODEBOOK_SIZE = 16384  # GLM-4-Voice VQ: the encoder's, the decoder's and the LLM's audio codebook
@@ -57,7 +57,14 @@ _DECODER = {
               "hift": dict(base_channels=128, f0_cond_channels=128)},
     "7B": {"flow": {}, "hift": {}},  # the released glm-4-voice-decoder: the configs' defaults
 }
+# speech encoder: overrides of `pipeline.encoder.tiny_encoder_config` (the released structure at small widths)
+_ENCODER = {
+    "tiny": {},  # d_model 32, 2 heads, FFN 64
+    "bench": dict(d_model=256, encoder_attention_heads=4, encoder_ffn_dim=1024, encoder_layers=4,
+                  quantize_position=4, pooling_position=4),
+}
 SIZES = tuple(LLM_SIZES)
+ENCODER_SIZES = tuple(_ENCODER)
 
 
 def llm_size(name: str) -> LLMSize:
@@ -72,6 +79,13 @@ def decoder_shape(name: str) -> dict[str, dict]:
         raise ValueError(f"unknown decoder size {name!r}: use one of {sorted(_DECODER)}")
     shape = _DECODER[name]
     return {"flow": dict(vocab_size=CODEBOOK_SIZE, block_size=10, **shape["flow"]), "hift": dict(shape["hift"])}
+
+
+def encoder_shape(name: str) -> dict:
+    """`tiny_encoder_config(**overrides)` overrides of the speech encoder of a size (tiny, bench; 7B: the release)."""
+    if name not in _ENCODER:
+        raise ValueError(f"unknown encoder size {name!r}: use one of {sorted(_ENCODER)}")
+    return dict(_ENCODER[name])
 
 
 def build_llm(size: str | LLMSize, vocab_size: int = 69632, seed: int = 11):

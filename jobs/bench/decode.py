@@ -1,4 +1,4 @@
-"""`vita-audio bench decode`: the decode engine per schedule, on the bench-sized random model.
+"""`vita-audio bench decode`: the LLM engine (`DecodeEngine`) per decode mode, on the bench-size random model.
 
 Model and protocol are those of ../shared/research/original-speed.md (LLM part), so the numbers sit next to
 the original's: the "bench" size of `pipeline.sizes` (28 backbone layers + 10 MCTP modules, hidden 256,

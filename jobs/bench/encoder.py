@@ -1,6 +1,6 @@
-"""`vita-audio bench encoder`: speech tokenizer throughput, all clips in one batched call vs one by one.
+"""`vita-audio bench encoder`: speech encoder throughput, all clips in one batched call vs one by one.
 
-Audio seconds tokenized per CPU second (process time, all threads) and per wall second, on the
+Audio seconds encoded per CPU second (process time, all threads) and per wall second, on the
 tiny encoder and on a bench-sized random encoder (d_model 256, 4 heads, FFN 1024, 4 layers, codebook
 16384), both written in the released format and read back with `load_encoder`. Clips come from the
 mini-speech corpus, decoded and resampled before timing so only features + model are measured. The
@@ -17,15 +17,12 @@ from pathlib import Path
 import torch
 
 from jobs.bench.report import markdown_table, write_report
+from pipeline.sizes import ENCODER_SIZES, encoder_shape
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CORPUS = Path(os.environ.get("VITA_AUDIO_SHARED", REPO.parent / "shared")) / "corpora" / "mini-speech"
 AUDIO_SUFFIXES = (".flac", ".wav", ".ogg")
-SIZES = {
-    "tiny": {},  # write_tiny_encoder: d_model 32, 2 heads, FFN 64, 2 layers
-    "bench": dict(d_model=256, encoder_attention_heads=4, encoder_ffn_dim=1024, encoder_layers=4,
-                  quantize_position=4, pooling_position=4),
-}
+SIZES = ENCODER_SIZES  # pipeline.sizes: tiny (write_tiny_encoder), bench
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -56,19 +53,19 @@ def run(args: argparse.Namespace) -> dict:
     rows, details = [], {}
     with tempfile.TemporaryDirectory(prefix="bench-encoder-") as tmp:
         for size in sizes:
-            config = tiny_encoder_config(**SIZES[size])
-            tokenizer = load_encoder(write_random_encoder(Path(tmp) / size, config, seed=args.seed),
+            config = tiny_encoder_config(**encoder_shape(size))
+            encoder = load_encoder(write_random_encoder(Path(tmp) / size, config, seed=args.seed),
                                      max_batch_windows=args.batch_windows)
-            waveforms = [tokenizer.load(f) for f in files]
-            audio_seconds = sum(len(w) for w in waveforms) / tokenizer.sample_rate
+            waveforms = [encoder.load(f) for f in files]
+            audio_seconds = sum(len(w) for w in waveforms) / encoder.sample_rate
             modes = {
-                "one_by_one": lambda: [tokenizer.tokenize_waveforms([w])[0] for w in waveforms],
-                "batched": lambda: tokenizer.tokenize_waveforms(waveforms),
+                "one_by_one": lambda: [encoder.tokenize_waveforms([w])[0] for w in waveforms],
+                "batched": lambda: encoder.tokenize_waveforms(waveforms),
             }
             timings = _best_interleaved(modes, args.repeats)
             one_by_one, batched = timings["one_by_one"], timings["batched"]
             identical = batched["result"] == one_by_one["result"]
-            n_params = sum(p.numel() for p in tokenizer.model.parameters())
+            n_params = sum(p.numel() for p in encoder.model.parameters())
             for mode, timing in (("one_by_one", one_by_one), ("batched", batched)):
                 rows.append({
                     "encoder": size, "params_M": n_params / 1e6, "mode": mode, "clips": len(waveforms),

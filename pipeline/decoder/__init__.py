@@ -1,4 +1,4 @@
-"""GLM-4-Voice speech decoder: audio ids (12.5 Hz) -> flow matching -> mel -> HiFT -> 22.05 kHz PCM.
+"""The audio decoder (GLM-4-Voice speech decoder): audio codes (12.5 Hz) -> flow matching -> mel -> HiFT -> 22.05 kHz PCM.
 
 Modules, bottom up: `config` (safe reading of the released config.yaml), `flow` (token encoder, length
 regulator, conditional flow matching with its U-Net estimator), `hift` (HiFT vocoder with NSF source),

@@ -17,7 +17,7 @@ import yaml
 
 
 class DecoderError(ValueError):
-    """Bad decoder input: a malformed or unsafe checkpoint folder, or bad audio ids."""
+    """Bad decoder input: a malformed or unsafe checkpoint folder, or bad audio codes."""
 
 
 @dataclass(frozen=True)

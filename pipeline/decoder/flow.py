@@ -1,4 +1,4 @@
-"""Flow-matching model: audio ids -> 80-bin mel at 22050/256 frames per second.
+"""Flow-matching model: audio codes -> 80-bin mel at 22050/256 frames per second.
 
 Data path (GLM-4-Voice `MaskedDiffWithXvec.inference`, eval mode):
   ids -> input_embedding -> BlockConformerEncoder (relative positions, block-causal attention)

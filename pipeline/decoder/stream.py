@@ -68,7 +68,7 @@ class DecoderStream:
         return self.kind
 
     def push(self, codes, final: bool = False) -> np.ndarray:
-        """Add ids (codebook indices); return the PCM that became ready (float32, maybe empty)."""
+        """Add audio codes (codebook indices); return the PCM that became ready (float32, maybe empty)."""
         self.check_open()
         codes = self.decoder.check_codes(codes, allow_empty=True)
         self.codes_received += len(codes)
