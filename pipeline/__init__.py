@@ -12,7 +12,7 @@ __all__ = ["Qwen2MTPConfig", "Qwen2MTPForCausalLM", "load_llm", "load_encoder", 
 
 
 def load_encoder(path, device="cpu", dtype=None):
-    """Load a glm-4-voice-tokenizer folder as a `SpeechTokenizer` (waveform -> 12.5 Hz audio ids)."""
+    """Load a glm-4-voice-tokenizer folder as a `SpeechEncoder` (waveform -> 12.5 Hz audio ids)."""
     from pipeline.encoder import load_encoder as _load
 
     return _load(path, device=device, dtype=dtype)

@@ -1,4 +1,4 @@
-"""GLM-4-Voice speech tokenizer: 16 kHz speech -> 12.5 Hz audio ids (spec §4).
+"""GLM-4-Voice speech encoder (its "speech tokenizer"): 16 kHz speech -> 12.5 Hz audio codes (spec §4).
 
 Data path, for one 30 s window of a clip:
 
@@ -10,7 +10,7 @@ Data path, for one 30 s window of a clip:
       -> nearest codebook vector (squared L2) after layer `quantize_position` -> ids (T_f/8,)
 
 The model (config and modules, up to the quantizer) is `pipeline.whisper_vq`, re-exported here; the
-features are transformers' `WhisperFeatureExtractor` configured from the checkpoint folder. `SpeechTokenizer` adds what the
+features are transformers' `WhisperFeatureExtractor` configured from the checkpoint folder. `SpeechEncoder` adds what the
 original `extract_speech_token` does around the model (30 s windows, padding to a multiple of one
 token, keeping the valid tokens) and batches clips of different lengths in one forward with
 results identical to tokenizing them one by one.
@@ -40,6 +40,7 @@ from pipeline.whisper_vq import (  # noqa: F401  (re-exported: the model is part
 __all__ = [
     "WhisperVQConfig",
     "WhisperVQEncoder",
+    "SpeechEncoder",
     "SpeechTokenizer",
     "load_encoder",
     "write_tiny_encoder",
@@ -57,10 +58,10 @@ KEY_PREFIXES = ("model.encoder.", "encoder.", "model.")  # tolerated in front of
 
 
 # ---------------------------------------------------------------------------------------------
-# the tokenizer: waveform(s) -> ids
+# the speech encoder: waveform(s) -> audio codes
 
 
-class SpeechTokenizer:
+class SpeechEncoder:
     """WhisperFeatureExtractor + WhisperVQEncoder: audio (path, bytes or array) -> list of audio ids.
 
     One clip is cut into `chunk_length` (30 s) windows; each clip's windows go through the feature
@@ -187,8 +188,8 @@ class SpeechTokenizer:
 # loading the released folder
 
 
-def load_encoder(path, device="cpu", dtype=None, **tokenizer_kwargs) -> SpeechTokenizer:
-    """glm-4-voice-tokenizer folder (config.json, weights, preprocessor_config.json) -> SpeechTokenizer.
+def load_encoder(path, device="cpu", dtype=None, **tokenizer_kwargs) -> SpeechEncoder:
+    """glm-4-voice-tokenizer folder (config.json, weights, preprocessor_config.json) -> SpeechEncoder.
 
     Weights: model.safetensors or pytorch_model.bin, single or sharded with an index (pipeline.checkpoints).
 
@@ -221,7 +222,7 @@ def load_encoder(path, device="cpu", dtype=None, **tokenizer_kwargs) -> SpeechTo
     model.load_state_dict(_map_state_dict(state, model), strict=True)
     dtype = _resolve_dtype(dtype)
     model.to(device=torch.device(device), dtype=dtype)
-    return SpeechTokenizer(model, feature_extractor, **tokenizer_kwargs)
+    return SpeechEncoder(model, feature_extractor, **tokenizer_kwargs)
 
 
 def _map_state_dict(state: dict[str, torch.Tensor], model: WhisperVQEncoder) -> dict[str, torch.Tensor]:
@@ -323,7 +324,7 @@ def write_random_encoder(out_dir, config: WhisperVQConfig, seed: int = 0) -> Pat
         model.embed_positions2.weight.copy_(model.embed_positions.weight[: model.embed_positions2.num_embeddings])
 
         feature_extractor = _feature_extractor(config)
-        tokenizer = SpeechTokenizer(model, feature_extractor)
+        tokenizer = SpeechEncoder(model, feature_extractor)
         speech = _speech_like(8.0, tokenizer.sample_rate, np.random.default_rng(int(seed)))
         inputs = tokenizer.features(speech)
         hidden = model(**inputs).pre_vq_hidden.reshape(-1, config.d_model).double()
@@ -376,3 +377,6 @@ def _speech_like(seconds: float, sample_rate: int, rng: np.random.Generator) -> 
         pieces.append(np.hanning(n) * signal)
     speech = np.concatenate(pieces)[:total]
     return (0.5 * speech / np.abs(speech).max()).astype(np.float32)
+
+
+SpeechTokenizer = SpeechEncoder  # the name GLM-4-Voice gives it ("speech tokenizer"); one word here: speech encoder

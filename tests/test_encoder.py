@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.audio import AudioError
 from pipeline.encoder import (
-    SpeechTokenizer,
+    SpeechEncoder,
     WhisperVQConfig,
     load_encoder,
     tiny_encoder_config,
@@ -32,7 +32,7 @@ def codec(shared_dir):
 
 
 @pytest.fixture(scope="module")
-def fixture_tokenizer(codec) -> SpeechTokenizer:
+def fixture_tokenizer(codec) -> SpeechEncoder:
     return load_encoder(codec / "encoder")
 
 
@@ -42,7 +42,7 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_dir) -> SpeechTokenizer:
+def tiny(tiny_dir) -> SpeechEncoder:
     return load_encoder(tiny_dir)
 
 
@@ -148,7 +148,7 @@ VARIANTS = {
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
-def variant(request, tmp_path_factory) -> SpeechTokenizer:
+def variant(request, tmp_path_factory) -> SpeechEncoder:
     config = tiny_encoder_config(quantize_vocab_size=512, **VARIANTS[request.param])
     return load_encoder(write_random_encoder(tmp_path_factory.mktemp(request.param), config, seed=3))
 
@@ -250,7 +250,7 @@ def test_malformed_inputs_raise_audio_errors(tiny, corpus_files):
     with pytest.raises(AudioError, match=r"audios\[1\]: audio contains 1 NaN"):
         tiny.tokenize_batch([corpus_files[0], np.array([0.0, np.nan], np.float32)], [None, 16000])
     with pytest.raises(AudioError, match="over the limit"):
-        SpeechTokenizer(tiny.model, tiny.feature_extractor, max_seconds=1.0).tokenize(corpus_files[0])
+        SpeechEncoder(tiny.model, tiny.feature_extractor, max_seconds=1.0).tokenize(corpus_files[0])
     with pytest.raises(ValueError, match="sample_rates has 1 entries for 2 audios"):
         tiny.tokenize_batch([corpus_files[0], corpus_files[1]], [None])
     with pytest.raises(ValueError, match="more than max_source_positions"):
@@ -349,7 +349,7 @@ def test_device_and_dtype_parameters(tiny_dir, corpus_files):
     assert load_encoder(tiny_dir, device="cpu", dtype=torch.float32).device.type == "cpu"
     import pipeline
 
-    assert isinstance(pipeline.load_encoder(tiny_dir), SpeechTokenizer)  # the package-level entry point
+    assert isinstance(pipeline.load_encoder(tiny_dir), SpeechEncoder)  # the package-level entry point
 
 
 def test_config_validation():
