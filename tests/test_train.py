@@ -113,8 +113,8 @@ def test_grad_accumulation_normalises_by_the_window_token_count(tiny_llm):
 
 
 def test_config_checks_refuse_before_any_worker(tmp_path, tiny_llm):
-    plan = train_run.load_recipe("tiny", ["stage2.num_mtp_modules=0", "max_steps=3"])
-    assert plan[1]["max_steps"] == 3 and plan[4]["mtp_lr_mult"] == 10.0
+    plan = train_run.load_recipe("tiny", ["stage2.num_mtp_modules=0", "max_steps=3", "stage1.lr=3e-3"])
+    assert plan[1]["max_steps"] == 3 and plan[4]["mtp_lr_mult"] == 10.0 and plan[1]["lr"] == 3e-3
     with pytest.raises(train_run.TrainConfigError, match="no MCTP module"):
         train_run.check_stage(plan[2], 10**6, 2, 2**34)
     with pytest.raises(train_run.TrainConfigError, match="zero_stage: 3"):
@@ -130,3 +130,278 @@ def test_config_checks_refuse_before_any_worker(tmp_path, tiny_llm):
         train_run.check_shards(tmp_path)
     with pytest.raises(train_run.TrainConfigError, match="not found"):
         train_run.load_recipe("nope")
+
+
+@pytest.fixture(scope="module")
+def mini_speech_shards(ray_session, tiny_models, shared_dir, tmp_path_factory):
+    """mini-speech's 40 LibriSpeech utterances as ASR training shards, made by the corpus-preparation job."""
+    from jobs.prepare.job import PoolConfig, PrepareConfig, run_prepare
+
+    out = tmp_path_factory.mktemp("prepared")
+    manifest = run_prepare(PrepareConfig(
+        sources=[f"librispeech:{shared_dir / 'corpora' / 'mini-speech' / 'LibriSpeech'}"], out=str(out),
+        tasks=("asr",), models=str(tiny_models), progress=False, encoder=PoolConfig(size=1, batch_size=8),
+        block_size=16))
+    assert manifest["counts"]["samples"] == 40
+    return out / "shards"
+
+
+def write_tiny_shard(out_dir, tokenizer, n: int = 12) -> None:
+    """A shard with the corpus-preparation columns from the tiny tokenizer (text only: the fast CLI checks)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    words = ["hello world", "good morning", "speech to text", "the cat sat", "a small model", "ray train"]
+    rows = {c: [] for c in ("id", "source", "task", "input_ids", "labels", "audio_seconds")}
+    for i in range(n):
+        prompt = tokenizer("Convert the speech to text.\n")["input_ids"]
+        answer = tokenizer(words[i % len(words)] + f" {i}")["input_ids"] + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        rows["id"].append(f"s{i:03d}")
+        rows["source"].append("tiny")
+        rows["task"].append("asr")
+        rows["input_ids"].append(prompt + answer)
+        rows["labels"].append([-100] * len(prompt) + answer)
+        rows["audio_seconds"].append(0.0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), out_dir / "part-00000.parquet")
+
+
+@pytest.mark.slow
+def test_tiny_four_stage_run_on_ray_train(mini_speech_shards, tiny_llm, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from jobs.train.train_func import build_model
+
+    run_dir = tmp_path / "run"
+    overrides = ["max_steps=2", "save_every=1", "max_length=128"]
+    manifest = train_run.run("tiny", str(mini_speech_shards), str(tiny_llm), str(run_dir), stages="1-4", workers=2,
+                             overrides=overrides)
+    stages = manifest["stages"]
+    assert [stages[str(n)]["status"] for n in range(1, 5)] == ["done"] * 4
+    assert json.loads((run_dir / "run.json").read_text())["stages"] == json.loads(json.dumps(stages))
+    assert stages["1"]["init"] == str(tiny_llm.resolve())
+    for n in (2, 3, 4):  # each stage starts from the folder the previous one wrote, as run.json records it
+        assert stages[str(n)]["init"] == stages[str(n - 1)]["folder"] == str(run_dir / f"stage{n - 1}")
+    models = {n: load_llm(run_dir / f"stage{n}", dtype=torch.float32) for n in range(1, 5)}
+    assert [models[n].num_mtp_modules for n in range(1, 5)] == [0, 1, 10, 10]
+    for n, mode in ((1, [1, 0]), (2, [1, 1]), (3, [1, 10, 4, 10]), (4, [1, 10, 4, 10])):
+        assert json.loads((run_dir / f"stage{n}" / "generation_config.json").read_text())["mtp_inference_mode"] == mode
+        assert (run_dir / f"stage{n}" / "model.safetensors").is_file()
+        assert (run_dir / f"stage{n}" / "tokenizer.json").is_file()
+        hf = AutoModelForCausalLM.from_pretrained(run_dir / f"stage{n}", dtype=torch.float32)
+        for key, value in hf.state_dict().items():
+            assert torch.equal(value, models[n].state_dict()[key]), (n, key)
+    sd = {n: models[n].state_dict() for n in range(1, 5)}
+    keys = backbone_keys(models[1])
+    for n in (2, 3):  # the language model is frozen in stages 2-3: bit-identical
+        for key in keys:
+            assert torch.equal(sd[n][key], sd[1][key]), (n, key)
+    assert any(not torch.equal(sd[4][k], sd[3][k]) for k in keys)  # stage 4 trains everything
+
+    # how the workers started stages 2 and 3 (the same build from the config run.json recorded): stage 2's
+    # module is the last backbone layer, stage 3's ten modules are stage 2's trained one (spec §6.1)
+    NB = models[1].num_backbone_layers
+    start2 = build_model(stages["2"]["config"]).state_dict()
+    start3 = build_model(stages["3"]["config"]).state_dict()
+    for key, value in sd[1].items():
+        if key.startswith(f"model.layers.{NB - 1}."):
+            assert torch.equal(start2[key.replace(f"layers.{NB - 1}.", f"layers.{NB}.", 1)], value), key
+    for k in range(10):
+        for key, value in sd[2].items():
+            if key.startswith(f"model.layers.{NB}."):
+                assert torch.equal(start3[key.replace(f"layers.{NB}.", f"layers.{NB + k}.", 1)], value), key
+        assert torch.equal(start3[f"mtp_projs.{k}.weight"], sd[2]["mtp_projs.0.weight"])
+    assert not torch.equal(sd[2][f"model.layers.{NB}.mlp.up_proj.weight"], start2[f"model.layers.{NB}.mlp.up_proj.weight"])
+
+    for n in range(1, 5):
+        metrics = [json.loads(line) for line in (run_dir / f"stage{n}.metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
+        assert all(m["tokens_per_s"] > 0 and m["lr"] > 0 for m in metrics)
+        assert all(len(m["mtp_losses"]) == models[n].num_mtp_modules for m in metrics)
+
+    # `vita-audio train` on the same run folder: finished stages are not rerun (their folders stay untouched)
+    from jobs.cli import main
+
+    stamp = (run_dir / "stage4" / "model.safetensors").stat().st_mtime_ns
+    code = main(["train", "--recipe", "tiny", "--data", str(mini_speech_shards), "--init", str(tiny_llm),
+                 "--out", str(run_dir), "--stages", "1-4", "--workers", "2", *overrides, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "stages [1, 2, 3, 4] done" in err, err
+    again = json.loads(out.strip().splitlines()[-1])
+    assert again["stages"]["4"]["finished"] == stages["4"]["finished"]
+    assert (run_dir / "stage4" / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory, tiny_llm):
+    from transformers import AutoTokenizer
+
+    data = tmp_path_factory.mktemp("train-shards")
+    write_tiny_shard(data, AutoTokenizer.from_pretrained(tiny_llm))
+    return data
+
+
+def _refuse_ray(monkeypatch) -> list:
+    """`ray.init` records and refuses (Ray also looks not started: another module's session Ray may be up)."""
+    import ray
+
+    calls: list = []
+    monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append(k) or (_ for _ in ()).throw(
+        AssertionError("ray.init called before the checks finished")))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    return calls
+
+
+def _bad_schema(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "bad").mkdir(exist_ok=True)
+    pq.write_table(pa.table({"id": ["x"], "input_ids": [[1, 2]]}), tmp_path / "bad" / "part-0.parquet")
+    return tmp_path / "bad"
+
+
+CLI_CASES = {
+    "stage 2 without an MCTP module": (lambda d, t: [], ["stage2.num_mtp_modules=0"], "num_mtp_modules >= 1"),
+    "shard schema mismatch": (lambda d, t: ["--data", str(_bad_schema(t))], [], "lacks columns"),
+    "ZeRO stage that does not fit": (lambda d, t: [], ["zero_stage=0"], None),
+    "unknown override key": (lambda d, t: [], ["max_step=3"], "unknown key 'max_step'"),
+    "override without =": (lambda d, t: [], ["max_steps"], "not key=value"),
+    "stage range": (lambda d, t: ["--stages", "2-7"], [], "--stages '2-7'"),
+    "stage range syntax": (lambda d, t: ["--stages", "one"], [], "use N or N-M"),
+    "no shards": (lambda d, t: ["--data", str(t)], [], "vita-audio prepare"),
+    "missing data folder": (lambda d, t: ["--data", str(t / "nope")], [], "not a folder"),
+    "init not a model": (lambda d, t: ["--init", str(t)], [], "no config.json"),
+    "unknown recipe": (lambda d, t: ["--recipe", "huge"], [], "recipe 'huge' not found"),
+    "workers": (lambda d, t: ["--workers", "0"], [], "--workers must be >= 1"),
+    "not a number": (lambda d, t: [], ["stage3.lr=fast"], "lr='fast' must be a number"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLI_CASES))
+def test_train_cli_refuses_a_bad_config_in_one_line_before_ray(case, tiny_shards, tiny_llm, tmp_path, capsys,
+                                                               monkeypatch):
+    from jobs.cli import main
+
+    calls = _refuse_ray(monkeypatch)
+    extra, overrides, message = CLI_CASES[case]
+    if case == "ZeRO stage that does not fit":  # a tiny model cannot fill a machine: pretend 1 MiB per worker
+        monkeypatch.setattr(train_run, "_memory_per_worker", lambda workers, gpus: 2**20)
+        message = "use zero_stage: 3"
+    argv = ["train", "--data", str(tiny_shards), "--init", str(tiny_llm), "--out", str(tmp_path / "run"),
+            *extra(tiny_shards, tmp_path), *overrides]
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert message in lines[0], lines[0]
+    assert calls == [] and not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory, tiny_llm):
+    from transformers import AutoTokenizer
+
+    data = tmp_path_factory.mktemp("train-shards")
+    write_tiny_shard(data, AutoTokenizer.from_pretrained(tiny_llm))
+    return data
+
+
+def _refuse_ray(monkeypatch) -> list:
+    """`ray.init` records and refuses (Ray also looks not started: another module's session Ray may be up)."""
+    import ray
+
+    calls: list = []
+    monkeypatch.setattr(ray, "init", lambda *a, **k: calls.append(k) or (_ for _ in ()).throw(
+        AssertionError("ray.init called before the checks finished")))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    return calls
+
+
+def _bad_schema(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "bad").mkdir(exist_ok=True)
+    pq.write_table(pa.table({"id": ["x"], "input_ids": [[1, 2]]}), tmp_path / "bad" / "part-0.parquet")
+    return tmp_path / "bad"
+
+
+CLI_CASES = {
+    "stage 2 without an MCTP module": (lambda d, t: [], ["stage2.num_mtp_modules=0"], "num_mtp_modules >= 1"),
+    "shard schema mismatch": (lambda d, t: ["--data", str(_bad_schema(t))], [], "lacks columns"),
+    "ZeRO stage that does not fit": (lambda d, t: [], ["zero_stage=0"], None),
+    "unknown override key": (lambda d, t: [], ["max_step=3"], "unknown key 'max_step'"),
+    "override without =": (lambda d, t: [], ["max_steps"], "not key=value"),
+    "stage range": (lambda d, t: ["--stages", "2-7"], [], "--stages '2-7'"),
+    "stage range syntax": (lambda d, t: ["--stages", "one"], [], "use N or N-M"),
+    "no shards": (lambda d, t: ["--data", str(t)], [], "vita-audio prepare"),
+    "missing data folder": (lambda d, t: ["--data", str(t / "nope")], [], "not a folder"),
+    "init not a model": (lambda d, t: ["--init", str(t)], [], "no config.json"),
+    "unknown recipe": (lambda d, t: ["--recipe", "huge"], [], "recipe 'huge' not found"),
+    "workers": (lambda d, t: ["--workers", "0"], [], "--workers must be >= 1"),
+    "not a number": (lambda d, t: [], ["stage3.lr=fast"], "lr='fast' must be a number"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CLI_CASES))
+def test_train_cli_refuses_a_bad_config_in_one_line_before_ray(case, tiny_shards, tiny_llm, tmp_path, capsys,
+                                                               monkeypatch):
+    from jobs.cli import main
+
+    calls = _refuse_ray(monkeypatch)
+    extra, overrides, message = CLI_CASES[case]
+    if case == "ZeRO stage that does not fit":  # a tiny model cannot fill a machine: pretend 1 MiB per worker
+        monkeypatch.setattr(train_run, "_memory_per_worker", lambda workers, gpus: 2**20)
+        message = "use zero_stage: 3"
+    argv = ["train", "--data", str(tiny_shards), "--init", str(tiny_llm), "--out", str(tmp_path / "run"),
+            *extra(tiny_shards, tmp_path), *overrides]
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert message in lines[0], lines[0]
+    assert calls == [] and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_stage_resumes_from_its_last_checkpoint(mini_speech_shards, tiny_llm, tmp_path):
+    """Rank 1 is SIGKILLed (by the PID it writes) once step 2's checkpoint is complete; Ray Train restarts the
+    worker group (FailureConfig), the stage resumes from that checkpoint and ends with the same step count and
+    weights as an uninterrupted run of the same stage."""
+    import os
+    import signal
+    import threading
+    import time
+
+    overrides = ["max_steps=6", "save_every=1", "max_length=128", "grad_accum=1"]
+    killed: dict = {}
+    run_dir = tmp_path / "killed"
+
+    def kill_rank1_mid_stage():
+        ckpts, deadline = run_dir / "checkpoints" / "stage1", time.monotonic() + 600
+        while time.monotonic() < deadline and not killed:
+            if (ckpts / "step2" / "complete.json").is_file() and (ckpts / "rank1.pid").is_file():
+                pid = int((ckpts / "rank1.pid").read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.update(pid=pid, at=time.monotonic())
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_rank1_mid_stage, daemon=True)
+    killer.start()
+    resumed = train_run.run("tiny", str(mini_speech_shards), str(tiny_llm), str(run_dir), stages="1", workers=2,
+                            overrides=overrides, max_failures=1)
+    killer.join(timeout=5)
+    assert killed, "the stage finished before the worker could be killed"
+    assert int((run_dir / "checkpoints" / "stage1" / "rank1.pid").read_text()) != killed["pid"]  # a new worker
+    steps = [json.loads(line)["step"] for line in (run_dir / "stage1.metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6] and resumed["stages"]["1"]["metrics"]["step"] == 6
+
+    plain_dir = tmp_path / "plain"
+    train_run.run("tiny", str(mini_speech_shards), str(tiny_llm), str(plain_dir), stages="1", workers=2,
+                  overrides=overrides)
+    a = load_llm(run_dir / "stage1", dtype=torch.float32).state_dict()
+    b = load_llm(plain_dir / "stage1", dtype=torch.float32).state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)

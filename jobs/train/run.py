@@ -19,6 +19,8 @@ from jobs.train.packing import REQUIRED_COLUMNS
 
 RECIPES = Path(__file__).parent / "recipes"
 STAGE_KEYS = ("num_mtp_modules", "language_model_frozen", "lr", "mtp_inference_mode")
+NUMBERS = ("lr", "mtp_lr_mult", "weight_decay", "warmup_ratio", "min_lr_ratio", "max_grad_norm", "eps", "max_steps",
+           "grad_accum", "save_every", "max_length", "num_mtp_modules", "zero_stage")
 
 
 class TrainConfigError(ValueError):
@@ -45,8 +47,19 @@ def load_recipe(recipe: str, overrides: list[str] = ()) -> dict[int, dict]:
             n, key = key[5:].split(".", 1)
             target = [stages[int(n)]]
         for s in target:
-            s[key] = yaml.safe_load(value)
+            s[key] = _value(value)
     return stages
+
+
+def _value(text: str):
+    """A YAML value, with `3e-3` read as a number (YAML 1.1 takes exponents without a dot for strings)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def parse_stages(spec: str) -> list[int]:
@@ -75,6 +88,9 @@ def check_stage(cfg: dict, n_params: int, workers: int, memory_bytes: int) -> No
     if cfg["language_model_frozen"] and cfg["num_mtp_modules"] < 1:
         raise TrainConfigError(f"stage {cfg['stage']} freezes the language model but has no MCTP module, so "
                                "nothing would train: set num_mtp_modules >= 1 or language_model_frozen: false")
+    for key in NUMBERS:
+        if key in cfg and (isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float))):
+            raise TrainConfigError(f"stage {cfg['stage']}: {key}={cfg[key]!r} must be a number")
     if cfg["zero_stage"] not in (0, 1, 2, 3):
         raise TrainConfigError(f"zero_stage {cfg['zero_stage']!r}: use 0, 1, 2 or 3")
     if cfg["max_steps"] < 1 or cfg["grad_accum"] < 1 or cfg["save_every"] < 1:
@@ -115,33 +131,58 @@ class Manifest:
         tmp.replace(self.path)
 
 
+def plan_run(recipe: str, data: str, init: str, stages: str = "1-4", workers: int = 2,
+             gpus_per_worker: float = 0, overrides: list[str] = ()) -> tuple[dict[int, dict], list[int]]:
+    """Every check that needs no worker: recipe and overrides, stage range, shards, starting folder, memory.
+    Returns the stage configs and the stage numbers to run; raises TrainConfigError with the fix."""
+    known = set().union(*(s.keys() for s in load_recipe(recipe).values()))
+    plan = load_recipe(recipe, list(overrides))
+    for item in overrides:
+        key = item.partition("=")[0].split(".", 1)[-1] if item.startswith("stage") else item.partition("=")[0]
+        if key not in known:
+            raise TrainConfigError(f"override {item!r}: unknown key {key!r} (recipe keys: {', '.join(sorted(known))})")
+    try:
+        wanted = parse_stages(stages)
+    except ValueError:
+        raise TrainConfigError(f"--stages {stages!r}: use N or N-M, like 1-4 or 3") from None
+    unknown = [n for n in wanted if n not in plan]
+    if not wanted or unknown:
+        raise TrainConfigError(f"--stages {stages!r}: the recipe has stages {sorted(plan)}")
+    if workers < 1 or gpus_per_worker < 0:
+        raise TrainConfigError("--workers must be >= 1 and --gpus-per-worker >= 0")
+    check_shards(data)
+    if not (Path(init) / "config.json").is_file():
+        raise TrainConfigError(f"--init {init!r}: not a model folder (no config.json); give the LLM folder "
+                               "(for example the llm/ of `vita-audio tiny`)")
+    n_params = _count_params(init)
+    memory = _memory_per_worker(workers, gpus_per_worker)
+    for n in wanted:
+        check_stage(plan[n], n_params, workers, memory)
+    return plan, wanted
+
+
 def run(recipe: str, data: str, init: str, out: str, stages: str = "1-4", workers: int = 2,
-        gpus_per_worker: float = 0, overrides: list[str] = (), max_failures: int = 1) -> dict:
+        gpus_per_worker: float = 0, overrides: list[str] = (), max_failures: int = 1,
+        cpus_per_worker: float = 1.0) -> dict:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from transformers import AutoTokenizer
 
     from jobs.train.train_func import train_func
 
+    plan, wanted = plan_run(recipe, data, init, stages, workers, gpus_per_worker, overrides)
     run_dir = Path(out).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    plan = load_recipe(recipe, list(overrides))
-    wanted = parse_stages(stages)
-    unknown = [n for n in wanted if n not in plan]
-    if unknown:
-        raise TrainConfigError(f"stages {unknown} are not in the recipe (it has {sorted(plan)})")
-    check_shards(data)
     manifest = Manifest(run_dir)
     manifest.data.update(recipe=str(recipe), data=str(Path(data).resolve()), init=str(Path(init).resolve()),
                          overrides=list(overrides), workers=workers)
-    n_params = _count_params(init)
-    memory = _memory_per_worker(workers, gpus_per_worker)
-    for n in wanted:
-        check_stage(plan[n], n_params, workers, memory)
     pad_id = AutoTokenizer.from_pretrained(init).pad_token_id
 
-    dataset = ray.data.read_parquet(data, columns=["id", "input_ids", "labels"])
+    # Read before the workers take their CPUs (on a small machine Data would get no CPU budget and wait forever);
+    # every worker sees the whole dataset and keeps its rank's slice of the id order (stable across restarts).
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    dataset = ray.data.read_parquet(data, columns=["id", "input_ids", "labels"]).materialize()
     start = Path(init).resolve()
     for n in wanted:
         entry = manifest.stage(n)
@@ -153,14 +194,16 @@ def run(recipe: str, data: str, init: str, out: str, stages: str = "1-4", worker
             continue
         cfg = copy.deepcopy(plan[n])
         cfg.update(init_dir=str(start), out_dir=str(run_dir / f"stage{n}"), pad_id=pad_id,
-                   ckpt_root=str(run_dir / "checkpoints" / f"stage{n}"))
+                   ckpt_root=str(run_dir / "checkpoints" / f"stage{n}"),
+                   metrics_path=str(run_dir / f"stage{n}.metrics.jsonl"))
         entry.update(status="running", init=str(start), config=cfg, started=time.time())
         manifest.save()
+        resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
         trainer = TorchTrainer(
             train_func, train_loop_config=cfg, torch_config=TorchConfig(backend="nccl" if gpus_per_worker else "gloo"),
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
-                                         resources_per_worker={"GPU": gpus_per_worker} if gpus_per_worker else None),
-            datasets={"train": dataset},
+                                         resources_per_worker=resources),
+            datasets={"train": dataset}, dataset_config=DataConfig(datasets_to_split=[]),
             run_config=RunConfig(name=f"stage{n}", storage_path=str(run_dir / "ray"),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  failure_config=FailureConfig(max_failures=max_failures)))

@@ -31,7 +31,7 @@ def build_model(cfg: dict):
     from pipeline.llm import load_llm
 
     model = load_llm(cfg["init_dir"], dtype=torch.float32)
-    if cfg["num_mtp_modules"] > model.num_mtp_modules:
+    if cfg["num_mtp_modules"] != model.num_mtp_modules:  # stage 1 from an MCTP folder drops them
         model = grow_mtp_modules(model, cfg["num_mtp_modules"], seed=cfg.get("seed", 42))
     model.config.mtp_loss_across_samples = bool(cfg.get("mtp_loss_across_samples", False))
     freeze_for_stage(model, cfg["language_model_frozen"])
@@ -51,6 +51,9 @@ def train_func(cfg: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    ckpt_root = Path(cfg["ckpt_root"])
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    (ckpt_root / f"rank{rank}.pid").write_text(str(os.getpid()))  # which process is which rank (ops, tests)
     torch.manual_seed(cfg.get("seed", 42))
     model = build_model(cfg)
     total = cfg["max_steps"]
@@ -70,7 +73,6 @@ def train_func(cfg: dict) -> None:
     }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
 
-    ckpt_root = Path(cfg["ckpt_root"])
     step = 0
     resume = ray.train.get_checkpoint()
     resume_dir = Path(resume.path) if resume is not None else latest_checkpoint(ckpt_root)
@@ -78,8 +80,10 @@ def train_func(cfg: dict) -> None:
         _, client = engine.load_checkpoint(str(resume_dir), tag="state")
         step = int(client["step"])
 
-    rows = _packed_rows(ray.train.get_dataset_shard("train"), cfg)
-    metrics_path = Path(cfg["out_dir"]).with_name(Path(cfg["out_dir"]).name + ".metrics.jsonl")
+    rows = _packed_rows(ray.train.get_dataset_shard("train"), cfg, rank, world)
+    metrics_path = Path(cfg["metrics_path"])
+    if rank == 0:
+        _keep_metrics_up_to(metrics_path, step)  # steps after the resumed checkpoint are trained again
     cursor = step * gas  # the data position is a function of the step, so a resumed run sees the same batches
     while step < total:
         window = [rows[(cursor + i) % len(rows)] for i in range(gas)]
@@ -98,9 +102,10 @@ def train_func(cfg: dict) -> None:
             sums["mtp"] = mtp if sums["mtp"] is None else sums["mtp"] + mtp
         step += 1
         dt = time.perf_counter() - t0
+        tokens = gas * len(window[0][0]) * world  # packed positions of every worker in this step
         metrics = {"stage": cfg["stage"], "step": step, "loss": sums["loss"], "backbone_loss": sums["backbone"],
                    "mtp_losses": [] if sums["mtp"] is None else sums["mtp"].tolist(),
-                   "lr": scheduler.get_last_lr()[0], "tokens_per_s": gas * len(window[0][0]) * world / dt}
+                   "lr": scheduler.get_last_lr()[0], "tokens": tokens, "step_s": dt, "tokens_per_s": tokens / dt, "time": time.time()}
         checkpoint = None
         if step % cfg["save_every"] == 0 or step == total:
             checkpoint = _save(engine, ckpt_root / f"step{step}", step, cfg, rank, dist)
@@ -110,20 +115,28 @@ def train_func(cfg: dict) -> None:
             if step % cfg.get("log_every", 1) == 0:
                 print(f"[stage {cfg['stage']}] step {step}/{total} loss {metrics['loss']:.4f} "
                       f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s", flush=True)
-        ray.train.report(metrics, checkpoint=checkpoint if rank == 0 else None)
+        if checkpoint is not None or step % cfg.get("log_every", 1) == 0:  # a sync of all ranks: not every step
+            ray.train.report(metrics, checkpoint=checkpoint if rank == 0 else None)
     if rank == 0:
         write_hf_folder(engine.module, cfg)
     dist.barrier()
 
 
-def _packed_rows(shard, cfg: dict) -> list:
-    samples = list(shard.iter_rows())
-    samples.sort(key=lambda s: str(s["id"]))  # shard order is not stable across restarts; the id order is
+def _packed_rows(shard, cfg: dict, rank: int, world: int) -> list:
+    """This worker's packed rows: every `world`-th sample of the id order, from `rank` (Ray Data's block order
+    is not stable across restarts; the id order is, so a resumed worker sees the same batches)."""
+    samples = sorted(shard.iter_rows(), key=lambda s: str(s["id"]))[rank::world]
     packed = pack(samples, cfg["max_length"], cfg["pad_id"])
     if not len(packed.input_ids):
         raise ValueError(f"no sample of this worker's shard fits max_length={cfg['max_length']} "
                          f"({packed.dropped} dropped): raise max_length or give the stage more data")
     return list(zip(packed.input_ids, packed.position_ids, packed.labels))
+
+
+def _keep_metrics_up_to(path: Path, step: int) -> None:
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
 
 
 def _save(engine, path: Path, step: int, cfg: dict, rank: int, dist):
@@ -133,6 +146,9 @@ def _save(engine, path: Path, step: int, cfg: dict, rank: int, dist):
     dist.barrier()
     if rank == 0:
         (path / COMPLETE).write_text(json.dumps({"step": step}))
+        done = sorted((p for p in path.parent.glob("step*") if (p / COMPLETE).is_file()), key=lambda p: int(p.name[4:]))
+        for old in done[:-cfg.get("keep_checkpoints", 2)]:  # Ray keeps its own copies (CheckpointConfig)
+            shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return Checkpoint.from_directory(str(path))
 
