@@ -75,16 +75,12 @@ def run(args) -> dict:
     import torch
 
     from jobs.bench.report import markdown_table, write_report
+    from jobs.common import resolve_models_dir, start_ray
 
     if args.quick:
         args.runs, args.max_new_tokens, args.n_steps, args.throughput_tokens = 1, 32, 4, 48
     torch.set_num_threads(args.threads)
-    started = False
-    if not ray.is_initialized():
-        repo = str(Path(__file__).resolve().parents[2])
-        ray.init(num_cpus=os.cpu_count(), num_gpus=3, include_dashboard=False, log_to_driver=False,
-                 object_store_memory=256 * 2**20, runtime_env={"env_vars": {"PYTHONPATH": repo}})
-        started = True
+    started = start_ray(num_cpus=os.cpu_count(), num_gpus=3)  # joins a running Ray, else starts a local one
     results, markdown = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                   if not k.startswith("_")}}, ""
     tmp = Path(tempfile.mkdtemp(prefix="vita-bench-pipeline-"))
@@ -98,11 +94,7 @@ def run(args) -> dict:
             markdown += "## Time to first audio, staged Ray vs in-process (bench-sized models, TTS)\n\n"
             markdown += markdown_table(rows) + "\n" + _latency_summary(results["latency"]) + "\n"
         if not args.skip_throughput:
-            tiny = args.models or os.environ.get("VITA_AUDIO_MODELS")
-            if tiny is None:
-                from pipeline.tiny import default_models_dir
-
-                tiny = default_models_dir()
+            tiny = resolve_models_dir(args.models)
             results["throughput"] = {
                 "engine": engine_throughput(args, tiny, "tiny set"),
                 "tiny": throughput(args, tiny, "tiny set", whole_pipeline=True),
