@@ -165,8 +165,12 @@ def test_lhotse_recipe_supervisions_and_cuts(tmp_path):
 
 
 def test_source_specs_and_config_errors(tmp_path, mini):
+    from jobs import cmd_prepare
     from jobs.prepare.job import PrepareConfig, SourceSpec
+    from jobs.prepare.recipes import RECIPES
 
+    assert cmd_prepare.KINDS == tuple(RECIPES) and set(cmd_prepare.TASKS) == set(__import__("jobs.prepare.samples",
+                                                                                          fromlist=["TASKS"]).TASKS)
     spec = SourceSpec.parse(f"librispeech:{mini / 'LibriSpeech'}@dev-clean-mini")
     assert spec.kind == "librispeech" and spec.parts == ("dev-clean-mini",)
     assert SourceSpec.parse(f"vita_jsonl:{mini / 'vita_jsonl'}").kind == "vita-jsonl"
@@ -232,7 +236,7 @@ def test_mini_speech_to_shards(prepared):
 def test_samples_decode_to_the_chat_layout(prepared, tiny_models, mini):
     from jobs.prepare.job import read_shards
     from pipeline.encoder import load_encoder
-    from pipeline.tokens import IGNORE_INDEX, BOOST_RATIO, TokenLayout, interleave, load_tokenizer
+    from pipeline.tokens import BOOST_RATIO, IGNORE_INDEX, TokenLayout, encode_text, interleave, load_tokenizer
 
     out, _ = prepared
     tokenizer = load_tokenizer(tiny_models / "llm")
@@ -240,39 +244,44 @@ def test_samples_decode_to_the_chat_layout(prepared, tiny_models, mini):
     encoder = load_encoder(tiny_models / "encoder")
     rows = {r["id"]: r for r in read_shards(out).to_pylist()}
 
+    def split(row):  # (prompt ids, assistant body ids) at the first scored label; the body ends "<|im_end|>\n"
+        n = next(i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX)
+        assert row["labels"][:n] == [IGNORE_INDEX] * n and row["labels"][n:] == row["input_ids"][n:]
+        return row["input_ids"][:n], row["input_ids"][n:]
+
+    def span(codes):
+        return "<|begin_of_audio|>" + "".join(f"<|audio_{c}|>" for c in codes) + "<|end_of_audio|>"
+
+    tail = [layout.im_end, *encode_text(tokenizer, "\n")]
     asr = rows["librispeech/1000-5000-0000/asr"]
     path = mini / "LibriSpeech" / "dev-clean-mini" / "1000" / "5000" / "1000-5000-0000.flac"
     codes = encoder.tokenize(str(path))
     assert layout.audio_codes(asr["input_ids"]) == codes == asr["audio_codes"][0]
     assert asr["audio_seconds"] == pytest.approx(sf.info(path).duration, abs=1e-3)
-    text = tokenizer.decode(asr["input_ids"])
-    audio = "<|begin_of_audio|>" + "".join(f"<|audio_{c}|>" for c in codes) + "<|end_of_audio|>"
-    prompt = f"<|im_start|>user\nConvert the speech to text.\n{audio}<|im_end|>\n<|im_start|>assistant\n"
-    assert text == prompt + "THE BIRCH CANOE SLID ON THE SMOOTH PLANKS<|im_end|>\n"
-    n_prompt = len(tokenizer.encode(prompt, add_special_tokens=False))
-    assert asr["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt and asr["labels"][n_prompt:] == asr["input_ids"][n_prompt:]
+    prompt, body = split(asr)
+    assert tokenizer.decode(prompt) == f"<|im_start|>user\nConvert the speech to text.\n{span(codes)}<|im_end|>\n" \
+                                       "<|im_start|>assistant\n"
+    assert tokenizer.decode(body) == "THE BIRCH CANOE SLID ON THE SMOOTH PLANKS<|im_end|>\n"
 
-    # TTS: the assistant turn is the text interleaved with the audio at the Boost ratio (spec §2.3)
+    # TTS: the assistant turn is the text interleaved with its audio at the Boost ratio (spec §2.3)
     tts = rows["librispeech/1000-5000-0000/tts"]
     words = "THE BIRCH CANOE SLID ON THE SMOOTH PLANKS"
-    prompt = f"<|im_start|>user\nConvert the text to speech.\n{words}<|im_end|>\n<|im_start|>assistant\n"
-    n_prompt = len(tokenizer.encode(prompt, add_special_tokens=False))
-    body = interleave(tokenizer.encode(words, add_special_tokens=False), [layout.to_id(c) for c in codes],
-                      BOOST_RATIO, layout)
-    tail = tokenizer.encode("<|im_end|>\n", add_special_tokens=False)
-    assert tts["input_ids"] == tokenizer.encode(prompt, add_special_tokens=False) + body + tail
-    assert tts["labels"] == [IGNORE_INDEX] * n_prompt + body + tail
-    assert tts["input_ids"][n_prompt + 1] == layout.boa and tts["input_ids"][n_prompt + 2 : n_prompt + 10] == \
-        [layout.to_id(c) for c in codes[:8]]  # 1 text token, then 8 codes
+    prompt, body = split(tts)
+    assert tokenizer.decode(prompt) == f"<|im_start|>user\nConvert the text to speech.\n{words}<|im_end|>\n" \
+                                       "<|im_start|>assistant\n"
+    audio_ids = [layout.to_id(c) for c in codes]
+    assert body == interleave(encode_text(tokenizer, words), audio_ids, BOOST_RATIO, layout) + tail
+    first_text = body.index(layout.boa)
+    assert body[first_text + 1 : first_text + 9] == audio_ids[:8] and body[first_text + 9] == layout.eoa  # 8 codes
 
-    # spoken QA: question audio in the user turn, answer text interleaved with the answer audio
+    # spoken QA: the question's audio in the user turn, the answer text interleaved with the answer's audio
     sqa = rows["vita-jsonl/sqa-000001/sqa"]
     q, a = (encoder.tokenize(str(mini / "qa_wavs" / n)) for n in ("q00.wav", "a00.wav"))
     assert sqa["audio_codes"] == [q, a] and layout.audio_codes(sqa["input_ids"]) == q + a
-    answer = tokenizer.encode("On a clear day the sky is blue.\n", add_special_tokens=False)
-    body = interleave(answer, [layout.to_id(c) for c in a], BOOST_RATIO, layout)
-    assert sqa["input_ids"][-len(body) - len(tail):] == body + tail
-    assert sqa["labels"][-len(body) - len(tail):] == body + tail
+    prompt, body = split(sqa)
+    assert tokenizer.decode(prompt) == f"<|im_start|>user\n{span(q)}<|im_end|>\n<|im_start|>assistant\n"
+    answer = encode_text(tokenizer, "On a clear day the sky is blue.\n")
+    assert body == interleave(answer, [layout.to_id(c) for c in a], BOOST_RATIO, layout) + tail
 
 
 def test_finished_rerun_is_a_noop(prepared, tiny_models, mini):
@@ -436,3 +445,30 @@ def _pool(rows: int):
     from jobs.prepare.job import PoolConfig
 
     return PoolConfig(size=1, batch_size=rows)
+
+
+def test_batch_inputs_share_the_recipes(tmp_path, mini):
+    """The batch job reads corpus layouts with these recipes: `KIND:PATH` inputs, LibriTTS folders."""
+    from jobs.batch.inputs import enumerate_inputs
+
+    lj = tmp_path / "LJ"
+    (lj / "wavs").mkdir(parents=True)
+    (lj / "metadata.csv").write_text("LJ001-0001|One.|One.\nLJ001-0002|Two.|Two.\n")
+    asr = enumerate_inputs(f"ljspeech:{lj}", "asr")
+    assert [(i.id, Path(i.path).name, i.text) for i in asr] == [("LJ001-0001", "LJ001-0001.wav", "One."),
+                                                              ("LJ001-0002", "LJ001-0002.wav", "Two.")]
+    assert [(i.id, i.text) for i in enumerate_inputs(f"ljspeech:{lj}", "tts")] == [("LJ001-0001", "One."),
+                                                                                ("LJ001-0002", "Two.")]
+    vita = enumerate_inputs(f"vita-jsonl:{mini / 'vita_jsonl'}@asr", "asr")
+    assert len(vita) == 20 and vita[0].text == "The birch canoe slid on the smooth planks." and Path(vita[0].path).is_file()
+    libri = enumerate_inputs(f"librispeech:{mini / 'LibriSpeech'}", "asr")
+    assert [(i.id, i.path, i.text) for i in libri] == [(i.id, i.path, i.text)
+                                                       for i in enumerate_inputs(mini / "LibriSpeech", "asr")]
+    tts = tmp_path / "LibriTTS" / "dev-clean" / "19" / "198"
+    tts.mkdir(parents=True)
+    shutil.copy(sorted(mini.rglob("*.flac"))[0], tts / "19_198_000000_000000.flac")
+    (tts / "19_198_000000_000000.normalized.txt").write_text("Hello there.\n")
+    (item,) = enumerate_inputs(tmp_path / "LibriTTS", "asr")
+    assert (item.id, item.text) == ("19_198_000000_000000", "Hello there.")
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
+        enumerate_inputs("wav:/nope", "asr")  # not a corpus kind: a path that does not exist

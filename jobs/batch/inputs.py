@@ -5,11 +5,15 @@
     enumerate_inputs("shard-000.tar", "asr")  # WebDataset-style tar: KEY.flac (+ KEY.txt reference) per item
     enumerate_inputs("shards/", "asr")        # a folder holding only *.tar shards: all of them, in name order
     enumerate_inputs("texts.jsonl", "tts")    # JSONL / CSV with id, text (or a .txt file, one text a line)
+    enumerate_inputs("ljspeech:LJSpeech-1.1/", "asr")   # a corpus by the recipes of jobs.prepare (KIND:PATH[@PARTS]):
+    enumerate_inputs("commonvoice:cv/en@test", "tts")   # asr: its audio, transcripts as references; tts: its texts
 
 The order and the ids are what makes a job exactly-once: the result files are keyed by blocks of this list,
 so the same source must give the same list on every run (sorted paths, manifest order). Duplicate ids are
 refused up front: two rows for one id could never both be "the" result. A tar member is addressed as
-`SHARD.tar::MEMBER`, read with `read_audio_bytes`.
+`SHARD.tar::MEMBER`, read with `read_audio_bytes`. Corpus layouts (LibriSpeech / LibriTTS transcripts in a
+folder, `KIND:PATH` sources) are read by the corpus preparation's recipes (`jobs.prepare.recipes`), so the two
+jobs agree on ids and texts.
 """
 from __future__ import annotations
 
@@ -38,6 +42,10 @@ def enumerate_inputs(source: str | os.PathLike, task: str) -> list[BatchInput]:
     if task not in TASKS:
         raise ValueError(f"task={task!r}; expected one of {TASKS}")
     path = Path(os.fspath(source))
+    if not path.exists() and _is_corpus_source(str(source)):
+        items = _read_corpus(str(source), task)
+        _check_unique(items, path)
+        return items
     if not path.exists():
         raise FileNotFoundError(f"--input {path}: no such file or folder")
     if task == "tts":
@@ -66,18 +74,63 @@ def enumerate_inputs(source: str | os.PathLike, task: str) -> list[BatchInput]:
 
 def _read_folder(root: Path) -> list[BatchInput]:
     """Audio files under `root` (recursive, sorted); ids are relative paths without suffix, except in a
-    LibriSpeech layout, where the utterance id of each `*.trans.txt` line is the id and its text the reference."""
-    references = {}
-    for trans in sorted(root.rglob("*.trans.txt")):
-        for line in trans.read_text(encoding="utf-8").splitlines():  # "1000-5000-0000 THE BIRCH CANOE ..."
-            if line.strip():
-                utt, _, text = line.strip().partition(" ")
-                references[(trans.parent, utt)] = text
+    LibriSpeech or LibriTTS layout, where the utterance ids of the recipes are the ids and their transcripts
+    the references."""
+    references = _folder_references(root)
     items = []
     for file in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES):
         key = (file.parent, file.stem)
         item_id = file.stem if key in references else file.relative_to(root).with_suffix("").as_posix()
         items.append(BatchInput(item_id, str(file), references.get(key)))
+    return items
+
+
+def _folder_references(root: Path) -> dict[tuple[Path, str], str | None]:
+    """(folder, utterance id) -> transcript, by the LibriSpeech recipe, else the LibriTTS one (none: {})."""
+    from jobs.prepare.recipes import prepare_librispeech, prepare_libritts
+
+    for recipe in (prepare_librispeech, prepare_libritts):
+        try:
+            parts = recipe(root)
+        except ValueError:  # not this layout
+            continue
+        return {(Path(u.audio[0].path).parent, u.id): u.text for items in parts.values() for u in items if u.audio}
+    return {}
+
+
+def _is_corpus_source(source: str) -> bool:
+    from jobs.prepare.recipes import RECIPES
+
+    kind, sep, _ = source.partition(":")
+    return bool(sep) and kind.strip().lower().replace("_", "-") in RECIPES
+
+
+def _read_corpus(source: str, task: str) -> list[BatchInput]:
+    """A `KIND:PATH[@PARTS]` corpus by its recipe: ASR reads each utterance's audio (its transcript is the
+    reference), TTS speaks each transcript. Segments of longer recordings (Lhotse) are refused: the batch job
+    reads whole files."""
+    from jobs.prepare.job import SourceSpec
+    from jobs.prepare.recipes import RECIPES
+
+    spec = SourceSpec.parse(source)
+    parts = RECIPES[spec.kind](spec.path, parts=list(spec.parts) if spec.parts else None)
+    items = []
+    for utt in (u for group in parts.values() for u in group):
+        if utt.task not in (None, task):  # a VITA JSONL line of another task
+            continue
+        if task == "tts":
+            items.append(BatchInput(utt.id, text=utt.text or ""))  # no text: an error row of its own
+            continue
+        if len(utt.audio) != 1:
+            items.append(BatchInput(utt.id, "", utt.text))  # no audio (an unparsable line): an error row
+            continue
+        ref = utt.audio[0]
+        if ref.offset or ref.duration is not None:
+            raise ValueError(f"--input {source}: {utt.id} is a {ref.duration:.2f} s segment of {ref.path}; the batch "
+                             "job reads whole files (cut the recordings, or use a cuts manifest of whole files)")
+        items.append(BatchInput(utt.id, ref.path, utt.text))
+    if not items:
+        raise ValueError(f"--input {source}: no {task} inputs found")
     return items
 
 

@@ -208,7 +208,8 @@ def _run_pipeline(config: PrepareConfig, models: Path, out: Path, blocks: dict[i
         rows = [dataclasses.asdict(item) for b in sorted(blocks) for item in blocks[b]]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // config.read_rows, 4 * len(blocks))))
         ds = ds.map_batches(read_and_check, fn_kwargs={"checks": config.checks}, batch_size=config.read_rows,
-                            num_cpus=config.read_cpus, concurrency=config.read_tasks, batch_format="pyarrow")
+                            num_cpus=config.read_cpus, compute=ray.data.TaskPoolStrategy(size=config.read_tasks),
+                            batch_format="pyarrow")
         pool = config.encoder
         ds = ds.map_batches(SampleBuilder, fn_constructor_kwargs={
             "encoder_dir": str(models / "encoder"), "llm_dir": str(models / "llm"), "ratio": config.ratio,
@@ -235,20 +236,26 @@ class _Collector:
         self.expected = {b: len(items) for b, items in blocks.items()}
         self.rows: dict[int, dict[int, dict]] = {b: {} for b in blocks}
         self.written: set[int] = set()
-        self.audio_seconds = 0.0
-        self.first_row_s = None
+        self.audio_seconds = self.audio_after_first = 0.0  # of each utterance read, once
+        self.utterances: set[tuple[str, str]] = set()
         self.t0 = time.perf_counter()
+        self.first = self.last = None  # perf_counter of the first and the latest batch
 
     def add(self, batch: pa.Table) -> None:
-        if self.first_row_s is None:
-            self.first_row_s = time.perf_counter() - self.t0
+        now = time.perf_counter()
+        later = self.first is not None
+        self.first = self.first or now
+        self.last = now
         for row in batch.to_pylist():
             b = self.block_of.get(row["key"])
             if b is None or b in self.written or row["key"] in self.rows[b]:
                 continue  # not ours, or a repeat (the first row of a key is kept)
             self.rows[b][row["key"]] = row
-            if row["status"] == "ok":
+            utterance = (row["source"], row["utterance"])
+            if row["status"] == "ok" and utterance not in self.utterances:  # its ASR and TTS samples: once
+                self.utterances.add(utterance)
                 self.audio_seconds += row["audio_seconds"] or 0.0
+                self.audio_after_first += (row["audio_seconds"] or 0.0) if later else 0.0
             if len(self.rows[b]) == self.expected[b]:
                 self._write(b)
 
@@ -272,7 +279,13 @@ class _Collector:
         return [k for k, b in self.block_of.items() if b not in self.written and k not in self.rows.get(b, {})]
 
     def stats(self) -> dict:
-        return {"audio_seconds": self.audio_seconds, "startup_s": self.first_row_s}
+        """Audio seconds of the samples built; start-up (Ray Data, actors, model loads) = time to the first
+        rows; the rate after it = audio of the rows after the first batch over the time they took."""
+        if self.first is None:
+            return {"audio_seconds": 0.0, "startup_s": None, "steady_audio_s_per_s": None}
+        steady = self.last - self.first
+        return {"audio_seconds": self.audio_seconds, "startup_s": self.first - self.t0,
+                "steady_audio_s_per_s": self.audio_after_first / steady if steady > 0 else None}
 
 
 # ---------------------------------------------------------------------------------------------------------

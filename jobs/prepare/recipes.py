@@ -343,9 +343,9 @@ def _folder(corpus_dir, what: str) -> Path:
 
 
 def _parts_with(root: Path, pattern: str) -> dict[str, Path]:
-    """Split folders: root itself if it is one (`SPEAKER/CHAPTER/<pattern>` right below it), else its
-    children holding `pattern` files anywhere below them."""
-    if next(root.glob(f"*/*/{pattern}"), None) is not None:
+    """Split folders: root itself if it is one (or a speaker or chapter folder: `pattern` files at most two
+    levels below it), else its children holding `pattern` files anywhere below them."""
+    if any(next(root.glob(f"{'*/' * depth}{pattern}"), None) is not None for depth in range(3)):
         return {root.name: root}
     return {child.name: child for child in sorted(root.iterdir())
             if child.is_dir() and next(child.rglob(pattern), None) is not None}

@@ -25,8 +25,10 @@ READ_SCHEMA = pa.schema([*INPUT_SCHEMA, ("status", pa.string()), ("reason", pa.s
 
 
 def read_and_check(batch, checks: AudioChecks = AudioChecks()) -> pa.Table:
-    """Read, resample and check every audio of every row; the content hash of each accepted row's audio."""
+    """Read, resample and check every audio of every row; the content hash of each accepted row's audio. The
+    inputs of one utterance (its ASR and TTS samples, next to each other in the plan) read its audio once."""
     rows = _rows(batch, READ_SCHEMA)
+    cache: dict[str, object] = {}  # refs JSON -> (waves, converted) or the Reject
     for row in rows:
         row.update(status="ok", pcm=[], converted=[], audio_seconds=0.0)
         refs = json.loads(row["refs"] or "[]")
@@ -37,24 +39,33 @@ def read_and_check(batch, checks: AudioChecks = AudioChecks()) -> pa.Table:
         if not row["messages"]:
             _reject(row, "bad_input", "no transcript or conversation to build a sample from")
             continue
-        waves = []
-        try:
-            for ref in refs:
-                wave, converted = read_checked(AudioRef(**ref), checks)
-                waves.append(wave)
-                row["converted"] += converted
-        except Reject as err:
-            _reject(row, err.reason, err.detail)
+        if row["refs"] not in cache:
+            cache[row["refs"]] = _read_all(refs, checks)
+        result = cache[row["refs"]]
+        if isinstance(result, Reject):
+            _reject(row, result.reason, result.detail)
             continue
-        except Exception as err:  # noqa: BLE001 - an unexpected failure is still this row's alone
-            _reject(row, "unreadable", f"{type(err).__name__}: {err}")
-            continue
+        waves, row["converted"] = result
         row["pcm"] = [w.astype(np.float32).tobytes() for w in waves]
         row["audio_seconds"] = sum(len(w) for w in waves) / TARGET_RATE
         # dedup key: the task and the audio, or the text of a text-only sample
         row["audio_sha1"] = content_hash(waves) if waves else content_hash([np.frombuffer(
             row["messages"].encode(), np.uint8).astype(np.float32) / 32767])
     return pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+
+
+def _read_all(refs: list[dict], checks: AudioChecks):
+    waves, converted = [], []
+    try:
+        for ref in refs:
+            wave, changes = read_checked(AudioRef(**ref), checks)
+            waves.append(wave)
+            converted += changes
+    except Reject as err:
+        return err
+    except Exception as err:  # noqa: BLE001 - an unexpected failure is still this row's alone
+        return Reject("unreadable", f"{type(err).__name__}: {err}")
+    return waves, converted
 
 
 class SampleBuilder:
@@ -81,7 +92,12 @@ class SampleBuilder:
     def __call__(self, batch) -> pa.Table:
         rows = _rows(batch, READ_SCHEMA)
         ready = [row for row in rows if row["status"] == "ok"]
-        codes = self._encode([[np.frombuffer(p, np.float32) for p in row["pcm"]] for row in ready])
+        unique = {}  # an utterance's audio is encoded once for all its samples in the batch
+        for row in ready:
+            unique.setdefault(row["refs"], row)
+        encoded = dict(zip(unique, self._encode([[np.frombuffer(p, np.float32) for p in row["pcm"]]
+                                                  for row in unique.values()])))
+        codes = [encoded[row["refs"]] for row in ready]
         for row, row_codes in zip(ready, codes):
             if isinstance(row_codes, Exception):
                 _reject(row, "encoder", f"{type(row_codes).__name__}: {row_codes}")
