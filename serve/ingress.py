@@ -26,8 +26,8 @@ from serve.routes_chat import ChatRoutes
 from serve.uploads import check_audio
 from serve.voices import MAX_VOICE_SECONDS, VoiceStore
 
-# Module helpers stand above the class: serve.ingress wraps it when it is defined, so names defined below
-# it are missing in the replica.
+# Helpers live in serve.http (imported modules reach the replica whole; names defined below the decorated
+# class in this module would be missing there).
 
 
 @serve.ingress(app)

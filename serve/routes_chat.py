@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from actors.payloads import TASK_DEFAULT, AudioChunk, AudioPayload, Done, ErrorEvent, TextDelta
 from serve import chat_format
-from serve.api import APIError, ChatBody
+from serve.api import APIError, AudioOut, ChatBody
 from serve.audio_formats import encode, to_int16
 from serve.http import ENCODER_RATE, app, b64, check_mode, check_text, gather, joined_pcm, refused, sse, stage_error
 from serve.uploads import check_audio
@@ -37,7 +37,7 @@ class ChatRoutes:
         self._tokens(max_new_tokens, param)
         check_mode(body.mode)
         speak = "audio" in body.modalities
-        audio_out = body.audio or chat_format_default_audio()
+        audio_out = body.audio or AudioOut()
         if body.stream and speak and audio_out.format != "pcm16":
             raise APIError(400, f"audio.format={audio_out.format!r}: streamed audio is pcm16", param="audio.format")
         conversation = chat_format.parse_messages(body.messages)
@@ -45,25 +45,7 @@ class ChatRoutes:
         if voice is not None and conversation.system is not None:
             raise APIError(400, "give either a system message or a custom voice: the voice prompt is the system turn",
                            param="audio.voice")
-        self._chat_text_cap(conversation)
-        history, audio_tokens, seconds_left = [], len(voice or ()), self.caps["max_audio_seconds"]
-        for i, turn in enumerate(conversation.history):
-            codes = []
-            for clip in turn.audios:
-                pcm = check_audio(clip, seconds_left, "messages.input_audio")
-                seconds_left -= len(pcm) / ENCODER_RATE
-                codes.append(await self._encode(pcm))
-            audio_tokens += sum(len(c) for c in codes)
-            transcript = self.answers.transcript(turn.audio_id, f"messages[{i}].audio") if turn.audio_id else None
-            history.append(chat_format.history_entry(turn, codes, transcript))
-        turn = {}
-        if conversation.last.audios:
-            clip = conversation.last.audios[0]
-            check_audio(clip, seconds_left, "messages.input_audio")
-            turn["audio"] = clip
-        else:
-            turn["text"] = "\n".join(conversation.last.texts)
-            check_text(turn["text"], self.caps["max_text_chars"], "messages.content")
+        history, turn, audio_tokens = await self._chat_inputs(conversation, voice)
         run = self._run("chat", "chat", history=history, voice=voice, system=conversation.system, mode=body.mode,
                         max_new_tokens=max_new_tokens, sampling=body.params(),
                         constraint=TASK_DEFAULT if speak else "text", **turn)
@@ -115,6 +97,31 @@ class ChatRoutes:
         finally:
             await run.aclose()
 
+    async def _chat_inputs(self, conversation, voice):
+        """Check every cap, then encode the earlier turns' clips: (history, the new turn's run_request argument,
+        audio tokens of the prompt known here)."""
+        self._chat_text_cap(conversation)
+        transcripts = [self.answers.transcript(t.audio_id, f"messages[{i}].audio") if t.audio_id else None
+                       for i, t in enumerate(conversation.history)]
+        last = conversation.last
+        if not last.audios:
+            check_text("\n".join(last.texts), self.caps["max_text_chars"], "messages.content")
+        cap = self.caps["max_audio_seconds"]
+        clips = [check_audio(clip, cap, "messages.input_audio")
+                 for turn in (*conversation.history, last) for clip in turn.audios]
+        seconds = sum(len(pcm) for pcm in clips) / ENCODER_RATE
+        if seconds > cap:
+            raise APIError(413, f"messages hold {seconds:.1f} s of audio, over max_audio_seconds={cap:g}",
+                           param="messages", code="max_audio_seconds")
+        history, audio_tokens, decoded = [], len(voice or ()), iter(clips)
+        for turn, transcript in zip(conversation.history, transcripts):
+            codes = [await self._encode(next(decoded)) for _ in turn.audios]
+            audio_tokens += sum(len(c) for c in codes)
+            history.append(chat_format.history_entry(turn, codes, transcript))
+        # the new turn's clip was checked above; run_request encodes it
+        new_turn = {"audio": last.audios[0]} if last.audios else {"text": "\n".join(last.texts)}
+        return history, new_turn, audio_tokens
+
     async def _encode(self, pcm) -> list[int]:
         try:
             return await self.clients.tokenize(AudioPayload(pcm, ENCODER_RATE, "messages.input_audio"))
@@ -128,12 +135,6 @@ class ChatRoutes:
         if total > cap:
             raise APIError(400, f"messages hold {total} characters of text, over max_text_chars={cap}",
                            param="messages", code="max_text_chars")
-
-
-def chat_format_default_audio():
-    from serve.api import AudioOut
-
-    return AudioOut()
 
 
 def _encoded(done: Done) -> int:

@@ -309,6 +309,10 @@ HOSTILE = [
      400, "truncated"),
     ("chat audio too long", "POST", "/v1/chat/completions",
      {"json": _chat(messages=_audio_msg(_b64(clip(seconds=7.0))))}, 413, "max_audio_seconds"),
+    ("chat audio too long in total", "POST", "/v1/chat/completions",
+     {"json": _chat(messages=[{"role": "user", "content": [
+         {"type": "input_audio", "input_audio": {"data": _b64(clip(seconds=3.5)), "format": "wav"}}] * 2}])},
+     413, "7.0 s of audio, over max_audio_seconds=6"),
     ("chat audio format", "POST", "/v1/chat/completions", {"json": _chat(messages=_audio_msg(_b64(GOOD), "aiff"))},
      400, "format"),
     ("chat too many messages", "POST", "/v1/chat/completions",
