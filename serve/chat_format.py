@@ -35,9 +35,19 @@ class Conversation:
     last: Turn  # the new user turn
 
 
+def check_unicode(value: str, param: str) -> None:
+    """JSON may carry lone surrogates ("\\ud800") that no tokenizer takes: refuse them here."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise APIError(400, f"{param} is not valid Unicode text: {err.reason} at character {err.start}",
+                       param=param) from None
+
+
 def _text(value, param: str) -> str:
     if not isinstance(value, str):
         raise APIError(400, f"{param} must be a string, got {type(value).__name__}", param=param)
+    check_unicode(value, param)
     if AUDIO_PLACEHOLDER in value:
         raise APIError(400, f"{param} contains {AUDIO_PLACEHOLDER}, which marks audio in the prompt; send audio "
                             "as an input_audio part", param=param)

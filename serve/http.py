@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from actors.orchestration import run_request
 from actors.payloads import AudioChunk, Done, ErrorEvent, TextDelta
 from serve.api import APIError, TranscriptionForm, validation_message
-from serve.chat_format import AUDIO_PLACEHOLDER
+from serve.chat_format import AUDIO_PLACEHOLDER, check_unicode
 from serve.metrics import observed
 
 app = FastAPI(title="VITA-Audio speech API")
@@ -163,6 +163,7 @@ def check_mode(mode) -> None:
 def check_text(text: str, cap: int, param: str) -> None:
     if not text.strip():
         raise APIError(400, f"{param} must be a non-empty text", param=param)
+    check_unicode(text, param)
     if len(text) > cap:
         raise APIError(400, f"{param} of {len(text)} characters exceeds max_text_chars={cap}", param=param,
                        code="max_text_chars")

@@ -380,6 +380,12 @@ HOSTILE = [
      {"json": {"model": "vita-audio", "input": "hi", "temperature": "hot"}}, 400, "temperature"),
     ("speech audio placeholder", "POST", "/v1/audio/speech",
      {"json": {"model": "vita-audio", "input": "a <|audio|> b"}}, 400, "<|audio|>"),
+    ("speech lone surrogate", "POST", "/v1/audio/speech",
+     {"content": b'{"model": "vita-audio", "input": "a\\ud800b"}', "headers": {**AUTH, "Content-Type": "application/json"}},
+     400, "not valid Unicode"),
+    ("chat lone surrogate", "POST", "/v1/chat/completions",
+     {"content": b'{"model": "vita-audio", "messages": [{"role": "user", "content": "x\\udfffy"}]}',
+      "headers": {**AUTH, "Content-Type": "application/json"}}, 400, "not valid Unicode"),
     ("speech null input", "POST", "/v1/audio/speech", {"json": {"model": "vita-audio", "input": None}}, 400, "input"),
 ]
 
