@@ -339,3 +339,26 @@ def test_a_worker_killed_mid_stage_resumes_from_its_last_checkpoint(mini_speech_
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_the_originals_deepspeed_json_is_accepted(tmp_path, tiny_llm):
+    """An HF-Trainer-style DeepSpeed JSON (the original's scripts/deepspeed/zero3.json shape, "auto" values):
+    its ZeRO block decides the stage (also for the memory check), the recipe keeps batch shape and optimizer."""
+    from jobs.train.train_func import deepspeed_config
+
+    path = tmp_path / "zero3.json"
+    path.write_text(json.dumps({
+        "bf16": {"enabled": "auto"}, "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+        "scheduler": {"type": "WarmupDecayLR"}, "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto", "gradient_clipping": "auto", "train_batch_size": "auto",
+        "zero_optimization": {"stage": 3, "overlap_comm": True, "reduce_bucket_size": "auto",
+                              "stage3_gather_16bit_weights_on_model_save": True}}))
+    plan = train_run.load_recipe("tiny", [f"deepspeed_config={path}"])
+    train_run.check_stage(plan[1], 10**6, 2, 2**34)
+    ds = deepspeed_config(plan[1])
+    assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True, "stage3_gather_16bit_weights_on_model_save": True}
+    assert plan[1]["zero_stage"] == 3 and "optimizer" not in ds and "scheduler" not in ds and "bf16" not in ds
+    assert ds["gradient_accumulation_steps"] == plan[1]["grad_accum"] and ds["gradient_clipping"] == 1.0
+    assert deepspeed_config(plan[1], bf16=True)["bf16"] == {"enabled": True}
+    with pytest.raises(train_run.TrainConfigError, match="not a readable JSON"):
+        train_run.check_stage({**plan[1], "deepspeed_config": str(tmp_path / "nope.json")}, 10**6, 2, 2**34)

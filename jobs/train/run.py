@@ -19,6 +19,7 @@ from jobs.train.packing import REQUIRED_COLUMNS
 
 RECIPES = Path(__file__).parent / "recipes"
 STAGE_KEYS = ("num_mtp_modules", "language_model_frozen", "lr", "mtp_inference_mode")
+OPTIONAL_KEYS = {"deepspeed_config", "log_every", "keep_checkpoints", "bf16", "mtp_loss_across_samples"}
 NUMBERS = ("lr", "mtp_lr_mult", "weight_decay", "warmup_ratio", "min_lr_ratio", "max_grad_norm", "eps", "max_steps",
            "grad_accum", "save_every", "max_length", "num_mtp_modules", "zero_stage")
 
@@ -91,6 +92,15 @@ def check_stage(cfg: dict, n_params: int, workers: int, memory_bytes: int) -> No
     for key in NUMBERS:
         if key in cfg and (isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float))):
             raise TrainConfigError(f"stage {cfg['stage']}: {key}={cfg[key]!r} must be a number")
+    if cfg.get("deepspeed_config"):
+        path = Path(cfg["deepspeed_config"])
+        try:
+            zero = json.loads(path.read_text()).get("zero_optimization", {})
+        except (OSError, ValueError) as err:
+            raise TrainConfigError(f"stage {cfg['stage']}: deepspeed_config {str(path)!r} is not a readable JSON "
+                                   f"file ({err})") from None
+        if zero.get("stage", "auto") != "auto":
+            cfg["zero_stage"] = zero["stage"]
     if cfg["zero_stage"] not in (0, 1, 2, 3):
         raise TrainConfigError(f"zero_stage {cfg['zero_stage']!r}: use 0, 1, 2 or 3")
     if cfg["max_steps"] < 1 or cfg["grad_accum"] < 1 or cfg["save_every"] < 1:
@@ -135,7 +145,7 @@ def plan_run(recipe: str, data: str, init: str, stages: str = "1-4", workers: in
              gpus_per_worker: float = 0, overrides: list[str] = ()) -> tuple[dict[int, dict], list[int]]:
     """Every check that needs no worker: recipe and overrides, stage range, shards, starting folder, memory.
     Returns the stage configs and the stage numbers to run; raises TrainConfigError with the fix."""
-    known = set().union(*(s.keys() for s in load_recipe(recipe).values()))
+    known = set().union(*(s.keys() for s in load_recipe(recipe).values()), OPTIONAL_KEYS)
     plan = load_recipe(recipe, list(overrides))
     for item in overrides:
         key = item.partition("=")[0].split(".", 1)[-1] if item.startswith("stage") else item.partition("=")[0]

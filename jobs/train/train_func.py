@@ -38,6 +38,33 @@ def build_model(cfg: dict):
     return model.train()
 
 
+def deepspeed_config(cfg: dict, bf16: bool = False) -> dict:
+    """The engine's config from the recipe. A recipe `deepspeed_config: FILE.json` (the original's
+    scripts/deepspeed/zero*.json, HF-Trainer style) is accepted: its ZeRO block (without "auto" values) replaces
+    the recipe's zero_stage and its other plain settings are kept; batch shape, clipping, precision (bf16 on GPU,
+    fp32 on CPU) and the optimizer/scheduler (the client AdamW + warm-up cosine with the MCTP lr groups) stay the
+    recipe's."""
+    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": cfg["grad_accum"],
+          "gradient_clipping": cfg["max_grad_norm"], "zero_optimization": {"stage": cfg["zero_stage"]},
+          "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    user = load_deepspeed_json(cfg.get("deepspeed_config"))
+    for key, value in user.items():
+        if key == "zero_optimization":
+            ds[key] = {k: v for k, v in value.items() if v != "auto"}
+        elif key not in ds and value != "auto" and key not in RECIPE_OWNED:
+            ds[key] = value
+    if bf16:
+        ds["bf16"] = {"enabled": True}
+    return ds
+
+
+RECIPE_OWNED = ("optimizer", "scheduler", "train_batch_size", "bf16", "fp16", "amp")
+
+
+def load_deepspeed_json(path) -> dict:
+    return json.loads(Path(path).read_text()) if path else {}
+
+
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
     """The newest checkpoint folder whose write finished (rank 0 writes COMPLETE after every rank saved)."""
     done = [p for p in ckpt_root.glob("step*") if (p / COMPLETE).is_file()] if ckpt_root.is_dir() else []
@@ -62,16 +89,8 @@ def train_func(cfg: dict) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, total, cfg["warmup_ratio"], cfg["min_lr_ratio"]))
     gas = cfg["grad_accum"]
-    ds_config = {
-        "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": gas,
-        "gradient_clipping": cfg["max_grad_norm"],
-        "zero_optimization": {"stage": cfg["zero_stage"]},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-        **({"bf16": {"enabled": True}} if cfg.get("bf16") and torch.cuda.is_available() else {}),
-    }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, bf16=bool(cfg.get("bf16")) and torch.cuda.is_available()))
 
     step = 0
     resume = ray.train.get_checkpoint()
