@@ -362,3 +362,15 @@ def test_the_originals_deepspeed_json_is_accepted(tmp_path, tiny_llm):
     assert deepspeed_config(plan[1], bf16=True)["bf16"] == {"enabled": True}
     with pytest.raises(train_run.TrainConfigError, match="not a readable JSON"):
         train_run.check_stage({**plan[1], "deepspeed_config": str(tmp_path / "nope.json")}, 10**6, 2, 2**34)
+
+
+def test_progress_line_every_logging_interval(tmp_path, capsys):
+    path = tmp_path / "stage2.metrics.jsonl"
+    rows = [{"stage": 2, "step": s, "loss": 1.0 / s, "backbone_loss": 0.0, "mtp_losses": [0.5, 0.25], "lr": 1e-3,
+             "tokens_per_s": 100.0} for s in range(1, 8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"stage": 2, "st')  # a line being written
+    with train_run.Progress(path, log_every=3, total=7, interval_s=0.01):
+        pass
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln.split()[3] for ln in lines] == ["3/7", "6/7", "7/7"]
+    assert lines[0] == "[stage 2] step 3/7 loss 0.3333 backbone 0.0000 mtp 0.3750 lr 1.00e-03 100 tok/s"

@@ -217,12 +217,55 @@ def run(recipe: str, data: str, init: str, out: str, stages: str = "1-4", worker
             run_config=RunConfig(name=f"stage{n}", storage_path=str(run_dir / "ray"),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  failure_config=FailureConfig(max_failures=max_failures)))
-        result = trainer.fit()
+        with Progress(Path(cfg["metrics_path"]), cfg.get("log_every", 1), cfg["max_steps"]):
+            result = trainer.fit()
         entry.update(status="done", folder=cfg["out_dir"], metrics=result.metrics,
                      checkpoint=result.checkpoint.path if result.checkpoint else None, finished=time.time())
         manifest.save()
         start = Path(cfg["out_dir"])
     return manifest.data
+
+
+class Progress:
+    """A progress line on stderr every `log_every` steps, read from the stage's metrics file (the driver sees it
+    whatever Ray does with the workers' output)."""
+
+    def __init__(self, path: Path, log_every: int, total: int, interval_s: float = 1.0):
+        import threading
+
+        self.path, self.every, self.total, self.interval = path, max(1, int(log_every)), total, interval_s
+        self.stop, self.printed = threading.Event(), 0
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self._poll()
+
+    def _loop(self):
+        while not self.stop.wait(self.interval):
+            self._poll()
+
+    def _poll(self):
+        import sys
+
+        if not self.path.is_file():
+            return
+        for line in self.path.read_text().splitlines():
+            try:
+                m = json.loads(line)
+            except ValueError:  # a line being written
+                continue
+            if m["step"] > self.printed and (m["step"] % self.every == 0 or m["step"] == self.total):
+                self.printed = m["step"]
+                mtp = m.get("mtp_losses") or []
+                print(f"[stage {m['stage']}] step {m['step']}/{self.total} loss {m['loss']:.4f} "
+                      f"backbone {m['backbone_loss']:.4f}" + (f" mtp {sum(mtp) / len(mtp):.4f}" if mtp else "")
+                      + f" lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
 
 
 def _count_params(init: str) -> int:

@@ -131,9 +131,6 @@ def train_func(cfg: dict) -> None:
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            if step % cfg.get("log_every", 1) == 0:
-                print(f"[stage {cfg['stage']}] step {step}/{total} loss {metrics['loss']:.4f} "
-                      f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s", flush=True)
         if checkpoint is not None or step % cfg.get("log_every", 1) == 0:  # a sync of all ranks: not every step
             ray.train.report(metrics, checkpoint=checkpoint if rank == 0 else None)
     if rank == 0:
