@@ -111,10 +111,10 @@ class Ingress(ChatRoutes):
             raise APIError(400, f"{param}={n} exceeds max_tokens={self.caps['max_tokens']}", param=param,
                            code="max_tokens")
 
-    def _audio(self, data: bytes, param: str, max_seconds: float | None = None) -> float:
-        """Check an uploaded clip against the caps; its length in seconds."""
+    def _audio(self, data: bytes, param: str, max_seconds: float | None = None):
+        """Check an uploaded clip against the caps: its 16 kHz samples."""
         cap = min(self.caps["max_audio_seconds"], max_seconds or float("inf"))
-        return len(check_audio(data, cap, param)) / ENCODER_RATE
+        return check_audio(data, cap, param)
 
     # -- routes --------------------------------------------------------------------------------------------
     @app.get("/health")
@@ -146,15 +146,13 @@ class Ingress(ChatRoutes):
             raise APIError(400, "name must be a non-empty text of at most 64 characters", param="name")
         if fields.get("type", "audio_sample") != "audio_sample":
             raise APIError(400, f"type={fields['type']!r}: only audio_sample voices are supported", param="type")
-        seconds = self._audio(data, "audio_sample", MAX_VOICE_SECONDS)
-        from pipeline.audio import load_audio
-
-        payload = AudioPayload(load_audio(data), ENCODER_RATE, f"voice {name}")
+        self.voice_store.check_new(name)
+        payload = AudioPayload(self._audio(data, "audio_sample", MAX_VOICE_SECONDS), ENCODER_RATE, f"voice {name}")
         try:
             codes = await self.clients.tokenize(payload)
         except Exception as err:
             raise stage_error(ErrorEvent("encoder", str(err))) from None
-        return self.voice_store.add(name, codes, seconds).describe()
+        return self.voice_store.add(name, codes, payload.seconds).describe()
 
     @app.delete("/v1/audio/voices/{voice_id}")
     async def delete_voice(self, voice_id: str, request: Request):
@@ -229,7 +227,7 @@ class Ingress(ChatRoutes):
         check_mode(body.mode)
         if body.include:
             raise APIError(400, "include[]=logprobs is not supported", param="include[]")
-        seconds = self._audio(data, "file")
+        seconds = len(self._audio(data, "file")) / ENCODER_RATE  # run_request decodes the file itself
         sampling = Sampling(temperature=body.temperature).params()
         run = self._run("transcriptions", "asr", audio=data, mode=body.mode, max_new_tokens=body.max_new_tokens,
                         sampling=sampling)

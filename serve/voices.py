@@ -36,11 +36,15 @@ class VoiceStore:
     def __init__(self):
         self.voices: dict[str, Voice] = {}
 
-    def add(self, name: str, codes: list[int], seconds: float) -> Voice:
+    def check_new(self, name: str) -> None:
+        """Refuse a new voice before its clip is encoded: the store is full or the name is taken."""
         if len(self.voices) >= MAX_VOICES:
             raise APIError(400, f"the voice store is full ({MAX_VOICES} voices); delete one first", param="name")
         if name in (DEFAULT_VOICE, *OPENAI_VOICES) or any(v.name == name for v in self.voices.values()):
             raise APIError(400, f"a voice named {name!r} already exists", param="name")
+
+    def add(self, name: str, codes: list[int], seconds: float) -> Voice:
+        self.check_new(name)  # again: another upload may have taken the name while this one was encoded
         voice = Voice(f"voice_{uuid.uuid4().hex[:16]}", name, list(codes), seconds)
         self.voices[voice.id] = voice
         return voice
