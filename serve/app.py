@@ -24,6 +24,7 @@ class ScalingArgs(BaseModel):
     upscale_delay_s: float = Field(30.0, ge=0)
     downscale_delay_s: float = Field(600.0, ge=0)
     look_back_period_s: float = Field(30.0, gt=0)
+    metrics_interval_s: float = Field(10.0, gt=0)  # how often callers push the load metrics autoscaling uses
     max_ongoing_requests: int = Field(64, ge=1)
     max_queued_requests: int = Field(64, ge=-1)  # per caller (the ingress); beyond it: BackPressureError, -1 = no cap
     health_check_period_s: float = Field(2.0, gt=0)

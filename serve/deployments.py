@@ -39,6 +39,7 @@ class StageScaling:
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
     look_back_period_s: float = 30.0
+    metrics_interval_s: float = 10.0
     max_ongoing_requests: int = 64
     max_queued_requests: int = 64
     health_check_period_s: float = 2.0
@@ -51,7 +52,7 @@ class StageScaling:
                        "initial_replicas": max(self.min_replicas, 1),
                        "target_ongoing_requests": self.target_ongoing_requests,
                        "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
-                       "look_back_period_s": self.look_back_period_s}
+                       "look_back_period_s": self.look_back_period_s, "metrics_interval_s": self.metrics_interval_s}
         actor = {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus}
         if self.accelerator_type:
             actor["accelerator_type"] = self.accelerator_type
