@@ -11,7 +11,8 @@ import zlib
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from pydantic import ValidationError
 
 from actors.orchestration import run_request
@@ -81,6 +82,12 @@ class Run:
     async def aclose(self) -> None:
         await self.events.aclose()
         await self.source.aclose()
+
+
+def streamed(run: Run, body, media_type: str) -> StreamingResponse:
+    """A streamed response whose run is closed however it ends: `body`'s own finally closes it, and the
+    background task does when the client went away before the body was ever iterated."""
+    return StreamingResponse(body, media_type=media_type, background=BackgroundTask(run.aclose))
 
 
 async def gather(run: Run, first):

@@ -9,7 +9,7 @@ serve.uploads, chat shapes in serve.chat_format.
 import json
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
 from ray import serve
 
@@ -20,7 +20,7 @@ from serve.api import MODEL_ID, APIError, Sampling, SpeechBody, TranscriptionFor
 from serve.audio_formats import CONTENT_TYPES, encode, to_int16
 from serve.deployments import ServeStageClients
 from serve.http import (ENCODER_RATE, RETRY_AFTER_S, Run, app, b64, check_mode, check_text, gather, joined_pcm,
-                        refused, speech_usage, sse, stage_error, transcription_usage, usage_headers,
+                        refused, speech_usage, sse, stage_error, streamed, transcription_usage, usage_headers,
                         verbose_transcription)
 from serve.routes_chat import ChatRoutes
 from serve.uploads import check_audio
@@ -178,10 +178,9 @@ class Ingress(ChatRoutes):
                         max_new_tokens=body.max_new_tokens, sampling=body.params())
         first = await run.first()  # input / first-stage errors still get a status code
         if body.stream_format == "sse":
-            return StreamingResponse(self._sse_speech(run, first, body.response_format),
-                                     media_type="text/event-stream")
+            return streamed(run, self._sse_speech(run, first, body.response_format), "text/event-stream")
         if body.response_format == "pcm":
-            return StreamingResponse(self._raw_pcm(run, first), media_type=CONTENT_TYPES["pcm"])
+            return streamed(run, self._raw_pcm(run, first), CONTENT_TYPES["pcm"])
         _, chunks, rate, done = await gather(run, first)
         return Response(encode(joined_pcm(chunks), rate, body.response_format), media_type=CONTENT_TYPES[body.response_format],
                         headers=usage_headers(done))
@@ -233,7 +232,7 @@ class Ingress(ChatRoutes):
                         sampling=sampling)
         first = await run.first()
         if body.stream:
-            return StreamingResponse(self._sse_transcript(run, first), media_type="text/event-stream")
+            return streamed(run, self._sse_transcript(run, first), "text/event-stream")
         ids, _, _, done = await gather(run, first)
         if body.response_format == "text":
             return PlainTextResponse(done.text)

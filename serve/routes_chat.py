@@ -7,14 +7,14 @@ A mixin of the ingress class (its routes register on serve.http.app; Serve finds
 from __future__ import annotations
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from actors.payloads import TASK_DEFAULT, AudioChunk, AudioPayload, Done, ErrorEvent, TextDelta
 from serve import chat_format
 from serve.api import APIError, AudioOut, ChatBody
 from serve.audio_formats import encode, to_int16
-from serve.http import ENCODER_RATE, app, b64, check_mode, check_text, gather, joined_pcm, refused, sse, stage_error
+from serve.http import (ENCODER_RATE, app, b64, check_mode, check_text, gather, joined_pcm, refused, sse, stage_error,
+                        streamed)
 from serve.uploads import check_audio
 
 DEFAULT_MAX_TOKENS = 256
@@ -53,8 +53,8 @@ class ChatRoutes:
         completion_id = chat_format.new_completion_id()
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(self._chat_chunks(run, first, completion_id, speak, audio_tokens, usage),
-                                     media_type="text/event-stream")
+            return streamed(run, self._chat_chunks(run, first, completion_id, speak, audio_tokens, usage),
+                            "text/event-stream")
         _, chunks, rate, done = await gather(run, first)
         message = {"role": "assistant", "content": done.text, "refusal": None}
         if speak:
