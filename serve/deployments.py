@@ -6,7 +6,13 @@ cap on the requests waiting for it at each caller (`max_queued_requests`): beyon
 (BackPressureError) instead of letting requests pile up. The adapter records each stage's queue time (until
 a replica took the call) and in-flight calls (serve.metrics).
 
-A decoder stream lives on one replica: the app refuses decoder max_replicas > 1 (serve.app.Args).
+A decoder stream (flow-matching + vocoder state) lives on the replica that got the request's first chunk, and
+Serve routes every `push` on its own (least loaded of two), so with two decoder replicas a request's later
+chunks would reach a replica without its stream. The app therefore refuses decoder max_replicas > 1
+(serve.app.Args); the decoder scales by batching concurrent streams' chunks in one forward. Scaling it out needs
+request-id affinity: a custom `ray.serve.request_router.RequestRouter` on the decoder deployment that keeps
+request id -> replica from the first push (`on_request_routed`) until the final chunk or `close`, ranking that
+replica alone in `choose_replicas` (Serve's multiplexed-model routing only prefers, it does not pin).
 """
 from __future__ import annotations
 

@@ -201,3 +201,14 @@ def _wait_for_url(proc, out_path: Path, err_path: Path, timeout_s: float) -> str
             pytest.fail(f"vita-audio serve exited with {proc.returncode}: {err_path.read_text()[-2000:]}")
         time.sleep(0.5)
     pytest.fail(f"vita-audio serve not ready after {timeout_s:g} s: {err_path.read_text()[-2000:]}")
+
+
+def test_bench_serve_percentiles_and_flags():
+    from jobs.bench import serve as bench
+
+    samples = [{"ttfa_s": t, "rtf": 2 * t, "audio_s": 1.0, "wall_s": t} for t in (0.1, 0.2, 0.3, 0.4)]
+    row = bench._summary(4, samples, wall_s=2.0)
+    assert row["ttfa_p50_s"] == pytest.approx(0.25) and row["rtf_p50"] == pytest.approx(0.5)
+    assert 0.39 < row["ttfa_p99_s"] <= 0.4 and row["audio_s_per_s"] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="--concurrency"):
+        bench._ints("0,4", "--concurrency")
