@@ -33,7 +33,8 @@ def add_arguments(p, name: str) -> None:
     p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per encoder actor (fractions allowed)")
     p.add_argument("--cpus-per-actor", type=float, default=0.5, help="logical CPUs per encoder actor")
     p.add_argument("--encoder-rows", type=int, default=16, help="rows per encoder call (their audio is batched)")
-    p.add_argument("--read-tasks", type=int, default=2, help="read-and-check tasks at once")
+    p.add_argument("--read-tasks", type=int, default=2,
+                   help="read-and-check tasks at once (0: the encoder actors read their rows themselves)")
     p.add_argument("--block-size", type=int, default=64, help="inputs per shard (the unit of resumption)")
     p.add_argument("--ratio", default="1,10,4,10",
                    help="text-audio interval ratio T1,A1,T2,A2,... of assistant turns (Balance: 1,4,3,8,4,10; "
@@ -63,8 +64,8 @@ def config_from_args(args):
             ratio = tuple(int(v) for v in args.ratio.split(","))
         except ValueError:
             raise CLIError(f"--ratio {args.ratio!r}: a comma list of integers like 1,10,4,10") from None
-    if args.read_tasks < 1:
-        raise CLIError(f"--read-tasks must be >= 1, got {args.read_tasks}")
+    if args.read_tasks < 0:
+        raise CLIError(f"--read-tasks must be >= 0, got {args.read_tasks}")
     try:
         checks = AudioChecks(min_seconds=args.min_seconds, max_seconds=args.max_seconds,
                              min_sample_rate=args.min_sample_rate or None, channels=args.channels)

@@ -226,7 +226,9 @@ def test_mini_speech_to_shards(prepared):
         assert {"id", "source", "task", "input_ids", "labels", "audio_seconds"} <= set(names)
     rows = table.to_pylist()
     assert all(len(r["input_ids"]) == len(r["labels"]) == r["num_tokens"] for r in rows)
-    assert c["hours"] == pytest.approx(sum(r["audio_seconds"] for r in rows) / 3600)
+    assert c["sample_hours"] == pytest.approx(sum(r["audio_seconds"] for r in rows) / 3600)
+    assert c["hours"] == pytest.approx(sum(r["audio_seconds"] for r in rows if r["task"] == "asr" or
+                                           r["source"] == "vita-jsonl") / 3600)  # each audio once
     assert c["tokens"] == sum(r["num_tokens"] for r in rows)
     report = (out / "report.md").read_text()
     assert "| librispeech | asr | 40 |" in report and "| duplicate | 40 |" in report and "audio s per wall s" in report
@@ -411,6 +413,9 @@ def test_cli_checks_before_ray_and_prints_counts(ray_session, tiny_models, mini,
     import jobs.cli as cli
 
     monkeypatch.setitem(cli.COMMANDS, "prepare", ("jobs.cmd_prepare", "corpus preparation"))
+    monkeypatch.setitem(cli.BENCHMARKS, "prepare", "jobs.bench.prepare")
+    assert cli.main(["bench", "prepare", "--actors", "0", "--out", str(tmp_path / "b")]) == 2
+    assert "--actors must list integers >= 1" in capsys.readouterr().err
     out = str(tmp_path / "o")
     for argv, words in ((["--source", "wav:/x"], "unknown kind 'wav'"),
                         (["--source", f"ljspeech:{tmp_path}/nope"], "does not exist"),
@@ -472,3 +477,21 @@ def test_batch_inputs_share_the_recipes(tmp_path, mini):
     assert (item.id, item.text) == ("19_198_000000_000000", "Hello there.")
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         enumerate_inputs("wav:/nope", "asr")  # not a corpus kind: a path that does not exist
+
+
+def test_reading_in_the_encoder_actor_gives_the_same_rows(tiny_models, mini):
+    """`read_tasks=0`: the SampleBuilder reads its own rows; the same rows as read tasks then the builder (no Ray)."""
+    import dataclasses
+
+    from jobs.prepare.checks import AudioChecks
+    from jobs.prepare.recipes import prepare_librispeech
+    from jobs.prepare.samples import plan_inputs
+    from jobs.prepare.stages import SampleBuilder, read_and_check
+
+    utts = prepare_librispeech(mini / "LibriSpeech")["dev-clean-mini"][:3]
+    rows = [dataclasses.asdict(i) for i in plan_inputs("librispeech", utts, ("asr", "tts"))]
+    rows.append({**rows[0], "key": 99, "id": "x/missing/asr", "refs": '[{"path": "/nope.flac"}]'})
+    apart = SampleBuilder(str(tiny_models / "encoder"), str(tiny_models / "llm"))(read_and_check(rows))
+    inside = SampleBuilder(str(tiny_models / "encoder"), str(tiny_models / "llm"), read=AudioChecks())(rows)
+    assert apart.equals(inside) and apart.column("status").to_pylist() == ["ok"] * 6 + ["error"]
+    assert apart.column("reason").to_pylist()[-1] == "missing_file"

@@ -89,7 +89,7 @@ class PrepareConfig:
     models: str | None = None  # folder with llm/ (tokenizer) and encoder/ (None: $VITA_AUDIO_MODELS or tiny)
     encoder: PoolConfig = field(default_factory=PoolConfig)
     read_cpus: float = 0.25  # logical CPUs per read-and-check task
-    read_tasks: int = 2  # read-and-check tasks at once (each worker imports torch + transformers once)
+    read_tasks: int = 2  # read-and-check tasks at once (0: the encoder actors read their rows themselves)
     read_rows: int = 8  # rows per read-and-check task
     block_size: int = 64  # inputs per shard (the unit of resumption)
     ratio: tuple[int, ...] | None = BOOST_RATIO  # text-audio interval ratio of assistant turns (None: as is)
@@ -108,9 +108,11 @@ class PrepareConfig:
             raise ValueError(f"tasks {list(self.tasks)}: choose from {', '.join(TASKS)}")
         if self.ratio is not None:
             self.ratio = check_ratio(self.ratio)
-        for name in ("block_size", "read_rows", "read_tasks"):
+        for name in ("block_size", "read_rows"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
+        if not isinstance(self.read_tasks, int) or self.read_tasks < 0:
+            raise ValueError(f"read_tasks={self.read_tasks!r} must be an integer >= 0")
 
 
 def enumerate_inputs(config: PrepareConfig) -> tuple[list[PlannedInput], list[dict]]:
@@ -207,13 +209,15 @@ def _run_pipeline(config: PrepareConfig, models: Path, out: Path, blocks: dict[i
         ctx.enable_operator_progress_bars = config.progress
         rows = [dataclasses.asdict(item) for b in sorted(blocks) for item in blocks[b]]
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // config.read_rows, 4 * len(blocks))))
-        ds = ds.map_batches(read_and_check, fn_kwargs={"checks": config.checks}, batch_size=config.read_rows,
-                            num_cpus=config.read_cpus, compute=ray.data.TaskPoolStrategy(size=config.read_tasks),
-                            batch_format="pyarrow")
+        if config.read_tasks:
+            ds = ds.map_batches(read_and_check, fn_kwargs={"checks": config.checks}, batch_size=config.read_rows,
+                                num_cpus=config.read_cpus, compute=ray.data.TaskPoolStrategy(size=config.read_tasks),
+                                batch_format="pyarrow")
         pool = config.encoder
         ds = ds.map_batches(SampleBuilder, fn_constructor_kwargs={
             "encoder_dir": str(models / "encoder"), "llm_dir": str(models / "llm"), "ratio": config.ratio,
-            "torch_threads": config.torch_threads}, compute=ray.data.ActorPoolStrategy(size=pool.size),
+            "torch_threads": config.torch_threads, "read": None if config.read_tasks else config.checks},
+            compute=ray.data.ActorPoolStrategy(size=pool.size),
             num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, batch_size=pool.batch_size, batch_format="pyarrow")
         collector = _Collector(out, blocks)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):

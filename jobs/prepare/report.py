@@ -87,9 +87,11 @@ def _manifest(out: Path, config, n_inputs: int, sources: list[dict], samples: pa
         g["tokens"] += row["num_tokens"]
         g["scored"] += row["num_scored"]
     rejects = Counter(errors.column("reason").to_pylist())
+    audio = {row["audio_sha1"]: row["audio_seconds"] or 0.0 for row in rows if row["task"] != "text"}
     counts = {
         "inputs": n_inputs, "samples": len(rows), "errors": errors.num_rows,
-        "hours": sum(g["hours"] for g in groups.values()), "tokens": sum(g["tokens"] for g in groups.values()),
+        "hours": sum(audio.values()) / 3600,  # distinct audio (an utterance's ASR and TTS samples count once)
+        "sample_hours": sum(g["hours"] for g in groups.values()), "tokens": sum(g["tokens"] for g in groups.values()),
         "scored_tokens": sum(g["scored"] for g in groups.values()), "audio_tokens": audio_tokens,
         "by_task": dict(sorted(Counter(r["task"] for r in rows).items())),
         "by_source": dict(sorted(Counter(r["source"] for r in rows).items())),
@@ -115,7 +117,7 @@ def _report(manifest: dict, errors: pa.Table) -> str:
     c = manifest["counts"]
     lines = ["# Corpus preparation", "",
              f"{c['samples']} samples and {c['errors']} error rows from {c['inputs']} inputs; "
-             f"{c['hours']:.3f} h of audio, {c['tokens']} tokens ({c['scored_tokens']} scored, "
+             f"{c['hours']:.3f} h of distinct audio ({c['sample_hours']:.3f} h over all samples), {c['tokens']} tokens ({c['scored_tokens']} scored, "
              f"{c['audio_tokens']} audio codes). Schema version {manifest['schema_version']}.", "",
              "## Per source and task", "", "| source | task | samples | hours | tokens | scored tokens |",
              "|---|---|---|---|---|---|"]

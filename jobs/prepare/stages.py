@@ -3,6 +3,9 @@
     read_and_check   (tasks, CPU)          input rows -> + 16 kHz waveforms, audio seconds, content hash, or an error
     SampleBuilder    (actor pool, GPU/CPU) -> audio codes (speech encoder, loaded once per actor) -> ids + labels
 
+With `read_tasks=0` the actors read and check their rows themselves: no read-task processes (each one imports
+torch and transformers: seconds of start-up on a small machine), at the cost of the encoder waiting on reads.
+
 Both map a pyarrow table (or a list of dicts, to be called without Ray) and never raise for one bad row: the
 row leaves with status "error", a `reason` and a `detail`, and later steps pass it on. Waveforms travel as
 float32 bytes, one per audio of the sample.
@@ -73,7 +76,7 @@ class SampleBuilder:
     waveform of the batch (`tokenize_waveforms`: equal to one clip at a time), then each row's sample."""
 
     def __init__(self, encoder_dir: str, llm_dir: str, ratio=(1, 10, 4, 10), torch_threads: int | None = 1,
-                 max_batch_windows: int = 128):
+                 max_batch_windows: int = 128, read: AudioChecks | None = None):
         import torch
 
         from actors.placement import stage_device
@@ -87,9 +90,12 @@ class SampleBuilder:
         self.tokenizer = load_tokenizer(llm_dir)
         self.layout = TokenLayout.from_tokenizer(self.tokenizer)
         self.ratio = tuple(ratio) if ratio else None
+        self.read = read  # given: input rows are read and checked here (no separate read tasks)
         self.encode_s = 0.0
 
     def __call__(self, batch) -> pa.Table:
+        if self.read is not None:
+            batch = read_and_check(batch, self.read)
         rows = _rows(batch, READ_SCHEMA)
         ready = [row for row in rows if row["status"] == "ok"]
         unique = {}  # an utterance's audio is encoded once for all its samples in the batch
