@@ -179,7 +179,7 @@ class LLMStage:
                                                         state.token_ids)
             if output.end is not None:
                 state.finished = True
-            if output.text or output.audio_chunks or output.end is not None:
+            if output.text or output.text_ids or output.audio_chunks or output.end is not None:  # ids whose text is not printable yet too
                 state.queue.put_nowait(output)
 
     def reject(self, request_id: str, error: Exception) -> None:
