@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import operator
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +38,7 @@ from pipeline.cpu_kernels import CPU_DECODE_ATTENTION
 from pipeline.kv_cache import BatchKV, KVPool, group_attention_mask
 from pipeline.layout import default_layout
 from pipeline.observe import StepObserver
-from pipeline.requests import EXACT, AudioChunkEvent, EndEvent, GenerationRequest, TokenEvent
+from pipeline.requests import EXACT, AudioChunkEvent, EndEvent, GenerationRequest, TokenEvent, check_prompt_ids
 from pipeline.sampling import CONSTRAINTS, OutputConstraint, SamplingParams, TokenSampler, choose_batch
 from pipeline.schedules import resolve_mode
 from pipeline.sequence import _Sequence
@@ -121,19 +121,7 @@ class DecodeEngine:
         """Validate and queue a request; it joins the batch at the next step. Returns its id."""
         if not isinstance(request, GenerationRequest):
             raise ValueError(f"request must be a GenerationRequest, got {type(request).__name__}")
-        prompt = request.prompt_ids
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.flatten().tolist()
-        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence) or len(prompt) == 0:
-            raise ValueError(f"prompt_ids must be a non-empty list of token ids, got {str(prompt)[:60]!r}")
-        try:
-            prompt = [operator.index(t) for t in prompt]
-        except TypeError:
-            raise ValueError(f"prompt_ids must hold integers, got {str(request.prompt_ids)[:60]!r}") from None
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"prompt_ids out of range [0, {self.vocab_size}): {bad[:5]}")
-        request.prompt_ids = prompt
+        request.prompt_ids = check_prompt_ids(request.prompt_ids, self.vocab_size)
         mnt = request.max_new_tokens
         if isinstance(mnt, bool) or not isinstance(mnt, int) or mnt < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {mnt!r}")
@@ -269,9 +257,8 @@ class DecodeEngine:
         return fn() if self.observer is None else self.observer.on_forward(kind, G, Q, fn)
 
     def _record(self, seq: _Sequence, producer: str, q_len: int, pos_first: int, logits: torch.Tensor) -> None:
-        if self.observer is not None:
-            logits = logits if self.observer.record_logits and not seq.verify else None
-            self.observer.on_request_forward(seq.id, producer, q_len, pos_first, logits)
+        logits = logits if self.observer.record_logits and not seq.verify else None
+        self.observer.on_request_forward(seq.id, producer, q_len, pos_first, logits)
 
     def _pad(self, rows: list[list[int]], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token rows and their first rotary positions -> right-padded ids and position ids [G, Q]."""
@@ -375,7 +362,8 @@ class DecodeEngine:
                 seq.hidden[0].append(outputs[i])
             n_logits = len(seq.drafts) + 1
             row += n_logits
-            self._record(seq, "backbone", q, part.starts[i], logits[row - 1])
+            if self.observer is not None:
+                self._record(seq, "backbone", q, part.starts[i], logits[row - 1])
             if seq.verify:
                 self._verify(seq, logits[row - n_logits : row], events)
             else:
@@ -422,7 +410,8 @@ class DecodeEngine:
             seq.hidden[k].trim(end - seq.hidden_slack)
             if k + 1 < self.num_modules and seq.hidden[k + 1] is not None:
                 seq.hidden[k + 1].append(outputs[i])
-            self._record(seq, self.mtp_names[k], q, part.starts[i] + k + 1, logits[i])
+            if self.observer is not None:
+                self._record(seq, self.mtp_names[k], q, part.starts[i] + k + 1, logits[i])
             L = len(seq.tokens)
             if seq.verify:
                 index = L + len(seq.drafts)

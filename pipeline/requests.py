@@ -1,7 +1,11 @@
 """What the LLM engine takes and gives: a generation request, the streamed events, a one-shot result."""
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import torch
 
 from pipeline.sampling import SamplingParams
 
@@ -50,3 +54,20 @@ class GenerationResult:
     mtp_forwards: int
     usage: dict
     trace: dict | None = None
+
+
+def check_prompt_ids(prompt, vocab_size: int) -> list[int]:
+    """Prompt ids (a list or tensor of integers in [0, vocab_size)) as a list of ints; ValueError otherwise."""
+    original = prompt
+    if isinstance(prompt, torch.Tensor):
+        prompt = prompt.flatten().tolist()
+    if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence) or len(prompt) == 0:
+        raise ValueError(f"prompt_ids must be a non-empty list of token ids, got {str(prompt)[:60]!r}")
+    try:
+        prompt = [operator.index(t) for t in prompt]
+    except TypeError:
+        raise ValueError(f"prompt_ids must hold integers, got {str(original)[:60]!r}") from None
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt_ids out of range [0, {vocab_size}): {bad[:5]}")
+    return prompt
