@@ -93,8 +93,11 @@ def train_func(cfg: dict) -> None:
                                            config=deepspeed_config(cfg, bf16=bool(cfg.get("bf16")) and torch.cuda.is_available()))
 
     step = 0
-    resume = ray.train.get_checkpoint()
-    resume_dir = Path(resume.path) if resume is not None else latest_checkpoint(ckpt_root)
+    # the newer of Ray's last reported checkpoint and the last complete one on disk (a failure between the
+    # all-ranks save and rank 0's report leaves the newest only on disk)
+    reported = ray.train.get_checkpoint()
+    candidates = [c for c in (Path(reported.path) if reported else None, latest_checkpoint(ckpt_root)) if c]
+    resume_dir = max(candidates, key=_checkpoint_step, default=None)
     if resume_dir is not None:
         _, client = engine.load_checkpoint(str(resume_dir), tag="state")
         step = int(client["step"])
@@ -125,12 +128,12 @@ def train_func(cfg: dict) -> None:
         metrics = {"stage": cfg["stage"], "step": step, "loss": sums["loss"], "backbone_loss": sums["backbone"],
                    "mtp_losses": [] if sums["mtp"] is None else sums["mtp"].tolist(),
                    "lr": scheduler.get_last_lr()[0], "tokens": tokens, "step_s": dt, "tokens_per_s": tokens / dt, "time": time.time()}
+        if rank == 0:  # before the checkpoint: a complete checkpoint at step S implies metrics up to S
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
         checkpoint = None
         if step % cfg["save_every"] == 0 or step == total:
             checkpoint = _save(engine, ckpt_root / f"step{step}", step, cfg, rank, dist)
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
         if checkpoint is not None or step % cfg.get("log_every", 1) == 0:  # a sync of all ranks: not every step
             ray.train.report(metrics, checkpoint=checkpoint if rank == 0 else None)
     if rank == 0:
@@ -147,6 +150,11 @@ def _packed_rows(shard, cfg: dict, rank: int, world: int) -> list:
         raise ValueError(f"no sample of this worker's shard fits max_length={cfg['max_length']} "
                          f"({packed.dropped} dropped): raise max_length or give the stage more data")
     return list(zip(packed.input_ids, packed.position_ids, packed.labels))
+
+
+def _checkpoint_step(path: Path) -> int:
+    done = path / COMPLETE
+    return json.loads(done.read_text())["step"] if done.is_file() else -1
 
 
 def _keep_metrics_up_to(path: Path, step: int) -> None:
