@@ -75,8 +75,8 @@ class StageScaling:
 class IngressScaling:
     """The ingress: requests per replica, the proxy's wait queue and the Retry-After of its 503s."""
 
-    max_ongoing_requests: int = 64
-    max_queued_requests: int = 32
+    max_ongoing_requests: int = 256
+    max_queued_requests: int = 64
     retry_after_s: float = 1.0
     num_cpus: float = 0.0
     graceful_shutdown_timeout_s: float = 5.0
