@@ -80,7 +80,9 @@ def run(args: argparse.Namespace) -> dict:
                                                              "models": str(models)}}
     _plot(results, out / "train.png")
     md = ("Stage 1 of the tiny recipe (ZeRO-2, fp32 on CPU, gloo), the same packed rows for every setup; "
-          "steady-state rate = median over the optimizer steps after the first.\n\n" + markdown_table(rows) +
+          "steady-state rate = median over the optimizer steps after the first; start-up = the stage's wall time "
+          "less its steps (Ray Train worker group, DeepSpeed init, model load, checkpoint, HF folder).\n\n"
+          + markdown_table(rows, ["setup", "step s", "tokens/s", "start-up s"]) +
           f"\nRay Train + DeepSpeed overhead with 1 worker: **{overhead:+.1%}** (target <= 15 %). "
           f"2 workers vs 1: **{scaling:.2f}x** tokens/s. Load average during the run: "
           f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores (other engineers' jobs), so "
