@@ -333,8 +333,8 @@ def _damaged_corpus(mini: Path, root: Path) -> dict[str, str]:
     put("nan", nan, 16000, subtype="FLOAT", expect="non_finite")
     put("lowrate", soxr.resample(speech, 16000, 8000), 8000, expect="low_sample_rate")
     other = _speech(mini, 2)  # not the good file's speech: that would be a duplicate of it
-    put("stereo", np.stack([other, np.resize(_speech(mini, 1), len(other))], axis=1), 16000)
-    put("rate48k", soxr.resample(_speech(mini, 3), 16000, 48000), 48000)
+    put("stereo", np.stack([other, np.resize(_speech(mini, 1), len(other))], axis=1), 16000, expect="multichannel")
+    put("rate48k", soxr.resample(_speech(mini, 3), 16000, 48000), 48000, expect="rate_mismatch")
     put("silent", np.zeros(16000, np.float32), 16000, expect="silent")
     put("clipped", np.clip(np.sin(np.linspace(0, 2000, 32000)) * 3, -1, 1).astype(np.float32), 16000, expect="clipped")
     put("short", speech[:1600], 16000, expect="too_short")
@@ -344,8 +344,10 @@ def _damaged_corpus(mini: Path, root: Path) -> dict[str, str]:
 
 
 def test_damaged_corpus_one_error_row_each(ray_session, tiny_models, mini, tmp_path):
-    """Each damaged file is one error row naming its reason; a stereo file keeps channel 0 (as the original
-    tokenizer) and a 48 kHz file is resampled; rows + error rows == inputs."""
+    """Each damaged file is one error row naming its reason (a stereo file in a mono corpus, a 48 kHz file in a
+    16 kHz one included); rows + error rows == inputs. With channels="first" the stereo file keeps channel 0,
+    as the original tokenizer does."""
+    from jobs.prepare.checks import AudioChecks
     from jobs.prepare.job import read_shards, run_prepare
     from pipeline.encoder import load_encoder
 
@@ -359,14 +361,18 @@ def test_damaged_corpus_one_error_row_each(ray_session, tiny_models, mini, tmp_p
     assert sorted(rows) == sorted(n for n, e in expected.items() if e == "ok")
     assert {n: e["reason"] for n, e in errors.items()} == {n: e for n, e in expected.items() if e != "ok"}
     assert "truncated" in errors["truncated"]["detail"] and "8000 Hz" in errors["lowrate"]["detail"]
+    assert "2 channels" in errors["stereo"]["detail"] and "48000 Hz" in errors["rate48k"]["detail"]
     assert errors["missing"]["path"].endswith("9-9-missing.flac") and "no such file" in errors["missing"]["detail"]
-    assert rows["stereo"]["converted"] == ["channel 0 of 2"] and rows["rate48k"]["converted"] == ["resampled 48000 Hz"]
-    encoder = load_encoder(tiny_models / "encoder")
-    left = sf.read(tmp_path / "corpus/damaged/9/9/9-9-stereo.wav", dtype="float32")[0][:, 0]
-    assert rows["stereo"]["audio_codes"][0] == encoder.tokenize(left, 16000)
-    assert rows["rate48k"]["audio_codes"][0] == encoder.tokenize(str(tmp_path / "corpus/damaged/9/9/9-9-rate48k.wav"))
     report = (out / "report.md").read_text()
     assert all(f"| {reason} | 1 |" in report for reason in set(expected.values()) - {"ok"})
+
+    first = run_prepare(_config(tiny_models, [f"librispeech:{tmp_path / 'corpus'}"], tmp_path / "first", tasks=("asr",),
+                                block_size=4, checks=AudioChecks(channels="first")))
+    assert first["counts"]["samples"] == 2
+    stereo = next(r for r in read_shards(tmp_path / "first").to_pylist() if r["utterance"].endswith("stereo"))
+    assert stereo["converted"] == ["channel 0 of 2"]
+    left = sf.read(tmp_path / "corpus/damaged/9/9/9-9-stereo.wav", dtype="float32")[0][:, 0]
+    assert stereo["audio_codes"][0] == load_encoder(tiny_models / "encoder").tokenize(left, 16000)
 
 
 @pytest.mark.slow

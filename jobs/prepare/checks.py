@@ -12,9 +12,9 @@ and what is converted:
 | not audio / undecodable                 | rejected `unreadable`                                             |
 | NaN or inf samples                      | rejected `non_finite`                                             |
 | rate below `min_sample_rate` (16 kHz)   | rejected `low_sample_rate`: upsampling cannot restore the band    |
-| rate other than a manifest declares     | rejected `rate_mismatch` (Lhotse recordings declare theirs)       |
-| any other rate (22.05, 24, 44.1, 48 kHz)| converted: resampled to 16 kHz                                    |
-| several channels                        | converted: channel 0 kept, as the original tokenizer does (`channels="mix"`: averaged; `"reject"`: rejected `multichannel`) |
+| rate other than the corpus declares     | rejected `rate_mismatch` (LibriSpeech 16 kHz, LibriTTS 24 kHz, LJSpeech 22.05 kHz, Lhotse recordings their own) |
+| any other rate where none is declared   | converted: resampled to 16 kHz (VITA JSONL, Common Voice)         |
+| several channels                        | rejected `multichannel` (the corpora are mono); `channels="first"`: channel 0 kept, as the original tokenizer does; `"mix"`: averaged |
 | shorter than `min_seconds` / longer than `max_seconds` | rejected `too_short` / `too_long`                  |
 | RMS below `silence_rms`                 | rejected `silent`                                                 |
 | over `max_clipped_fraction` of samples at full scale | rejected `clipped`                                   |
@@ -39,7 +39,7 @@ class AudioChecks:
     min_sample_rate: int | None = TARGET_RATE  # None: upsample anything
     silence_rms: float = 1e-4  # about -80 dBFS
     max_clipped_fraction: float = 0.01
-    channels: str = "first"
+    channels: str = "reject"
 
     def __post_init__(self):
         if not 0 <= self.min_seconds < self.max_seconds:
@@ -105,11 +105,11 @@ def content_hash(waves: list[np.ndarray]) -> str:
 
 
 def _check_rate(rate: int, ref, checks: AudioChecks, path: str) -> None:
-    if ref.sample_rate and rate != ref.sample_rate:
-        raise Reject("rate_mismatch", f"{path}: the manifest declares {ref.sample_rate} Hz, the file is {rate} Hz")
     if checks.min_sample_rate and rate < checks.min_sample_rate:
         raise Reject("low_sample_rate", f"{path}: {rate} Hz, below the minimum of {checks.min_sample_rate} Hz "
                                         "(min_sample_rate)")
+    if ref.sample_rate and rate != ref.sample_rate:
+        raise Reject("rate_mismatch", f"{path}: the corpus declares {ref.sample_rate} Hz, the file is {rate} Hz")
 
 
 def _segment(path: str, ref, channel, info, load_audio) -> np.ndarray:

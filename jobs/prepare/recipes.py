@@ -35,6 +35,12 @@ COMMONVOICE_DEFAULT_SKIP = ("invalidated",)  # rejected by Common Voice's own re
 LHOTSE_TYPES = ("recordings", "supervisions", "cuts")
 
 
+# The rates the corpora are published at: a file at another rate is an error row (`rate_mismatch`).
+LIBRISPEECH_RATE = 16000
+LIBRITTS_RATE = 24000
+LJSPEECH_RATE = 22050
+
+
 @dataclass(frozen=True)
 class AudioRef:
     """One audio of an utterance: a file, or a segment of it (Lhotse supervisions and cuts)."""
@@ -43,7 +49,7 @@ class AudioRef:
     offset: float = 0.0  # seconds into the file
     duration: float | None = None  # seconds from offset (None: to the end)
     channel: int | None = None  # None: the pipeline's channel policy
-    sample_rate: int | None = None  # declared by a manifest: a file at another rate is an error row
+    sample_rate: int | None = None  # declared by the corpus or a manifest: a file at another rate is an error row
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,8 @@ def prepare_librispeech(corpus_dir, output_dir=None, parts=None) -> dict[str, li
                     continue
                 utt, _, text = line.strip().partition(" ")
                 audio = _sibling_audio(trans.parent, utt)
-                items.append(Utterance(utt, part, (AudioRef(str(audio)),), text.strip() or None, speaker=speaker,
+                items.append(Utterance(utt, part, (AudioRef(str(audio), sample_rate=LIBRISPEECH_RATE),),
+                                       text.strip() or None, speaker=speaker,
                                        language="en", error=None if text.strip() else f"{trans}:{n}: no transcript"))
         out[part] = items
     return _written(out, output_dir, "librispeech")
@@ -100,7 +107,8 @@ def prepare_libritts(corpus_dir, output_dir=None, parts=None, text: str = "norma
         for txt in sorted(folder.rglob(f"*.{text}.txt")):
             utt = txt.name[: -len(f".{text}.txt")]
             transcript = txt.read_text(encoding="utf-8").strip()
-            items.append(Utterance(utt, part, (AudioRef(str(_sibling_audio(txt.parent, utt))),), transcript or None,
+            items.append(Utterance(utt, part, (AudioRef(str(_sibling_audio(txt.parent, utt)), sample_rate=LIBRITTS_RATE),),
+                                   transcript or None,
                                    speaker=utt.split("_")[0], language="en",
                                    error=None if transcript else f"{txt}: empty transcript"))
         out[part] = items
@@ -125,7 +133,8 @@ def prepare_ljspeech(corpus_dir, output_dir=None, parts=None) -> dict[str, list[
         fields = line.split("|")
         utt = fields[0].strip()
         transcript = (fields[2] if len(fields) > 2 and fields[2].strip() else fields[1] if len(fields) > 1 else "").strip()
-        items.append(Utterance(utt, "all", (AudioRef(str(root / "wavs" / f"{utt}.wav")),), transcript or None,
+        items.append(Utterance(utt, "all", (AudioRef(str(root / "wavs" / f"{utt}.wav"), sample_rate=LJSPEECH_RATE),),
+                               transcript or None,
                                speaker="LJ", language="en",
                                error=None if transcript else f"{metadata}:{n}: no text"))
     if not items:
