@@ -60,6 +60,7 @@ class EngineLoop:
         self.step_s = 0.0  # running average of one engine step's duration (for the automatic engine_thread)
         self.to_add: list[GenerationRequest] = []  # admitted at the next step
         self.to_abort: set[str] = set()
+        self.aborted: dict[str, asyncio.Event] = {}  # set once the engine dropped the request (caches freed)
         self.wake: asyncio.Event | None = None
         self.task: asyncio.Task | None = None
         self.error: BaseException | None = None
@@ -73,9 +74,12 @@ class EngineLoop:
         self.to_add.append(request)
         self.wake.set()
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> asyncio.Event:
+        """Ask the engine to drop a request; the event is set once it did (its KV cache is free)."""
         self.to_abort.add(request_id)
+        done = self.aborted.setdefault(request_id, asyncio.Event())
         self.notify()
+        return done
 
     def notify(self) -> None:
         """Something changed (a consumer took an item, a request went away): look again."""
@@ -118,12 +122,20 @@ class EngineLoop:
             except Exception as err:  # the engine is in an unknown state: fail everyone, keep the actor up
                 self.hooks.fail_all(err)
                 self.engine.reset()
+                self._aborts_done(aborts)
                 continue
+            self._aborts_done(aborts)
             for request_id, err in rejected.items():
                 self.hooks.reject(request_id, err)
             self.hooks.dispatch(events)
             if not threaded:
                 await asyncio.sleep(0)  # the generators take their items before the next inline steps
+
+    def _aborts_done(self, aborts: set[str]) -> None:
+        for request_id in aborts:
+            done = self.aborted.pop(request_id, None)
+            if done is not None:
+                done.set()
 
     async def _wait_for_burst(self) -> None:
         """An idle engine waits until no new request came for `admission_wait_s` (at most 4x that in all), so a

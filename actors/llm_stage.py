@@ -49,6 +49,8 @@ class _Request:
 
 
 class LLMStage:
+    ABORT_WAIT_S = 1.0  # longest `abort` waits for the engine to free the request's caches
+
     def __init__(self, config: LLMStageConfig):
         from pipeline.generate import DecodeEngine
         from pipeline.llm import load_llm
@@ -127,7 +129,12 @@ class LLMStage:
             return False
         if not state.queue.full():
             state.queue.put_nowait(RequestAborted(f"request {request_id!r} was aborted"))
-        self.loop.abort(request_id)
+        done = self.loop.abort(request_id)
+        if self.loop.task is not None and not self.loop.task.done():
+            try:  # returns once the engine freed the request's caches (within one run of steps)
+                await within(done.wait(), self.ABORT_WAIT_S)
+            except TimeoutError:
+                pass
         return True
 
     async def stats(self) -> dict:
