@@ -36,10 +36,10 @@ TEXTS = ["The birch canoe slid on the smooth planks.", "Glue the sheet to the da
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--models", type=Path, default=None, help="folder with llm/, encoder/, decoder/ (default: tiny)")
     parser.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="folder of audio files for ASR")
-    parser.add_argument("--copies", type=int, default=2, help="ASR job inputs: the corpus this many times")
+    parser.add_argument("--copies", type=int, default=12, help="ASR job inputs: the corpus this many times")
     parser.add_argument("--llm-batch-sizes", default="1,2,4,8,16", help="engine batch sizes for the LLM stage")
-    parser.add_argument("--requests", type=int, default=16, help="requests per LLM stage measurement")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per LLM stage measurement (best kept)")
+    parser.add_argument("--requests", type=int, default=32, help="requests per LLM stage measurement")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per LLM stage measurement (best kept)")
     parser.add_argument("--pool-sizes", default="1,2", help="actors per stage for the Ray Data job")
     parser.add_argument("--tts-texts", type=int, default=8, help="TTS job inputs")
     parser.add_argument("--asr-tokens", type=int, default=32, help="max new tokens per ASR request")
