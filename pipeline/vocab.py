@@ -109,6 +109,43 @@ class TokenLayout:
             context_of_audio=vocab.get(CONTEXT_OF_AUDIO_TOKEN),
         )
 
+    @classmethod
+    def from_config(cls, config, eos_ids=None) -> "TokenLayout":
+        """The layout of the released id order (spec §2.1) when no tokenizer is at hand: Qwen's specials from
+        `<|endoftext|>` (`bos_token_id`) on, VITA's right after them (`<|context_of_audio|>` after EOA in the
+        Plus variants, recognised by the codebook starting one id later), the codebook at
+        `speech_token_offset`; its size is the largest power of two in the rows left (padding follows)."""
+        endoftext = config.bos_token_id if config.bos_token_id is not None else config.pad_token_id
+        if endoftext is None:
+            raise ValueError("cannot derive the token layout: the config has no bos_token_id and no tokenizer was found")
+        offset = config.speech_token_offset
+        rows = config.vocab_size - offset
+        if rows <= 0:
+            raise ValueError(f"speech_token_offset={offset} is beyond vocab_size={config.vocab_size}")
+        first_vita = endoftext + len(QWEN_SPECIAL_TOKENS)
+        names = vita_special_tokens(plus=offset - first_vita == len(vita_special_tokens(plus=True)))
+
+        def qwen(token: str) -> int:
+            return endoftext + QWEN_SPECIAL_TOKENS.index(token)
+
+        def vita(token: str) -> int:
+            return first_vita + names.index(token)
+
+        im_end = qwen(IM_END_TOKEN)
+        return cls(
+            boa=vita(BOA_TOKEN),
+            eoa=vita(EOA_TOKEN),
+            audio_offset=offset,
+            codebook_size=1 << (rows.bit_length() - 1),
+            audio_placeholder=vita(AUDIO_PLACEHOLDER),
+            im_start=qwen(IM_START_TOKEN),
+            im_end=im_end,
+            endoftext=endoftext,
+            eos_ids=tuple(eos_ids) if eos_ids else (im_end, endoftext),
+            vocab_size=config.vocab_size,
+            context_of_audio=vita(CONTEXT_OF_AUDIO_TOKEN) if CONTEXT_OF_AUDIO_TOKEN in names else None,
+        )
+
     def is_audio(self, token_id: int) -> bool:
         return self.audio_offset <= token_id < self.audio_offset + self.codebook_size
 

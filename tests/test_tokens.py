@@ -1,6 +1,7 @@
 """pipeline.tokens: layout read from tokenizers, chat template, placeholders, interleaving, training samples."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -374,3 +375,18 @@ def test_training_sample_keeps_corpus_text_literal(tokenizer, layout):
     out = build_training_sample(tokenizer, layout, sample, [[1, 2, 3]], ratio=None)
     assert out["input_ids"].count(layout.im_end) == 2  # the two turn ends, not the one in the transcript
     assert layout.audio_codes(out["input_ids"]) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_layout_from_config_equals_the_tokenizers(plus):
+    """Without a tokenizer the layout follows from the config in the released id order (no literal offsets)."""
+    from types import SimpleNamespace
+
+    tok = build_tiny_tokenizer(plus=plus)
+    expected = TokenLayout.from_tokenizer(tok)
+    config = SimpleNamespace(bos_token_id=expected.endoftext, pad_token_id=None, speech_token_offset=expected.audio_offset,
+                             vocab_size=expected.audio_offset + expected.codebook_size + 3)  # 3 padding rows
+    derived = TokenLayout.from_config(config)
+    assert derived == dataclasses.replace(expected, vocab_size=config.vocab_size)
+    with pytest.raises(ValueError, match="no bos_token_id"):
+        TokenLayout.from_config(SimpleNamespace(bos_token_id=None, pad_token_id=None, speech_token_offset=1, vocab_size=9))
