@@ -89,7 +89,7 @@ class DecoderStageConfig:
     max_batch_size: int = 8  # chunks of different streams decoded in one forward
     n_steps: int = 10  # flow-matching ODE steps per chunk
     seed: int = 42  # noise seed of each stream (same seed -> same audio)
-    stream_mode: str = "incremental"
+    stream_kind: str = "incremental"  # incremental | glm4voice | vita_prefix (pipeline.decoder streams)
     idle_timeout_s: float = 300.0  # a stream nobody pushes to for this long is freed
 
 

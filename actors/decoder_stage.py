@@ -68,7 +68,7 @@ class DecoderStage:
             # Ray does not keep call order: a chunk sent before `close` may arrive after it
             raise ValueError(f"request {chunk.request_id!r} was closed; chunk {chunk.seq} is dropped")
         if state is None:
-            stream = self.decoder.stream(kind=self.config.stream_mode, n_steps=self.config.n_steps, seed=self.config.seed)
+            stream = self.decoder.stream(kind=self.config.stream_kind, n_steps=self.config.n_steps, seed=self.config.seed)
             state = self.streams[chunk.request_id] = _Stream(stream, time.monotonic())
         state.last_used = time.monotonic()
         try:

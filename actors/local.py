@@ -81,7 +81,7 @@ class LocalStageClients:
         if stream is None:
             settings = self.config.decoder
             stream = self.streams[chunk.request_id] = self.decoder.stream(
-                mode=settings.stream_mode, n_steps=settings.n_steps, seed=settings.seed)
+                kind=settings.stream_kind, n_steps=settings.n_steps, seed=settings.seed)
         start = time.perf_counter()
         with torch.inference_mode():
             pcm = stream.push(list(chunk.codes), chunk.final)

@@ -18,7 +18,7 @@ from jobs.common import CLIError
 
 BENCHMARKS = {
     "decode": "jobs.bench.decode",      # LLM + MCTP decode engine, per mode
-    "encoder": "jobs.bench.encoder",    # speech tokenizer, batched vs one by one
+    "encoder": "jobs.bench.encoder",    # speech encoder, batched vs one by one
     "decoder": "jobs.bench.decoder",    # flow + HiFT, streaming cost vs audio length
     "pipeline": "jobs.bench.pipeline",  # staged Ray pipeline vs in-process composition
     "batch": "jobs.bench.batch",        # batch ASR/TTS: LLM batch size, actors per stage, vs an in-process loop
