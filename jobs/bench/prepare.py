@@ -31,7 +31,7 @@ DEFAULT_CORPUS = (Path(os.environ.get("VITA_AUDIO_SHARED", REPO.parent / "shared
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--corpus", default=str(DEFAULT_CORPUS), help="a LibriSpeech-layout folder")
-    parser.add_argument("--copies", type=int, default=3, help="the corpus this many times (as distinct speakers)")
+    parser.add_argument("--copies", type=int, default=30, help="the corpus this many times (as distinct speakers)")
     parser.add_argument("--actors", default="1,2", help="encoder actors of the job runs")
     parser.add_argument("--read-tasks", default="2,0",
                         help="read-and-check tasks of the job runs (0: the encoder actors read their own rows)")
