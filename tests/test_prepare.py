@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
+import soxr
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -308,7 +309,6 @@ def _speech(mini: Path, k: int = 0) -> np.ndarray:
 
 def _damaged_corpus(mini: Path, root: Path) -> dict[str, str]:
     """A LibriSpeech-layout part with one good file and damaged ones; utterance -> the expected outcome."""
-    import soxr
 
     chapter = root / "damaged" / "9" / "9"
     chapter.mkdir(parents=True)
@@ -441,7 +441,7 @@ def test_cli_checks_before_ray_and_prints_counts(ray_session, tiny_models, mini,
     (lj / "wavs").mkdir(parents=True)
     flacs = sorted((mini / "LibriSpeech").rglob("*.flac"))[:3]
     for k, f in enumerate(flacs):
-        sf.write(lj / "wavs" / f"LJ001-{k:04d}.wav", sf.read(f)[0], 16000)
+        sf.write(lj / "wavs" / f"LJ001-{k:04d}.wav", soxr.resample(sf.read(f)[0], 16000, 22050), 22050)  # LJSpeech's rate
     (lj / "metadata.csv").write_text("".join(f"LJ001-{k:04d}|Text {k}.|Text {k}.\n" for k in range(3)))
     argv = ["prepare", "--source", f"ljspeech:{lj}", "--out", out, "--models", str(tiny_models), "--no-progress", "--json"]
     assert cli.main(argv) == 0
