@@ -114,21 +114,3 @@ def _parse_mode(mode):
     if len(values) % 2 or any(v < 0 for v in values):
         raise CLIError(f"--mode {mode!r}: a list of pairs of non-negative integers like 1,10,4,10")
     return values
-
-
-def main(argv=None) -> int:
-    """`python -m jobs.cmd_batch asr --input ... --out ...` (the same as `vita-audio batch` once registered)."""
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(prog="vita-audio batch")
-    add_arguments(parser, "batch")
-    args = parser.parse_args(argv)
-    summary = run(args)
-    if args.json:
-        print(json.dumps(summary, default=float))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -105,21 +105,3 @@ def run(args) -> dict:
           f"{c['hours']:.2f} h, {c['tokens']} tokens; {this_run}; report: {Path(args.out) / 'report.md'}",
           file=sys.stderr)
     return c
-
-
-def main(argv=None) -> int:
-    """`python -m jobs.cmd_prepare --source ... --out ...` (the same as `vita-audio prepare` once registered)."""
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(prog="vita-audio prepare")
-    add_arguments(parser, "prepare")
-    args = parser.parse_args(argv)
-    counts = run(args)
-    if args.json:
-        print(json.dumps(counts, default=float))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -84,21 +84,3 @@ def run(args) -> dict:
           + ", ".join(str(Path(args.out) / f"stage{n}") for n in done) + f"; manifest {Path(args.out) / 'run.json'}",
           file=sys.stderr)
     return manifest
-
-
-def main(argv=None) -> int:
-    """`python -m jobs.cmd_train --data ... --init ... --out ...` (the same as `vita-audio train`)."""
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(prog="vita-audio train")
-    add_arguments(parser, "train")
-    args = parser.parse_args(argv)
-    manifest = run(args)
-    if args.json:
-        print(json.dumps(manifest, default=str))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -129,3 +129,37 @@ def check_address(address: str, timeout_s: float = 3.0) -> None:
             pass
     except OSError as err:
         raise CLIError(f"--address {address}: no Ray cluster answering there ({err.strerror or err})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resumable job folders (batch, prepare): one driver at a time, and a rerun only with the same plan
+
+
+def lock_run_folder(out: Path, job: str):
+    """An exclusive lock on OUT/.lock, held while the returned handle is open (or its process lives): two
+    drivers on one folder would each write the blocks they lack."""
+    import fcntl
+
+    handle = open(out / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise CLIError(f"--out {out}: another {job} run is writing there (wait for it, or choose a new --out)") from None
+    return handle
+
+
+def check_run_plan(out: Path, plan: dict) -> None:
+    """Write OUT/plan.json on the first run; on a rerun refuse any difference (results would mix)."""
+    path = out / "plan.json"
+    if not path.exists():
+        temp = path.with_name(".plan.json.tmp")
+        temp.write_text(json.dumps(plan, indent=1) + "\n")
+        os.replace(temp, path)
+        return
+    old = json.loads(path.read_text())
+    new = json.loads(json.dumps(plan))
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if changed:
+        raise CLIError(f"--out {out} holds a run with other settings ({', '.join(changed)} differ): rerun with "
+                       "the same inputs and settings to resume it, or choose a new --out")

@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+
+from driver_kill import kill_driver_when
 
 from jobs.batch.inputs import enumerate_inputs, read_audio_bytes
 from jobs.batch.segments import Segment, WindowConfig, plan_windows, stitch
@@ -195,9 +193,9 @@ def test_asr_mini_speech_report_and_noop_rerun(ray_session, tiny_models, mini, t
     assert {p.name: p.stat().st_mtime_ns for p in (out / "results").iterdir()} == before
     with pytest.raises(CLIError, match="other settings"):
         run_batch(_config(tiny_models, "asr", mini, out, block_size=8))
-    from jobs.batch.job import _lock
+    from jobs.common import lock_run_folder
 
-    held = _lock(out)
+    held = lock_run_folder(out, "batch")
     with pytest.raises(CLIError, match="another batch run"):
         run_batch(_config(tiny_models, "asr", mini, out, block_size=16))
     held.close()
@@ -266,23 +264,11 @@ def test_killed_driver_resumes_exactly_once(ray_session, tiny_models, mini, tmp_
     flags = dict(block_size=4, decode=_decode(48))
     out = tmp_path / "killed"
     address = ray_session.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "jobs.cmd_batch", "asr", "--input", str(manifest), "--out", str(out),
-           "--models", str(tiny_models), "--address", address, "--block-size", "4", "--max-new-tokens", "48",
-           "--encoder-rows", "4", "--llm-rows", "4", "--no-progress"]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 240
-        while len(list((out / "results").glob("part-*.parquet"))) < 10:
-            assert driver.poll() is None, "the driver ended before it could be killed"
-            assert time.monotonic() < deadline, "no progress"
-            time.sleep(0.05)
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    written = len(list((out / "results").glob("part-*.parquet")))
+    argv = ["batch", "asr", "--input", str(manifest), "--out", str(out), "--models", str(tiny_models),
+            "--address", address, "--block-size", "4", "--max-new-tokens", "48", "--encoder-rows", "4",
+            "--llm-rows", "4", "--no-progress"]
+    written = kill_driver_when(argv, lambda: len(list((out / "results").glob("part-*.parquet"))), at=10,
+                               timeout_s=240)
     assert 10 <= written < 30, f"{written} of 30 blocks written when killed"
 
     resumed = run_batch(_config(tiny_models, "asr", manifest, out, **flags))

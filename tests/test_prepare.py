@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 import soxr
+
+from driver_kill import kill_driver_when
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -384,22 +381,9 @@ def test_killed_driver_resumes_to_the_same_samples(ray_session, tiny_models, min
     source = f"librispeech:{mini / 'LibriSpeech'}"
     out = tmp_path / "killed"
     address = ray_session.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "jobs.cmd_prepare", "--source", source, "--out", str(out), "--models", str(tiny_models),
-           "--address", address, "--block-size", "2", "--encoder-rows", "2", "--no-progress"]
-    driver = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while len(list((out / ".blocks").glob("done-*.json"))) < 20:
-            assert driver.poll() is None, "the driver ended before it could be killed"
-            assert time.monotonic() < deadline, "no progress"
-            time.sleep(0.02)
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    written = len(list((out / ".blocks").glob("done-*.json")))
+    argv = ["prepare", "--source", source, "--out", str(out), "--models", str(tiny_models), "--address", address,
+            "--block-size", "2", "--encoder-rows", "2", "--no-progress"]
+    written = kill_driver_when(argv, lambda: len(list((out / ".blocks").glob("done-*.json"))), at=20)
     assert 20 <= written < 40, f"{written} of 40 blocks written when killed"
     assert not (out / "manifest.json").exists()
 

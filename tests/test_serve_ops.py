@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from serve_testing import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "serve" / "config.yaml"
 
@@ -140,14 +142,6 @@ def test_serve_config_errors_name_the_problem(tmp_path, capsys, tiny_models):
         assert len(err) == 1 and message in err[0], (name, err)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_vita_audio_serve_answers_and_stops_on_sigterm(tiny_models, tmp_path):
     """The command as a user runs it: a local Ray, the shipped config, the URL printed, /health and a speech
@@ -159,7 +153,7 @@ def test_vita_audio_serve_answers_and_stops_on_sigterm(tiny_models, tmp_path):
     import shutil
     import tempfile
 
-    port = _free_port()
+    port = free_port()
     ray_tmp = tempfile.mkdtemp(prefix="vs", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
@@ -211,4 +205,4 @@ def test_bench_serve_percentiles_and_flags():
     assert row["ttfa_p50_s"] == pytest.approx(0.25) and row["rtf_p50"] == pytest.approx(0.5)
     assert 0.39 < row["ttfa_p99_s"] <= 0.4 and row["audio_s_per_s"] == pytest.approx(2.0)
     with pytest.raises(ValueError, match="--concurrency"):
-        bench._ints("0,4", "--concurrency")
+        bench.int_list("0,4", "--concurrency")

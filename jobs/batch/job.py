@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from jobs.batch.inputs import BatchInput, enumerate_inputs
 from jobs.batch.segments import WindowConfig
 from jobs.batch.stages import IN_FLIGHT, ROW_SCHEMA, DecodeOptions
-from jobs.common import CLIError
+from jobs.common import check_run_plan, lock_run_folder
 
 RESULT_SCHEMA = pa.schema([f for f in ROW_SCHEMA if f.name not in IN_FLIGHT])
 PLAN_VERSION = 1
@@ -91,8 +91,8 @@ def run_batch(config: BatchConfig) -> dict:
     blocks = [items[i : i + config.block_size] for i in range(0, len(items), config.block_size)]
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)
-    with _lock(out):  # held until the run ends (or its process dies)
-        _check_plan(out, _plan(config, models, items))
+    with lock_run_folder(out, "batch"):  # held until the run ends (or its process dies)
+        check_run_plan(out, _plan(config, models, items))
         for stale in results.glob(".part-*"):  # a crash mid-write leaves only a temporary file
             stale.unlink()
         pending = [b for b, block in enumerate(blocks) if not _complete(block_path(out, b), len(block))]
@@ -244,34 +244,6 @@ def _plan(config: BatchConfig, models: Path, items: list[BatchInput]) -> dict:
             "inputs": len(items), "ids_sha256": ids, "block_size": config.block_size,
             "models": str(Path(models).resolve()), "decode": dataclasses.asdict(config.decode),
             "windows": dataclasses.asdict(config.windows), "max_audio_seconds": config.max_audio_seconds}
-
-
-def _lock(out: Path):
-    """An exclusive lock on DIR/.lock: two drivers on one folder would each write the blocks they lack."""
-    import fcntl
-
-    handle = open(out / ".lock", "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise CLIError(f"--out {out}: another batch run is writing there (wait for it, or choose a new --out)") from None
-    return handle
-
-
-def _check_plan(out: Path, plan: dict) -> None:
-    """Write DIR/plan.json on the first run; on a rerun refuse any difference (results would mix)."""
-    path = out / "plan.json"
-    if not path.exists():
-        temp = path.with_suffix(".tmp")
-        temp.write_text(json.dumps(plan, indent=1) + "\n")
-        os.replace(temp, path)
-        return
-    old = json.loads(path.read_text())
-    changed = [k for k in sorted(set(old) | set(plan)) if old.get(k) != json.loads(json.dumps(plan.get(k)))]
-    if changed:
-        raise CLIError(f"--out {out} holds a run with other settings ({', '.join(changed)} differ): rerun with "
-                       "the same input and settings to resume it, or choose a new --out")
 
 
 def _complete(path: Path, n_rows: int) -> bool:

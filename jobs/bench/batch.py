@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from jobs.bench.report import markdown_table, write_report
+from jobs.bench.report import int_list, markdown_table, write_report
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CORPUS = (Path(os.environ.get("VITA_AUDIO_SHARED", REPO.parent / "shared")) / "corpora" / "mini-speech"
@@ -52,8 +52,8 @@ def run(args: argparse.Namespace) -> dict:
     from actors.config import PipelineConfig
     from jobs.common import resolve_models_dir
 
-    batch_sizes = _ints(args.llm_batch_sizes, "--llm-batch-sizes")
-    pool_sizes = _ints(args.pool_sizes, "--pool-sizes")
+    batch_sizes = int_list(args.llm_batch_sizes, "--llm-batch-sizes")
+    pool_sizes = int_list(args.pool_sizes, "--pool-sizes")
     if min(args.copies, args.requests, args.repeats, args.tts_texts, args.asr_tokens, args.tts_tokens) < 1:
         raise ValueError("--copies, --requests, --repeats, --tts-texts, --asr-tokens and --tts-tokens must be >= 1")
     files = sorted(p for p in Path(args.corpus).rglob("*") if p.suffix.lower() in (".flac", ".wav"))
@@ -216,13 +216,3 @@ def _plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        values = sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise ValueError(f"{flag} must be a comma list of integers, got {text!r}") from None
-    if not values or values[0] < 1:
-        raise ValueError(f"{flag} must list integers >= 1, got {text!r}")
-    return values

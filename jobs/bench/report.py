@@ -50,3 +50,14 @@ def write_report(name: str, results: dict, markdown: str, out_dir: str | Path) -
             f"{machine['load_average'][1]} over the last 5 min (other processes share the machine)")
     md_path.write_text(f"# Benchmark `{name}`\n\n_{note}_\n\n{markdown}")
     return json_path, md_path
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    """A benchmark flag like `--pool-sizes 1,2`: sorted distinct integers >= 1 (ValueError naming the flag)."""
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise ValueError(f"{flag} must be a comma list of integers, got {text!r}") from None
+    if not values or values[0] < 1:
+        raise ValueError(f"{flag} must list integers >= 1, got {text!r}")
+    return values

@@ -21,7 +21,7 @@ import statistics
 import time
 from pathlib import Path
 
-from jobs.bench.report import markdown_table, write_report
+from jobs.bench.report import int_list, markdown_table, write_report
 
 SAMPLE_RATE = 22050
 TEXT = "Hello there, this is a short test of the speech endpoint."
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> dict:
     from jobs.common import resolve_models_dir, start_ray
     from serve.app import build_app
 
-    levels = _ints(args.concurrency, "--concurrency")
+    levels = int_list(args.concurrency, "--concurrency")
     if min(args.requests, args.pairs, args.max_new_tokens) < 1:
         raise ValueError("--requests, --pairs and --max-new-tokens must be >= 1")
     models = resolve_models_dir(args.models)
@@ -204,13 +204,3 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        values = sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise ValueError(f"{flag} must be a comma list of integers, got {text!r}") from None
-    if not values or values[0] < 1:
-        raise ValueError(f"{flag} must list integers >= 1, got {text!r}")
-    return values

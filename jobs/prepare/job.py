@@ -29,7 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.common import CLIError
+from jobs.common import check_run_plan, lock_run_folder
 from jobs.prepare.checks import AudioChecks
 from jobs.prepare.recipes import RECIPES
 from jobs.prepare.samples import ERROR_SCHEMA, SAMPLE_SCHEMA, TASKS, PlannedInput, plan_inputs
@@ -148,8 +148,8 @@ def run_prepare(config: PrepareConfig) -> dict:
     blocks = [inputs[i : i + config.block_size] for i in range(0, len(inputs), config.block_size)]
     (out / "shards").mkdir(parents=True, exist_ok=True)
     (out / ".blocks").mkdir(exist_ok=True)
-    with _lock(out):
-        _check_plan(out, _plan(config, models, inputs))
+    with lock_run_folder(out, "prepare"):
+        check_run_plan(out, _plan(config, models, inputs))
         pending = [b for b in range(len(blocks)) if not done_path(out, b).exists()]
         for b in pending:  # leftovers of a killed run: redone whole
             for stale in (shard_path(out, b), errors_path(out, b)):
@@ -302,34 +302,6 @@ def _plan(config: PrepareConfig, models: Path, inputs: list[PlannedInput]) -> di
             "tasks": list(config.tasks), "inputs": len(inputs), "ids_sha256": ids, "block_size": config.block_size,
             "models": str(Path(models).resolve()), "ratio": list(config.ratio) if config.ratio else None,
             "checks": dataclasses.asdict(config.checks)}
-
-
-def _lock(out: Path):
-    """An exclusive lock on DIR/.lock: two drivers on one folder would each write the blocks they lack."""
-    import fcntl
-
-    handle = open(out / ".lock", "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise CLIError(f"--out {out}: another prepare run is writing there (wait for it, or choose a new --out)") from None
-    return handle
-
-
-def _check_plan(out: Path, plan: dict) -> None:
-    path = out / "plan.json"
-    if not path.exists():
-        temp = path.with_name(".plan.json.tmp")
-        temp.write_text(json.dumps(plan, indent=1) + "\n")
-        os.replace(temp, path)
-        return
-    old = json.loads(path.read_text())
-    new = json.loads(json.dumps(plan))
-    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    if changed:
-        raise CLIError(f"--out {out} holds a run with other settings ({', '.join(changed)} differ): rerun with the "
-                       "same sources and settings to resume it, or choose a new --out")
 
 
 def log(message: str) -> None:
