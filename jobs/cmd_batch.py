@@ -68,6 +68,10 @@ def config_from_args(args):
         from pipeline.tiny import is_tiny_set
 
         constraint = "task" if is_tiny_set(resolve_models_dir(args.models)) else "none"
+    for stage in ("encoder", "llm", "decoder"):
+        for flag in ("pool", "rows"):
+            if getattr(args, f"{stage}_{flag}") < 1:
+                raise CLIError(f"--{stage}-{flag} must be >= 1, got {getattr(args, f'{stage}_{flag}')}")
     try:
         pools = {stage: PoolConfig(size=getattr(args, f"{stage}_pool"), num_gpus=getattr(args, f"{stage}_gpus"),
                                    num_cpus=getattr(args, f"{stage}_cpus"), batch_size=getattr(args, f"{stage}_rows"))

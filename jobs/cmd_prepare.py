@@ -66,6 +66,8 @@ def config_from_args(args):
             raise CLIError(f"--ratio {args.ratio!r}: a comma list of integers like 1,10,4,10") from None
     if args.read_tasks < 0:
         raise CLIError(f"--read-tasks must be >= 0, got {args.read_tasks}")
+    if args.encoder_actors < 1 or args.encoder_rows < 1:
+        raise CLIError(f"--encoder-actors and --encoder-rows must be >= 1, got {args.encoder_actors} and {args.encoder_rows}")
     try:
         checks = AudioChecks(min_seconds=args.min_seconds, max_seconds=args.max_seconds,
                              min_sample_rate=args.min_sample_rate or None, channels=args.channels)

@@ -413,7 +413,7 @@ def test_cli_checks_before_ray_and_prints_counts(ray_session, tiny_models, mini,
                         (["--source", f"librispeech:{mini / 'LibriSpeech'}@train-clean-100"], "no part 'train-clean-100'"),
                         (["--source", f"librispeech:{mini / 'LibriSpeech'}", "--tasks", "asr,qa"], "--tasks"),
                         (["--source", f"librispeech:{mini / 'LibriSpeech'}", "--ratio", "1,x"], "--ratio"),
-                        (["--source", f"librispeech:{mini / 'LibriSpeech'}", "--encoder-actors", "0"], "encoder actors"),
+                        (["--source", f"librispeech:{mini / 'LibriSpeech'}", "--encoder-actors", "0"], "--encoder-actors"),
                         (["--source", f"librispeech:{mini / 'LibriSpeech'}", "--channels", "all"], "invalid choice")):
         assert cli.main(["prepare", *argv, "--out", out, "--json"]) == 2, argv
         captured = capsys.readouterr()

@@ -31,28 +31,10 @@ import pyarrow.parquet as pq
 from jobs.batch.inputs import BatchInput, enumerate_inputs
 from jobs.batch.segments import WindowConfig
 from jobs.batch.stages import IN_FLIGHT, ROW_SCHEMA, DecodeOptions
-from jobs.common import check_run_plan, lock_run_folder
+from jobs.common import PoolConfig, check_run_plan, lock_run_folder
 
 RESULT_SCHEMA = pa.schema([f for f in ROW_SCHEMA if f.name not in IN_FLIGHT])
 PLAN_VERSION = 1
-
-
-@dataclass
-class PoolConfig:
-    """One stage's Ray Data actor pool."""
-
-    size: int = 1  # actors (each loads the stage's model once)
-    num_gpus: float = 0.0  # per actor
-    num_cpus: float = 0.5  # per actor (Ray's logical CPUs: a fraction lets pools share a small machine)
-    batch_size: int = 8  # rows per call of the actor
-
-    def __post_init__(self):
-        if not isinstance(self.size, int) or self.size < 1:
-            raise ValueError(f"pool size={self.size!r} must be an integer >= 1")
-        if self.num_gpus < 0 or self.num_cpus < 0:
-            raise ValueError(f"num_gpus={self.num_gpus!r} and num_cpus={self.num_cpus!r} must be >= 0")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size={self.batch_size!r} must be an integer >= 1")
 
 
 @dataclass

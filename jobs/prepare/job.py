@@ -29,7 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.common import check_run_plan, lock_run_folder
+from jobs.common import PoolConfig, check_run_plan, lock_run_folder
 from jobs.prepare.checks import AudioChecks
 from jobs.prepare.recipes import RECIPES
 from jobs.prepare.samples import ERROR_SCHEMA, SAMPLE_SCHEMA, TASKS, PlannedInput, plan_inputs
@@ -64,30 +64,12 @@ class SourceSpec:
 
 
 @dataclass
-class PoolConfig:
-    """The speech-encoder actor pool."""
-
-    size: int = 1  # actors (each loads the encoder once)
-    num_gpus: float = 0.0  # per actor
-    num_cpus: float = 0.5  # per actor (Ray's logical CPUs)
-    batch_size: int = 16  # rows per call (their audio shares one batched encoder call)
-
-    def __post_init__(self):
-        if not isinstance(self.size, int) or self.size < 1:
-            raise ValueError(f"encoder actors={self.size!r} must be an integer >= 1")
-        if self.num_gpus < 0 or self.num_cpus < 0:
-            raise ValueError(f"GPUs ({self.num_gpus!r}) and CPUs ({self.num_cpus!r}) per actor must be >= 0")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"rows per encoder call={self.batch_size!r} must be an integer >= 1")
-
-
-@dataclass
 class PrepareConfig:
     sources: list  # "KIND:PATH[@PARTS]" strings or SourceSpec
     out: str
     tasks: tuple[str, ...] = ("asr", "tts", "sqa")
     models: str | None = None  # folder with llm/ (tokenizer) and encoder/ (None: $VITA_AUDIO_MODELS or tiny)
-    encoder: PoolConfig = field(default_factory=PoolConfig)
+    encoder: PoolConfig = field(default_factory=lambda: PoolConfig(batch_size=16))
     read_cpus: float = 0.25  # logical CPUs per read-and-check task
     read_tasks: int = 2  # read-and-check tasks at once (0: the encoder actors read their rows themselves)
     read_rows: int = 8  # rows per read-and-check task
