@@ -25,7 +25,7 @@ from ray import serve
 
 from actors.builder import STAGE_CLASSES
 from actors.config import STAGES, PipelineConfig
-from actors.orchestration import StageBusy, StageFailure
+from actors.orchestration import StageFailure
 from actors.payloads import AudioPayload, DecodeChunk, LLMOutput, PCMChunk, SpeechRequest
 from serve import metrics
 
@@ -100,6 +100,10 @@ def stage_application(stage: str, config: PipelineConfig, scaling: StageScaling)
     return deployment.bind(config.stage(stage))
 
 
+class StageBusy(StageFailure):
+    """The stage refused the call: its callers' queue is full (Serve's max_queued_requests). Retry later."""
+
+
 def stage_failure(stage: str, err: BaseException) -> StageFailure:
     """A stage-named failure for what a DeploymentHandle call raised (dead replica, backpressure, error)."""
     from ray.serve.exceptions import BackPressureError
@@ -107,7 +111,7 @@ def stage_failure(stage: str, err: BaseException) -> StageFailure:
     if isinstance(err, StageFailure):
         return err
     if isinstance(err, BackPressureError):
-        return StageBusy(stage, f"{stage} stage is at capacity: {err}")
+        return StageBusy(stage, f"BackPressureError: {err}")
     text = str(err).strip().splitlines()
     return StageFailure(stage, f"{stage} stage failed: {type(err).__name__}: {text[-1] if text else ''}")
 

@@ -45,8 +45,8 @@ def stage_error(event: ErrorEvent) -> APIError:
     if event.stage == "input":
         return APIError(400, event.message)
     retry = {"Retry-After": RETRY_AFTER_S}
-    if event.busy:
-        return APIError(503, f"{event.message}; retry later", type="server_error",
+    if "BackPressureError" in event.message:
+        return APIError(503, f"{event.stage} stage is at capacity, retry later: {event.message}", type="server_error",
                         code="overloaded", headers=retry)
     return APIError(503, f"{event.stage} stage: {event.message}", type="server_error", code="stage_failed",
                     headers=retry)
