@@ -3,8 +3,8 @@ them through `actors.orchestration.run_request` over the stage DeploymentHandles
 maps every refusal to OpenAI's error JSON with a 4xx status (stage failures are 503 with Retry-After).
 
 Routes here: /v1/audio/speech, /v1/audio/transcriptions, /v1/audio/voices, /v1/models, /health; the chat
-route is in serve.routes_chat. The app and shared helpers are in serve.http, checks in serve.api /
-serve.uploads, chat shapes in serve.chat_format.
+route is in serve.routes_chat, the /v1/realtime WebSocket and the page at / in serve.routes_realtime. The app
+and shared helpers are in serve.http, checks in serve.api / serve.uploads, chat shapes in serve.chat_format.
 """
 import json
 
@@ -20,9 +20,10 @@ from serve.api import MODEL_ID, APIError, Sampling, SpeechBody, TranscriptionFor
 from serve.audio_formats import CONTENT_TYPES, encode, to_int16
 from serve.deployments import ServeStageClients
 from serve.http import (ENCODER_RATE, RETRY_AFTER_S, Run, app, b64, check_mode, check_text, gather, joined_pcm,
-                        refused, speech_usage, sse, stage_error, streamed, transcription_usage, usage_headers,
+                        refused, speech_usage, sse, stage_error, streamed, tokenize, transcription_usage, usage_headers,
                         verbose_transcription)
 from serve.routes_chat import ChatRoutes
+from serve.routes_realtime import RealtimeRoutes
 from serve.uploads import check_audio
 from serve.voices import MAX_VOICE_SECONDS, VoiceStore
 
@@ -31,7 +32,7 @@ from serve.voices import MAX_VOICE_SECONDS, VoiceStore
 
 
 @serve.ingress(app)
-class Ingress(ChatRoutes):
+class Ingress(ChatRoutes, RealtimeRoutes):
     """Holds the stage handles, the caps, the voice store; one method per route."""
 
     def __init__(self, encoder, llm, decoder, caps: dict, api_key: str | None = None):
@@ -148,10 +149,7 @@ class Ingress(ChatRoutes):
             raise APIError(400, f"type={fields['type']!r}: only audio_sample voices are supported", param="type")
         self.voice_store.check_new(name)
         payload = AudioPayload(self._audio(data, "audio_sample", MAX_VOICE_SECONDS), ENCODER_RATE, f"voice {name}")
-        try:
-            codes = await self.clients.tokenize(payload)
-        except Exception as err:
-            raise stage_error(ErrorEvent("encoder", str(err))) from None
+        codes = await tokenize(self.clients, payload)
         return self.voice_store.add(name, codes, payload.seconds).describe()
 
     @app.delete("/v1/audio/voices/{voice_id}")

@@ -1,0 +1,568 @@
+"""OpenAI's Realtime API (GA event names), turn-based: one session's state and event shapes; no HTTP or
+WebSocket here (serve.routes_realtime carries the events).
+
+A session holds its config (`session.update`), the input audio buffer (`input_audio_buffer.append / commit /
+clear`) and the conversation (committed audio, `conversation.item.create`, the assistant's answers).
+`response.create` turns the conversation into one chat request for `actors.orchestration.run_request`: the last
+user message is the new turn and the earlier items its history, built as chat completions builds it (user audio
+by its codes, assistant answers by their transcripts; serve.chat_format). When the conversation outgrows the caps
+(max_audio_seconds, max_text_chars) its oldest items are left out of the prompt, as OpenAI's truncation "auto".
+
+Turn detection is the client's (`turn_detection: null`): server_vad / semantic_vad are refused.
+Audio: input is pcm16 at the session's input rate (OpenAI's 24 kHz by default; any rate in 8-48 kHz is accepted,
+as a browser captures at 44.1 or 48 kHz), handed to the pipeline as a wav at that rate (pipeline.audio resamples
+it to the encoder's 16 kHz with soxr). Output is pcm16 at 24 kHz, OpenAI's only pcm rate: one soxr stream per
+response resamples the decoder's 22.05 kHz chunks, so the joined deltas equal the whole answer resampled once.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import soxr
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from actors.payloads import TASK_DEFAULT, AudioChunk, Done, TextDelta
+from serve import chat_format
+from serve.api import DEFAULT_VOICE, MODEL_ID, APIError, VoiceRef, validation_message
+from serve.audio_formats import to_int16
+from serve.chat_format import Turn, check_unicode
+from serve.uploads import decode_base64
+
+OUTPUT_RATE = 24000  # OpenAI's pcm rate
+MIN_COMMIT_SECONDS = 0.1  # OpenAI refuses to commit less than 100 ms
+DEFAULT_MAX_TOKENS = 256
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+def server_event(type: str, **fields) -> dict:
+    return {"type": type, "event_id": new_id("event"), **fields}
+
+
+def error_event(err: APIError, event_id: str | None = None) -> dict:
+    """OpenAI's realtime error: the HTTP error's fields plus the client event it answers."""
+    return server_event("error", error={"type": err.type, "code": err.code, "message": err.message,
+                                        "param": err.param, "event_id": event_id})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Client events (the fields this model can honour; other fields are refused, wrong types too)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class PCM(Strict):
+    type: Literal["audio/pcm"] = "audio/pcm"
+    rate: int = Field(OUTPUT_RATE, ge=8000, le=48000)
+
+
+class AudioInput(Strict):
+    format: PCM = PCM()
+    turn_detection: dict | None = None  # only null: checked by Session.update for a clear message
+    transcription: None = None
+    noise_reduction: None = None
+
+
+class AudioOutput(Strict):
+    format: PCM = PCM()
+    voice: str | VoiceRef = DEFAULT_VOICE
+    speed: float = 1.0
+
+
+class AudioConfig(Strict):
+    input: AudioInput = AudioInput()
+    output: AudioOutput = AudioOutput()
+
+
+class SessionConfig(Strict):
+    """The session (`session.update` merges into it; `session.updated` shows it whole)."""
+
+    type: Literal["realtime"] = "realtime"
+    model: str = MODEL_ID
+    instructions: str | None = None  # the system turn; null: the model's default persona
+    output_modalities: list[Literal["text", "audio"]] = Field(default_factory=lambda: ["audio"], min_length=1)
+    audio: AudioConfig = AudioConfig()
+    max_output_tokens: int | Literal["inf"] = "inf"
+    tools: list[dict] = Field(default_factory=list, max_length=0)
+    tool_choice: Literal["auto", "none"] = "auto"
+    tracing: None = None
+    truncation: Literal["auto"] = "auto"
+
+
+class ContentPart(Strict):
+    type: Literal["input_text", "input_audio", "output_text", "output_audio"]
+    text: str | None = None
+    audio: str | None = None  # input_audio: base64 pcm16 at the session's input rate
+    transcript: str | None = None
+
+
+class ItemIn(Strict):
+    type: Literal["message"] = "message"
+    role: Literal["user", "assistant", "system"]
+    content: list[ContentPart] = Field(min_length=1, max_length=chat_format.MAX_MESSAGES)
+    id: str | None = Field(None, max_length=64)
+    object: Literal["realtime.item"] | None = None
+    status: Literal["completed", "incomplete", "in_progress"] | None = None
+
+
+class ResponseAudio(Strict):
+    output: AudioOutput = AudioOutput()
+
+
+class ResponseParams(Strict):
+    """`response.create`'s `response`: overrides of the session for this response only."""
+
+    conversation: Literal["auto"] = "auto"
+    output_modalities: list[Literal["text", "audio"]] | None = Field(None, min_length=1)
+    instructions: str | None = None
+    max_output_tokens: int | Literal["inf"] | None = None
+    audio: ResponseAudio | None = None
+    metadata: dict[str, str] | None = None
+
+
+class ClientEvent(Strict):
+    type: str
+    event_id: str | None = Field(None, max_length=128)
+
+
+class SessionUpdate(ClientEvent):
+    session: dict
+
+
+class BufferAppend(ClientEvent):
+    audio: str
+
+
+class ItemCreate(ClientEvent):
+    item: ItemIn
+    previous_item_id: str | None = None
+
+
+class ResponseCreate(ClientEvent):
+    response: ResponseParams = ResponseParams()
+
+
+class ResponseCancel(ClientEvent):
+    response_id: str | None = None
+
+
+CLIENT_EVENTS = {"session.update": SessionUpdate, "input_audio_buffer.append": BufferAppend,
+                 "input_audio_buffer.commit": ClientEvent, "input_audio_buffer.clear": ClientEvent,
+                 "conversation.item.create": ItemCreate, "response.create": ResponseCreate,
+                 "response.cancel": ResponseCancel}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The conversation
+
+
+@dataclass
+class Clip:
+    """A user's audio: pcm16 bytes at `rate`; `codes` once the encoder made them (for later turns' history)."""
+
+    pcm16: bytes
+    rate: int
+    codes: list[int] | None = None
+
+    @property
+    def seconds(self) -> float:
+        return len(self.pcm16) / 2 / self.rate
+
+    def wav(self) -> bytes:
+        import soundfile
+
+        buffer = io.BytesIO()
+        soundfile.write(buffer, np.frombuffer(self.pcm16, "<i2"), self.rate, format="WAV", subtype="PCM_16")
+        return buffer.getvalue()
+
+
+@dataclass
+class Message:
+    id: str
+    role: str  # user | assistant | system
+    texts: list[str] = field(default_factory=list)
+    clips: list[Clip] = field(default_factory=list)
+    spoken: bool = False  # an assistant answer with audio (its text is the transcript)
+    status: str = "completed"
+
+    def describe(self) -> dict:
+        """The item as events show it (audio data left out, as OpenAI does)."""
+        if self.role == "assistant":
+            key, kind = ("transcript", "output_audio") if self.spoken else ("text", "output_text")
+            content = [{"type": kind, key: "".join(self.texts)}]
+        else:
+            content = [{"type": "input_text", "text": t} for t in self.texts]
+            content += [{"type": "input_audio", "transcript": None} for _ in self.clips]
+        return {"id": self.id, "object": "realtime.item", "type": "message", "role": self.role, "status": self.status,
+                "content": content}
+
+    @property
+    def chars(self) -> int:
+        return sum(len(t) for t in self.texts)
+
+    @property
+    def seconds(self) -> float:
+        return sum(c.seconds for c in self.clips)
+
+
+class Session:
+    """One WebSocket's state. Each handler checks its event, changes the state and returns the server events
+    to send; a refusal raises APIError (the caller sends it as an `error` event and the session goes on)."""
+
+    def __init__(self, caps: dict, voices):
+        self.caps, self.voices = caps, voices
+        self.id = new_id("sess")
+        self.config = SessionConfig()
+        self.buffer = bytearray()
+        self.messages: list[Message] = []
+
+    # -- session ---------------------------------------------------------------------------------------------
+    def created(self) -> dict:
+        return server_event("session.created", session=self.describe())
+
+    def describe(self) -> dict:
+        return {"id": self.id, "object": "realtime.session", **self.config.model_dump(mode="json")}
+
+    def update(self, event: SessionUpdate) -> list[dict]:
+        merged = _merge(self.config.model_dump(), event.session)
+        config = _validated(SessionConfig, merged, "session")
+        if config.audio.input.turn_detection is not None:
+            raise APIError(400, "turn_detection must be null: this server is turn-based (append audio, then "
+                                "input_audio_buffer.commit and response.create); server_vad is not supported",
+                           param="session.audio.input.turn_detection", code="unsupported_turn_detection")
+        if config.model != MODEL_ID:
+            raise APIError(400, f"model {config.model!r} does not exist; available: {MODEL_ID!r}",
+                           param="session.model", code="model_not_found")
+        if config.audio.input.format.rate != self.config.audio.input.format.rate and self.buffer:
+            raise APIError(400, "the input rate cannot change while the input audio buffer holds audio; commit or "
+                                "clear it first", param="session.audio.input.format.rate")
+        self._check_output(config.output_modalities, config.audio.output, config.instructions,
+                           config.max_output_tokens, "session")
+        self.config = config
+        return [server_event("session.updated", session=self.describe())]
+
+    def _check_output(self, modalities, output: AudioOutput, instructions, max_tokens, where: str) -> None:
+        if sorted(set(modalities)) not in (["audio"], ["text"], ["audio", "text"]):
+            raise APIError(400, "output_modalities must be ['audio'] or ['text']", param=f"{where}.output_modalities")
+        if output.format.rate != OUTPUT_RATE:
+            raise APIError(400, f"output audio is pcm16 at {OUTPUT_RATE} Hz (rate={output.format.rate} is not "
+                                "supported)", param=f"{where}.audio.output.format.rate")
+        if output.speed != 1.0:
+            raise APIError(400, f"speed={output.speed}: only 1.0 is supported", param=f"{where}.audio.output.speed")
+        self.voices.resolve(output.voice, f"{where}.audio.output.voice")
+        if instructions:
+            self._check_text(instructions, f"{where}.instructions")
+        if max_tokens != "inf" and not 1 <= max_tokens <= self.caps["max_tokens"]:
+            raise APIError(400, f"max_output_tokens={max_tokens} must lie in 1..max_tokens={self.caps['max_tokens']}",
+                           param=f"{where}.max_output_tokens", code="max_tokens")
+
+    def _check_text(self, text: str, param: str) -> None:
+        check_unicode(text, param)
+        if len(text) > self.caps["max_text_chars"]:
+            raise APIError(400, f"{param} of {len(text)} characters exceeds max_text_chars="
+                                f"{self.caps['max_text_chars']}", param=param, code="max_text_chars")
+        if chat_format.AUDIO_PLACEHOLDER in text:
+            raise APIError(400, f"{param} contains {chat_format.AUDIO_PLACEHOLDER}, which marks audio in the prompt",
+                           param=param)
+
+    # -- input audio buffer ----------------------------------------------------------------------------------
+    def append(self, event: BufferAppend) -> list[dict]:
+        data = self._pcm16(event.audio, "audio")
+        if len(self.buffer) + len(data) > self._max_bytes():
+            raise APIError(400, f"the input audio buffer would hold {(len(self.buffer) + len(data)) / 2 / self._rate():.1f}"
+                                f" s, over max_audio_seconds={self.caps['max_audio_seconds']:g}; commit or clear it",
+                           param="audio", code="max_audio_seconds")
+        self.buffer += data
+        return []
+
+    def commit(self, event: ClientEvent) -> list[dict]:
+        clip = Clip(bytes(self.buffer), self._rate())
+        if clip.seconds < MIN_COMMIT_SECONDS:
+            raise APIError(400, f"buffer too small: {clip.seconds * 1000:.0f} ms of audio; commit at least "
+                                f"{MIN_COMMIT_SECONDS * 1000:.0f} ms", code="input_audio_buffer_commit_empty")
+        self.buffer.clear()
+        message = Message(new_id("item"), "user", clips=[clip])
+        previous = self._add(message)
+        return [server_event("input_audio_buffer.committed", item_id=message.id, previous_item_id=previous),
+                *self._item_events(message, previous)]
+
+    def clear(self, event: ClientEvent) -> list[dict]:
+        self.buffer.clear()
+        return [server_event("input_audio_buffer.cleared")]
+
+    def _pcm16(self, b64: str, param: str) -> bytes:
+        data = decode_base64(b64, param)
+        if len(data) % 2:
+            raise APIError(400, f"{param} must be 16-bit PCM (an even number of bytes), got {len(data)} bytes",
+                           param=param)
+        return data
+
+    def _rate(self) -> int:
+        return self.config.audio.input.format.rate
+
+    def _max_bytes(self) -> int:
+        return int(self.caps["max_audio_seconds"] * self._rate()) * 2
+
+    # -- conversation ----------------------------------------------------------------------------------------
+    def create_item(self, event: ItemCreate) -> list[dict]:
+        item = event.item
+        last_id = self.messages[-1].id if self.messages else None
+        if event.previous_item_id not in (None, last_id):
+            raise APIError(400, "items are added at the end of the conversation: previous_item_id must be the last "
+                                "item's id or null", param="previous_item_id")
+        if item.id is not None and any(m.id == item.id for m in self.messages):
+            raise APIError(400, f"an item with id {item.id!r} already exists", param="item.id")
+        message = Message(item.id or new_id("item"), item.role)
+        for i, part in enumerate(item.content):
+            param = f"item.content[{i}]"
+            allowed = {"user": ("input_text", "input_audio"), "system": ("input_text",),
+                       "assistant": ("output_text", "output_audio")}[item.role]
+            if part.type not in allowed:
+                raise APIError(400, f"{param}.type={part.type!r} is not allowed in a {item.role} message (expected "
+                                    f"one of {allowed})", param=f"{param}.type")
+            if part.type == "input_audio":
+                clip = Clip(self._pcm16(part.audio, f"{param}.audio"), self._rate())
+                if not clip.pcm16 or clip.seconds > self.caps["max_audio_seconds"]:
+                    raise APIError(400, f"{param}.audio holds {clip.seconds:.1f} s; it must hold audio, at most "
+                                        f"max_audio_seconds={self.caps['max_audio_seconds']:g}",
+                                   param=f"{param}.audio", code="max_audio_seconds")
+                message.clips.append(clip)
+                continue
+            text = part.text if part.type != "output_audio" else part.transcript
+            if not isinstance(text, str) or not text.strip():
+                raise APIError(400, f"{param} needs a non-empty {'transcript' if part.type == 'output_audio' else 'text'}",
+                               param=param)
+            self._check_text(text, param)
+            message.texts.append(text)
+            message.spoken = message.spoken or part.type == "output_audio"
+        previous = self._add(message)
+        return self._item_events(message, previous)
+
+    def _add(self, message: Message) -> str | None:
+        previous = self.messages[-1].id if self.messages else None
+        self.messages.append(message)
+        return previous
+
+    @staticmethod
+    def _item_events(message: Message, previous: str | None) -> list[dict]:
+        item = message.describe()
+        return [server_event("conversation.item.added", previous_item_id=previous, item=item),
+                server_event("conversation.item.done", previous_item_id=previous, item=item)]
+
+    # -- responses -------------------------------------------------------------------------------------------
+    def plan(self, params: ResponseParams) -> "Plan":
+        """What `response.create` asks for, checked: the prompt's messages (newest that fit the caps) and options."""
+        config = self.config
+        modalities = params.output_modalities or config.output_modalities
+        output = params.audio.output if params.audio else config.audio.output
+        instructions = params.instructions if params.instructions is not None else config.instructions
+        max_tokens = params.max_output_tokens or config.max_output_tokens
+        self._check_output(modalities, output, instructions, max_tokens, "response")
+        if not self.messages or self.messages[-1].role != "user":
+            raise APIError(400, "nothing to respond to: the conversation must end with a user message (append audio "
+                                "and input_audio_buffer.commit, or conversation.item.create)", param="response",
+                           code="conversation_empty")
+        system_texts = [t for m in self.messages if m.role == "system" for t in m.texts]
+        system = "\n".join(([instructions] if instructions else []) + system_texts) or instructions
+        voice = self.voices.resolve(output.voice, "response.audio.output.voice")
+        if voice is not None and system is not None:
+            raise APIError(400, "give either instructions (or system items) or a custom voice: the voice prompt is "
+                                "the system turn", param="response.audio.output.voice")
+        chars, seconds = len(system or ""), 0.0
+        kept: list[Message] = []
+        for message in reversed([m for m in self.messages if m.role != "system"]):
+            chars, seconds = chars + message.chars, seconds + message.seconds
+            over = chars > self.caps["max_text_chars"] or seconds > self.caps["max_audio_seconds"]
+            if over or len(kept) == chat_format.MAX_MESSAGES:
+                break
+            kept.insert(0, message)
+        if not kept:
+            raise APIError(400, "the last user message alone exceeds max_text_chars / max_audio_seconds",
+                           param="response", code="max_text_chars")
+        tokens = DEFAULT_MAX_TOKENS if max_tokens == "inf" else max_tokens
+        return Plan(kept, system, voice, min(tokens, self.caps["max_tokens"]), "audio" in modalities,
+                    params.metadata)
+
+
+@dataclass
+class Plan:
+    """A checked response.create: the messages of its prompt (the last is the new user turn) and its options."""
+
+    messages: list[Message]
+    system: str | None
+    voice: list[int] | None
+    max_new_tokens: int
+    speak: bool
+    metadata: dict | None
+
+    def history_clips(self) -> list[Clip]:
+        """Clips of earlier turns still without codes (the caller encodes them)."""
+        return [c for m in self.messages[:-1] for c in m.clips if c.codes is None]
+
+    def request(self) -> dict:
+        """`run_request` keyword arguments of the chat task (the earlier clips' codes must be set)."""
+        *earlier, last = self.messages
+        turns = [(Turn(m.role, m.texts), [c.codes for c in m.clips]) for m in earlier]
+        if (last.texts and last.clips) or len(last.clips) > 1:  # as chat completions: all but the last clip go first
+            turns.append((Turn("user", last.texts), [c.codes for c in last.clips[:-1]]))
+        history = [chat_format.history_entry(turn, codes, None) for turn, codes in turns]
+        new_turn = {"audio": last.clips[-1].wav()} if last.clips else {"text": "\n".join(last.texts)}
+        return dict(history=history, voice=self.voice, system=self.system, max_new_tokens=self.max_new_tokens,
+                    constraint=TASK_DEFAULT if self.speak else "text", **new_turn)
+
+    def prompt_audio_tokens(self) -> int:
+        return len(self.voice or ()) + sum(len(c.codes or ()) for m in self.messages[:-1] for c in m.clips)
+
+
+class Response:
+    """One response's output: `run_request` events in, server events out; its answer joins the conversation."""
+
+    def __init__(self, session: Session, plan: Plan):
+        self.session, self.plan = session, plan
+        self.id, self.item = new_id("resp"), Message(new_id("item"), "assistant", spoken=plan.speak,
+                                                       status="in_progress")
+        self.resampler: soxr.ResampleStream | None = None  # made at the first chunk, from the decoder's rate
+        self.transcript = ""
+        self.finished = False
+
+    def _describe(self, status: str, **more) -> dict:
+        return {"id": self.id, "object": "realtime.response", "status": status, "conversation_id": self.session.id,
+                "output_modalities": ["audio" if self.plan.speak else "text"], "metadata": self.plan.metadata,
+                "max_output_tokens": self.plan.max_new_tokens, **more}
+
+    def _part(self, type: str, **fields) -> dict:
+        return server_event(type, response_id=self.id, item_id=self.item.id, output_index=0, content_index=0,
+                            **fields)
+
+    def _content(self) -> dict:
+        return ({"type": "audio", "transcript": self.transcript} if self.plan.speak
+                else {"type": "text", "text": self.transcript})
+
+    def started(self) -> list[dict]:
+        previous = self.session._add(self.item)
+        item = self.item.describe()
+        return [server_event("response.created", response=self._describe("in_progress", output=[])),
+                server_event("response.output_item.added", response_id=self.id, output_index=0, item=item),
+                server_event("conversation.item.added", previous_item_id=previous, item=item),
+                self._part("response.content_part.added", part=self._content())]
+
+    def on_event(self, event) -> list[dict]:
+        """A TextDelta, AudioChunk or Done of the run as server events."""
+        if isinstance(event, TextDelta) and event.text:
+            self.transcript += event.text
+            kind = "response.output_audio_transcript.delta" if self.plan.speak else "response.output_text.delta"
+            return [self._part(kind, delta=event.text)]
+        if isinstance(event, AudioChunk) and self.plan.speak:
+            return self._audio(event.pcm, event.sample_rate)
+        if isinstance(event, Done):
+            status = "incomplete" if event.reason == "length" else "completed"
+            details = {"type": status, "reason": "max_output_tokens"} if status == "incomplete" else None
+            return self._audio(np.zeros(0, np.float32), 0, last=True) + self._finished(status, details, event)
+        return []
+
+    def _audio(self, pcm: np.ndarray, rate: int, last: bool = False) -> list[dict]:
+        if self.resampler is None and not last:
+            self.resampler = soxr.ResampleStream(rate, OUTPUT_RATE, 1, dtype="float32")
+        if self.resampler is None:
+            return []
+        out = self.resampler.resample_chunk(np.asarray(pcm, np.float32), last=last)
+        if not len(out):
+            return []
+        return [self._part("response.output_audio.delta", delta=base64.b64encode(to_int16(out)).decode())]
+
+    def cancelled(self) -> list[dict]:
+        return self._finished("cancelled", {"type": "cancelled", "reason": "client_cancelled"}, None)
+
+    def failed(self, err: APIError) -> list[dict]:
+        error = {"type": err.type, "code": err.code, "message": err.message}
+        return [error_event(err)] + self._finished("failed", {"type": "failed", "error": error}, None)
+
+    def _finished(self, status: str, details: dict | None, done: Done | None) -> list[dict]:
+        if self.finished:  # a cancel that came as the answer ended
+            return []
+        self.finished = True
+        self.item.texts = [self.transcript] if self.transcript else []
+        self.item.status = "completed" if status == "completed" else "incomplete"
+        if not self.item.texts:  # nothing said: no assistant turn in later prompts
+            self.session.messages.remove(self.item)
+        item = self.item.describe()
+        if self.plan.speak:
+            events = [self._part("response.output_audio.done"),
+                      self._part("response.output_audio_transcript.done", transcript=self.transcript)]
+        else:
+            events = [self._part("response.output_text.done", text=self.transcript)]
+        events += [self._part("response.content_part.done", part=self._content()),
+                   server_event("response.output_item.done", response_id=self.id, output_index=0, item=item),
+                   server_event("conversation.item.done", item=item),
+                   server_event("response.done", response=self._describe(status, status_details=details, output=[item],
+                                                                         usage=self._usage(done)))]
+        return events
+
+    def _usage(self, done: Done | None) -> dict | None:
+        if done is None:
+            return None
+        prompt = int(done.usage.get("llm", {}).get("prompt_tokens", 0))
+        audio_in = self.plan.prompt_audio_tokens() + int(done.usage.get("encoder", {}).get("codes", 0))
+        out, audio_out = len(done.token_ids), len(done.audio_codes)
+        return {"total_tokens": prompt + out, "input_tokens": prompt, "output_tokens": out,
+                "input_token_details": {"audio_tokens": audio_in, "text_tokens": max(prompt - audio_in, 0),
+                                        "cached_tokens": 0},
+                "output_token_details": {"audio_tokens": audio_out, "text_tokens": max(out - audio_out, 0)}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def decode(raw: str | bytes | None) -> tuple[object, str | None]:
+    """One WebSocket message -> its JSON value and event_id (echoed in the error of a refusal)."""
+    if raw is None:
+        raise APIError(400, "send events as JSON text messages", code="invalid_json")
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise APIError(400, f"the message is not valid JSON: {str(err)[:200]}", code="invalid_json") from None
+    event_id = data.get("event_id") if isinstance(data, dict) else None
+    return data, event_id if isinstance(event_id, str) else None
+
+
+def parse(data) -> ClientEvent:
+    """A decoded message -> its typed client event."""
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        raise APIError(400, "an event must be a JSON object with a string `type`", param="type",
+                       code="invalid_event")
+    model = CLIENT_EVENTS.get(data["type"])
+    if model is None:
+        raise APIError(400, f"unknown event type {data['type'][:80]!r}; supported: {sorted(CLIENT_EVENTS)}",
+                       param="type", code="invalid_event")
+    return _validated(model, data, None)
+
+
+def _validated(model: type[BaseModel], data: dict, prefix: str | None):
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        message, param = validation_message(err)
+        if prefix:
+            message, param = f"{prefix}.{message}", f"{prefix}.{param}" if param else prefix
+        raise APIError(400, message, param=param) from None
+
+
+def _merge(base: dict, update) -> dict:
+    """`update`'s fields over `base`, nested objects merged (OpenAI: only the fields present are updated)."""
+    if not isinstance(update, dict):
+        return update
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(base[key], value) if isinstance(base.get(key), dict) else value
+    return merged
