@@ -1,4 +1,6 @@
-"""`vita-audio tiny DIR [--seed N] [--force] [--format safetensors|bin]`: write the tiny random model set in the released on-disk formats.
+"""`vita-audio tiny DIR [--seed N] [--llm-size NAME] [--force] [--format safetensors|bin]`: write the tiny random
+model set in the released on-disk formats (`--llm-size small`: a deeper LLM beside the same tokenizer, encoder and
+decoder, as the training acceptance starts from).
 
 Never destroys anything: DIR must be new, empty, or (with --force) hold only a previous tiny set, file for
 file. The set is written to a sibling temporary folder first and moved into place when complete.
@@ -14,6 +16,7 @@ from pathlib import Path
 from jobs.common import CLIError
 
 PARTS = ("llm", "encoder", "decoder")
+RANDOM_LLM_SIZES = ("tiny", "small", "bench")  # pipeline.sizes worth writing at random (not the 7B's 30 GB)
 # The weight files of a tiny set in either --format (so --force may switch formats).
 WEIGHT_NAMES = {"llm/model.safetensors", "encoder/model.safetensors", "encoder/pytorch_model.bin",
                 "llm/pytorch_model.bin.index.json", "llm/pytorch_model-00001-of-00002.bin",
@@ -23,6 +26,8 @@ WEIGHT_NAMES = {"llm/model.safetensors", "encoder/model.safetensors", "encoder/p
 def add_arguments(p, name: str) -> None:
     p.add_argument("dir", type=Path, help="output folder (new or empty); gets llm/, encoder/, decoder/")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--llm-size", default="tiny", choices=RANDOM_LLM_SIZES,
+                   help="LLM shape (pipeline.sizes); the tokenizer, encoder and decoder stay tiny")
     p.add_argument("--force", action="store_true", help="replace a previous tiny set in DIR (nothing else)")
     p.add_argument("--format", choices=("safetensors", "bin"), default="safetensors",
                    help="weight files: safetensors (the releases), or pytorch_model.bin as many hub checkpoints "
@@ -42,7 +47,7 @@ def run(args) -> dict:
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tiny-", dir=parent))
     try:
-        write_tiny_set(tmp, seed=args.seed)
+        write_tiny_set(tmp, seed=args.seed, llm=args.llm_size)
         if args.format == "bin":
             from pipeline.checkpoints import convert_to_bin
 
@@ -66,9 +71,10 @@ def run(args) -> dict:
     paths = {name: str(out / name) for name in PARTS}
     if not args.json:
         counts = ", ".join(f"{n}/ ({sum(1 for f in (out / n).rglob('*') if f.is_file())} files)" for n in PARTS)
-        print(f"wrote the tiny random model set (seed {args.seed}) to {out}: {counts}")
+        print(f"wrote the tiny random model set (seed {args.seed}, LLM {args.llm_size}) to {out}: {counts}")
     print(f"note: {out} holds random weights ({TINY_MARKER}); it is for tests, not a checkpoint", file=sys.stderr)
-    return {**paths, "dir": str(out), "seed": args.seed, "format": args.format, "replaced": bool(existing)}
+    return {**paths, "dir": str(out), "seed": args.seed, "llm_size": args.llm_size, "format": args.format,
+            "replaced": bool(existing)}
 
 
 def _check_target(out: Path, force: bool) -> set[str]:

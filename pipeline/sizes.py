@@ -1,5 +1,6 @@
-"""The named model sizes, in one place: "tiny" (the built-in test set `vita-audio tiny` writes), "bench" (the
-benchmark size of ../shared/research/original-speed.md) and "7B" (the released VITA-Audio, spec §1).
+"""The named model sizes, in one place: "tiny" (the built-in test set `vita-audio tiny` writes), "small" (the
+training acceptance's LLM: the 7B's proportions at a CPU-trainable width), "bench" (the benchmark size of
+../shared/research/original-speed.md) and "7B" (the released VITA-Audio, spec §1).
 
 `llm_size(name)` gives an LLM's shape, `encoder_shape(name)` the speech encoder's, `decoder_shape(name)` the
 audio decoder's (as `FlowConfig` / `HiFTConfig` arguments; `pipeline.decoder.tiny.decoder_config(name)` builds the config); the random writers
@@ -41,6 +42,11 @@ class LLMSize:
 
 LLM_SIZES: dict[str, LLMSize] = {
     "tiny": LLMSize(),
+    # A deep backbone against 1-layer modules, as in the 7B (28 layers, intermediate 5.3x hidden): measured on
+    # this CPU with the tiny tokenizer's 17144 rows, a module forward costs 0.26 of a 1-token backbone forward
+    # (tiny: 0.99, where drafting cannot pay off); benchmarks/train-acceptance.md trains it.
+    "small": LLMSize(hidden_size=128, intermediate_size=688, backbone_layers=12, mtp_modules=10,
+                     num_attention_heads=4, num_key_value_heads=1),
     "bench": LLMSize(hidden_size=256, intermediate_size=1376, backbone_layers=28, mtp_modules=10,
                      num_attention_heads=4, num_key_value_heads=1),
     "7B": LLMSize(hidden_size=3584, intermediate_size=18944, backbone_layers=28, mtp_modules=10,

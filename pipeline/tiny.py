@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.sizes import CODEBOOK_SIZE, LLM_SIZES, LLMSize
+from pipeline.sizes import CODEBOOK_SIZE, LLMSize, llm_size
 from pipeline.tokens import (
     CHAT_TEMPLATE,
     ENDOFTEXT_TOKEN,
@@ -195,7 +195,7 @@ def write_tiny_llm(out_dir, seed: int = 0, cfg: LLMSize | str = "tiny") -> Path:
     from pipeline.llm import Qwen2MTPConfig, Qwen2MTPForCausalLM
 
     seed = _check_seed(seed)
-    cfg = LLM_SIZES[cfg] if isinstance(cfg, str) else cfg
+    cfg = llm_size(cfg) if isinstance(cfg, str) else cfg
     out = Path(os.fspath(out_dir))
     tokenizer = build_tiny_tokenizer()
     layout = TokenLayout.from_tokenizer(tokenizer)
@@ -255,12 +255,16 @@ def write_model_set(out_dir, seed: int = 0, llm: str = "tiny", decoder: str = "t
     return paths
 
 
-def write_tiny_set(out_dir, seed: int = 0) -> dict[str, Path]:
-    """Write the tiny set (`vita-audio tiny`): llm/, encoder/ and decoder/ of the "tiny" size, and its marker."""
-    paths = write_model_set(out_dir, seed)
+def write_tiny_set(out_dir, seed: int = 0, llm: str = "tiny") -> dict[str, Path]:
+    """Write the tiny set (`vita-audio tiny`): llm/, encoder/ and decoder/ of the "tiny" size, and its marker.
+
+    `llm` names another LLM size (`vita-audio tiny --llm-size small`: the training acceptance's init) beside the
+    same tokenizer, encoder and decoder, so shards prepared with either set fit both."""
+    paths = write_model_set(out_dir, seed, llm=llm)
     out = Path(os.fspath(out_dir))
     # Says what this folder is: tools use it to know the weights are random (e.g. to force the output layout).
-    (out / TINY_MARKER).write_text(json.dumps({"random_weights": True, "seed": seed, "writer": "vita-audio tiny"}) + "\n")
+    marker = {"random_weights": True, "seed": seed, "llm_size": llm, "writer": "vita-audio tiny"}
+    (out / TINY_MARKER).write_text(json.dumps(marker) + "\n")
     return paths
 
 

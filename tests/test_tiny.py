@@ -216,3 +216,22 @@ def test_named_sizes_are_shared(llm_dirs):
     assert small.num_mtp_modules == tiny_size.mtp_modules and small.config.speech_token_offset == 64
     with pytest.raises(ValueError, match="unknown LLM size"):
         llm_size("13B")
+
+
+def test_cli_writes_a_set_with_another_llm_size(tmp_path):
+    """`vita-audio tiny --llm-size small`: the training acceptance's init, the small LLM beside the tiny tokenizer,
+    encoder and decoder (so shards prepared with the tiny set fit it)."""
+    from jobs.cli import main
+    from pipeline.sizes import LLM_SIZES
+
+    assert main(["tiny", str(tmp_path / "small"), "--llm-size", "small", "--json"]) == 0
+    model = pipeline.load_llm(tmp_path / "small" / "llm")
+    shape, config = LLM_SIZES["small"], model.config
+    assert (config.hidden_size, config.intermediate_size, config.num_key_value_heads) == (
+        shape.hidden_size, shape.intermediate_size, shape.num_key_value_heads)
+    assert (model.num_backbone_layers, model.num_mtp_modules) == (shape.backbone_layers, shape.mtp_modules) == (12, 10)
+    assert json.loads((tmp_path / "small" / tiny.TINY_MARKER).read_text())["llm_size"] == "small"
+    default = default_models_dir()
+    for name in ("llm/tokenizer.json", "encoder/model.safetensors", "decoder/flow.pt"):
+        assert (tmp_path / "small" / name).read_bytes() == (default / name).read_bytes(), name
+    assert main(["tiny", str(tmp_path / "big"), "--llm-size", "7B"]) == 2  # the 7B is never written at random
