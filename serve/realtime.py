@@ -186,7 +186,7 @@ class Clip:
         return buffer.getvalue()
 
 
-@dataclass
+@dataclass(eq=False)  # items compare by identity
 class Message:
     id: str
     role: str  # user | assistant | system
@@ -292,7 +292,7 @@ class Session:
                                 f"{MIN_COMMIT_SECONDS * 1000:.0f} ms", code="input_audio_buffer_commit_empty")
         self.buffer.clear()
         message = Message(new_id("item"), "user", clips=[clip])
-        previous = self._add(message)
+        previous = self.add(message)
         return [server_event("input_audio_buffer.committed", item_id=message.id, previous_item_id=previous),
                 *self._item_events(message, previous)]
 
@@ -345,13 +345,27 @@ class Session:
             self._check_text(text, param)
             message.texts.append(text)
             message.spoken = message.spoken or part.type == "output_audio"
-        previous = self._add(message)
+        previous = self.add(message)
         return self._item_events(message, previous)
 
-    def _add(self, message: Message) -> str | None:
+    def add(self, message: Message) -> str | None:
+        """Append an item; items no prompt can hold any more are dropped (the session's memory stays bounded)."""
         previous = self.messages[-1].id if self.messages else None
         self.messages.append(message)
+        kept = self._newest(0)
+        self.messages = [m for m in self.messages if m.role == "system" or m in kept]
         return previous
+
+    def _newest(self, chars: int) -> list[Message]:
+        """The newest user / assistant items that fit the caps beside `chars` characters of system text."""
+        seconds, kept = 0.0, []
+        for message in reversed([m for m in self.messages if m.role != "system"]):
+            chars, seconds = chars + message.chars, seconds + message.seconds
+            over = chars > self.caps["max_text_chars"] or seconds > self.caps["max_audio_seconds"]
+            if kept and over or len(kept) == chat_format.MAX_MESSAGES:
+                break
+            kept.insert(0, message)
+        return kept
 
     @staticmethod
     def _item_events(message: Message, previous: str | None) -> list[dict]:
@@ -366,7 +380,7 @@ class Session:
         modalities = params.output_modalities or config.output_modalities
         output = params.audio.output if params.audio else config.audio.output
         instructions = params.instructions if params.instructions is not None else config.instructions
-        max_tokens = params.max_output_tokens or config.max_output_tokens
+        max_tokens = config.max_output_tokens if params.max_output_tokens is None else params.max_output_tokens
         self._check_output(modalities, output, instructions, max_tokens, "response")
         if not self.messages or self.messages[-1].role != "user":
             raise APIError(400, "nothing to respond to: the conversation must end with a user message (append audio "
@@ -378,17 +392,10 @@ class Session:
         if voice is not None and system is not None:
             raise APIError(400, "give either instructions (or system items) or a custom voice: the voice prompt is "
                                 "the system turn", param="response.audio.output.voice")
-        chars, seconds = len(system or ""), 0.0
-        kept: list[Message] = []
-        for message in reversed([m for m in self.messages if m.role != "system"]):
-            chars, seconds = chars + message.chars, seconds + message.seconds
-            over = chars > self.caps["max_text_chars"] or seconds > self.caps["max_audio_seconds"]
-            if over or len(kept) == chat_format.MAX_MESSAGES:
-                break
-            kept.insert(0, message)
-        if not kept:
-            raise APIError(400, "the last user message alone exceeds max_text_chars / max_audio_seconds",
-                           param="response", code="max_text_chars")
+        kept = self._newest(len(system or ""))
+        if len(system or "") + kept[-1].chars > self.caps["max_text_chars"]:
+            raise APIError(400, f"the instructions, system items and last user message hold over max_text_chars="
+                                f"{self.caps['max_text_chars']} characters", param="response", code="max_text_chars")
         tokens = DEFAULT_MAX_TOKENS if max_tokens == "inf" else max_tokens
         return Plan(kept, system, voice, min(tokens, self.caps["max_tokens"]), "audio" in modalities,
                     params.metadata)
@@ -449,7 +456,7 @@ class Response:
                 else {"type": "text", "text": self.transcript})
 
     def started(self) -> list[dict]:
-        previous = self.session._add(self.item)
+        previous = self.session.add(self.item)
         item = self.item.describe()
         return [server_event("response.created", response=self._describe("in_progress", output=[])),
                 server_event("response.output_item.added", response_id=self.id, output_index=0, item=item),
@@ -493,7 +500,7 @@ class Response:
         self.finished = True
         self.item.texts = [self.transcript] if self.transcript else []
         self.item.status = "completed" if status == "completed" else "incomplete"
-        if not self.item.texts:  # nothing said: no assistant turn in later prompts
+        if not self.item.texts and self.item in self.session.messages:  # nothing said: no turn in later prompts
             self.session.messages.remove(self.item)
         item = self.item.describe()
         if self.plan.speak:

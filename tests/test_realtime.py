@@ -271,3 +271,52 @@ def test_cancel_and_a_client_gone_mid_answer_free_the_llm(serve_url):
     assert llm["active"] == 0 and decoder["open_streams"] == 0, (llm, decoder)
     llm, decoder = wait_idle()
     assert llm["active"] == 0 and decoder["open_streams"] == 0, (llm, decoder)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The session alone (no Serve): prompt building and truncation
+
+
+def new_session(**caps):
+    from serve.realtime import Session
+    from serve.voices import VoiceStore
+
+    return Session({"max_tokens": 512, "max_text_chars": 200, "max_audio_seconds": 6.0, **caps}, VoiceStore())
+
+
+def send(session, **event) -> list[dict]:
+    from serve.realtime import parse
+
+    event = parse(event)
+    return {"conversation.item.create": session.create_item, "input_audio_buffer.append": session.append,
+            "input_audio_buffer.commit": session.commit}[event.type](event)
+
+
+def test_a_user_item_with_text_and_audio_is_split_as_chat_completions_does():
+    from serve.realtime import ResponseParams
+
+    session = new_session()
+    audio = b64(pcm16(clip(rate=RATE)))
+    send(session, type="conversation.item.create", item={"type": "message", "role": "user", "content": [
+        {"type": "input_text", "text": "Listen:"}, {"type": "input_audio", "audio": audio}]})
+    request = session.plan(ResponseParams()).request()
+    assert request["history"] == [{"role": "user", "content": "Listen:", "audios": []}]
+    assert soundfile.info(__import__("io").BytesIO(request["audio"])).samplerate == RATE
+    assert request["constraint"] != "text" and request["max_new_tokens"] == 256 and "text" not in request
+
+
+def test_old_items_beyond_the_caps_leave_the_prompt_and_the_session():
+    from serve.realtime import ResponseParams
+
+    session = new_session(max_audio_seconds=2.5)
+    second = pcm16(clip(rate=RATE))  # 1 s
+    for _ in range(4):
+        send(session, type="input_audio_buffer.append", audio=b64(second))
+        send(session, type="input_audio_buffer.commit")
+    assert len(session.messages) == 2  # the newest 2 s of the 4 committed
+    plan = session.plan(ResponseParams(output_modalities=["text"]))
+    assert len(plan.messages) == 2 and plan.history_clips() == [plan.messages[0].clips[0]]
+    plan.messages[0].clips[0].codes = [1, 2, 3]
+    request = plan.request()
+    assert request["history"] == [{"role": "user", "content": "\n<|audio|>", "audios": [[1, 2, 3]]}]
+    assert request["constraint"] == "text"
