@@ -125,7 +125,7 @@ def run(args) -> dict:
         _wait_running(app["name"], args.ready_timeout, stop)
         url = f"http://{args.host}:{args.port}{app['route_prefix'].rstrip('/')}"
         print(f"vita-audio serve: ready in {time.perf_counter() - t0:.1f} s at {url}/v1 "
-              f"(models {config_args.models}); Ctrl-C to stop", flush=True)
+              f"(models {config_args.models}; live voice chat page: {url}/); Ctrl-C to stop", flush=True)
         while not stop.wait(0.5):  # (a timed wait: signal handlers run between waits)
             pass
         _progress("stopping")
