@@ -8,6 +8,7 @@ Chunks of different requests that arrive while a forward runs go together into t
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class DecoderStage:
         self.streams: dict[str, _Stream] = {}
         self.closed: dict[str, float] = {}  # request id -> when it was closed (late pushes must not reopen it)
         self.started_at = time.time()
+        self.streams_opened = 0
 
     def _decode_batch(self, items: list[tuple[str, _Stream, list[int], bool]]) -> list[tuple[np.ndarray, float]]:
         start = time.perf_counter()
@@ -67,9 +69,14 @@ class DecoderStage:
         if state is None and chunk.request_id in self.closed:
             # Ray does not keep call order: a chunk sent before `close` may arrive after it
             raise ValueError(f"request {chunk.request_id!r} was closed; chunk {chunk.seq} is dropped")
+        if state is None and chunk.seq > 0:
+            # a stream starts with chunk 0; a later chunk without one lost its stream (a replaced replica)
+            raise ValueError(f"request {chunk.request_id!r} has no decoder stream here for chunk {chunk.seq} "
+                             "(its stream was lost: the replica holding it restarted or it idled out)")
         if state is None:
             stream = self.decoder.stream(kind=self.config.stream_kind, n_steps=self.config.n_steps, seed=self.config.seed)
             state = self.streams[chunk.request_id] = _Stream(stream, time.monotonic())
+            self.streams_opened += 1
         state.last_used = time.monotonic()
         try:
             async with state.turn:  # chunks may arrive out of order: queue them by seq
@@ -111,7 +118,7 @@ class DecoderStage:
 
     async def stats(self) -> dict:
         return {"forwards": self.batcher.batches, "largest_batch": self.batcher.largest_batch,
-                "open_streams": len(self.streams)}
+                "open_streams": len(self.streams), "streams_opened": self.streams_opened, "pid": os.getpid()}
 
     async def placement(self) -> StagePlacement:
         return describe("decoder", self.device, self.dtype)

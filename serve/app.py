@@ -62,17 +62,6 @@ class Args(BaseModel):
     llm: ScalingArgs = ScalingArgs()
     decoder: ScalingArgs = ScalingArgs()
 
-    @model_validator(mode="after")
-    def _decoder_affinity(self):
-        # A decoder stream (flow-matching + vocoder state) lives on one replica and Serve routes each push on its
-        # own: with two replicas the chunks of one request would land on different streams. Until pushes are
-        # routed by request id, the decoder scales up by batching (max_batch_size), not by replicas.
-        if self.decoder.max_replicas > 1:
-            raise ValueError(f"decoder.max_replicas={self.decoder.max_replicas}: the decoder keeps each request's "
-                             "stream on its replica, so it runs as one replica (scale it with a bigger GPU share "
-                             "or decoder batching)")
-        return self
-
     def caps(self) -> dict:
         return {"max_body_bytes": self.max_body_bytes, "max_audio_seconds": self.max_audio_seconds,
                 "max_text_chars": self.max_text_chars, "max_tokens": self.max_tokens}

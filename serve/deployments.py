@@ -6,13 +6,9 @@ cap on the requests waiting for it at each caller (`max_queued_requests`): beyon
 (BackPressureError) instead of letting requests pile up. The adapter records each stage's queue time (until
 a replica took the call) and in-flight calls (serve.metrics).
 
-A decoder stream (flow-matching + vocoder state) lives on the replica that got the request's first chunk, and
-Serve routes every `push` on its own (least loaded of two), so with two decoder replicas a request's later
-chunks would reach a replica without its stream. The app therefore refuses decoder max_replicas > 1
-(serve.app.Args); the decoder scales by batching concurrent streams' chunks in one forward. Scaling it out needs
-request-id affinity: a custom `ray.serve.request_router.RequestRouter` on the decoder deployment that keeps
-request id -> replica from the first push (`on_request_routed`) until the final chunk or `close`, ranking that
-replica alone in `choose_replicas` (Serve's multiplexed-model routing only prefers, it does not pin).
+A decoder stream (flow-matching + vocoder state) lives on the replica that got the request's first chunk; the
+decoder deployment routes by request id (`serve.decoder_router.DecoderStreamRouter`), so every later chunk of
+the request reaches that replica and the decoder scales out by replicas like the other stages.
 """
 from __future__ import annotations
 
@@ -95,8 +91,16 @@ def ingress_options(scaling: IngressScaling) -> dict:
 
 
 def stage_application(stage: str, config: PipelineConfig, scaling: StageScaling):
-    """The bound deployment of one stage: its plain class wrapped by Serve, built with its stage config."""
-    deployment = serve.deployment(STAGE_CLASSES[stage]).options(**scaling.options(f"vita-{stage}"))
+    """The bound deployment of one stage: its plain class wrapped by Serve, built with its stage config (the
+    decoder with request-id routing: a request's chunks go to the replica holding its stream)."""
+    options = scaling.options(f"vita-{stage}")
+    if stage == "decoder":
+        from ray.serve.config import RequestRouterConfig
+
+        from serve.decoder_router import ROUTER_CLASS
+
+        options["request_router_config"] = RequestRouterConfig(request_router_class=ROUTER_CLASS)
+    deployment = serve.deployment(STAGE_CLASSES[stage]).options(**options)
     return deployment.bind(config.stage(stage))
 
 
