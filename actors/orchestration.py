@@ -64,6 +64,15 @@ class StageRestarting(StageFailure):
     """The call did not run because the stage is restarting: resending it is safe."""
 
 
+class StageBusy(StageFailure):
+    """The stage refused the call at capacity (e.g. Serve's max_queued_requests): retry later."""
+
+
+def error_event(err: StageFailure, request_id: str = "") -> ErrorEvent:
+    """The terminal event of a request a stage failed; `busy` when the stage refused it at capacity."""
+    return ErrorEvent(err.stage, str(err), request_id, busy=isinstance(err, StageBusy))
+
+
 class StageClients(Protocol):
     """What the orchestration needs from the three stages. Adapters translate their transport's errors
     into `StageFailure` / `StageRestarting`; any other exception is reported as a failure of the stage.
@@ -197,7 +206,7 @@ async def _drive(clients: StageClients, limits: Limits, trace: _Trace, out: asyn
         out.put_nowait(Done(reason=trace.end.reason, text=trace.text, token_ids=list(trace.end.token_ids),
                             audio_codes=trace.audio_codes, usage=trace.usage, timings={}))
     except StageFailure as err:
-        out.put_nowait(ErrorEvent(err.stage, str(err), request_id))
+        out.put_nowait(error_event(err, request_id))
     except asyncio.CancelledError:
         raise
     except Exception as err:  # a bug in the orchestration: still a clean terminal event

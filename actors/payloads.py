@@ -165,6 +165,7 @@ class ErrorEvent:
     stage: str  # "input" | "encoder" | "llm" | "decoder" | "pipeline"
     message: str
     request_id: str = ""
+    busy: bool = False  # the stage refused the request at capacity (StageBusy): the same request may succeed later
 
 
 PipelineEvent = TextDelta | AudioChunk | Done | ErrorEvent

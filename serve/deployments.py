@@ -21,7 +21,7 @@ from ray import serve
 
 from actors.builder import STAGE_CLASSES
 from actors.config import STAGES, PipelineConfig
-from actors.orchestration import StageFailure
+from actors.orchestration import StageBusy, StageFailure
 from actors.payloads import AudioPayload, DecodeChunk, LLMOutput, PCMChunk, SpeechRequest
 from serve import metrics
 
@@ -104,10 +104,6 @@ def stage_application(stage: str, config: PipelineConfig, scaling: StageScaling)
     return deployment.bind(config.stage(stage))
 
 
-class StageBusy(StageFailure):
-    """The stage refused the call: its callers' queue is full (Serve's max_queued_requests). Retry later."""
-
-
 def stage_failure(stage: str, err: BaseException) -> StageFailure:
     """A stage-named failure for what a DeploymentHandle call raised (dead replica, backpressure, error)."""
     from ray.serve.exceptions import BackPressureError
@@ -115,7 +111,7 @@ def stage_failure(stage: str, err: BaseException) -> StageFailure:
     if isinstance(err, StageFailure):
         return err
     if isinstance(err, BackPressureError):
-        return StageBusy(stage, f"BackPressureError: {err}")
+        return StageBusy(stage, f"{stage} stage is at capacity: {err}")
     text = str(err).strip().splitlines()
     return StageFailure(stage, f"{stage} stage failed: {type(err).__name__}: {text[-1] if text else ''}")
 
@@ -142,7 +138,7 @@ class ServeStageClients:
             metrics.stage_queued(stage, time.perf_counter() - start)
             return await response
         except asyncio.CancelledError:
-            response.cancel()
+            _cancel(response)
             raise
         except Exception as err:
             raise stage_failure(stage, err) from None
@@ -180,7 +176,7 @@ class ServeStageClients:
                 yield item
         finally:
             self._leave("llm")
-            stream.cancel()
+            _cancel(stream)
 
     async def push(self, chunk: DecodeChunk) -> PCMChunk:
         return await self._call("decoder", self.decoder.push.remote(chunk))
@@ -207,6 +203,15 @@ class ServeStageClients:
 
         states = await asyncio.gather(*(one(stage) for stage in STAGES))
         return dict(zip(STAGES, states))
+
+
+def _cancel(response) -> None:
+    """Cancel a handle call. Serve's `cancel()` re-raises the call's routing error when it never reached a
+    replica (refused at capacity: BackPressureError), which would replace the StageBusy being raised."""
+    try:
+        response.cancel()
+    except Exception:
+        pass
 
 
 def _fire(method, *args) -> None:

@@ -15,8 +15,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from pydantic import ValidationError
 
-from actors.orchestration import run_request
-from actors.payloads import AudioChunk, Done, ErrorEvent, TextDelta
+from actors.orchestration import StageFailure, error_event, run_request
+from actors.payloads import AudioChunk, AudioPayload, Done, ErrorEvent, TextDelta
 from serve.api import APIError, TranscriptionForm, validation_message
 from serve.chat_format import AUDIO_PLACEHOLDER, check_unicode
 from serve.metrics import observed
@@ -45,11 +45,20 @@ def stage_error(event: ErrorEvent) -> APIError:
     if event.stage == "input":
         return APIError(400, event.message)
     retry = {"Retry-After": RETRY_AFTER_S}
-    if "BackPressureError" in event.message:
-        return APIError(503, f"{event.stage} stage is at capacity, retry later: {event.message}", type="server_error",
+    if event.busy:
+        return APIError(503, f"{event.message.rstrip('.')}. Retry later.", type="server_error",
                         code="overloaded", headers=retry)
     return APIError(503, f"{event.stage} stage: {event.message}", type="server_error", code="stage_failed",
                     headers=retry)
+
+
+async def tokenize(clients, audio: AudioPayload) -> list[int]:
+    """A clip's audio codes from the encoder stage outside a run (voice uploads, earlier chat turns); a stage
+    failure is an HTTP error as in a run (busy: 503 overloaded)."""
+    try:
+        return await clients.tokenize(audio)
+    except StageFailure as err:
+        raise stage_error(error_event(err)) from None
 
 
 def refused(err: ValidationError) -> APIError:

@@ -10,7 +10,7 @@ import textwrap
 
 import numpy as np
 
-from actors.orchestration import Limits, StageFailure, StageRestarting, run_request
+from actors.orchestration import Limits, StageBusy, StageFailure, StageRestarting, run_request
 from actors.payloads import AudioChunk, Done, ErrorEvent, LLMEnd, LLMOutput, PCMChunk, TextDelta
 from actors.results import collect_async
 
@@ -96,6 +96,17 @@ def test_a_failing_stage_ends_the_request_with_its_name():
         assert stages.aborted == ["r2"] and stages.closed == ["r2"]
     result = run(ScriptedStages(), text="  ")
     assert result.error.stage == "input" and not result.chunks
+
+
+def test_a_stage_at_capacity_ends_the_request_as_busy():
+    class FullLLM(ScriptedStages):
+        async def generate(self, request):
+            raise StageBusy("llm", "llm stage is at capacity")
+            yield  # an async generator
+
+    result = run(FullLLM(), request_id="r3")
+    assert result.error.stage == "llm" and result.error.busy and "capacity" in result.error.message
+    assert not run(ScriptedStages(fail="llm")).error.busy  # a failure is not a refusal at capacity
 
 
 def test_stage_without_progress_times_out_by_name():

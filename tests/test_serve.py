@@ -5,6 +5,7 @@ LLM request and decoder stream. (Chat: tests/test_serve_chat.py.)"""
 from __future__ import annotations
 
 import io
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -427,12 +428,53 @@ def test_healthy_and_correct_after_hostile_requests(client, serve_url, local_tts
 # -- capacity and clients that go away ---------------------------------------------------------------------
 
 
+def test_a_refused_llm_call_is_busy_even_though_cancel_reraises():
+    """Serve refuses a call beyond max_queued_requests with BackPressureError while routing it, and the
+    handle's cancel() (run when the stream closes) raises that error again: the stream still ends StageBusy."""
+    import asyncio
+
+    from ray.serve.exceptions import BackPressureError
+
+    from actors.orchestration import StageBusy
+    from serve.deployments import ServeStageClients
+
+    class RefusedStream:
+        def _refused(self):
+            raise BackPressureError(num_queued_requests=2, max_queued_requests=2)
+
+        async def _fetch_future_result_async(self):
+            self._refused()
+
+        cancel = _refused
+
+    class FullLLM:
+        def options(self, stream):
+            return self
+
+        generate = SimpleNamespace(remote=lambda request: RefusedStream())
+
+    async def first():
+        return await ServeStageClients(None, FullLLM(), None).generate(None).__anext__()
+
+    with pytest.raises(StageBusy, match="llm stage is at capacity"):
+        asyncio.run(first())
+
+
 def test_stage_overload_maps_to_503_with_retry_after():
     from actors.payloads import ErrorEvent
     from serve.http import stage_error
 
-    full = stage_error(ErrorEvent("llm", "llm stage failed: BackPressureError: Request dropped due to backpressure"))
-    assert full.status == 503 and full.code == "overloaded" and full.headers["Retry-After"]
+    from ray.serve.exceptions import BackPressureError
+
+    from actors.orchestration import StageBusy, error_event
+    from serve.deployments import stage_failure
+
+    busy = stage_failure("llm", BackPressureError(num_queued_requests=8, max_queued_requests=8))
+    assert isinstance(busy, StageBusy) and busy.stage == "llm"
+    full = stage_error(error_event(busy))  # what run_request makes of a StageBusy
+    assert full.status == 503 and full.code == "overloaded" and full.headers["Retry-After"] and "capacity" in full.message
+    same_text = stage_error(ErrorEvent("llm", str(busy)))  # a failure is not "busy" by its wording
+    assert same_text.code == "stage_failed"
     failed = stage_error(ErrorEvent("decoder", "decoder stage failed: RayActorError: died"))
     assert failed.status == 503 and failed.headers["Retry-After"] and "decoder" in failed.message
     assert stage_error(ErrorEvent("input", "text is empty")).status == 400
