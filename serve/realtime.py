@@ -1,5 +1,5 @@
-"""OpenAI's Realtime API (GA event names), turn-based: one session's state and event shapes; no HTTP or
-WebSocket here (serve.routes_realtime carries the events).
+"""OpenAI's Realtime API (GA event names), turn-based: one session's state; no HTTP or WebSocket here
+(serve.routes_realtime carries the events, serve.realtime_events gives their shapes).
 
 A session holds its config (`session.update`), the input audio buffer (`input_audio_buffer.append / commit /
 clear`) and the conversation (committed audio, `conversation.item.create`, the assistant's answers).
@@ -18,152 +18,23 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import uuid
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
+import soundfile
 import soxr
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actors.payloads import TASK_DEFAULT, AudioChunk, Done, TextDelta
 from serve import chat_format
-from serve.api import DEFAULT_VOICE, MODEL_ID, APIError, VoiceRef, validation_message
+from serve.api import MODEL_ID, APIError
 from serve.audio_formats import to_int16
 from serve.chat_format import Turn, check_unicode
+from serve.realtime_events import (OUTPUT_RATE, AudioOutput, BufferAppend, ClientEvent, ItemCreate, ResponseParams,
+                                   SessionConfig, SessionUpdate, new_id, server_event, validated)
 from serve.uploads import decode_base64
 
-OUTPUT_RATE = 24000  # OpenAI's pcm rate
 MIN_COMMIT_SECONDS = 0.1  # OpenAI refuses to commit less than 100 ms
 DEFAULT_MAX_TOKENS = 256
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:20]}"
-
-
-def server_event(type: str, **fields) -> dict:
-    return {"type": type, "event_id": new_id("event"), **fields}
-
-
-def error_event(err: APIError, event_id: str | None = None) -> dict:
-    """OpenAI's realtime error: the HTTP error's fields plus the client event it answers."""
-    return server_event("error", error={"type": err.type, "code": err.code, "message": err.message,
-                                        "param": err.param, "event_id": event_id})
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Client events (the fields this model can honour; other fields are refused, wrong types too)
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class PCM(Strict):
-    type: Literal["audio/pcm"] = "audio/pcm"
-    rate: int = Field(OUTPUT_RATE, ge=8000, le=48000)
-
-
-class AudioInput(Strict):
-    format: PCM = PCM()
-    turn_detection: dict | None = None  # only null: checked by Session.update for a clear message
-    transcription: None = None
-    noise_reduction: None = None
-
-
-class AudioOutput(Strict):
-    format: PCM = PCM()
-    voice: str | VoiceRef = DEFAULT_VOICE
-    speed: float = 1.0
-
-
-class AudioConfig(Strict):
-    input: AudioInput = AudioInput()
-    output: AudioOutput = AudioOutput()
-
-
-class SessionConfig(Strict):
-    """The session (`session.update` merges into it; `session.updated` shows it whole)."""
-
-    type: Literal["realtime"] = "realtime"
-    model: str = MODEL_ID
-    instructions: str | None = None  # the system turn; null: the model's default persona
-    output_modalities: list[Literal["text", "audio"]] = Field(default_factory=lambda: ["audio"], min_length=1)
-    audio: AudioConfig = AudioConfig()
-    max_output_tokens: int | Literal["inf"] = "inf"
-    tools: list[dict] = Field(default_factory=list, max_length=0)
-    tool_choice: Literal["auto", "none"] = "auto"
-    tracing: None = None
-    truncation: Literal["auto"] = "auto"
-
-
-class ContentPart(Strict):
-    type: Literal["input_text", "input_audio", "output_text", "output_audio"]
-    text: str | None = None
-    audio: str | None = None  # input_audio: base64 pcm16 at the session's input rate
-    transcript: str | None = None
-
-
-class ItemIn(Strict):
-    type: Literal["message"] = "message"
-    role: Literal["user", "assistant", "system"]
-    content: list[ContentPart] = Field(min_length=1, max_length=chat_format.MAX_MESSAGES)
-    id: str | None = Field(None, max_length=64)
-    object: Literal["realtime.item"] | None = None
-    status: Literal["completed", "incomplete", "in_progress"] | None = None
-
-
-class ResponseAudio(Strict):
-    output: AudioOutput = AudioOutput()
-
-
-class ResponseParams(Strict):
-    """`response.create`'s `response`: overrides of the session for this response only."""
-
-    conversation: Literal["auto"] = "auto"
-    output_modalities: list[Literal["text", "audio"]] | None = Field(None, min_length=1)
-    instructions: str | None = None
-    max_output_tokens: int | Literal["inf"] | None = None
-    audio: ResponseAudio | None = None
-    metadata: dict[str, str] | None = None
-
-
-class ClientEvent(Strict):
-    type: str
-    event_id: str | None = Field(None, max_length=128)
-
-
-class SessionUpdate(ClientEvent):
-    session: dict
-
-
-class BufferAppend(ClientEvent):
-    audio: str
-
-
-class ItemCreate(ClientEvent):
-    item: ItemIn
-    previous_item_id: str | None = None
-
-
-class ResponseCreate(ClientEvent):
-    response: ResponseParams = ResponseParams()
-
-
-class ResponseCancel(ClientEvent):
-    response_id: str | None = None
-
-
-CLIENT_EVENTS = {"session.update": SessionUpdate, "input_audio_buffer.append": BufferAppend,
-                 "input_audio_buffer.commit": ClientEvent, "input_audio_buffer.clear": ClientEvent,
-                 "conversation.item.create": ItemCreate, "response.create": ResponseCreate,
-                 "response.cancel": ResponseCancel}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The conversation
 
 
 @dataclass
@@ -179,8 +50,6 @@ class Clip:
         return len(self.pcm16) / 2 / self.rate
 
     def wav(self) -> bytes:
-        import soundfile
-
         buffer = io.BytesIO()
         soundfile.write(buffer, np.frombuffer(self.pcm16, "<i2"), self.rate, format="WAV", subtype="PCM_16")
         return buffer.getvalue()
@@ -235,7 +104,7 @@ class Session:
 
     def update(self, event: SessionUpdate) -> list[dict]:
         merged = _merge(self.config.model_dump(), event.session)
-        config = _validated(SessionConfig, merged, "session")
+        config = validated(SessionConfig, merged, "session")
         if config.audio.input.turn_detection is not None:
             raise APIError(400, "turn_detection must be null: this server is turn-based (append audio, then "
                                 "input_audio_buffer.commit and response.create); server_vad is not supported",
@@ -246,14 +115,11 @@ class Session:
         if config.audio.input.format.rate != self.config.audio.input.format.rate and self.buffer:
             raise APIError(400, "the input rate cannot change while the input audio buffer holds audio; commit or "
                                 "clear it first", param="session.audio.input.format.rate")
-        self._check_output(config.output_modalities, config.audio.output, config.instructions,
-                           config.max_output_tokens, "session")
+        self._check_output(config.audio.output, config.instructions, config.max_output_tokens, "session")
         self.config = config
         return [server_event("session.updated", session=self.describe())]
 
-    def _check_output(self, modalities, output: AudioOutput, instructions, max_tokens, where: str) -> None:
-        if sorted(set(modalities)) not in (["audio"], ["text"], ["audio", "text"]):
-            raise APIError(400, "output_modalities must be ['audio'] or ['text']", param=f"{where}.output_modalities")
+    def _check_output(self, output: AudioOutput, instructions, max_tokens, where: str) -> None:
         if output.format.rate != OUTPUT_RATE:
             raise APIError(400, f"output audio is pcm16 at {OUTPUT_RATE} Hz (rate={output.format.rate} is not "
                                 "supported)", param=f"{where}.audio.output.format.rate")
@@ -381,7 +247,7 @@ class Session:
         output = params.audio.output if params.audio else config.audio.output
         instructions = params.instructions if params.instructions is not None else config.instructions
         max_tokens = config.max_output_tokens if params.max_output_tokens is None else params.max_output_tokens
-        self._check_output(modalities, output, instructions, max_tokens, "response")
+        self._check_output(output, instructions, max_tokens, "response")
         if not self.messages or self.messages[-1].role != "user":
             raise APIError(400, "nothing to respond to: the conversation must end with a user message (append audio "
                                 "and input_audio_buffer.commit, or conversation.item.create)", param="response",
@@ -525,44 +391,6 @@ class Response:
                 "input_token_details": {"audio_tokens": audio_in, "text_tokens": max(prompt - audio_in, 0),
                                         "cached_tokens": 0},
                 "output_token_details": {"audio_tokens": audio_out, "text_tokens": max(out - audio_out, 0)}}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Helpers
-
-
-def decode(raw: str | bytes | None) -> tuple[object, str | None]:
-    """One WebSocket message -> its JSON value and event_id (echoed in the error of a refusal)."""
-    if raw is None:
-        raise APIError(400, "send events as JSON text messages", code="invalid_json")
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as err:
-        raise APIError(400, f"the message is not valid JSON: {str(err)[:200]}", code="invalid_json") from None
-    event_id = data.get("event_id") if isinstance(data, dict) else None
-    return data, event_id if isinstance(event_id, str) else None
-
-
-def parse(data) -> ClientEvent:
-    """A decoded message -> its typed client event."""
-    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
-        raise APIError(400, "an event must be a JSON object with a string `type`", param="type",
-                       code="invalid_event")
-    model = CLIENT_EVENTS.get(data["type"])
-    if model is None:
-        raise APIError(400, f"unknown event type {data['type'][:80]!r}; supported: {sorted(CLIENT_EVENTS)}",
-                       param="type", code="invalid_event")
-    return _validated(model, data, None)
-
-
-def _validated(model: type[BaseModel], data: dict, prefix: str | None):
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        message, param = validation_message(err)
-        if prefix:
-            message, param = f"{prefix}.{message}", f"{prefix}.{param}" if param else prefix
-        raise APIError(400, message, param=param) from None
 
 
 def _merge(base: dict, update) -> dict:

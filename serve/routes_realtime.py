@@ -1,5 +1,6 @@
-"""Live voice chat: the `/v1/realtime` WebSocket (OpenAI's Realtime API, turn-based; the protocol and session
-state are in serve.realtime) and the web page at `/` (serve/web/index.html, a client of that WebSocket).
+"""Live voice chat: the `/v1/realtime` WebSocket (OpenAI's Realtime API, turn-based; event shapes in
+serve.realtime_events, session state in serve.realtime) and the web page at `/` (serve/web/index.html, a client
+of that WebSocket).
 
 Auth, when the app has an api_key: `Authorization: Bearer KEY` (the openai SDK sends it), or, from a browser
 that cannot set headers, OpenAI's subprotocol `openai-insecure-api-key.KEY` beside `realtime`. A refused
@@ -21,7 +22,8 @@ from fastapi.responses import HTMLResponse
 from actors.payloads import ErrorEvent, load_waveform
 from serve.api import MODEL_ID, APIError
 from serve.http import app, logger, stage_error
-from serve.realtime import ClientEvent, Plan, Response, Session, decode, error_event, parse
+from serve.realtime import Plan, Response, Session
+from serve.realtime_events import ClientEvent, decode, error_event, parse
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 KEY_PROTOCOL = "openai-insecure-api-key."  # OpenAI's browser auth: the key as a WebSocket subprotocol

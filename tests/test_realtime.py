@@ -285,7 +285,7 @@ def new_session(**caps):
 
 
 def send(session, **event) -> list[dict]:
-    from serve.realtime import parse
+    from serve.realtime_events import parse
 
     event = parse(event)
     return {"conversation.item.create": session.create_item, "input_audio_buffer.append": session.append,
@@ -293,7 +293,7 @@ def send(session, **event) -> list[dict]:
 
 
 def test_a_user_item_with_text_and_audio_is_split_as_chat_completions_does():
-    from serve.realtime import ResponseParams
+    from serve.realtime_events import ResponseParams
 
     session = new_session()
     audio = b64(pcm16(clip(rate=RATE)))
@@ -306,7 +306,7 @@ def test_a_user_item_with_text_and_audio_is_split_as_chat_completions_does():
 
 
 def test_old_items_beyond_the_caps_leave_the_prompt_and_the_session():
-    from serve.realtime import ResponseParams
+    from serve.realtime_events import ResponseParams
 
     session = new_session(max_audio_seconds=2.5)
     second = pcm16(clip(rate=RATE))  # 1 s
