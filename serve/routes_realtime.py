@@ -90,14 +90,14 @@ class RealtimeRoutes:
                 await asyncio.gather(active[1], return_exceptions=True)
 
     def _ws_refusal(self, ws: WebSocket, offered: list[str]) -> APIError | None:
-        model = ws.query_params.get("model")
-        if model not in (None, MODEL_ID):
-            return APIError(404, f"model {model!r} does not exist; available: {MODEL_ID!r}", param="model",
-                            code="model_not_found")
         keys = [p[len(KEY_PROTOCOL):] for p in offered if p.startswith(KEY_PROTOCOL)]
         if self.api_key and ws.headers.get("authorization") != f"Bearer {self.api_key}" and self.api_key not in keys:
             return APIError(401, "missing or wrong API key (Authorization: Bearer KEY, or the subprotocol "
                                  f"{KEY_PROTOCOL}KEY)", code="invalid_api_key", type="authentication_error")
+        model = ws.query_params.get("model")
+        if model not in (None, MODEL_ID):
+            return APIError(404, f"model {model!r} does not exist; available: {MODEL_ID!r}", param="model",
+                            code="model_not_found")
         return None
 
     async def _handle(self, link: Link, session: Session, event: ClientEvent, active):

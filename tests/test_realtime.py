@@ -35,10 +35,10 @@ def local(tiny_models):
         yield pipe
 
 
-def connect(url: str, key: str = API_KEY):
+def connect(url: str, key: str = API_KEY, model: str = "vita-audio"):
     import openai
 
-    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0).realtime.connect(model="vita-audio")
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0).realtime.connect(model=model)
 
 
 async def until(conn, last: str, timeout: float = WAIT_S) -> list:
@@ -195,10 +195,10 @@ def test_bad_events_get_error_events_and_the_session_goes_on(serve_url):
     assert not any(e.type == "error" for e in after)
 
 
-async def refused(url: str, key: str):
+async def refused(url: str, key: str, model: str = "vita-audio"):
     from websockets.exceptions import ConnectionClosed
 
-    async with connect(url, key) as conn:
+    async with connect(url, key, model) as conn:
         error = await asyncio.wait_for(conn.recv(), 30)
         try:
             await asyncio.wait_for(conn.recv(), 30)
@@ -216,10 +216,12 @@ async def browser_handshake(url: str) -> tuple[str | None, str]:
         return ws.subprotocol, json.loads(await asyncio.wait_for(ws.recv(), 30))["type"]
 
 
-def test_auth_refusal_closes_with_1008_and_the_browser_key_works(serve_url):
+def test_auth_or_model_refusal_closes_with_1008_and_the_browser_key_works(serve_url):
     for key in ("wrong-key", ""):
         error, code = asyncio.run(refused(serve_url, key or "-"))
         assert error.type == "error" and error.error.code == "invalid_api_key" and code == 1008
+    error, code = asyncio.run(refused(serve_url, API_KEY, "gpt-realtime"))
+    assert error.error.code == "model_not_found" and error.error.param == "model" and code == 1008
     assert asyncio.run(browser_handshake(serve_url)) == ("realtime", "session.created")
 
 
