@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse
 
 from actors.payloads import ErrorEvent, load_waveform
 from serve.api import MODEL_ID, APIError
-from serve.http import app, logger, stage_error
+from serve.http import app, logger, stage_error, tokenize
 from serve.realtime import Plan, Response, Session
 from serve.realtime_events import ClientEvent, decode, error_event, parse
 
@@ -43,7 +43,7 @@ class Link:
 
 
 class RealtimeRoutes:
-    """The page and the socket; expects the ingress' caps, api_key, voice_store, _run and ChatRoutes._encode."""
+    """The page and the socket; expects the ingress' caps, api_key, voice_store, clients and _run."""
 
     @app.get("/", include_in_schema=False)
     async def web_page(self):
@@ -144,7 +144,7 @@ class RealtimeRoutes:
                 await run.aclose()
 
     async def _encode_history(self, plan: Plan) -> None:
-        """Audio codes of the earlier turns' clips (once per clip; the prompt refers to them by their codes), by
-        ChatRoutes._encode from the same 16 kHz waveform run_request made of the clip in its own turn."""
+        """Audio codes of the earlier turns' clips (once per clip; the prompt refers to them by their codes), from
+        the same 16 kHz waveform run_request made of the clip in its own turn."""
         for clip in plan.history_clips():
-            clip.codes = await self._encode(load_waveform(clip.wav()).pcm)
+            clip.codes = await tokenize(self.clients, load_waveform(clip.wav()))
