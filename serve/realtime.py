@@ -9,10 +9,11 @@ by its codes, assistant answers by their transcripts; serve.chat_format). When t
 (max_audio_seconds, max_text_chars) its oldest items are left out of the prompt, as OpenAI's truncation "auto".
 
 Turn detection is the client's (`turn_detection: null`): server_vad / semantic_vad are refused.
-Audio: input is pcm16 at the session's input rate (OpenAI's 24 kHz by default; any rate in 8-48 kHz is accepted,
-as a browser captures at 44.1 or 48 kHz), handed to the pipeline as a wav at that rate (pipeline.audio resamples
-it to the encoder's 16 kHz with soxr). Output is pcm16 at 24 kHz, OpenAI's only pcm rate: one soxr stream per
-response resamples the decoder's 22.05 kHz chunks, so the joined deltas equal the whole answer resampled once.
+Audio: input is pcm16 at the session's input rate (OpenAI's 24 kHz by default; any rate in 8-96 kHz is
+accepted, as a browser captures at its device's rate), handed to the pipeline as a wav at that rate
+(pipeline.audio resamples it to the encoder's 16 kHz with soxr). Output is pcm16 at 24 kHz, OpenAI's only pcm
+rate: one soxr stream per response resamples the decoder's 22.05 kHz chunks, so the joined deltas equal the whole
+answer resampled once.
 """
 from __future__ import annotations
 
@@ -144,9 +145,10 @@ class Session:
     # -- input audio buffer ----------------------------------------------------------------------------------
     def append(self, event: BufferAppend) -> list[dict]:
         data = self._pcm16(event.audio, "audio")
-        if len(self.buffer) + len(data) > self._max_bytes():
-            raise APIError(400, f"the input audio buffer would hold {(len(self.buffer) + len(data)) / 2 / self._rate():.1f}"
-                                f" s, over max_audio_seconds={self.caps['max_audio_seconds']:g}; commit or clear it",
+        size = len(self.buffer) + len(data)
+        if size > self._max_bytes():
+            raise APIError(400, f"the input audio buffer would hold {size / 2 / self._rate():.1f} s, over "
+                                f"max_audio_seconds={self.caps['max_audio_seconds']:g}; commit or clear it",
                            param="audio", code="max_audio_seconds")
         self.buffer += data
         return []
@@ -206,8 +208,8 @@ class Session:
                 continue
             text = part.text if part.type != "output_audio" else part.transcript
             if not isinstance(text, str) or not text.strip():
-                raise APIError(400, f"{param} needs a non-empty {'transcript' if part.type == 'output_audio' else 'text'}",
-                               param=param)
+                field_name = "transcript" if part.type == "output_audio" else "text"
+                raise APIError(400, f"{param} needs a non-empty {field_name}", param=f"{param}.{field_name}")
             self._check_text(text, param)
             message.texts.append(text)
             message.spoken = message.spoken or part.type == "output_audio"

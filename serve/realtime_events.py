@@ -41,7 +41,7 @@ class Strict(BaseModel):
 
 class PCM(Strict):
     type: Literal["audio/pcm"] = "audio/pcm"
-    rate: int = Field(OUTPUT_RATE, ge=8000, le=48000)
+    rate: int = Field(OUTPUT_RATE, ge=8000, le=96000)  # input: any (a browser sends its device's rate)
 
 
 class AudioInput(Strict):
