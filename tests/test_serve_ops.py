@@ -204,3 +204,10 @@ def test_bench_serve_percentiles_and_flags():
     assert 0.39 < row["ttfa_p99_s"] <= 0.4 and row["audio_s_per_s"] == pytest.approx(2.0)
     with pytest.raises(ValueError, match="--concurrency"):
         bench.int_list("0,4", "--concurrency")
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser, "serve")
+    args = parser.parse_args(["--serve-mode", "throughput", "--address", "auto"])
+    with pytest.raises(ValueError, match="read when Ray's processes start"):  # refused before Ray is touched
+        bench.run(args)

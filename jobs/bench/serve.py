@@ -6,9 +6,16 @@ On the tiny set unless --models is given, with a local Ray started here (or --ad
    each streaming raw PCM speech (`/v1/audio/speech`, response_format=pcm) for --requests requests.
    Time to first audio = request sent -> first PCM bytes received; RTF = request wall time / seconds of audio.
    p50 / p99 per level.
-2. One client (one keep-alive connection), alternating with the same request through `actors.pipeline.Pipeline`
-   (the same stage classes as Ray actors, driven from this process, no HTTP): the ratio HTTP / Pipeline of the
-   median time to first audio. Target <= 1.15x.
+2. One client (one keep-alive connection) and the same request through `actors.pipeline.Pipeline` (the same stage
+   classes as Ray actors, driven from this process, no HTTP): the ratio HTTP / Pipeline of the median time to
+   first audio. Target <= 1.15x. The two run in separate phases, each alone on the machine (with both apps up,
+   two sets of stage processes share the 2 cores and the first measured is slowed by the other's background
+   work), repeated for --rounds rounds (HTTP, Pipeline, HTTP, Pipeline, ...) so that drift in the machine's
+   load falls on both.
+--serve-mode throughput runs the app in Ray Serve's throughput-optimized mode (Ray's documented
+RAY_SERVE_THROUGHPUT_OPTIMIZED=1: gRPC between deployments, user code and routers on each replica's event loop;
+its direct ingress stays off, so the proxy and port are the same as in the default mode). It is read when Ray's
+processes start, so it needs the local Ray this bench starts.
 Writes serve.json, serve.md and serve.png. On a shared machine the numbers move with the neighbours' load.
 """
 from __future__ import annotations
@@ -26,6 +33,7 @@ from jobs.bench.report import int_list, markdown_table, write_report
 SAMPLE_RATE = 22050
 TEXT = "Hello there, this is a short test of the speech endpoint."
 TARGET_RATIO = 1.15
+SERVE_MODES = {"default": {}, "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}}
 
 
 def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -33,8 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local Ray")
     parser.add_argument("--concurrency", default="1,4,16", help="concurrent clients per level")
     parser.add_argument("--requests", type=int, default=24, help="requests per level (at least one per client)")
-    parser.add_argument("--pairs", type=int, default=10, help="HTTP / Pipeline request pairs for the ratio")
+    parser.add_argument("--pairs", type=int, default=10, help="HTTP and Pipeline requests per round for the ratio")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of (HTTP phase, Pipeline phase)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--serve-mode", choices=sorted(SERVE_MODES), default="default",
+                        help="Ray Serve's default data path, or its throughput-optimized mode (needs the local Ray)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -48,52 +59,64 @@ def run(args: argparse.Namespace) -> dict:
     from serve.app import build_app
 
     levels = int_list(args.concurrency, "--concurrency")
-    if min(args.requests, args.pairs, args.max_new_tokens) < 1:
-        raise ValueError("--requests, --pairs and --max-new-tokens must be >= 1")
+    if min(args.requests, args.pairs, args.max_new_tokens, args.rounds) < 1:
+        raise ValueError("--requests, --pairs, --rounds and --max-new-tokens must be >= 1")
     models = resolve_models_dir(args.models)
+    if args.serve_mode != "default":
+        if args.address or ray.is_initialized():
+            raise ValueError(f"--serve-mode {args.serve_mode} is read when Ray's processes start: use the local Ray")
+        os.environ.update(SERVE_MODES[args.serve_mode])  # inherited by the Ray processes started below
     started = start_ray(args.address)
     port = _free_port()
-    pipe = None
+    url = f"http://127.0.0.1:{port}/v1/audio/speech"
+    body = {"model": "vita-audio", "input": TEXT, "response_format": "pcm", "max_new_tokens": args.max_new_tokens}
+    rows, http, local = [], [], []
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        llm = {"max_ongoing_requests": 64, "max_queued_requests": -1}
-        serve.run(build_app({"models": str(models), "max_tokens": 4096, "llm": llm}), name="bench", route_prefix="/")
-        url = f"http://127.0.0.1:{port}/v1/audio/speech"
-        body = {"model": "vita-audio", "input": TEXT, "response_format": "pcm", "max_new_tokens": args.max_new_tokens}
-        asyncio.run(_level(url, body, 1, 2))  # warm-up (first-call costs of every stage)
-        rows = []
-        for clients in levels:
-            requests = max(args.requests, clients)
-            t0 = time.perf_counter()
-            samples = asyncio.run(_level(url, body, clients, requests))
-            rows.append(_summary(clients, samples, time.perf_counter() - t0))
-        pipe = Pipeline.start(PipelineConfig.from_models_dir(models).with_resources(num_gpus=0.0, torch_threads=1))
-        _pipeline_ttfa(pipe, args.max_new_tokens)  # warm-up
-        http, local = [], []
-        with httpx.Client(timeout=600) as client:  # one keep-alive connection, as a client's SDK holds
-            _http_ttfa(client, url, body)
-            for _ in range(args.pairs):  # alternate so both see the same neighbours' load
-                http.append(_http_ttfa(client, url, body))
-                local.append(_pipeline_ttfa(pipe, args.max_new_tokens))
-        ratio = statistics.median(http) / statistics.median(local)
-        comparison = {"http_ttfa_p50_s": statistics.median(http), "pipeline_ttfa_p50_s": statistics.median(local),
-                      "ratio": ratio, "target": TARGET_RATIO, "met": ratio <= TARGET_RATIO, "pairs": args.pairs,
-                      "http_ttfa_s": http, "pipeline_ttfa_s": local}
+        for round_ in range(args.rounds):
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            try:
+                llm = {"max_ongoing_requests": 64, "max_queued_requests": -1}
+                serve.run(build_app({"models": str(models), "max_tokens": 4096, "llm": llm}), name="bench",
+                          route_prefix="/")
+                asyncio.run(_level(url, body, 1, 2))  # warm-up (first-call costs of every stage)
+                for clients in levels if round_ == 0 else ():
+                    requests = max(args.requests, clients)
+                    t0 = time.perf_counter()
+                    samples = asyncio.run(_level(url, body, clients, requests))
+                    rows.append(_summary(clients, samples, time.perf_counter() - t0))
+                with httpx.Client(timeout=600) as client:  # one keep-alive connection, as a client's SDK holds
+                    _http_ttfa(client, url, body)
+                    http.append([_http_ttfa(client, url, body) for _ in range(args.pairs)])
+            finally:
+                serve.shutdown()
+            pipe = Pipeline.start(PipelineConfig.from_models_dir(models).with_resources(num_gpus=0.0, torch_threads=1))
+            try:
+                _pipeline_ttfa(pipe, args.max_new_tokens)  # warm-up
+                local.append([_pipeline_ttfa(pipe, args.max_new_tokens) for _ in range(args.pairs)])
+            finally:
+                pipe.shutdown()
     finally:
-        if pipe is not None:
-            pipe.shutdown()
-        serve.shutdown()
         if started:
             ray.shutdown()
+    flat_http, flat_local = [x for r in http for x in r], [x for r in local for x in r]
+    ratio = statistics.median(flat_http) / statistics.median(flat_local)
+    comparison = {"http_ttfa_p50_s": statistics.median(flat_http), "pipeline_ttfa_p50_s": statistics.median(flat_local),
+                  "ratio": ratio, "target": TARGET_RATIO, "met": ratio <= TARGET_RATIO, "rounds": args.rounds,
+                  "requests_per_round": args.pairs,
+                  "ratio_per_round": [statistics.median(h) / statistics.median(p) for h, p in zip(http, local)],
+                  "http_ttfa_s": http, "pipeline_ttfa_s": local}
     load = os.getloadavg()
     results = {"levels": rows, "http_vs_pipeline": comparison, "max_new_tokens": args.max_new_tokens,
+               "serve_mode": args.serve_mode, "serve_env": SERVE_MODES[args.serve_mode],
                "models": str(models), "load_average": [round(x, 2) for x in load]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _plot(results, out / "serve.png")
-    md = ("## HTTP speech endpoint vs concurrent clients (raw PCM stream)\n\n" + markdown_table(rows) +
-          "\n## HTTP vs in-process Pipeline, one client, alternating requests\n\n" +
+    md = (f"Ray Serve mode: {args.serve_mode} {SERVE_MODES[args.serve_mode] or ''}\n\n"
+          "## HTTP speech endpoint vs concurrent clients (raw PCM stream)\n\n" + markdown_table(rows) +
+          "\n## HTTP vs in-process Pipeline, one client, each in its own phase\n\n" +
           markdown_table([{k: v for k, v in comparison.items() if not isinstance(v, list)}]) +
+          "\nRatio per round: " + ", ".join(f"{r:.2f}x" for r in comparison["ratio_per_round"]) + ".\n" +
           f"\nLoad average during the run: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
           f"({os.cpu_count()} cores, shared machine).\n\n![serve](serve.png)\n")
     write_report("serve", results, md, out)
