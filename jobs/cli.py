@@ -24,7 +24,7 @@ BENCHMARKS = {
     "batch": "jobs.bench.batch",        # batch ASR/TTS: LLM batch size, actors per stage, vs an in-process loop
     "prepare": "jobs.bench.prepare",    # corpus preparation: encoder actors vs a plain loop
     "train": "jobs.bench.train",        # Ray Train + DeepSpeed vs a plain PyTorch loop, 2 workers vs 1
-    "train-acceptance": "jobs.bench.train_acceptance",  # tiny model trained on mini-speech: CER, exact vs vanilla
+    "train-acceptance": "jobs.bench.train_acceptance",  # small model trained on mini-speech: CER, exact vs vanilla, served
     "serve": "jobs.bench.serve",        # HTTP time to first audio and RTF vs concurrency, vs in-process
 }
 
