@@ -91,6 +91,7 @@ class DecoderStageConfig:
     seed: int = 42  # noise seed of each stream (same seed -> same audio)
     stream_kind: str = "incremental"  # incremental | glm4voice | vita_prefix (pipeline.decoder streams)
     idle_timeout_s: float = 300.0  # a stream nobody pushes to for this long is freed
+    chunk_wait_s: float = 10.0  # a chunk waiting this long for the stream's earlier ones fails (a lost stream)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from actors.aio import within
 from actors.batching import MicroBatcher
 from actors.config import DecoderStageConfig
 from actors.payloads import DecodeChunk, PCMChunk
@@ -69,10 +70,6 @@ class DecoderStage:
         if state is None and chunk.request_id in self.closed:
             # Ray does not keep call order: a chunk sent before `close` may arrive after it
             raise ValueError(f"request {chunk.request_id!r} was closed; chunk {chunk.seq} is dropped")
-        if state is None and chunk.seq > 0:
-            # a stream starts with chunk 0; a later chunk without one lost its stream (a replaced replica)
-            raise ValueError(f"request {chunk.request_id!r} has no decoder stream here for chunk {chunk.seq} "
-                             "(its stream was lost: the replica holding it restarted or it idled out)")
         if state is None:
             stream = self.decoder.stream(kind=self.config.stream_kind, n_steps=self.config.n_steps, seed=self.config.seed)
             state = self.streams[chunk.request_id] = _Stream(stream, time.monotonic())
@@ -80,7 +77,7 @@ class DecoderStage:
         state.last_used = time.monotonic()
         try:
             async with state.turn:  # chunks may arrive out of order: queue them by seq
-                await state.turn.wait_for(lambda: state.closed or state.next_seq == chunk.seq)
+                await self._wait_turn(state, chunk)
                 if state.closed:
                     raise ValueError(f"request {chunk.request_id!r} was closed; chunk {chunk.seq} is dropped")
                 result = self.batcher.enqueue((chunk.request_id, state, list(chunk.codes), chunk.final))
@@ -95,6 +92,18 @@ class DecoderStage:
             self.streams.pop(chunk.request_id, None)
         return PCMChunk(chunk.request_id, np.asarray(pcm, dtype=np.float32).reshape(-1), self.sample_rate, state.forwards,
                         seconds)
+
+    async def _wait_turn(self, state: _Stream, chunk: DecodeChunk) -> None:
+        """Wait until the stream's earlier chunks were taken. They arrive within moments (Ray only reorders calls
+        in flight); one that never comes means the stream is lost (the replica holding it was replaced, or its
+        chunks were routed elsewhere), and the request fails now instead of at the caller's stage timeout."""
+        try:
+            await within(state.turn.wait_for(lambda: state.closed or state.next_seq == chunk.seq),
+                         self.config.chunk_wait_s)
+        except TimeoutError:
+            raise ValueError(f"request {chunk.request_id!r}: chunk {chunk.seq} waited {self.config.chunk_wait_s:g} s "
+                             f"for chunk {state.next_seq} on this decoder replica; its stream was lost (the replica "
+                             "holding it was replaced)") from None
 
     async def decode(self, codes: list[int]) -> np.ndarray:
         """Whole-utterance decode (no streaming state)."""

@@ -10,8 +10,9 @@ ended stream's pin lingers a minute.
 
 The router runs in each caller (the ingress replicas) and sees only that caller's requests, which is enough:
 all chunks of a request come from the one ingress replica that runs it. If the owner replica dies, its
-requests' later chunks go to another replica, which has no stream for them and refuses the chunk (the
-request ends with a decoder error instead of waiting), and the next request pins a live replica.
+requests' later chunks go to another replica, which has no stream for them: the chunk waits there for its
+earlier ones at most `chunk_wait_s` and fails (the request ends with a decoder error), and the next request pins
+a live replica.
 """
 from __future__ import annotations
 

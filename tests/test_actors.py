@@ -269,6 +269,23 @@ def test_text_detokenizer_pieces_add_up_to_the_whole_decode_in_linear_time(tiny_
 # --- decoder and encoder stages -------------------------------------------------------------------------
 
 
+def test_decoder_stage_fails_a_chunk_whose_stream_was_lost(config):
+    """A chunk whose earlier chunks never arrive (their stream lived on a replaced replica) fails by name after
+    chunk_wait_s instead of waiting for the caller's stage timeout; the replica keeps serving other streams."""
+    import dataclasses
+
+    from actors.decoder_stage import DecoderStage
+
+    stage = DecoderStage(dataclasses.replace(config.decoder, chunk_wait_s=0.3))
+
+    async def main():
+        with pytest.raises(ValueError, match="chunk 2 waited 0.3 s for chunk 0 .*stream was lost"):
+            await stage.push(DecodeChunk("lost", [1, 2, 3], seq=2))
+        return await stage.push(DecodeChunk("fresh", [1, 2, 3], seq=0, final=True))
+
+    assert len(asyncio.run(main()).pcm) > 0 and not stage.streams
+
+
 def test_decoder_stage_batches_streams_and_matches_plain_stream_pushes(config):
     from actors.decoder_stage import DecoderStage
 
