@@ -62,6 +62,24 @@ def ray_session():
 
 
 @pytest.fixture(scope="module")
+def serve_url(ray_session, tiny_models):
+    """The Serve app (tests/serve_testing.CAPS) on a free loopback port for one test module, shut down after it."""
+    from serve_testing import serve_app
+
+    with serve_app(tiny_models) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def local(tiny_models):
+    """The in-process reference pipeline (LocalPipeline on the Serve stages' one torch thread) for one module."""
+    from serve_testing import local_pipeline
+
+    with local_pipeline(tiny_models) as pipe:
+        yield pipe
+
+
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op torch thread for a module (restored after): tiny models run fastest on one thread, and on
     a shared 2-core machine two OpenMP threads stall on other processes. Use with

@@ -14,25 +14,13 @@ import numpy as np
 import pytest
 import soundfile
 
-from serve_testing import API_KEY, clip, int16, local_pipeline, serve_app
+from serve_testing import API_KEY, clip, int16
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TOKENS = 40
 RATE = 24000  # the SDK's pcm16 rate, both ways
 WAIT_S = 120.0
-
-
-@pytest.fixture(scope="module")
-def serve_url(ray_session, tiny_models):
-    with serve_app(tiny_models) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def local(tiny_models):
-    with local_pipeline(tiny_models) as pipe:
-        yield pipe
 
 
 def connect(url: str, key: str = API_KEY, model: str = "vita-audio"):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from serve_testing import API_KEY, clip, int16 as _int16, local_pipeline, serve_app, text_ids
+from serve_testing import API_KEY, clip, int16 as _int16, text_ids
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -20,22 +20,10 @@ ASR_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def serve_url(ray_session, tiny_models):
-    with serve_app(tiny_models) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 def client(serve_url):
     import openai
 
     return openai.OpenAI(base_url=f"{serve_url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def local(tiny_models):
-    with local_pipeline(tiny_models) as pipe:
-        yield pipe
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import time
 import pytest
 import soundfile
 
-from serve_testing import API_KEY, serve_app
+from serve_testing import API_KEY
 
 CHROMIUM = "/usr/bin/chromium"
 UTTERANCE = "corpora/mini-speech/LibriSpeech/dev-clean-mini/1000/5000/1000-5000-0000.flac"
@@ -19,12 +19,6 @@ SPEAK_S = 2.0  # seconds of the utterance to send (under the tests' max_audio_se
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.skipif(shutil.which(CHROMIUM) is None,
                                  reason=f"{CHROMIUM} is missing (apt-get install -y chromium)")]
-
-
-@pytest.fixture(scope="module")
-def serve_url(ray_session, tiny_models):
-    with serve_app(tiny_models) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
