@@ -13,6 +13,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import ValidationError
 
 from actors.orchestration import StageFailure, error_event, run_request
@@ -30,6 +31,14 @@ ENCODER_RATE = 16000
 @app.exception_handler(APIError)
 async def _api_error(request: Request, err: APIError):
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _routing(request: Request, err: StarletteHTTPException):
+    """FastAPI's own refusals (no such path, wrong method) in OpenAI's error shape, as OpenAI words them."""
+    wrong_url = err.status_code in (404, 405)
+    message = f"Invalid URL ({request.method} {request.url.path})" if wrong_url else str(err.detail)
+    return JSONResponse(APIError(err.status_code, message).body(), status_code=err.status_code, headers=err.headers)
 
 
 @app.exception_handler(Exception)

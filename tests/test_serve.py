@@ -355,6 +355,9 @@ HOSTILE = [
     ("voice taken name", "POST", "/v1/audio/voices",
      {"data": {"name": "alloy"}, "files": {"audio_sample": ("v.wav", GOOD, "audio/wav")}}, 400, "alloy"),
     ("voice delete unknown", "DELETE", "/v1/audio/voices/voice_nope", {}, 404, "voice_nope"),
+    # routes that do not exist, or not for that method
+    ("unknown route", "POST", "/v1/audio/translations", {"json": {}}, 404, "Invalid URL (POST /v1/audio/translations)"),
+    ("wrong method", "GET", "/v1/audio/speech", {}, 405, "Invalid URL (GET /v1/audio/speech)"),
     ("voices no auth", "GET", "/v1/audio/voices", {"headers": {}}, 401, "API key"),
     ("models no auth", "GET", "/v1/models", {"headers": {}}, 401, "API key"),
     # speech (beyond BAD above)
