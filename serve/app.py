@@ -4,10 +4,21 @@ stage deployments + the ingress holding their handles.
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from actors.config import STAGES, PipelineConfig
 from serve.deployments import IngressScaling, StageScaling, ingress_options, stage_application
+
+
+def _queue_cap(value: int) -> int:
+    if value != -1 and value < 1:
+        raise ValueError(f"{value}: a queue cap is -1 (no cap) or at least 1")  # Serve refuses 0 at deploy time
+    return value
+
+
+QueueCap = Annotated[int, AfterValidator(_queue_cap)]  # Serve's max_queued_requests
 
 
 class ScalingArgs(BaseModel):
@@ -26,7 +37,7 @@ class ScalingArgs(BaseModel):
     look_back_period_s: float = Field(30.0, gt=0)
     metrics_interval_s: float = Field(10.0, gt=0)  # how often callers push the load metrics autoscaling uses
     max_ongoing_requests: int = Field(64, ge=1)
-    max_queued_requests: int = Field(64, ge=-1)  # per caller (the ingress); beyond it: BackPressureError, -1 = no cap
+    max_queued_requests: QueueCap = 64  # per caller (the ingress); beyond it: BackPressureError, -1 = no cap
     health_check_period_s: float = Field(2.0, gt=0)
     health_check_timeout_s: float = Field(10.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(5.0, ge=0)
@@ -55,7 +66,7 @@ class Args(BaseModel):
     # max_ongoing + max_queued): requests beyond a stage's capacity are then refused by the ingress, at once, as
     # 503 in OpenAI's error shape with Retry-After; this is the last guard against piling up
     max_concurrent_requests: int = Field(256, ge=1)
-    max_waiting_requests: int = Field(64, ge=-1)
+    max_waiting_requests: QueueCap = 64
     retry_after_s: float = Field(1.0, ge=0)
     env_vars: dict[str, str] = {}  # set in every replica of the app (e.g. Serve's metric push intervals)
     encoder: ScalingArgs = ScalingArgs()

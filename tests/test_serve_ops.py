@@ -101,6 +101,10 @@ def test_bad_replica_counts_are_refused():
 
     with pytest.raises(ValidationError, match="min_replicas=3 > max_replicas=2"):
         Args.model_validate({"llm": {"min_replicas": 3, "max_replicas": 2}})
+    for bad in ({"max_waiting_requests": 0}, {"decoder": {"max_queued_requests": 0}}, {"max_waiting_requests": -2}):
+        with pytest.raises(ValidationError, match="-1 \\(no cap\\) or at least 1"):  # Serve refuses 0 when deploying
+            Args.model_validate(bad)
+    assert Args.model_validate({"max_waiting_requests": -1, "llm": {"max_queued_requests": 1}}).max_waiting_requests == -1
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -211,3 +215,40 @@ def test_bench_serve_percentiles_and_flags():
     args = parser.parse_args(["--serve-mode", "throughput", "--address", "auto"])
     with pytest.raises(ValueError, match="read when Ray's processes start"):  # refused before Ray is touched
         bench.run(args)
+
+
+def test_the_proxys_plain_text_errors_become_openai_errors():
+    """The proxy callback's middleware: Serve's own plain-text 503 (beyond the ingress' queue) becomes OpenAI's
+    error JSON with Retry-After kept; the ingress' JSON errors, text answers and streams pass untouched."""
+    from fastapi.testclient import TestClient
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.routing import Route
+
+    from serve.proxy_errors import CALLBACK, OpenAIErrorBodies, proxy_middlewares
+
+    async def full(request):
+        return PlainTextResponse("Request dropped due to backpressure (num_queued_requests=64).", status_code=503,
+                                 headers={"Retry-After": "1"})
+
+    async def refused(request):
+        return JSONResponse({"error": {"message": "bad", "type": "invalid_request_error", "param": "x", "code": None}},
+                            status_code=400)
+
+    async def text(request):
+        return PlainTextResponse("a transcript")
+
+    async def stream(request):
+        return StreamingResponse(iter([b"ab", b"cd"]), media_type="audio/pcm")
+
+    app = Starlette(routes=[Route(p, f) for p, f in [("/full", full), ("/refused", refused), ("/text", text),
+                                                     ("/stream", stream)]])
+    client = TestClient(OpenAIErrorBodies(app))
+    r = client.get("/full")
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.headers["content-type"] == "application/json"
+    assert r.json()["error"] == {"message": "Request dropped due to backpressure (num_queued_requests=64).",
+                                 "type": "server_error", "param": None, "code": "overloaded"}
+    assert client.get("/refused").json()["error"]["param"] == "x"
+    assert client.get("/text").text == "a transcript" and client.get("/stream").content == b"abcd"
+    assert client.get("/nowhere").json()["error"]["message"] == "Not Found"  # Starlette's own plain 404
+    assert CALLBACK == "serve.proxy_errors:proxy_middlewares" and proxy_middlewares()[0].cls is OpenAIErrorBodies
