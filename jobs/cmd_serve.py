@@ -111,10 +111,12 @@ def run(args) -> dict:
 
     from jobs.common import start_ray
     from serve.app import build_app
+    from serve.proxy_errors import use_in_local_ray
 
     stop = threading.Event()
     t0 = time.perf_counter()
     gpus = None if args.address or torch.cuda.is_available() else logical_gpus(config_args)
+    use_in_local_ray()  # the proxy's own errors in OpenAI's shape (a cluster's image sets it for its Ray)
     started = start_ray(args.address, num_gpus=gpus)
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -44,6 +44,9 @@ def ray_session():
     """One local Ray per session with 3 logical GPUs (one per pipeline stage)."""
     import ray
 
+    from serve.proxy_errors import use_in_local_ray
+
+    use_in_local_ray()  # as `vita-audio serve` does: the Serve proxy's own errors in OpenAI's shape
     temp = tempfile.mkdtemp(prefix="vr", dir="/tmp")
     ray.init(
         num_cpus=2,

@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> dict:
     from actors.config import PipelineConfig
     from actors.pipeline import Pipeline
     from jobs.common import resolve_models_dir, start_ray
+    from serve.proxy_errors import use_in_local_ray
     from serve.app import build_app
 
     levels = int_list(args.concurrency, "--concurrency")
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.address or ray.is_initialized():
             raise ValueError(f"--serve-mode {args.serve_mode} is read when Ray's processes start: use the local Ray")
         os.environ.update(SERVE_MODES[args.serve_mode])  # inherited by the Ray processes started below
+    use_in_local_ray()
     started = start_ray(args.address)
     port = _free_port()
     url = f"http://127.0.0.1:{port}/v1/audio/speech"
