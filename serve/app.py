@@ -62,9 +62,9 @@ class Args(BaseModel):
     max_tokens: int = Field(2048, ge=1)
     torch_threads: int | None = 1
     # the ingress: requests it runs at once per replica, and how many wait at the proxy beyond that before the
-    # proxy answers 503 with Retry-After (Serve's plain-text body). Keep it above the stages' caps (their
-    # max_ongoing + max_queued): requests beyond a stage's capacity are then refused by the ingress, at once, as
-    # 503 in OpenAI's error shape with Retry-After; this is the last guard against piling up
+    # proxy answers 503 with Retry-After (in OpenAI's error JSON: serve.proxy_errors). Keep it above the stages'
+    # caps (their max_ongoing + max_queued): requests beyond a stage's capacity are then refused by the ingress,
+    # at once, as 503 in OpenAI's error shape with Retry-After; this is the last guard against piling up
     max_concurrent_requests: int = Field(256, ge=1)
     max_waiting_requests: QueueCap = 64
     retry_after_s: float = Field(1.0, ge=0)
