@@ -64,9 +64,18 @@ def ray_session():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
+def pytest_collection_modifyitems(config, items):
+    """The modules on the shared Serve app (`serve_url`) run last, together: the app then starts once, and no
+    other test starts or stops Serve while it is up (tests/test_serve_ops_cluster.py runs its own app)."""
+    shared = {item.module for item in items if "serve_url" in getattr(item, "fixturenames", ())}
+    items[:] = ([item for item in items if item.module not in shared]
+                + [item for item in items if item.module in shared])
+
+
+@pytest.fixture(scope="session")
 def serve_url(ray_session, tiny_models):
-    """The Serve app (tests/serve_testing.CAPS) on a free loopback port for one test module, shut down after it."""
+    """The Serve app (tests/serve_testing.CAPS) on a free loopback port, shared by the Serve API test modules
+    (one deployment instead of one per module); shut down at the end of the session."""
     from serve_testing import serve_app
 
     with serve_app(tiny_models) as url:

@@ -203,7 +203,8 @@ def test_voice_upload_list_use_and_delete(client, serve_url, local):
     voice = client.audio.voices.create(audio_sample=("me.wav", sample, "audio/wav"), name="me", consent="cons_test")
     assert voice.id.startswith("voice_") and voice.name == "me" and voice.type == "audio_sample"
     listing = httpx.get(f"{serve_url}/v1/audio/voices", headers=auth, timeout=30).json()
-    assert listing["voices"] == ["default", "me"] and listing["aliases"]["alloy"] == "default"
+    assert {"default", "me"} <= set(listing["voices"]) and listing["aliases"]["alloy"] == "default"  # (others'
+    # uploads may be there too: the app serves several test modules)
     # the uploaded clip is the voice prompt: the same audio as the pipeline given that clip as `voice`
     expected = collect(local.tts(TEXT, voice=sample, max_new_tokens=48))
     for ref in ("me", {"id": voice.id}):
