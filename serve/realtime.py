@@ -29,9 +29,10 @@ from actors.payloads import TASK_DEFAULT, AudioChunk, Done, TextDelta
 from serve import chat_format
 from serve.api import MODEL_ID, APIError
 from serve.audio_formats import to_int16
-from serve.chat_format import Turn, check_unicode
+from serve.chat_format import Turn
+from serve.http import check_text
 from serve.realtime_events import (OUTPUT_RATE, AudioOutput, BufferAppend, ClientEvent, ItemCreate, ResponseParams,
-                                   SessionConfig, SessionUpdate, new_id, server_event, validated)
+                                   SessionConfig, SessionUpdate, error_event, new_id, server_event, validated)
 from serve.uploads import decode_base64
 
 MIN_COMMIT_SECONDS = 0.1  # OpenAI refuses to commit less than 100 ms
@@ -134,13 +135,7 @@ class Session:
                            param=f"{where}.max_output_tokens", code="max_tokens")
 
     def _check_text(self, text: str, param: str) -> None:
-        check_unicode(text, param)
-        if len(text) > self.caps["max_text_chars"]:
-            raise APIError(400, f"{param} of {len(text)} characters exceeds max_text_chars="
-                                f"{self.caps['max_text_chars']}", param=param, code="max_text_chars")
-        if chat_format.AUDIO_PLACEHOLDER in text:
-            raise APIError(400, f"{param} contains {chat_format.AUDIO_PLACEHOLDER}, which marks audio in the prompt",
-                           param=param)
+        check_text(text, self.caps["max_text_chars"], param)
 
     # -- input audio buffer ----------------------------------------------------------------------------------
     def append(self, event: BufferAppend) -> list[dict]:

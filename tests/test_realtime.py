@@ -310,3 +310,25 @@ def test_old_items_beyond_the_caps_leave_the_prompt_and_the_session():
     request = plan.request()
     assert request["history"] == [{"role": "user", "content": "\n<|audio|>", "audios": [[1, 2, 3]]}]
     assert request["constraint"] == "text"
+
+
+def test_a_response_a_stage_failed_ends_with_an_error_and_response_done_failed():
+    """A run that ends in an ErrorEvent (a stage down or at capacity): the client gets the error event and a
+    `response.done` with status failed, and the empty answer does not join later prompts."""
+    from serve.api import APIError
+    from serve.realtime import Response
+    from serve.realtime_events import ResponseParams
+
+    session = new_session()
+    send(session, type="conversation.item.create",
+         item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello?"}]})
+    response = Response(session, session.plan(ResponseParams(output_modalities=["text"])))
+    response.started()
+    events = response.failed(APIError(503, "llm stage is at capacity. Retry later.", type="server_error",
+                                      code="overloaded"))
+    assert events[0]["type"] == "error" and events[0]["error"]["code"] == "overloaded"
+    done = events[-1]
+    assert done["type"] == "response.done" and done["response"]["status"] == "failed"
+    assert done["response"]["status_details"]["error"]["code"] == "overloaded"
+    assert [m.role for m in session.messages] == ["user"]
+    assert [e["type"] for e in response.failed(APIError(503, "again"))] == ["error"]  # one response.done only

@@ -199,7 +199,7 @@ def exact_vs_vanilla(llm_dir: Path, samples: list[dict]) -> dict:
     timed = {m: r[1:] for m, r in rounds.items()}
     walls = {m: [r["wall_s"] for r in timed[m]] for m in timed}
     last = {m: timed[m][-1] for m in timed}  # forward counts and costs: the last timed round of each mode
-    v, e = last["vanilla"], last["exact"]
+    v = last["vanilla"]
     return {"identical": all(r["ids"] == v["ids"] for rs in timed.values() for r in rs), "prompts": len(samples),
             "tokens_per_forward": {m: last[m]["tokens"] / max(1, last[m]["backbone_forwards"]) for m in last},
             "wall_s": {m: statistics.median(w) for m, w in walls.items()}, "wall_rounds_s": walls,
