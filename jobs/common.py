@@ -110,6 +110,13 @@ def start_ray(address: str | None = None, num_cpus: int | None = None, num_gpus:
     return True
 
 
+def free_port() -> int:
+    """A free TCP port on the loopback address (for a local Serve app of a benchmark or test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def check_address(address: str, timeout_s: float = 3.0) -> None:
     """CLIError naming `address` unless a Ray cluster answers there (`auto`: the one this machine runs)."""
     if address == "auto":

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import io
-import socket
 
 import numpy as np
 import soundfile
 
+from jobs.common import free_port
+
 API_KEY = "test-key"
 CAPS = {"api_key": API_KEY, "max_text_chars": 200, "max_tokens": 512, "max_body_bytes": 400_000,
         "max_audio_seconds": 6.0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -55,7 +54,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from actors.config import PipelineConfig
     from actors.pipeline import Pipeline
-    from jobs.common import resolve_models_dir, start_ray
+    from jobs.common import free_port, resolve_models_dir, start_ray
     from serve.proxy_errors import use_in_local_ray
     from serve.app import build_app
 
@@ -69,7 +68,7 @@ def run(args: argparse.Namespace) -> dict:
         os.environ.update(SERVE_MODES[args.serve_mode])  # inherited by the Ray processes started below
     use_in_local_ray()
     started = start_ray(args.address)
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/v1/audio/speech"
     body = {"model": "vita-audio", "input": TEXT, "response_format": "pcm", "max_new_tokens": args.max_new_tokens}
     rows, http, local = [], [], []
@@ -223,9 +222,3 @@ def _plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

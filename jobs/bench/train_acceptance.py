@@ -270,18 +270,15 @@ def serve_checks(models: Path, samples: list[dict]) -> dict:
 
 
 def _serve_endpoint(models: Path, samples: list[dict]) -> dict:
-    import socket
-
     import jiwer
     import openai
     import ray
     from ray import serve
 
+    from jobs.common import free_port
     from serve.app import build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
