@@ -53,7 +53,7 @@ class StageResources:
 class EncoderStageConfig:
     path: str = ""  # glm-4-voice-tokenizer folder
     resources: StageResources = field(default_factory=StageResources)
-    max_batch_size: int = 8  # waveforms tokenized in one forward (concurrent requests are batched)
+    max_batch_size: int = 8  # waveforms encoded in one forward (concurrent requests are batched)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 from actors.aio import within
 from actors.batching import MicroBatcher
 from actors.config import DecoderStageConfig
-from actors.payloads import DecodeChunk, PCMChunk
+from actors.payloads import CodesChunk, PCMChunk
 from actors.placement import StagePlacement, describe, stage_device
 
 
@@ -28,14 +28,14 @@ class _Stream:
     stream: object  # pipeline.decoder DecoderStream
     last_used: float
     forwards: int = 0
-    next_seq: int = 0  # the chunk this stream takes next (DecodeChunk.seq)
+    next_seq: int = 0  # the chunk this stream takes next (CodesChunk.seq)
     closed: bool = False  # `close` was called: chunks still waiting for their turn give up
     turn: asyncio.Condition = field(default_factory=asyncio.Condition)
 
 
 class DecoderStage:
     def __init__(self, config: DecoderStageConfig):
-        from pipeline.decoder import load_decoder
+        from pipeline.decoder.speech_decoder import load_decoder
 
         self.config = config
         if config.resources.torch_threads:
@@ -61,10 +61,10 @@ class DecoderStage:
         seconds = time.perf_counter() - start
         return [(pcm, seconds) for pcm in pcms]
 
-    async def push(self, chunk: DecodeChunk) -> PCMChunk:
+    async def push(self, chunk: CodesChunk) -> PCMChunk:
         """PCM for the next chunk of a request's codes (`final` also flushes the tail and frees the stream)."""
-        if not isinstance(chunk, DecodeChunk):
-            raise ValueError(f"chunk must be a DecodeChunk, got {type(chunk).__name__}")
+        if not isinstance(chunk, CodesChunk):
+            raise ValueError(f"chunk must be a CodesChunk, got {type(chunk).__name__}")
         self._drop_idle()
         state = self.streams.get(chunk.request_id)
         if state is None and chunk.request_id in self.closed:
@@ -93,7 +93,7 @@ class DecoderStage:
         return PCMChunk(chunk.request_id, np.asarray(pcm, dtype=np.float32).reshape(-1), self.sample_rate, state.forwards,
                         seconds)
 
-    async def _wait_turn(self, state: _Stream, chunk: DecodeChunk) -> None:
+    async def _wait_turn(self, state: _Stream, chunk: CodesChunk) -> None:
         """Wait until the stream's earlier chunks were taken. They arrive within moments (Ray only reorders calls
         in flight); one that never comes means the stream is lost (the replica holding it was replaced, or its
         chunks were routed elsewhere), and the request fails now instead of at the caller's stage timeout."""

@@ -17,7 +17,7 @@ from actors.placement import StagePlacement, describe, stage_device
 
 class EncoderStage:
     def __init__(self, config: EncoderStageConfig):
-        from pipeline.encoder import load_encoder
+        from pipeline.encoder.speech_encoder import load_encoder
 
         self.config = config
         if config.resources.torch_threads:
@@ -26,14 +26,14 @@ class EncoderStage:
         self.encoder = load_encoder(config.path, device=self.device, dtype=self.dtype)
         self.sample_rate = self.encoder.sample_rate
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
-        self.batcher = MicroBatcher(self._tokenize_batch, config.max_batch_size, self.executor)
+        self.batcher = MicroBatcher(self._encode_batch, config.max_batch_size, self.executor)
         self.started_at = time.time()
 
-    def _tokenize_batch(self, payloads: list[AudioPayload]) -> list[list[int]]:
+    def _encode_batch(self, payloads: list[AudioPayload]) -> list[list[int]]:
         with torch.inference_mode():
-            return self.encoder.tokenize_batch([p.pcm for p in payloads], [p.sample_rate for p in payloads])
+            return self.encoder.encode_batch([p.pcm for p in payloads], [p.sample_rate for p in payloads])
 
-    async def tokenize(self, audio: AudioPayload) -> list[int]:
+    async def encode(self, audio: AudioPayload) -> list[int]:
         """Audio codes of one waveform (shares a forward with concurrent calls)."""
         if not isinstance(audio, AudioPayload):
             raise ValueError(f"audio must be an AudioPayload, got {type(audio).__name__}")

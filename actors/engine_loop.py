@@ -19,7 +19,7 @@ from typing import Protocol
 
 import torch
 
-from pipeline.generate import GenerationRequest, TokenEvent
+from pipeline.engine.requests import GenerationRequest, TokenEvent
 
 from actors.aio import within
 from actors.config import LLMStageConfig

@@ -52,9 +52,9 @@ class LLMStage:
     ABORT_WAIT_S = 1.0  # longest `abort` waits for the engine to free the request's caches
 
     def __init__(self, config: LLMStageConfig):
-        from pipeline.generate import DecodeEngine
+        from pipeline.engine.decode_engine import DecodeEngine
         from pipeline.llm import load_llm
-        from pipeline.tokens import TokenLayout, load_tokenizer
+        from pipeline.tokens.vocab import TokenLayout, load_tokenizer
 
         self.config = config
         if config.resources.torch_threads:

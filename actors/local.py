@@ -21,7 +21,7 @@ from actors.config import PipelineConfig
 from actors.orchestration import Limits, SpeechAPI
 from actors.payloads import (
     AudioPayload,
-    DecodeChunk,
+    CodesChunk,
     LLMOutput,
     PCMChunk,
     SpeechRequest,
@@ -43,9 +43,9 @@ class LocalStageClients:
         self.engine, self.decoder = engine, decoder
         self.streams: dict[str, object] = {}  # request id -> decoder stream
 
-    async def tokenize(self, audio: AudioPayload) -> list[int]:
+    async def encode(self, audio: AudioPayload) -> list[int]:
         with torch.inference_mode():
-            return self.encoder.tokenize(audio.pcm, audio.sample_rate)
+            return self.encoder.encode(audio.pcm, audio.sample_rate)
 
     async def generate(self, request: SpeechRequest) -> AsyncIterator[LLMOutput]:
         prompt_ids = build_prompt(request, self.tokenizer, self.layout)
@@ -66,7 +66,7 @@ class LocalStageClients:
             if not ended:
                 self.engine.abort(request.request_id)
 
-    def push(self, chunk: DecodeChunk) -> "asyncio.Future[PCMChunk]":
+    def push(self, chunk: CodesChunk) -> "asyncio.Future[PCMChunk]":
         """Decodes at once (the hand-off is the call) and returns the finished PCM as a done future."""
         result = asyncio.get_running_loop().create_future()
         try:
@@ -76,7 +76,7 @@ class LocalStageClients:
             result.set_exception(err)
         return result
 
-    def _decode(self, chunk: DecodeChunk) -> PCMChunk:
+    def _decode(self, chunk: CodesChunk) -> PCMChunk:
         stream = self.streams.get(chunk.request_id)
         if stream is None:
             settings = self.config.decoder
@@ -101,11 +101,11 @@ class LocalPipeline(SpeechAPI):
     """tts / asr / chat (sync and `*_async`, see `SpeechAPI`) over stage objects built in this process."""
 
     def __init__(self, config: PipelineConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        from pipeline.decoder import load_decoder
-        from pipeline.encoder import load_encoder
-        from pipeline.generate import DecodeEngine
+        from pipeline.decoder.speech_decoder import load_decoder
+        from pipeline.encoder.speech_encoder import load_encoder
+        from pipeline.engine.decode_engine import DecodeEngine
         from pipeline.llm import load_llm
-        from pipeline.tokens import TokenLayout, load_tokenizer
+        from pipeline.tokens.vocab import TokenLayout, load_tokenizer
 
         self.config = config
         self.encoder = load_encoder(config.encoder.path, device=device, dtype=dtype)

@@ -32,7 +32,7 @@ from actors.payloads import (
     TASK_DEFAULT,
     AudioChunk,
     AudioPayload,
-    DecodeChunk,
+    CodesChunk,
     Done,
     ErrorEvent,
     LLMEnd,
@@ -81,13 +81,13 @@ class StageClients(Protocol):
     requests (the orchestration runs many at once on one client object).
     """
 
-    async def tokenize(self, audio: AudioPayload) -> list[int]:
+    async def encode(self, audio: AudioPayload) -> list[int]:
         """Speech encoder: the audio codes of one waveform."""
 
     def generate(self, request: SpeechRequest) -> AsyncIterator[LLMOutput]:
         """LLM engine: the request's outputs in order; the last one has `end` set."""
 
-    async def push(self, chunk: DecodeChunk) -> PCMChunk:
+    async def push(self, chunk: CodesChunk) -> PCMChunk:
         """Audio decoder: PCM for the request's next chunk (by `chunk.seq`); `final` flushes and frees."""
 
     def close(self, request_id: str) -> None:
@@ -218,7 +218,7 @@ async def _encode(clients: StageClients, limits: Limits, trace: _Trace, audio: A
     payloads = [p for p in (audio, voice) if p is not None]
     if not payloads:
         return None, None
-    results = [await retry_restarting("encoder", lambda p=p: clients.tokenize(p), limits.stage_timeout_s)
+    results = [await retry_restarting("encoder", lambda p=p: clients.encode(p), limits.stage_timeout_s)
                for p in payloads]
     trace.mark("encoded")
     trace.usage["encoder"] = {"waveforms": len(payloads), "seconds_of_audio": sum(p.seconds for p in payloads),
@@ -257,7 +257,7 @@ async def _stream(clients: StageClients, limits: Limits, request: SpeechRequest,
                 for codes in item.audio_chunks:
                     trace.mark("first_audio_codes")
                     trace.audio_codes.extend(codes)
-                    chunk = DecodeChunk(request.request_id, codes, seq=n_chunks)
+                    chunk = CodesChunk(request.request_id, codes, seq=n_chunks)
                     n_chunks += 1
                     if not sent_audio:  # the decoder may still be restarting: its stream starts on this chunk,
                         # and later chunks are sent only once that stream exists (on the restarted stage)
@@ -275,7 +275,7 @@ async def _stream(clients: StageClients, limits: Limits, request: SpeechRequest,
         finally:
             await _aclose(stream)
         if sent_audio:  # flush the decoder stream's tail (and free it)
-            final = DecodeChunk(request.request_id, [], final=True, seq=n_chunks)
+            final = CodesChunk(request.request_id, [], final=True, seq=n_chunks)
             await pending_pcm.put(asyncio.ensure_future(clients.push(final)))
         await pending_pcm.put(None)
 

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 if TYPE_CHECKING:  # pipeline.generate is imported lazily: actors import cheaply in drivers and tests
-    from pipeline.generate import GenerationRequest, SamplingParams
+    from pipeline.engine.requests import GenerationRequest
+    from pipeline.engine.sampling import SamplingParams
 
 TASKS = ("tts", "asr", "chat")
 # The output layout each task asks of the decode engine. A trained model follows the layout by itself;
@@ -86,7 +87,7 @@ class SpeechRequest:
 
 
 @dataclass
-class DecodeChunk:
+class CodesChunk:
     """Audio codes for one request's decoder stream; `final` flushes the stream's tail and frees it.
 
     `seq` numbers a request's chunks 0, 1, 2, ...: Ray does not keep the order of calls to an async actor,
@@ -186,7 +187,7 @@ def load_waveform(audio, sample_rate: int | None = None, target_sample_rate: int
 
 def build_prompt(request: SpeechRequest, tokenizer, layout) -> list[int]:
     """The chat prompt ids of a request (spec §2.2 prompts from pipeline.tokens)."""
-    from pipeline import tokens
+    from pipeline.tokens import chat as tokens
 
     if request.task == "tts":
         messages, audios = tokens.tts_messages(request.text, voice_codes=request.voice_codes)
@@ -201,7 +202,8 @@ def build_prompt(request: SpeechRequest, tokenizer, layout) -> list[int]:
 
 
 def to_generation_request(request: SpeechRequest, prompt_ids: Sequence[int]) -> "GenerationRequest":
-    from pipeline.generate import GenerationRequest, SamplingParams
+    from pipeline.engine.requests import GenerationRequest
+    from pipeline.engine.sampling import SamplingParams
 
     return GenerationRequest(
         prompt_ids=list(prompt_ids),
@@ -249,7 +251,7 @@ def engine_events_to_output(request_id: str, events, layout, detok: TextDetokeni
     Text ids are the non-audio tokens other than the audio span markers and end-of-turn ids; audio comes
     as whole chunks (the engine emits one at each end-of-audio). `token_ids` collects every id.
     """
-    from pipeline.generate import AudioChunkEvent, EndEvent, TokenEvent
+    from pipeline.engine.requests import AudioChunkEvent, EndEvent, TokenEvent
 
     out = LLMOutput(request_id=request_id)
     markers = {layout.boa, layout.eoa, *layout.eos_ids}

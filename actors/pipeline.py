@@ -25,7 +25,7 @@ from actors.aio import LoopThread
 from actors.builder import StageHandles, build_stages, shutdown_stages
 from actors.config import STAGES, PipelineConfig
 from actors.orchestration import Limits, SpeechAPI, StageFailure, StageRestarting
-from actors.payloads import AudioPayload, DecodeChunk, LLMOutput, PCMChunk, SpeechRequest
+from actors.payloads import AudioPayload, CodesChunk, LLMOutput, PCMChunk, SpeechRequest
 from actors.placement import StagePlacement
 from actors.results import SpeechResult, collect, collect_async  # noqa: F401  (re-exported)
 
@@ -52,9 +52,9 @@ class RayStageClients:
         self.stages = stages
         self.llm_queue_size = llm_queue_size
 
-    async def tokenize(self, audio: AudioPayload) -> list[int]:
+    async def encode(self, audio: AudioPayload) -> list[int]:
         try:
-            return await self.stages.encoder.tokenize.remote(audio)
+            return await self.stages.encoder.encode.remote(audio)
         except Exception as err:
             raise ray_failure("encoder", err) from None
 
@@ -75,7 +75,7 @@ class RayStageClients:
                 raise ray_failure("llm", err) from None
             yield item
 
-    async def push(self, chunk: DecodeChunk) -> PCMChunk:
+    async def push(self, chunk: CodesChunk) -> PCMChunk:
         try:
             return await self.stages.decoder.push.remote(chunk)
         except Exception as err:

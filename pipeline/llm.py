@@ -34,13 +34,11 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 
 from pipeline.checkpoints import CheckpointError, tensor_shapes  # noqa: F401  (CheckpointError: public here too)
-from pipeline.cpu_kernels import (  # noqa: F401  (CPU_DECODE_ATTENTION, sdpa_gqa_attention: public names here too)
-    CPU_DECODE_ATTENTION,
+from pipeline.kernels.cpu import (
     linear_prepacked,
     mtp_module_size,
     packed_lm_head,
     run_mtp_modules_gathered,
-    sdpa_gqa_attention,
 )
 
 IGNORE_INDEX = -100

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.tokens import MODES
+from pipeline.tokens.chat import MODES
 
 __all__ = ["LLMSize", "LLM_SIZES", "SIZES", "llm_size", "decoder_shape", "encoder_shape", "ENCODER_SIZES", "build_llm", "make_drafting_model",
            "RELEASE_VOCAB_SIZE", "CODEBOOK_SIZE"]

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from pipeline.sizes import CODEBOOK_SIZE, LLMSize, llm_size
-from pipeline.tokens import (
-    CHAT_TEMPLATE,
+from pipeline.tokens.chat import CHAT_TEMPLATE
+from pipeline.tokens.vocab import (
     ENDOFTEXT_TOKEN,
     IM_END_TOKEN,
     QWEN_SPECIAL_TOKENS,
@@ -241,7 +241,7 @@ def write_model_set(out_dir, seed: int = 0, llm: str = "tiny", decoder: str = "t
     """Write a random set of named sizes (`pipeline.sizes`): llm/, encoder/ (tiny) and decoder/ under
     `out_dir`, in the released formats; each part appears only once complete."""
     from pipeline.decoder.tiny import decoder_config, write_decoder
-    from pipeline.encoder import write_tiny_encoder
+    from pipeline.encoder.speech_encoder import write_tiny_encoder
 
     seed = _check_seed(seed)
     out = Path(os.fspath(out_dir))

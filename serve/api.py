@@ -47,7 +47,7 @@ class Sampling(BaseModel):
         """pipeline.sampling.SamplingParams, or None for greedy."""
         if not self.temperature:
             return None
-        from pipeline.sampling import SamplingParams
+        from pipeline.engine.sampling import SamplingParams
 
         return SamplingParams(greedy=False, temperature=self.temperature, top_p=self.top_p or 1.0,
                               top_k=self.top_k or 0, seed=self.seed)

@@ -23,7 +23,7 @@ from typing import List, Optional
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from actors.payloads import DecodeChunk
+from actors.payloads import CodesChunk
 
 ROUTER_CLASS = "serve.decoder_router:DecoderStreamRouter"  # the decoder deployment's request_router_class
 
@@ -98,7 +98,7 @@ def stream_call(pending_request: Optional[PendingRequest]) -> tuple[str | None, 
     if pending_request is None or not pending_request.args:
         return None, False
     first = pending_request.args[0]
-    if isinstance(first, DecodeChunk):  # push
+    if isinstance(first, CodesChunk):  # push
         return first.request_id, first.final
     if isinstance(first, str):  # close(request_id)
         return first, True

@@ -22,7 +22,7 @@ from ray import serve
 from actors.builder import STAGE_CLASSES
 from actors.config import STAGES, PipelineConfig
 from actors.orchestration import StageBusy, StageFailure
-from actors.payloads import AudioPayload, DecodeChunk, LLMOutput, PCMChunk, SpeechRequest
+from actors.payloads import AudioPayload, CodesChunk, LLMOutput, PCMChunk, SpeechRequest
 from serve import metrics
 
 HEALTH_TIMEOUT_S = 3.0  # a stage whose replica is gone (calls wait for a new one) counts as down after this
@@ -153,8 +153,8 @@ class ServeStageClients:
         self.in_flight[stage] -= 1
         metrics.stage_in_flight(stage, self.in_flight[stage])
 
-    async def tokenize(self, audio: AudioPayload) -> list[int]:
-        return await self._call("encoder", self.encoder.tokenize.remote(audio))
+    async def encode(self, audio: AudioPayload) -> list[int]:
+        return await self._call("encoder", self.encoder.encode.remote(audio))
 
     async def generate(self, request: SpeechRequest) -> AsyncIterator[LLMOutput]:
         stream = self.llm.options(stream=True).generate.remote(request)
@@ -178,7 +178,7 @@ class ServeStageClients:
             self._leave("llm")
             _cancel(stream)
 
-    async def push(self, chunk: DecodeChunk) -> PCMChunk:
+    async def push(self, chunk: CodesChunk) -> PCMChunk:
         return await self._call("decoder", self.decoder.push.remote(chunk))
 
     def close(self, request_id: str) -> None:

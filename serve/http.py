@@ -61,11 +61,11 @@ def stage_error(event: ErrorEvent) -> APIError:
                     headers=retry)
 
 
-async def tokenize(clients, audio: AudioPayload) -> list[int]:
+async def encode_audio(clients, audio: AudioPayload) -> list[int]:
     """A clip's audio codes from the encoder stage outside a run (voice uploads, earlier chat turns); a stage
     failure is an HTTP error as in a run (busy: 503 overloaded)."""
     try:
-        return await clients.tokenize(audio)
+        return await clients.encode(audio)
     except StageFailure as err:
         raise stage_error(error_event(err)) from None
 
@@ -177,7 +177,7 @@ def b64(data: bytes) -> str:
 def check_mode(mode) -> None:
     if mode is None:
         return
-    from pipeline.schedules import resolve_mode
+    from pipeline.engine.schedules import resolve_mode
 
     try:
         resolve_mode(mode, None)

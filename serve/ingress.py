@@ -20,7 +20,7 @@ from serve.api import MODEL_ID, APIError, Sampling, SpeechBody, TranscriptionFor
 from serve.audio_formats import CONTENT_TYPES, encode, to_int16
 from serve.deployments import ServeStageClients
 from serve.http import (ENCODER_RATE, RETRY_AFTER_S, Run, app, b64, check_mode, check_text, gather, joined_pcm,
-                        refused, speech_usage, sse, stage_error, streamed, tokenize, transcription_usage, usage_headers,
+                        refused, speech_usage, sse, stage_error, streamed, encode_audio, transcription_usage, usage_headers,
                         verbose_transcription)
 from serve.routes_chat import ChatRoutes
 from serve.routes_realtime import RealtimeRoutes
@@ -149,7 +149,7 @@ class Ingress(ChatRoutes, RealtimeRoutes):
             raise APIError(400, f"type={fields['type']!r}: only audio_sample voices are supported", param="type")
         self.voice_store.check_new(name)
         payload = AudioPayload(self._audio(data, "audio_sample", MAX_VOICE_SECONDS), ENCODER_RATE, f"voice {name}")
-        codes = await tokenize(self.clients, payload)
+        codes = await encode_audio(self.clients, payload)
         return self.voice_store.add(name, codes, payload.seconds).describe()
 
     @app.delete("/v1/audio/voices/{voice_id}")

@@ -14,7 +14,7 @@ from serve import chat_format
 from serve.api import APIError, AudioOut, ChatBody
 from serve.audio_formats import encode, to_int16
 from serve.http import (ENCODER_RATE, app, b64, check_mode, check_text, gather, joined_pcm, refused, sse, stage_error,
-                        streamed, tokenize)
+                        streamed, encode_audio)
 from serve.uploads import check_audio
 
 DEFAULT_MAX_TOKENS = 256
@@ -123,7 +123,7 @@ class ChatRoutes:
         return history, new_turn, audio_tokens
 
     async def _encode(self, pcm) -> list[int]:
-        return await tokenize(self.clients, AudioPayload(pcm, ENCODER_RATE, "messages.input_audio"))
+        return await encode_audio(self.clients, AudioPayload(pcm, ENCODER_RATE, "messages.input_audio"))
 
     def _chat_text_cap(self, conversation) -> None:
         texts = [conversation.system or ""] + [t for turn in (*conversation.history, conversation.last)

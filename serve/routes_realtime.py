@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse
 
 from actors.payloads import ErrorEvent, load_waveform
 from serve.api import MODEL_ID, APIError
-from serve.http import app, logger, stage_error, tokenize
+from serve.http import app, logger, stage_error, encode_audio
 from serve.realtime import Plan, Response, Session
 from serve.realtime_events import ClientEvent, decode, error_event, parse
 
@@ -147,4 +147,4 @@ class RealtimeRoutes:
         """Audio codes of the earlier turns' clips (once per clip; the prompt refers to them by their codes), from
         the same 16 kHz waveform run_request made of the clip in its own turn."""
         for clip in plan.history_clips():
-            clip.codes = await tokenize(self.clients, load_waveform(clip.wav()))
+            clip.codes = await encode_audio(self.clients, load_waveform(clip.wav()))

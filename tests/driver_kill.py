@@ -13,9 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def kill_driver_when(argv: list[str], progress: Callable[[], int], at: int, timeout_s: float = 300.0) -> int:
-    """Run `python -m jobs.cli *argv`; once `progress()` reaches `at`, SIGKILL it (no clean-up of any kind, as a
+    """Run `python -m cli.main *argv`; once `progress()` reaches `at`, SIGKILL it (no clean-up of any kind, as a
     crash). Returns `progress()` after the kill; fails the test if the driver ends first or makes no progress."""
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.cli", *argv], cwd=REPO,
+    driver = subprocess.Popen([sys.executable, "-m", "cli.main", *argv], cwd=REPO,
                               env=dict(os.environ, PYTHONPATH=str(REPO)),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -1,7 +1,7 @@
 """Test helpers that watch the LLM engine through its public observer hooks (`pipeline.observe.StepObserver`)."""
 from __future__ import annotations
 
-from pipeline.observe import StepObserver
+from pipeline.engine.observe import StepObserver
 
 
 class ForwardLog(StepObserver):

@@ -8,7 +8,7 @@ import io
 import numpy as np
 import soundfile
 
-from jobs.common import free_port
+from actors.ray_runtime import free_port
 
 API_KEY = "test-key"
 CAPS = {"api_key": API_KEY, "max_text_chars": 200, "max_tokens": 512, "max_body_bytes": 400_000,

@@ -11,7 +11,7 @@ import pytest
 
 from actors.batching import MicroBatcher
 from actors.config import LLMStageConfig, PipelineConfig, StageResources
-from actors.payloads import AudioPayload, DecodeChunk, SpeechRequest
+from actors.payloads import AudioPayload, CodesChunk, SpeechRequest
 
 def assert_same_audio(batched: np.ndarray, single: np.ndarray) -> None:
     """Same audio up to float reordering: a batched decoder forward sums in another order than a single one."""
@@ -223,7 +223,7 @@ def test_text_detokenizer_pieces_add_up_to_the_whole_decode_in_linear_time(tiny_
     import random
 
     from actors.payloads import TextDetokenizer
-    from pipeline.tokens import load_tokenizer
+    from pipeline.tokens.vocab import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_models / "llm")
     decoded = []  # ids per decode call
@@ -247,7 +247,7 @@ def test_text_detokenizer_pieces_add_up_to_the_whole_decode_in_linear_time(tiny_
             assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True) == text
             assert not any(p.endswith("\ufffd") for p in pieces)
 
-    from pipeline.tokens import TokenLayout
+    from pipeline.tokens.vocab import TokenLayout
 
     text_vocab = TokenLayout.from_tokenizer(tokenizer).audio_offset  # random text ids: byte pieces that do not
     for seed in range(50):  # always form whole characters, special ids, words
@@ -280,8 +280,8 @@ def test_decoder_stage_fails_a_chunk_whose_stream_was_lost(config):
 
     async def main():
         with pytest.raises(ValueError, match="chunk 2 waited 0.3 s for chunk 0 .*stream was lost"):
-            await stage.push(DecodeChunk("lost", [1, 2, 3], seq=2))
-        return await stage.push(DecodeChunk("fresh", [1, 2, 3], seq=0, final=True))
+            await stage.push(CodesChunk("lost", [1, 2, 3], seq=2))
+        return await stage.push(CodesChunk("fresh", [1, 2, 3], seq=0, final=True))
 
     assert len(asyncio.run(main()).pcm) > 0 and not stage.streams
 
@@ -295,8 +295,8 @@ def test_decoder_stage_batches_streams_and_matches_plain_stream_pushes(config):
 
     async def push_all():
         async def one(rid):
-            out = [await stage.push(DecodeChunk(rid, codes, seq=i)) for i, codes in enumerate(chunks[rid])]
-            out.append(await stage.push(DecodeChunk(rid, [], final=True, seq=len(chunks[rid]))))
+            out = [await stage.push(CodesChunk(rid, codes, seq=i)) for i, codes in enumerate(chunks[rid])]
+            out.append(await stage.push(CodesChunk(rid, [], final=True, seq=len(chunks[rid]))))
             return np.concatenate([c.pcm for c in out])
         return await asyncio.gather(*(one(rid) for rid in chunks))
 
@@ -308,8 +308,8 @@ def test_decoder_stage_batches_streams_and_matches_plain_stream_pushes(config):
         assert_same_audio(pcm, reference)
 
     async def out_of_order(rid):  # Ray may run calls to an async actor in any order: seq restores it
-        calls = [stage.push(DecodeChunk(rid, codes, seq=i)) for i, codes in enumerate(chunks[rid])]
-        calls.append(stage.push(DecodeChunk(rid, [], final=True, seq=len(chunks[rid]))))
+        calls = [stage.push(CodesChunk(rid, codes, seq=i)) for i, codes in enumerate(chunks[rid])]
+        calls.append(stage.push(CodesChunk(rid, [], final=True, seq=len(chunks[rid]))))
         tasks = [asyncio.ensure_future(c) for c in reversed(calls)]  # final first, first chunk last
         out = await asyncio.gather(*tasks)
         return np.concatenate([c.pcm for c in reversed(out)])
@@ -318,17 +318,17 @@ def test_decoder_stage_batches_streams_and_matches_plain_stream_pushes(config):
     assert not stage.streams
 
     async def open_and_close():
-        await stage.push(DecodeChunk("x", chunks["s0"][0]))
+        await stage.push(CodesChunk("x", chunks["s0"][0]))
         return len(stage.streams), await stage.close("x"), await stage.close("x")
 
     assert asyncio.run(open_and_close()) == (1, True, False)
 
     async def late_chunks_after_close():  # a chunk waiting for its turn, and one arriving after close
-        await stage.push(DecodeChunk("y", chunks["s0"][0], seq=0))
-        waiting = asyncio.ensure_future(stage.push(DecodeChunk("y", chunks["s0"][2], seq=2)))
+        await stage.push(CodesChunk("y", chunks["s0"][0], seq=0))
+        waiting = asyncio.ensure_future(stage.push(CodesChunk("y", chunks["s0"][2], seq=2)))
         await asyncio.sleep(0.01)
         await stage.close("y")
-        results = await asyncio.gather(waiting, stage.push(DecodeChunk("y", chunks["s0"][1], seq=1)),
+        results = await asyncio.gather(waiting, stage.push(CodesChunk("y", chunks["s0"][1], seq=1)),
                                        return_exceptions=True)
         return results, dict(stage.streams)
 
@@ -346,10 +346,10 @@ def test_encoder_stage_batches_and_matches_the_encoder(config):
     waves = [(0.1 * rng.standard_normal(16000 * s)).astype(np.float32) for s in (1, 2, 1)]
 
     async def main():
-        return await asyncio.gather(*(stage.tokenize(AudioPayload(w, 16000)) for w in waves))
+        return await asyncio.gather(*(stage.encode(AudioPayload(w, 16000)) for w in waves))
 
     codes = asyncio.run(main())
-    assert codes == [stage.encoder.tokenize(w, 16000) for w in waves]
+    assert codes == [stage.encoder.encode(w, 16000) for w in waves]
     assert all(len(c) > 0 for c in codes)
     with pytest.raises(ValueError, match="AudioPayload"):
-        asyncio.run(stage.tokenize(waves[0]))
+        asyncio.run(stage.encode(waves[0]))

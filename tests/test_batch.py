@@ -173,7 +173,7 @@ def test_long_recording_is_windowed_and_stitched(stage_configs, mini, tmp_path):
 
 def test_asr_mini_speech_report_and_noop_rerun(ray_session, tiny_models, mini, tmp_path):
     from jobs.batch.job import read_results, run_batch
-    from jobs.common import CLIError
+    from actors.errors import InputError
 
     out = tmp_path / "asr"
     summary = run_batch(_config(tiny_models, "asr", mini, out, block_size=16))
@@ -191,12 +191,12 @@ def test_asr_mini_speech_report_and_noop_rerun(ray_session, tiny_models, mini, t
     again = run_batch(_config(tiny_models, "asr", mini, out, block_size=16))
     assert again["this_run"]["inputs"] == 0 and again["rows"] == 40
     assert {p.name: p.stat().st_mtime_ns for p in (out / "results").iterdir()} == before
-    with pytest.raises(CLIError, match="other settings"):
+    with pytest.raises(InputError, match="other settings"):
         run_batch(_config(tiny_models, "asr", mini, out, block_size=8))
-    from jobs.common import lock_run_folder
+    from jobs.run_folder import lock_run_folder
 
     held = lock_run_folder(out, "batch")
-    with pytest.raises(CLIError, match="another batch run"):
+    with pytest.raises(InputError, match="another batch run"):
         run_batch(_config(tiny_models, "asr", mini, out, block_size=16))
     held.close()
 
@@ -321,10 +321,10 @@ def _long_recording(mini: Path, path: Path, seconds: float) -> None:
 def test_cli_module_fits_the_registry(monkeypatch, tmp_path, capsys):
     """`vita-audio batch` / `bench batch` as the lead registers them: argument and input errors are one line,
     exit 2, before Ray starts."""
-    import jobs.cli as cli
+    import cli.main as cli
 
-    monkeypatch.setitem(cli.COMMANDS, "batch", ("jobs.cmd_batch", "batch ASR / TTS on Ray Data"))
-    monkeypatch.setitem(cli.BENCHMARKS, "batch", "jobs.bench.batch")
+    monkeypatch.setitem(cli.COMMANDS, "batch", ("cli.batch", "batch ASR / TTS on Ray Data"))
+    monkeypatch.setitem(cli.BENCHMARKS, "batch", "benchmarks.batch")
     assert cli.main(["batch", "asr", "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--json"]) == 2
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "no such file or folder" in last["error"] and last["command"] == "batch"

@@ -1,4 +1,4 @@
-"""`vita-audio bench decode`'s bookkeeping (jobs/bench/decode.py) on the parity fixtures' model with the most
+"""`vita-audio bench decode`'s bookkeeping (benchmarks/decode.py) on the parity fixtures' model with the most
 MCTP modules: forward classes, predicted time, ids stable across runs."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def big_model(llm_parity):
 
 def test_bench_decode_plumbing(big_model):
     """The benchmark's bookkeeping on a tiny model: forward classes, predicted time, ids stable across runs."""
-    from jobs.bench.decode import bench_models, summarise
+    from benchmarks.decode import bench_models, summarise
 
     timed = bench_models({"m": big_model}, {"m": ["vanilla", "boost", "exact"]}, [0] * 8, 24, runs=2)
     rows, step_ms = summarise(timed, 24)

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from jobs.cli import main
+from cli.main import main
 from pipeline.checkpoints import CheckpointError, convert_to_bin, tensor_shapes, weight_files
 
 
@@ -40,12 +40,12 @@ def test_bin_llm_equals_the_safetensors_llm(bin_set, tiny_models):
 def test_bin_encoder_equals_the_safetensors_encoder(bin_set, tiny_models):
     import numpy as np
 
-    from pipeline.encoder import load_encoder
+    from pipeline.encoder.speech_encoder import load_encoder
 
     t = np.arange(32000) / 16000
     wave = (0.3 * np.sin(2 * np.pi * 180 * t)).astype(np.float32)
-    assert (load_encoder(bin_set / "encoder").tokenize(wave, sample_rate=16000)
-            == load_encoder(tiny_models / "encoder").tokenize(wave, sample_rate=16000))
+    assert (load_encoder(bin_set / "encoder").encode(wave, sample_rate=16000)
+            == load_encoder(tiny_models / "encoder").encode(wave, sample_rate=16000))
 
 
 def test_force_switches_formats_and_keeps_refusing_foreign_files(bin_set, tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from jobs.cli import main
+from cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,12 +186,12 @@ def test_address_auto_without_cluster_names_it(files, tiny_models, capsys, monke
 
 
 def test_internal_error_is_one_line_exit_1_and_debug_shows_the_traceback(capsys, monkeypatch):
-    import jobs.cmd_tiny
+    import cli.tiny as cmd_tiny
 
     def boom(args):
         raise RuntimeError("\x1b[31mstage died\x1b[0m\n  long trace line")
 
-    monkeypatch.setattr(jobs.cmd_tiny, "run", boom)
+    monkeypatch.setattr(cmd_tiny, "run", boom)
     code, out, err = run_cli(capsys, ["tiny", "/tmp/never-written"])
     assert code == 1
     assert_one_line(err, "RuntimeError: stage died", "--debug")
@@ -201,20 +201,20 @@ def test_internal_error_is_one_line_exit_1_and_debug_shows_the_traceback(capsys,
 
 
 def test_ctrl_c_is_exit_130_one_line(capsys, monkeypatch):
-    import jobs.cmd_tiny
+    import cli.tiny as cmd_tiny
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(jobs.cmd_tiny, "run", interrupted)
+    monkeypatch.setattr(cmd_tiny, "run", interrupted)
     code, out, err = run_cli(capsys, ["tiny", "/tmp/never-written"])
     assert code == 130
     assert_one_line(err, "interrupted")
 
 
 def test_wrapped_checkpoint_error_is_a_user_error(capsys, monkeypatch):
-    import jobs.cmd_tiny
-    from pipeline.llm import CheckpointError
+    import cli.tiny as cmd_tiny
+    from pipeline.checkpoints import CheckpointError
 
     class ActorDiedError(Exception):
         def __init__(self, cause):
@@ -224,7 +224,7 @@ def test_wrapped_checkpoint_error_is_a_user_error(capsys, monkeypatch):
     def died(args):
         raise ActorDiedError(CheckpointError("/m/llm/model.safetensors: truncated"))
 
-    monkeypatch.setattr(jobs.cmd_tiny, "run", died)
+    monkeypatch.setattr(cmd_tiny, "run", died)
     code, out, err = run_cli(capsys, ["tiny", "/tmp/never-written"])
     assert code == 2
     assert_one_line(err, "model.safetensors: truncated")
@@ -234,7 +234,7 @@ def test_actor_creation_error_text_surfaces_as_one_user_line(ray_session, capsys
     """A real ActorDiedError keeps only the remote traceback text: its last user-error line is the message."""
     import ray
 
-    import jobs.cmd_tiny
+    import cli.tiny as cmd_tiny
 
     @ray.remote(num_cpus=0)
     class Stage:
@@ -247,7 +247,7 @@ def test_actor_creation_error_text_surfaces_as_one_user_line(ray_session, capsys
     def died(args):
         ray.get(Stage.remote().ping.remote(), timeout=60)
 
-    monkeypatch.setattr(jobs.cmd_tiny, "run", died)
+    monkeypatch.setattr(cmd_tiny, "run", died)
     code, out, err = run_cli(capsys, ["tiny", "/tmp/never-written"])
     assert code == 2
     assert_one_line(err, "/m/llm/config.json: vocab_size 3 does not fit the tokenizer")
@@ -280,7 +280,7 @@ def test_tiny_never_deletes_user_files(tmp_path, capsys):
 def test_help_imports_neither_torch_nor_ray_and_is_fast():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     code = ("import sys, time; t = time.perf_counter()\n"
-            "from jobs.cli import main\n"
+            "from cli.main import main\n"
             "for argv in (['--help'], ['tts', '--help'], ['asr', '--help'], ['tts']):\n"
             "    try: main(argv)\n"
             "    except SystemExit: pass\n"
@@ -297,7 +297,7 @@ def test_audio_decoded_before_a_timeout_is_kept(tmp_path, capsys):
 
     from actors.payloads import AudioChunk, ErrorEvent
     from actors.results import collect
-    from jobs.cmd_speech import _report
+    from cli.speech import _report
 
     pcm = np.linspace(-0.5, 0.5, 22050, dtype=np.float32)
     result = collect([AudioChunk(pcm=pcm, sample_rate=22050, index=0), ErrorEvent(stage="pipeline", message="timed out after 1.0 s")])

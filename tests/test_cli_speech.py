@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from jobs.cli import main
+from cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def test_tts_subprocess_local_ray_with_three_logical_gpus(tiny_models, tmp_path)
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "tts", "Hello there.", "-o", str(out), "--models", str(tiny_models),
+        [sys.executable, "-m", "cli.main", "tts", "Hello there.", "-o", str(out), "--models", str(tiny_models),
          "--num-gpus", "3", "--num-cpus", "2", "--max-new-tokens", "24", "--mode", "boost", "--json"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
@@ -120,8 +120,8 @@ def test_bench_pipeline_latency_measures_ray_on_a_request_cut_at_its_first_audio
     chunk closes (the LLM then idles while the decoder works), both through Ray and in process."""
     import argparse
 
-    from jobs.bench import pipeline as bench
-    from pipeline.tokens import TokenLayout, load_tokenizer
+    from benchmarks import pipeline as bench
+    from pipeline.tokens.vocab import TokenLayout, load_tokenizer
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser, "pipeline")
@@ -147,7 +147,7 @@ def test_bench_pipeline_measures_what_one_streamed_item_costs_ray(ray_session):
     consumer, from an actor that only streams (no model)."""
     import argparse
 
-    from jobs.bench import pipeline as bench
+    from benchmarks import pipeline as bench
 
     cost = bench.ray_item_cost(argparse.Namespace(runs=1), n=50)
     assert cost["items"] == 50 and cost["rounds"] == 2
@@ -161,7 +161,7 @@ def test_bench_pipeline_splits_a_step_into_fixed_and_per_row_costs(tiny_models):
     at 8 streams (8 (F + r) / (F + 8 r) = 4 at r = F / 6)."""
     import argparse
 
-    from jobs.bench import pipeline as bench
+    from benchmarks import pipeline as bench
 
     args = argparse.Namespace(runs=1, concurrency=8, throughput_tokens=16)
     result = bench.engine_throughput(args, tiny_models, "tiny set")

@@ -44,7 +44,7 @@ def test_train_rayjob_runs_vita_audio_train_on_all_its_gpus():
     import argparse
     import shlex
 
-    from jobs import cmd_train
+    from cli import train as cmd_train
     from jobs.train.run import load_recipe
 
     doc = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayjob-train.yaml").read_text())
@@ -72,7 +72,7 @@ def test_prepare_rayjob_runs_vita_audio_prepare_on_its_gpus():
     import argparse
     import shlex
 
-    from jobs import cmd_prepare
+    from cli import prepare as cmd_prepare
 
     doc = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayjob-prepare.yaml").read_text())
     words = shlex.split(doc["spec"]["entrypoint"])

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from pipeline.decoder import DecoderError, load_decoder, write_tiny_decoder
+from pipeline.decoder.config import DecoderError
+from pipeline.decoder.speech_decoder import load_decoder
+from pipeline.decoder.tiny import write_tiny_decoder
 from pipeline.decoder.config import load_yaml
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from types import SimpleNamespace
 
-from actors.payloads import DecodeChunk
+from actors.payloads import CodesChunk
 from serve.decoder_router import DecoderStreamRouter, stream_call
 
 
@@ -27,8 +27,8 @@ def _route(router, replicas, arg) -> str:
     return replica.replica_id
 
 
-def _push(request_id: str, seq: int, final: bool = False) -> DecodeChunk:
-    return DecodeChunk(request_id, [] if final else [1, 2, 3], seq=seq, final=final)
+def _push(request_id: str, seq: int, final: bool = False) -> CodesChunk:
+    return CodesChunk(request_id, [] if final else [1, 2, 3], seq=seq, final=final)
 
 
 def test_a_requests_chunks_stay_on_the_replica_of_its_first_chunk():

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.decoder import load_decoder, write_tiny_decoder
+from pipeline.decoder.speech_decoder import load_decoder
+from pipeline.decoder.tiny import write_tiny_decoder
 from pipeline.decoder.stream import IncrementalStream, position_noise
 
 
@@ -143,7 +144,7 @@ def test_bench_decoder_smoke(tmp_path):
     import argparse
     import json
 
-    from jobs.bench import decoder as bench
+    from benchmarks import decoder as bench
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out")

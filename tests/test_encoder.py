@@ -13,14 +13,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.audio import AudioError
-from pipeline.encoder import (
+from pipeline.encoder.speech_encoder import (
     SpeechEncoder,
-    WhisperVQConfig,
     load_encoder,
     tiny_encoder_config,
     write_random_encoder,
     write_tiny_encoder,
 )
+from pipeline.encoder.whisper_vq import WhisperVQConfig
 
 CODEC = "parity/codec"
 CORPUS = "corpora/mini-speech/LibriSpeech"
@@ -63,8 +63,8 @@ def test_fixture_tokens_per_file_and_batched(codec, fixture_tokenizer):
     expected = json.loads((codec / "expected/encoder_tokens.json").read_text())
     names = list(expected["per_file"])
     for name in names:
-        assert fixture_tokenizer.tokenize(codec / name) == expected["per_file"][name], name
-    batched = fixture_tokenizer.tokenize_batch([codec / name for name in names])
+        assert fixture_tokenizer.encode(codec / name) == expected["per_file"][name], name
+    batched = fixture_tokenizer.encode_batch([codec / name for name in names])
     assert batched == [expected["batched_call"][name] for name in names]
     assert [len(ids) for ids in batched] == [36, 62, 416]  # audio_2 is 33.2 s: two 30 s windows
 
@@ -183,21 +183,21 @@ def _clips(corpus_files, n=3):
 
 def test_batched_equals_one_by_one(variant, corpus_files):
     clips = _clips(corpus_files)
-    one_by_one = [variant.tokenize(clip, 16000) for clip in clips]
+    one_by_one = [variant.encode(clip, 16000) for clip in clips]
     assert [len(ids) for ids in one_by_one] == [expected_token_count(len(c)) for c in clips]
-    assert variant.tokenize_batch(clips, [16000] * len(clips)) == one_by_one
-    assert variant.tokenize_batch(clips[::-1], [16000] * len(clips)) == one_by_one[::-1]
+    assert variant.encode_batch(clips, [16000] * len(clips)) == one_by_one
+    assert variant.encode_batch(clips[::-1], [16000] * len(clips)) == one_by_one[::-1]
 
 
 def test_batched_equals_one_by_one_in_small_groups(tiny, corpus_files):
     clips = _clips(corpus_files)
-    one_by_one = [tiny.tokenize(clip, 16000) for clip in clips]
+    one_by_one = [tiny.encode(clip, 16000) for clip in clips]
     tiny.max_batch_windows = 2
     try:
-        assert tiny.tokenize_batch(clips, [16000] * len(clips)) == one_by_one
+        assert tiny.encode_batch(clips, [16000] * len(clips)) == one_by_one
     finally:
         tiny.max_batch_windows = 128
-    assert tiny.tokenize_batch([]) == []
+    assert tiny.encode_batch([]) == []
 
 
 # --- the corpus at several rates --------------------------------------------------------------
@@ -205,7 +205,7 @@ def test_batched_equals_one_by_one_in_small_groups(tiny, corpus_files):
 
 def test_corpus_tokens_at_12_5_hz(tiny, corpus_files):
     files = corpus_files[:8]
-    ids = tiny.tokenize_batch(files)
+    ids = tiny.encode_batch(files)
     for path, tokens in zip(files, ids):
         n = sf.info(path).frames
         assert len(tokens) == expected_token_count(n)
@@ -223,12 +223,12 @@ def test_resampled_copies_are_accepted(tiny, corpus_files, tmp_path, rate, chann
         copy = np.stack([copy, 0.5 * copy[::-1]], axis=1)
     path = tmp_path / f"copy.{fmt}"
     sf.write(path, copy, rate)
-    tokens = tiny.tokenize(path)
+    tokens = tiny.encode(path)
     duration = sf.info(path).duration
     assert abs(len(tokens) - duration * 12.5) <= 1
     assert len(tokens) == expected_token_count(len(tiny.load(path)))
     if rate == 48000 and channels == 1:  # the same speech resampled back gives mostly the same codes
-        original = tiny.tokenize(corpus_files[1])
+        original = tiny.encode(corpus_files[1])
         n = min(len(original), len(tokens))
         assert np.mean(np.array(original[:n]) == np.array(tokens[:n])) > 0.5
 
@@ -236,27 +236,27 @@ def test_resampled_copies_are_accepted(tiny, corpus_files, tmp_path, rate, chann
 def test_bytes_and_arrays(tiny, corpus_files):
     path = corpus_files[2]
     pcm, rate = sf.read(path, dtype="float32")
-    by_path = tiny.tokenize(path)
-    assert tiny.tokenize(path.read_bytes()) == by_path
-    assert tiny.tokenize(pcm, rate) == by_path
-    assert tiny.tokenize(torch.from_numpy(pcm), rate) == by_path
+    by_path = tiny.encode(path)
+    assert tiny.encode(path.read_bytes()) == by_path
+    assert tiny.encode(pcm, rate) == by_path
+    assert tiny.encode(torch.from_numpy(pcm), rate) == by_path
 
 
 def test_malformed_inputs_raise_audio_errors(tiny, corpus_files):
     with pytest.raises(AudioError, match="cannot decode"):
-        tiny.tokenize(b"definitely not audio" * 20)
+        tiny.encode(b"definitely not audio" * 20)
     with pytest.raises(AudioError, match="sample_rate is required"):
-        tiny.tokenize(np.zeros(1600, np.float32))
+        tiny.encode(np.zeros(1600, np.float32))
     with pytest.raises(AudioError, match=r"audios\[1\]: audio contains 1 NaN"):
-        tiny.tokenize_batch([corpus_files[0], np.array([0.0, np.nan], np.float32)], [None, 16000])
+        tiny.encode_batch([corpus_files[0], np.array([0.0, np.nan], np.float32)], [None, 16000])
     with pytest.raises(AudioError, match="over the limit"):
-        SpeechEncoder(tiny.model, tiny.feature_extractor, max_seconds=1.0).tokenize(corpus_files[0])
+        SpeechEncoder(tiny.model, tiny.feature_extractor, max_seconds=1.0).encode(corpus_files[0])
     with pytest.raises(ValueError, match="sample_rates has 1 entries for 2 audios"):
-        tiny.tokenize_batch([corpus_files[0], corpus_files[1]], [None])
+        tiny.encode_batch([corpus_files[0], corpus_files[1]], [None])
     with pytest.raises(ValueError, match="more than max_source_positions"):
         tiny.model(torch.zeros(1, 128, 3008), torch.ones(1, 3008, dtype=torch.long))
-    assert tiny.tokenize(np.zeros(16000, np.float32), 16000)  # silence is valid audio: 13 tokens
-    assert len(tiny.tokenize(np.zeros(1, np.float32), 16000)) == 1
+    assert tiny.encode(np.zeros(16000, np.float32), 16000)  # silence is valid audio: 13 tokens
+    assert len(tiny.encode(np.zeros(1, np.float32), 16000)) == 1
 
 
 # --- tiny checkpoints in the released format ------------------------------------------------------
@@ -307,7 +307,7 @@ def test_loader_tolerates_prefix_and_extra_layers(tiny_dir, tiny, corpus_files, 
     full["model.encoder.layer_norm.weight"] = torch.ones(32)
     full["model.decoder.embed_tokens.weight"] = torch.zeros(4, 32)
     loaded = load_encoder(_copy_with_state(tiny_dir, tmp_path / "prefixed", full))
-    assert loaded.tokenize(corpus_files[0]) == tiny.tokenize(corpus_files[0])
+    assert loaded.encode(corpus_files[0]) == tiny.encode(corpus_files[0])
     no_ema = {k: v for k, v in state.items() if not k.startswith("ema_")}
     assert load_encoder(_copy_with_state(tiny_dir, tmp_path / "no_ema", no_ema)).codebook_size == 16384
 
@@ -344,7 +344,7 @@ def test_loader_rejects_bad_checkpoints(tiny_dir, tmp_path):
 def test_device_and_dtype_parameters(tiny_dir, corpus_files):
     half = load_encoder(tiny_dir, device=torch.device("cpu"), dtype="bfloat16")
     assert half.model.conv1.weight.dtype == torch.bfloat16 and half.dtype == torch.bfloat16
-    tokens = half.tokenize(corpus_files[0])
+    tokens = half.encode(corpus_files[0])
     assert len(tokens) == expected_token_count(sf.info(corpus_files[0]).frames)
     assert load_encoder(tiny_dir, device="cpu", dtype=torch.float32).device.type == "cpu"
     import pipeline
@@ -354,7 +354,7 @@ def test_device_and_dtype_parameters(tiny_dir, corpus_files):
 
 def test_config_validation():
     with pytest.raises(ValueError, match="pooling_position 3 must not exceed quantize_position 2"):
-        from pipeline.encoder import WhisperVQEncoder
+        from pipeline.encoder.whisper_vq import WhisperVQEncoder
 
         WhisperVQEncoder(tiny_encoder_config(pooling_position=3, quantize_position=2))
     assert isinstance(tiny_encoder_config(), WhisperVQConfig)
@@ -363,7 +363,7 @@ def test_config_validation():
 def test_bench_encoder_smoke(shared_dir, tmp_path):
     import argparse
 
-    from jobs.bench import encoder as bench
+    from benchmarks import encoder as bench
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out")
@@ -388,7 +388,7 @@ def test_loader_reads_pytorch_model_bin_like_safetensors(tiny_dir, tiny, corpus_
     written = convert_to_bin(folder, shards=shards)
     assert not list(folder.glob("*.safetensors")) and len(written) == shards
     assert (folder / "pytorch_model.bin.index.json").is_file() == (shards > 1)
-    assert load_encoder(folder).tokenize(corpus_files[0]) == tiny.tokenize(corpus_files[0])
+    assert load_encoder(folder).encode(corpus_files[0]) == tiny.encode(corpus_files[0])
     state = torch.load(written[0], weights_only=True)
     key = next(iter(state))
     torch.save(dict(state, **{key: torch.zeros(3, 3)}), written[0])  # same strict shape check as safetensors

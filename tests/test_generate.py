@@ -9,18 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.generate import (
-    AudioChunkEvent,
-    DecodeEngine,
-    EndEvent,
-    GenerationRequest,
-    SamplingParams,
-    TokenEvent,
-    default_layout,
-    expand_schedule,
-    generate,
-    resolve_mode,
-)
+from pipeline.engine.requests import AudioChunkEvent, EndEvent, GenerationRequest, TokenEvent
+from pipeline.engine.decode_engine import DecodeEngine
+from pipeline.engine.sampling import SamplingParams
+from pipeline.tokens.layout import default_layout
+from pipeline.engine.schedules import expand_schedule, resolve_mode
+from pipeline.engine.generate import generate
 from pipeline.llm import load_llm
 from pipeline.sizes import make_drafting_model
 
@@ -122,7 +116,7 @@ def test_eager_attention_gives_the_same_generation(parity):
 
 def fixture_layout(parity):
     """The fixture's vocabulary layout (inputs.json) as a TokenLayout."""
-    from pipeline.tokens import TokenLayout
+    from pipeline.tokens.vocab import TokenLayout
 
     v = parity["inputs"]["vocab_layout"]
     ids = v["special_ids"]
@@ -321,7 +315,7 @@ def test_bad_input_names_the_problem(models):
 
 
 def test_cli_generate(parity, models, capsys):
-    from jobs.cli import main
+    from cli.main import main
 
     llm = str(parity["root"] / MODELS[BIG])
     runs = parity["gen"][BIG]
@@ -356,7 +350,7 @@ def test_cli_generate(parity, models, capsys):
 
 def test_interleaved_constraint_slots_follow_the_ratio(parity):
     """Slot kinds per generated index: each (T, A) pair in order, then the last pair repeats (spec §2.3)."""
-    from pipeline.sampling import OutputConstraint
+    from pipeline.engine.sampling import OutputConstraint
 
     layout = fixture_layout(parity)
     constraint = OutputConstraint("interleaved", layout, layout.vocab_size, "cpu", ratio=[2, 3, 1, 4, 3, 5])

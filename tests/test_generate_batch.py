@@ -5,8 +5,11 @@ import pytest
 import torch
 
 from engine_probes import ForwardLog
-from pipeline.generate import DecodeEngine, EndEvent, GenerationRequest, SamplingParams, TokenEvent, generate
-from pipeline.observe import RequestTrace
+from pipeline.engine.decode_engine import DecodeEngine
+from pipeline.engine.requests import EndEvent, GenerationRequest, TokenEvent
+from pipeline.engine.sampling import SamplingParams
+from pipeline.engine.generate import generate
+from pipeline.engine.observe import RequestTrace
 from pipeline.llm import load_llm
 
 
@@ -98,7 +101,7 @@ def test_mixed_module_forward_equals_each_module(model, monkeypatch, gather_limi
     """run_mtp_modules (both ways: per-module projections, gathered weights) equals run_mtp_module row by row,
     also on a second call that attends to the K/V the first one wrote to the pool."""
     import pipeline.llm
-    from pipeline.kv_cache import BatchKV, KVPool, group_attention_mask
+    from pipeline.engine.kv_cache import BatchKV, KVPool, group_attention_mask
 
     monkeypatch.setattr(pipeline.llm, "MTP_GATHER_MAX_ELEMENTS", gather_limit)
     N, NB, H = model.num_mtp_modules, model.num_backbone_layers, model.config.hidden_size
@@ -126,7 +129,7 @@ def test_mixed_module_forward_equals_each_module(model, monkeypatch, gather_limi
 
 
 def test_kv_pool_grows_and_keeps_contents():
-    from pipeline.kv_cache import BatchKV, KVPool
+    from pipeline.engine.kv_cache import BatchKV, KVPool
 
     pool = KVPool([1, 3], min_capacity=2)
     slots = [pool.acquire() for _ in range(3)]
@@ -271,7 +274,7 @@ def test_bench_pipeline_engine_row_smoke(tiny_models):
     """`bench pipeline`'s in-process engine row (the batching ceiling without Ray) on a tiny workload."""
     import argparse
 
-    from jobs.bench import pipeline as bench
+    from benchmarks import pipeline as bench
 
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser, "pipeline")
@@ -283,7 +286,7 @@ def test_bench_pipeline_engine_row_smoke(tiny_models):
 
 
 def test_hidden_buffer_keeps_chunks_and_cuts_them():
-    from pipeline.kv_cache import HiddenBuffer
+    from pipeline.engine.kv_cache import HiddenBuffer
 
     rows = torch.arange(40.0).view(20, 2)  # row r = [2r, 2r + 1]
     buf = HiddenBuffer()
@@ -308,7 +311,7 @@ def test_hidden_buffer_keeps_chunks_and_cuts_them():
 
 
 def test_argmax_rows_equals_argmax():
-    from pipeline.sampling import argmax_rows
+    from pipeline.engine.sampling import argmax_rows
 
     g = torch.Generator().manual_seed(0)
     for rows in (1, 2, 8, 13):
@@ -357,8 +360,8 @@ def test_cpu_decode_attention_is_sdpa_without_kv_copies(model):
     """The engine's CPU attention (enable_gqa instead of repeat_kv) gives exactly transformers' sdpa output."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from pipeline.kv_cache import group_attention_mask
-    from pipeline.llm import sdpa_gqa_attention
+    from pipeline.engine.kv_cache import group_attention_mask
+    from pipeline.kernels.cpu import sdpa_gqa_attention
 
     attn = model.model.layers[0].self_attn
     assert attn.num_key_value_groups > 1
@@ -379,8 +382,8 @@ def test_cpu_decode_attention_is_sdpa_without_kv_copies(model):
 def test_choose_batch_equals_choose_row_by_row(model):
     """The batched greedy choice (one argmax per slot kind, over the allowed ids' range) picks what each
     request's own `choose` picks: every slot kind, unconstrained rows, ties, and rows that must choose alone."""
-    from pipeline.generate import default_layout
-    from pipeline.sampling import OutputConstraint, TokenSampler, choose_batch
+    from pipeline.tokens.layout import default_layout
+    from pipeline.engine.sampling import OutputConstraint, TokenSampler, choose_batch
 
     layout, V = default_layout(model), model.config.vocab_size
     interleaved = OutputConstraint("interleaved", layout, V, "cpu", [1, 10, 4, 10])
@@ -404,8 +407,8 @@ def test_choose_batch_equals_choose_row_by_row(model):
 
 def test_choose_batch_over_an_id_range_equals_the_whole_vocabulary(model):
     """Scores over only the ids a step's rows may choose (`offset`) give the tokens the whole vocabulary gives."""
-    from pipeline.generate import default_layout
-    from pipeline.sampling import OutputConstraint, TokenSampler, choose_batch
+    from pipeline.tokens.layout import default_layout
+    from pipeline.engine.sampling import OutputConstraint, TokenSampler, choose_batch
 
     layout, V = default_layout(model), model.config.vocab_size
     interleaved = OutputConstraint("interleaved", layout, V, "cpu", [1, 10, 4, 10])

@@ -34,6 +34,14 @@ def test_folder_does_not_import_upper_layers(folder, forbidden):
 
 
 def test_importing_pipeline_does_not_load_ray():
-    code = "import sys, pipeline, pipeline.generate; print('ray' in sys.modules)"
+    code = "import sys, pipeline, pipeline.engine.generate; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_the_package_and_the_request_checks_do_not_load_torch():
+    """Front ends check a request (mode names, token layout, audio headers) before any model starts."""
+    code = ("import sys, pipeline, pipeline.tokens.vocab, pipeline.tokens.chat, pipeline.engine.schedules, pipeline.audio, "
+            "actors.errors, actors.models; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "False"

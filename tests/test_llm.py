@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import pipeline  # noqa: F401  (registers qwen2_mtp with the Auto classes)
-from pipeline.llm import CheckpointError, Qwen2MTPConfig, Qwen2MTPForCausalLM, load_llm
+import pipeline.llm  # noqa: F401  (registers qwen2_mtp with the Auto classes)
+from pipeline.checkpoints import CheckpointError
+from pipeline.llm import Qwen2MTPConfig, Qwen2MTPForCausalLM, load_llm
 
 ATOL = RTOL = 1e-4
 # Cases are parametrised from the fixture itself (same lookup as conftest.shared_dir).

@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 
 from actors.orchestration import Limits, StageBusy, StageFailure, StageRestarting, run_request
-from actors.payloads import AudioChunk, Done, ErrorEvent, LLMEnd, LLMOutput, PCMChunk, TextDelta
+from actors.payloads import AudioChunk, LLMEnd, LLMOutput, PCMChunk
 from actors.results import collect_async
 
 LIMITS = Limits(stage_timeout_s=5.0, request_timeout_s=10.0, max_inflight_chunks=1)
@@ -22,7 +22,7 @@ class ScriptedStages:
 
     def __init__(self, chunks=([1, 2, 3], [4, 5]), restarts=None, fail=None, hang_after=None):
         self.chunks, self.restarts, self.fail, self.hang_after = list(chunks), dict(restarts or {}), fail, hang_after
-        self.calls = {"tokenize": 0, "generate": 0, "push": 0}
+        self.calls = {"encode": 0, "generate": 0, "push": 0}
         self.pushed, self.closed, self.aborted = [], [], []
 
     def _maybe_fail(self, stage: str) -> None:
@@ -32,8 +32,8 @@ class ScriptedStages:
         if self.fail == stage:
             raise RuntimeError("boom")
 
-    async def tokenize(self, audio):
-        self.calls["tokenize"] += 1
+    async def encode(self, audio):
+        self.calls["encode"] += 1
         self._maybe_fail("encoder")
         return [7] * 5
 
@@ -84,7 +84,7 @@ def test_restarting_stages_are_retried_where_resending_is_safe(tmp_path):
     stages = ScriptedStages(restarts={"encoder": 2, "llm": 2, "decoder": 1})
     result = run(stages, task="chat", text=None, audio=str(tmp_path / "q.wav"))
     assert result.ok, result.error
-    assert stages.calls["tokenize"] == 3 and stages.calls["generate"] == 3
+    assert stages.calls["encode"] == 3 and stages.calls["generate"] == 3
     assert stages.calls["push"] == 3 + 1  # the first chunk was resent once
 
 

@@ -15,8 +15,9 @@ import ray
 import torch
 
 from actors.config import PipelineConfig
-from actors.payloads import AudioChunk, Done, ErrorEvent, TextDelta
-from actors.pipeline import Pipeline, collect
+from actors.payloads import AudioChunk, Done, ErrorEvent
+from actors.pipeline import Pipeline
+from actors.results import collect
 
 def assert_same_audio(batched: np.ndarray, single: np.ndarray) -> None:
     """Same audio up to float reordering: a batched decoder forward sums in another order than a single one."""

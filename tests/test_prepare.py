@@ -163,7 +163,7 @@ def test_lhotse_recipe_supervisions_and_cuts(tmp_path):
 
 
 def test_source_specs_and_config_errors(tmp_path, mini):
-    from jobs import cmd_prepare
+    from cli import prepare as cmd_prepare
     from jobs.prepare.job import PrepareConfig, SourceSpec
     from jobs.prepare.recipes import RECIPES
 
@@ -187,7 +187,8 @@ def test_source_specs_and_config_errors(tmp_path, mini):
 
 
 def _config(models, sources, out, **kw):
-    from jobs.prepare.job import PoolConfig, PrepareConfig
+    from jobs.pools import PoolConfig
+    from jobs.prepare.job import PrepareConfig
 
     kw.setdefault("encoder", PoolConfig(size=1, batch_size=8))
     return PrepareConfig(sources=[str(s) for s in sources], out=str(out), models=str(models), progress=False, **kw)
@@ -235,8 +236,9 @@ def test_mini_speech_to_shards(prepared):
 
 def test_samples_decode_to_the_chat_layout(prepared, tiny_models, mini):
     from jobs.prepare.job import read_shards
-    from pipeline.encoder import load_encoder
-    from pipeline.tokens import BOOST_RATIO, IGNORE_INDEX, TokenLayout, encode_text, interleave, load_tokenizer
+    from pipeline.encoder.speech_encoder import load_encoder
+    from pipeline.tokens.chat import BOOST_RATIO, IGNORE_INDEX, interleave
+    from pipeline.tokens.vocab import TokenLayout, encode_text, load_tokenizer
 
     out, _ = prepared
     tokenizer = load_tokenizer(tiny_models / "llm")
@@ -255,7 +257,7 @@ def test_samples_decode_to_the_chat_layout(prepared, tiny_models, mini):
     tail = [layout.im_end, *encode_text(tokenizer, "\n")]
     asr = rows["librispeech/1000-5000-0000/asr"]
     path = mini / "LibriSpeech" / "dev-clean-mini" / "1000" / "5000" / "1000-5000-0000.flac"
-    codes = encoder.tokenize(str(path))
+    codes = encoder.encode(str(path))
     assert layout.audio_codes(asr["input_ids"]) == codes == asr["audio_codes"][0]
     assert asr["audio_seconds"] == pytest.approx(sf.info(path).duration, abs=1e-3)
     prompt, body = split(asr)
@@ -276,7 +278,7 @@ def test_samples_decode_to_the_chat_layout(prepared, tiny_models, mini):
 
     # spoken QA: the question's audio in the user turn, the answer text interleaved with the answer's audio
     sqa = rows["vita-jsonl/sqa-000001/sqa"]
-    q, a = (encoder.tokenize(str(mini / "qa_wavs" / n)) for n in ("q00.wav", "a00.wav"))
+    q, a = (encoder.encode(str(mini / "qa_wavs" / n)) for n in ("q00.wav", "a00.wav"))
     assert sqa["audio_codes"] == [q, a] and layout.audio_codes(sqa["input_ids"]) == q + a
     prompt, body = split(sqa)
     assert tokenizer.decode(prompt) == f"<|im_start|>user\n{span(q)}<|im_end|>\n<|im_start|>assistant\n"
@@ -293,9 +295,9 @@ def test_finished_rerun_is_a_noop(prepared, tiny_models, mini):
                                 out, block_size=16))
     assert again == manifest
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
-    from jobs.common import CLIError
+    from actors.errors import InputError
 
-    with pytest.raises(CLIError, match="other settings.*block_size"):
+    with pytest.raises(InputError, match="other settings.*block_size"):
         run_prepare(_config(tiny_models, [f"librispeech:{mini / 'LibriSpeech'}", f"vita-jsonl:{mini / 'vita_jsonl'}"],
                             out, block_size=8))
 
@@ -346,7 +348,7 @@ def test_damaged_corpus_one_error_row_each(ray_session, tiny_models, mini, tmp_p
     as the original tokenizer does."""
     from jobs.prepare.checks import AudioChecks
     from jobs.prepare.job import read_shards, run_prepare
-    from pipeline.encoder import load_encoder
+    from pipeline.encoder.speech_encoder import load_encoder
 
     expected = _damaged_corpus(mini, tmp_path / "corpus")
     out = tmp_path / "out"
@@ -369,7 +371,7 @@ def test_damaged_corpus_one_error_row_each(ray_session, tiny_models, mini, tmp_p
     stereo = next(r for r in read_shards(tmp_path / "first").to_pylist() if r["utterance"].endswith("stereo"))
     assert stereo["converted"] == ["channel 0 of 2"]
     left = sf.read(tmp_path / "corpus/damaged/9/9/9-9-stereo.wav", dtype="float32")[0][:, 0]
-    assert stereo["audio_codes"][0] == load_encoder(tiny_models / "encoder").tokenize(left, 16000)
+    assert stereo["audio_codes"][0] == load_encoder(tiny_models / "encoder").encode(left, 16000)
 
 
 @pytest.mark.slow
@@ -400,10 +402,10 @@ def test_killed_driver_resumes_to_the_same_samples(ray_session, tiny_models, min
 def test_cli_checks_before_ray_and_prints_counts(ray_session, tiny_models, mini, tmp_path, capsys, monkeypatch):
     """`vita-audio prepare` as the registry runs it: bad flags and sources are one line, exit 2, before any
     Ray work; a run on an LJSpeech-layout folder prints the manifest's counts as the last line (--json)."""
-    import jobs.cli as cli
+    import cli.main as cli
 
-    monkeypatch.setitem(cli.COMMANDS, "prepare", ("jobs.cmd_prepare", "corpus preparation"))
-    monkeypatch.setitem(cli.BENCHMARKS, "prepare", "jobs.bench.prepare")
+    monkeypatch.setitem(cli.COMMANDS, "prepare", ("cli.prepare", "corpus preparation"))
+    monkeypatch.setitem(cli.BENCHMARKS, "prepare", "benchmarks.prepare")
     assert cli.main(["bench", "prepare", "--actors", "0", "--out", str(tmp_path / "b")]) == 2
     assert "--actors must list integers >= 1" in capsys.readouterr().err
     out = str(tmp_path / "o")
@@ -437,7 +439,7 @@ def test_cli_checks_before_ray_and_prints_counts(ray_session, tiny_models, mini,
 
 
 def _pool(rows: int):
-    from jobs.prepare.job import PoolConfig
+    from jobs.pools import PoolConfig
 
     return PoolConfig(size=1, batch_size=rows)
 

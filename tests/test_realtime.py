@@ -117,7 +117,7 @@ def test_text_turn_after_it_carries_the_history(two_turns, local):
 
     _, spoken, typed = two_turns
     history = [{"role": "user", "content": "\n<|audio|>",
-                "audios": [local.encoder.tokenize(load_audio(clip(rate=RATE)), 16000)]},
+                "audios": [local.encoder.encode(load_audio(clip(rate=RATE)), 16000)]},
                {"role": "assistant", "content": answer(spoken)[0]}]
     expected = collect(local.chat("And now?", history=history, constraint="text", max_new_tokens=TOKENS))
     text, audio, done = answer(typed)

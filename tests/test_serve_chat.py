@@ -31,7 +31,7 @@ def _audio_part(data: bytes) -> dict:
 def _codes(local, data: bytes) -> list[int]:
     from pipeline.audio import load_audio
 
-    return local.encoder.tokenize(load_audio(data), 16000)
+    return local.encoder.encode(load_audio(data), 16000)
 
 
 @pytest.fixture(scope="module")

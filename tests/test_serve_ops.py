@@ -118,7 +118,7 @@ def test_bad_replica_counts_are_refused():
 def test_serve_flag_errors_are_one_line_before_ray(argv, message, capsys, monkeypatch):
     import ray
 
-    from jobs import cli
+    from cli import main as cli
 
     monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("ray.init called for a bad flag"))
     assert cli.main(["serve", *argv]) == 2
@@ -127,7 +127,7 @@ def test_serve_flag_errors_are_one_line_before_ray(argv, message, capsys, monkey
 
 
 def test_serve_config_errors_name_the_problem(tmp_path, capsys, tiny_models):
-    from jobs import cli
+    from cli import main as cli
 
     cases = {
         "notyaml.yaml": ("applications: [", "not valid YAML"),
@@ -160,7 +160,7 @@ def test_vita_audio_serve_answers_and_stops_on_sigterm(tiny_models, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
     out, err = open(tmp_path / "out.txt", "w+"), open(tmp_path / "err.txt", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--port", str(port), "--models",
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", str(port), "--models",
                              str(tiny_models)], cwd=REPO, env=env, stdout=out, stderr=err, start_new_session=True)
     try:
         url = _wait_for_url(proc, tmp_path / "out.txt", tmp_path / "err.txt", timeout_s=300)
@@ -200,7 +200,7 @@ def _wait_for_url(proc, out_path: Path, err_path: Path, timeout_s: float) -> str
 
 
 def test_bench_serve_percentiles_and_flags():
-    from jobs.bench import serve as bench
+    from benchmarks import serve as bench
 
     samples = [{"ttfa_s": t, "rtf": 2 * t, "audio_s": 1.0, "wall_s": t} for t in (0.1, 0.2, 0.3, 0.4)]
     row = bench._summary(4, samples, wall_s=2.0)

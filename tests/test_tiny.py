@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import pipeline  # registers qwen2_mtp with the Auto classes
+import pipeline.llm  # noqa: F401  (registers qwen2_mtp with the Auto classes)
 from pipeline import tiny
 from pipeline.tiny import ModelPaths, default_models_dir, write_tiny_llm
-from pipeline.tokens import CHAT_TEMPLATE, MODES, TokenLayout, load_tokenizer
+from pipeline.tokens.chat import CHAT_TEMPLATE, MODES
+from pipeline.tokens.vocab import TokenLayout, load_tokenizer
 
 LLM_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
 
@@ -186,7 +187,7 @@ def test_default_models_dir_env_and_cache(tmp_path, monkeypatch):
 
 
 def test_write_tiny_set_and_cli(tmp_path):
-    from jobs.cli import main
+    from cli.main import main
 
     paths = tiny.write_tiny_set(tmp_path / "set", seed=0)
     assert set(paths) == {"llm", "encoder", "decoder"}
@@ -221,7 +222,7 @@ def test_named_sizes_are_shared(llm_dirs):
 def test_cli_writes_a_set_with_another_llm_size(tmp_path):
     """`vita-audio tiny --llm-size small`: the training acceptance's init, the small LLM beside the tiny tokenizer,
     encoder and decoder (so shards prepared with the tiny set fit it)."""
-    from jobs.cli import main
+    from cli.main import main
     from pipeline.sizes import LLM_SIZES
 
     assert main(["tiny", str(tmp_path / "small"), "--llm-size", "small", "--json"]) == 0

@@ -6,16 +6,15 @@ import json
 
 import pytest
 
-from pipeline.tiny import CODEBOOK_SIZE, build_tiny_tokenizer
-from pipeline.tokens import (
+from pipeline.sizes import CODEBOOK_SIZE
+from pipeline.tiny import build_tiny_tokenizer
+from pipeline.tokens.chat import (
     BALANCE_RATIO,
     BOOST_RATIO,
     CHAT_TEMPLATE,
     IGNORE_INDEX,
     LUKE_SYSTEM,
     MODES,
-    QWEN_SPECIAL_TOKENS,
-    TokenLayout,
     asr_messages,
     build_training_sample,
     chat_messages,
@@ -27,6 +26,7 @@ from pipeline.tokens import (
     render_chat,
     tts_messages,
 )
+from pipeline.tokens.vocab import QWEN_SPECIAL_TOKENS, TokenLayout
 
 
 @pytest.fixture(scope="module")

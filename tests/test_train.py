@@ -135,7 +135,8 @@ def test_config_checks_refuse_before_any_worker(tmp_path, tiny_llm):
 @pytest.fixture(scope="module")
 def mini_speech_shards(ray_session, tiny_models, shared_dir, tmp_path_factory):
     """mini-speech's 40 LibriSpeech utterances as ASR training shards, made by the corpus-preparation job."""
-    from jobs.prepare.job import PoolConfig, PrepareConfig, run_prepare
+    from jobs.pools import PoolConfig
+    from jobs.prepare.job import PrepareConfig, run_prepare
 
     out = tmp_path_factory.mktemp("prepared")
     manifest = run_prepare(PrepareConfig(
@@ -220,7 +221,7 @@ def test_tiny_four_stage_run_on_ray_train(mini_speech_shards, tiny_llm, tmp_path
         assert all(len(m["mtp_losses"]) == models[n].num_mtp_modules for m in metrics)
 
     # `vita-audio train` on the same run folder: finished stages are not rerun (their folders stay untouched)
-    from jobs.cli import main
+    from cli.main import main
 
     stamp = (run_dir / "stage4" / "model.safetensors").stat().st_mtime_ns
     code = main(["train", "--recipe", "tiny", "--data", str(mini_speech_shards), "--init", str(tiny_llm),
@@ -281,7 +282,7 @@ CLI_CASES = {
 @pytest.mark.parametrize("case", sorted(CLI_CASES))
 def test_train_cli_refuses_a_bad_config_in_one_line_before_ray(case, tiny_shards, tiny_llm, tmp_path, capsys,
                                                                monkeypatch):
-    from jobs.cli import main
+    from cli.main import main
 
     calls = _refuse_ray(monkeypatch)
     extra, overrides, message = CLI_CASES[case]

@@ -31,7 +31,8 @@ import pyarrow.parquet as pq
 from jobs.batch.inputs import BatchInput, enumerate_inputs
 from jobs.batch.segments import WindowConfig
 from jobs.batch.stages import IN_FLIGHT, ROW_SCHEMA, DecodeOptions
-from jobs.common import PoolConfig, check_run_plan, lock_run_folder
+from jobs.pools import PoolConfig
+from jobs.run_folder import check_run_plan, lock_run_folder
 
 RESULT_SCHEMA = pa.schema([f for f in ROW_SCHEMA if f.name not in IN_FLIGHT])
 PLAN_VERSION = 1
@@ -65,7 +66,7 @@ class BatchConfig:
 def run_batch(config: BatchConfig) -> dict:
     """Run (or resume) the job; returns the summary (also written to DIR/summary.json with DIR/report.md)."""
     from jobs.batch.report import write_report
-    from jobs.common import resolve_models_dir
+    from actors.models import resolve_models_dir
 
     out = Path(config.out)
     models = resolve_models_dir(config.models)
@@ -111,7 +112,7 @@ def _run_pipeline(config: BatchConfig, models: Path, out: Path, blocks: list[lis
     that came after the first batch over the time they took)."""
     import ray
 
-    from jobs.common import start_ray
+    from actors.ray_runtime import start_ray
 
     started = start_ray(config.address)
     try:

@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from actors.aio import LoopThread
 from actors.config import DecoderStageConfig, EncoderStageConfig, LLMStageConfig
-from actors.payloads import AudioPayload, DecodeChunk, SpeechRequest
+from actors.payloads import AudioPayload, CodesChunk, SpeechRequest
 from jobs.batch.inputs import read_audio_bytes
 from jobs.batch.segments import Segment, WindowConfig, plan_windows, stitch
 
@@ -61,7 +61,7 @@ class DecodeOptions:
     constraint: str | None = "task"  # the task's output layout (random tiny weights need it); None: the model's
 
     def sampling(self, request_id: str):
-        from pipeline.sampling import SamplingParams
+        from pipeline.engine.sampling import SamplingParams
 
         if self.temperature is None:
             return SamplingParams(repetition_penalty=self.repetition_penalty)
@@ -88,7 +88,7 @@ class _AsyncStage:
 
 
 class SpeechEncoder(_AsyncStage):
-    """Reads each row's audio, cuts it into windows (`WindowConfig`) and tokenizes every window of the batch."""
+    """Reads each row's audio, cuts it into windows (`WindowConfig`) and encodes every window of the batch."""
 
     def __init__(self, config: EncoderStageConfig, windows: WindowConfig = WindowConfig(),
                  max_audio_seconds: float | None = 4 * 3600.0):
@@ -110,7 +110,7 @@ class SpeechEncoder(_AsyncStage):
                 row["audio_seconds"] = len(waves[i]) / self.stage.sample_rate
             except (ValueError, OSError) as err:  # AudioError is a ValueError
                 fail(row, "input", err)
-        codes = self.run(self._tokenize(rows, waves))
+        codes = self.run(self._encode(rows, waves))
         total = sum(len(w) for w in waves.values()) or 1
         elapsed = time.perf_counter() - start
         for i, wave in waves.items():
@@ -123,13 +123,13 @@ class SpeechEncoder(_AsyncStage):
         return load_audio(read_audio_bytes(path), target_sample_rate=self.stage.sample_rate,
                           max_seconds=self.max_audio_seconds)
 
-    async def _tokenize(self, rows: list[dict], waves: dict) -> None:
+    async def _encode(self, rows: list[dict], waves: dict) -> None:
         rate = self.stage.sample_rate
 
         async def one(row, wave):
             spans = plan_windows(len(wave), rate, self.windows)
             try:
-                codes = await asyncio.gather(*(self.stage.tokenize(AudioPayload(wave[a:b], rate, row["id"]))
+                codes = await asyncio.gather(*(self.stage.encode(AudioPayload(wave[a:b], rate, row["id"]))
                                                for a, b in spans))
             except Exception as err:  # noqa: BLE001 - one row's failure, reported in its row
                 return fail(row, "encoder", err)
@@ -253,9 +253,9 @@ class AudioDecoder(_AsyncStage):
         request_id = f"{row['id']}#{uuid.uuid4().hex[:8]}"
         chunks = row["chunks"]
         try:
-            pcm = [(await self.stage.push(DecodeChunk(request_id, list(codes), seq=i))).pcm
+            pcm = [(await self.stage.push(CodesChunk(request_id, list(codes), seq=i))).pcm
                    for i, codes in enumerate(chunks)]
-            pcm.append((await self.stage.push(DecodeChunk(request_id, [], final=True, seq=len(chunks)))).pcm)
+            pcm.append((await self.stage.push(CodesChunk(request_id, [], final=True, seq=len(chunks)))).pcm)
         except Exception as err:  # noqa: BLE001 - reported in the row
             await self.stage.close(request_id)
             return err

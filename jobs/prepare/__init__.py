@@ -48,7 +48,8 @@ errors.parquet columns: `id` (the sample id that was not built), `source`, `path
 `detail` (the message), `task`, `utterance`. Every input is exactly one shard row or one error row.
 """
 from jobs.prepare.checks import AudioChecks
-from jobs.prepare.job import PoolConfig, PrepareConfig, SourceSpec, read_shards, run_prepare
+from jobs.pools import PoolConfig
+from jobs.prepare.job import PrepareConfig, SourceSpec, read_shards, run_prepare
 from jobs.prepare.recipes import (AudioRef, Utterance, prepare_commonvoice, prepare_lhotse, prepare_librispeech,
                                   prepare_libritts, prepare_ljspeech, prepare_vita_jsonl)
 from jobs.prepare.samples import ERROR_SCHEMA, SAMPLE_SCHEMA, SCHEMA_VERSION

@@ -29,11 +29,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.common import PoolConfig, check_run_plan, lock_run_folder
+from jobs.pools import PoolConfig
+from jobs.run_folder import check_run_plan, lock_run_folder
 from jobs.prepare.checks import AudioChecks
 from jobs.prepare.recipes import RECIPES
 from jobs.prepare.samples import ERROR_SCHEMA, SAMPLE_SCHEMA, TASKS, PlannedInput, plan_inputs
-from pipeline.tokens import BOOST_RATIO, check_ratio
+from pipeline.tokens.chat import BOOST_RATIO, check_ratio
 
 PLAN_VERSION = 1
 
@@ -121,7 +122,7 @@ def enumerate_inputs(config: PrepareConfig) -> tuple[list[PlannedInput], list[di
 
 def run_prepare(config: PrepareConfig) -> dict:
     """Run (or resume) the job; returns the manifest (also DIR/manifest.json, with DIR/report.md)."""
-    from jobs.common import resolve_models_dir
+    from actors.models import resolve_models_dir
     from jobs.prepare.report import finalize
 
     out = Path(config.out)
@@ -181,7 +182,7 @@ def write_atomic(table: pa.Table, path: Path) -> None:
 def _run_pipeline(config: PrepareConfig, models: Path, out: Path, blocks: dict[int, list[PlannedInput]]) -> dict:
     import ray
 
-    from jobs.common import start_ray
+    from actors.ray_runtime import start_ray
     from jobs.prepare.stages import SampleBuilder, read_and_check
 
     started = start_ray(config.address)

@@ -23,7 +23,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.tokens import ASR_INSTRUCTION, AUDIO_PLACEHOLDER, TTS_INSTRUCTION
+from pipeline.tokens.chat import ASR_INSTRUCTION, TTS_INSTRUCTION
+from pipeline.tokens.vocab import AUDIO_PLACEHOLDER
 
 AUDIO_SUFFIXES = (".flac", ".wav", ".mp3", ".ogg", ".opus")
 LIBRISPEECH_PARTS = ("dev-clean", "dev-other", "test-clean", "test-other", "train-clean-100", "train-clean-360",

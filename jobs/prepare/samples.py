@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline.tokens import ASR_INSTRUCTION, AUDIO_PLACEHOLDER, TTS_INSTRUCTION
+from pipeline.tokens.chat import ASR_INSTRUCTION, TTS_INSTRUCTION
+from pipeline.tokens.vocab import AUDIO_PLACEHOLDER
 
 TASKS = ("asr", "tts", "sqa", "text")
 RECIPE_TASKS = ("asr", "tts")  # what a transcript + its audio can teach
@@ -94,7 +95,7 @@ def recipe_messages(task: str, text: str) -> str:
 
 def build_sample(tokenizer, layout, row: dict, codes: list[list[int]], ratio) -> dict:
     """ids and labels of one input (labels -100 where not scored; the assistant turn interleaved with `ratio`)."""
-    from pipeline.tokens import IGNORE_INDEX, build_training_sample
+    from pipeline.tokens.chat import IGNORE_INDEX, build_training_sample
 
     messages = json.loads(row["messages"])
     built = build_training_sample(tokenizer, layout, {"messages": messages, "audios": codes}, codes, ratio=ratio)

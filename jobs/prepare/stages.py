@@ -73,15 +73,15 @@ def _read_all(refs: list[dict], checks: AudioChecks):
 
 class SampleBuilder:
     """Loads the speech encoder and the LLM's tokenizer once; per batch, one batched encoder call for every
-    waveform of the batch (`tokenize_waveforms`: equal to one clip at a time), then each row's sample."""
+    waveform of the batch (`encode_waveforms`: equal to one clip at a time), then each row's sample."""
 
     def __init__(self, encoder_dir: str, llm_dir: str, ratio=(1, 10, 4, 10), torch_threads: int | None = 1,
                  max_batch_windows: int = 128, read: AudioChecks | None = None):
         import torch
 
         from actors.placement import stage_device
-        from pipeline.encoder import load_encoder
-        from pipeline.tokens import TokenLayout, load_tokenizer
+        from pipeline.encoder.speech_encoder import load_encoder
+        from pipeline.tokens.vocab import TokenLayout, load_tokenizer
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -130,7 +130,7 @@ class SampleBuilder:
         flat = [w for waves in per_row for w in waves]
         try:
             with torch.inference_mode():
-                codes = self.encoder.tokenize_waveforms(flat) if flat else []
+                codes = self.encoder.encode_waveforms(flat) if flat else []
             out, i = [], 0
             for waves in per_row:
                 out.append(codes[i : i + len(waves)])
@@ -140,7 +140,7 @@ class SampleBuilder:
             for waves in per_row:
                 try:
                     with torch.inference_mode():
-                        out.append(self.encoder.tokenize_waveforms(waves) if waves else [])
+                        out.append(self.encoder.encode_waveforms(waves) if waves else [])
                 except Exception as err:  # noqa: BLE001 - this row's failure, in its row
                     out.append(err)
         self.encode_s += time.perf_counter() - start

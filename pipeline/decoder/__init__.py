@@ -7,17 +7,3 @@ incremental stream), `original_streams` (GLM-4-Voice chunked, VITA-Audio prefix 
 `speech_decoder` (`SpeechDecoder`: streams of each kind, batched pushes, checkpoint loading), `tiny` (tiny
 checkpoints in the released format).
 """
-from __future__ import annotations
-
-from pipeline.decoder.config import DecoderConfig, DecoderError, FlowConfig, HiFTConfig, load_decoder_config
-from pipeline.decoder.core import DecoderCore
-from pipeline.decoder.original_streams import GLM4VoiceStream, VitaPrefixStream
-from pipeline.decoder.speech_decoder import STREAM_KINDS, SpeechDecoder, load_decoder
-from pipeline.decoder.stream import DecoderStream, FlowJob, IncrementalStream, VocoderJob
-from pipeline.decoder.tiny import write_tiny_decoder
-
-__all__ = [
-    "DecoderConfig", "DecoderError", "FlowConfig", "HiFTConfig", "load_decoder_config",
-    "DecoderCore", "SpeechDecoder", "load_decoder", "STREAM_KINDS", "DecoderStream", "GLM4VoiceStream",
-    "IncrementalStream", "VitaPrefixStream", "FlowJob", "VocoderJob", "write_tiny_decoder",
-]

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from pipeline.decoder.config import DecoderConfig, FlowConfig, HiFTConfig
 from pipeline.decoder.flow import FlowModel
-from pipeline.decoder.hift import F0Predictor, HiFTGenerator, Snake, WNConv1d
+from pipeline.decoder.hift import F0Predictor, HiFTGenerator, WNConv1d
 from pipeline.sizes import decoder_shape
 
 

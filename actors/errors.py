@@ -1,0 +1,7 @@
+"""The one error type for a user's input that is refused: the CLI prints it as one line and exits 2, the
+endpoint answers 4xx in OpenAI's shape, a batch job writes it as the row's error. Torch- and Ray-free."""
+from __future__ import annotations
+
+
+class InputError(ValueError):
+    """A bad input or setting, named in the message (never an internal failure)."""

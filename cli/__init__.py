@@ -1,0 +1,1 @@
+"""The `vita-audio` command: parse arguments, call a library function, print."""

@@ -1,0 +1,121 @@
+"""`vita-audio batch asr|tts`: transcribe or synthesise a whole archive on Ray Data, exactly once, resumable.
+
+    vita-audio batch asr --input corpus/ --out runs/asr          # folder, .jsonl / .csv manifest, or .tar shard
+    vita-audio batch tts --input texts.jsonl --out runs/tts      # FLAC files under runs/tts/audio/
+    vita-audio batch asr --input big.jsonl --out runs/asr --llm-pool 2 --llm-batch-size 32 --json
+
+Writes DIR/results/part-*.parquet (one row per input), DIR/summary.json and DIR/report.md. Rerunning on the
+same --out resumes: only inputs without a row are processed; a finished run rerun does nothing.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from actors.errors import InputError
+
+MODES = ("vanilla", "balance", "boost", "turbo", "exact")
+
+
+def add_arguments(p, name: str) -> None:
+    p.add_argument("task", choices=["asr", "tts"])
+    p.add_argument("--input", required=True, help="asr: folder, .jsonl/.csv manifest (id, path, text) or .tar; "
+                                                  "tts: .jsonl/.csv (id, text) or .txt (one text a line)")
+    p.add_argument("--out", required=True, type=Path, help="results folder (rerun on it to resume)")
+    p.add_argument("--models", type=Path, default=None,
+                   help="folder with llm/, encoder/, decoder/ (default: $VITA_AUDIO_MODELS, else the tiny set)")
+    p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local Ray")
+    p.add_argument("--mode", default=None, help="vanilla|balance|boost|turbo|exact or a list like 1,10,4,10")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--constraint", default="auto", choices=["auto", "task", "none"],
+                   help="force the task's output layout ('auto': on a tiny set, whose random weights need it)")
+    p.add_argument("--temperature", type=float, default=None, help="sample (default: greedy)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="with sampling: per-request seeds derive from it and the id")
+    for stage in ("encoder", "llm", "decoder"):
+        p.add_argument(f"--{stage}-pool", type=int, default=1, help=f"{stage} actors")
+        p.add_argument(f"--{stage}-gpus", type=float, default=0.0, help=f"GPUs per {stage} actor")
+        p.add_argument(f"--{stage}-cpus", type=float, default=0.5, help=f"logical CPUs per {stage} actor")
+        p.add_argument(f"--{stage}-rows", type=int, default=16 if stage == "llm" else 8,
+                       help=f"rows per call of a {stage} actor")
+    p.add_argument("--llm-batch-size", type=int, default=16, help="requests sharing one LLM engine step")
+    p.add_argument("--block-size", type=int, default=64, help="inputs per result file (the unit of resumption)")
+    p.add_argument("--window", type=float, default=30.0, help="asr: seconds per window of a long recording")
+    p.add_argument("--overlap", type=float, default=2.0, help="asr: seconds shared by neighbouring windows")
+    p.add_argument("--max-audio-seconds", type=float, default=4 * 3600.0, help="longer inputs are error rows")
+    p.add_argument("--torch-threads", type=int, default=1, help="torch threads per actor (0: torch's default)")
+    p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
+    p.add_argument("--json", action="store_true")
+
+
+def config_from_args(args):
+    """The typed BatchConfig of the flags (flag errors are InputErrors naming the flag)."""
+    from jobs.batch.job import BatchConfig
+    from jobs.pools import PoolConfig
+    from jobs.batch.segments import WindowConfig
+    from jobs.batch.stages import DecodeOptions
+
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature is not None and not args.temperature > 0:
+        raise InputError(f"--temperature must be > 0, got {args.temperature}")
+    if args.llm_batch_size < 1:
+        raise InputError(f"--llm-batch-size must be >= 1, got {args.llm_batch_size}")
+    constraint = args.constraint
+    if constraint == "auto":
+        from actors.models import resolve_models_dir
+        from pipeline.tiny import is_tiny_set
+
+        constraint = "task" if is_tiny_set(resolve_models_dir(args.models)) else "none"
+    for stage in ("encoder", "llm", "decoder"):
+        for flag in ("pool", "rows"):
+            if getattr(args, f"{stage}_{flag}") < 1:
+                raise InputError(f"--{stage}-{flag} must be >= 1, got {getattr(args, f'{stage}_{flag}')}")
+    try:
+        pools = {stage: PoolConfig(size=getattr(args, f"{stage}_pool"), num_gpus=getattr(args, f"{stage}_gpus"),
+                                   num_cpus=getattr(args, f"{stage}_cpus"), batch_size=getattr(args, f"{stage}_rows"))
+                 for stage in ("encoder", "llm", "decoder")}
+        windows = WindowConfig(window_s=args.window, overlap_s=args.overlap)
+        decode = DecodeOptions(mode=_parse_mode(args.mode), max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                               repetition_penalty=args.repetition_penalty, seed=args.seed,
+                               constraint=None if constraint == "none" else "task")
+        return BatchConfig(task=args.task, input=args.input, out=str(args.out),
+                           models=str(args.models) if args.models else None, **pools,
+                           llm_max_batch_size=args.llm_batch_size, decode=decode, windows=windows,
+                           block_size=args.block_size, max_audio_seconds=args.max_audio_seconds,
+                           torch_threads=args.torch_threads or None, address=args.address,
+                           progress=not args.no_progress)
+    except ValueError as err:
+        raise InputError(str(err)) from None
+
+
+def run(args) -> dict:
+    from jobs.batch.job import run_batch
+
+    config = config_from_args(args)
+    if args.address:
+        from actors.ray_runtime import check_address
+
+        check_address(args.address)
+    summary = run_batch(config)
+    done = summary["this_run"]["inputs"]
+    print(f"vita-audio batch {args.task}: {summary['rows']}/{summary['inputs']} rows ({summary['errors']} errors); "
+          f"this run processed {done} input(s); report: {Path(args.out) / 'report.md'}", file=sys.stderr)
+    return summary
+
+
+def _parse_mode(mode):
+    if not mode or "," not in mode:
+        if mode and mode.strip().lower() not in MODES:
+            raise InputError(f"--mode {mode!r}: use {', '.join(MODES)} or a list like 1,10,4,10")
+        return mode
+    try:
+        values = [int(x) for x in mode.split(",")]
+    except ValueError:
+        raise InputError(f"--mode {mode!r}: a list must be integers like 1,10,4,10") from None
+    if len(values) % 2 or any(v < 0 for v in values):
+        raise InputError(f"--mode {mode!r}: a list of pairs of non-negative integers like 1,10,4,10")
+    return values

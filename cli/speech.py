@@ -1,0 +1,406 @@
+"""`vita-audio tts|asr|chat`: run the staged Ray pipeline (encoder, LLM+MCTP, decoder actors) once.
+
+    vita-audio tts "Hello there." -o hello.wav [--json]
+    vita-audio asr a.wav b.flac
+    vita-audio chat question.wav -o answer.wav --mode boost
+    vita-audio tts "Hi" -o hi.wav --num-gpus 3 --json     # 3 logical GPUs: one per stage, even without CUDA
+
+Starts a local Ray (or joins `--address`), places the three stages (one GPU each when the cluster has
+three, else shares what there is, else CPU), streams the answer, writes the wav. With `--json` the last
+stdout line is one object: stage placement (node, assigned GPU ids, device), time to first audio, total
+time and per-stage forward counts. Bad input (missing/corrupt audio, empty text) exits 2 with one line.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from actors.errors import InputError
+from actors.ray_runtime import check_address, start_ray
+from actors.models import resolve_models_dir
+
+AUDIO_SUFFIXES = (".wav", ".flac")  # what write_audio writes
+MIN_AUDIO_SECONDS = 0.1             # shorter input has no speech to transcribe (a 1-sample wav "transcribed")
+MIN_SAMPLE_RATE = 8000              # telephone quality; below that the header is wrong, not the audio
+PROMPT_RESERVE = 64                 # chat-template tokens around the user's text
+MAX_MODE_VALUE = 1000               # a schedule entry counts forwards of one kind; beyond this it is a typo
+
+
+def add_arguments(p, name: str) -> None:
+    if name == "tts":
+        p.add_argument("text", help="text to speak")
+        p.add_argument("-o", "--output", type=Path, required=True, help="output wav/flac")
+        p.add_argument("--voice", help="voice prompt audio file")
+    elif name == "asr":
+        p.add_argument("audio", nargs="+", help="audio files to transcribe")
+    else:
+        p.add_argument("audio", metavar="QUESTION",
+                       help="the spoken question (an audio file), or a text question (anything that is neither an "
+                            "existing file nor ends in .wav/.flac/.mp3/.ogg)")
+        p.add_argument("-o", "--output", type=Path, required=True, help="output wav/flac for the spoken answer")
+        p.add_argument("--voice", help="voice prompt audio file")
+        p.add_argument("--system", help="system turn (default: the built-in persona)")
+    p.set_defaults(task=name)
+    p.add_argument("--models", type=Path, default=None,
+                   help="folder with llm/, encoder/, decoder/ (default: $VITA_AUDIO_MODELS, else the tiny set)")
+    p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local Ray")
+    p.add_argument("--num-gpus", type=int, default=None, help="GPUs a local Ray declares (logical ones work without CUDA)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs a local Ray declares")
+    p.add_argument("--gpus-per-stage", type=float, default=None,
+                   help="GPUs per stage actor (default: 1 if the cluster has 3, else a share, else 0 = CPU)")
+    p.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
+    p.add_argument("--mode", default=None, help="vanilla|balance|boost|turbo|exact or a list like 1,10,4,10")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--constraint", default="auto", choices=["auto", "task", "interleaved", "text", "none"],
+                   help="output layout forced on the LLM ('task': interleaved for tts/chat, text for asr, which the "
+                        "random tiny weights need; 'none': the model's own layout, right for trained checkpoints; "
+                        "'auto' (default): 'task' on a tiny set (vita-audio tiny), else 'none')")
+    p.add_argument("--temperature", type=float, default=None, help="sample with this temperature (default: greedy)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole request")
+    p.add_argument("--max-audio-seconds", type=float, default=600.0,
+                   help="longest input audio accepted (default 600 s; raise it for longer files)")
+    p.add_argument("--json", action="store_true")
+
+
+def run(args) -> dict:
+    """Check every argument and input first (exit 2, before Ray), then start Ray and the stages, then run."""
+    from actors.config import PipelineConfig
+
+    _check_flags(args)
+    if args.placement == "STRICT_SPREAD" and not args.address:
+        raise InputError("--placement STRICT_SPREAD needs 3 nodes (one per stage) and a local Ray has one: "
+                       "join a cluster with --address, or use PACK / SPREAD")
+    models = resolve_models_dir(args.models)
+    limits = _model_limits(models)
+    options, inputs, bad = _check_inputs(args, limits)
+    if args.task == "asr" and not inputs:
+        if len(bad) == 1:
+            raise InputError(f"{bad[0][0]}: {bad[0][1]}")
+        _print_failures(args, bad)
+        raise InputError(f"none of the {len(bad)} audio file(s) could be read")
+    if args.constraint == "auto":  # random tiny weights need the layout forced; trained ones follow their own
+        from pipeline.tiny import is_tiny_set
+
+        options["constraint"] = "task" if is_tiny_set(models) else None
+    config = PipelineConfig.from_models_dir(models, placement_strategy=args.placement, request_timeout_s=args.timeout)
+
+    import ray
+
+    startup = {}
+    t0 = time.perf_counter()
+    _progress(args, "starting Ray" if not args.address else f"joining Ray at {args.address}")
+    started = start_ray(args.address, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    startup["ray_s"] = round(time.perf_counter() - t0, 3)
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        if args.placement == "STRICT_SPREAD" and len(nodes) < 3:
+            raise InputError(f"--placement STRICT_SPREAD needs 3 nodes (one per stage); this cluster has {len(nodes)}")
+        config = config.with_resources(num_gpus=_gpus_per_stage(args, ray.cluster_resources().get("GPU", 0)))
+        from actors.pipeline import Pipeline
+        from actors.results import collect
+
+        _progress(args, f"Ray ready in {startup['ray_s']:.1f} s; loading the encoder, LLM and decoder stages")
+        t1 = time.perf_counter()
+        pipe = Pipeline.start(config)
+        startup["stages_s"] = round(time.perf_counter() - t1, 3)
+        _progress(args, f"stages loaded in {startup['stages_s']:.1f} s")
+        try:
+            results = []
+            for i, item in enumerate(inputs, 1):
+                results.append(collect(_call(pipe, args.task, item, options)))
+                if args.task == "asr" and len(inputs) + len(bad) > 1:
+                    _progress(args, f"{i + len(bad)}/{len(inputs) + len(bad)} files")
+            placement = {stage: p.to_dict() for stage, p in pipe.placement().items()}
+        finally:
+            pipe.shutdown()
+    finally:
+        if started:
+            ray.shutdown()
+    startup["total_s"] = round(time.perf_counter() - t0, 3)
+    return _report(args, inputs, results, bad, placement, startup)
+
+
+def _progress(args, message: str) -> None:
+    print(f"vita-audio {args.task}: {message}", file=sys.stderr, flush=True)
+
+
+def _check_flags(args) -> None:
+    """Flag checks that need no file: values in range, sampling flags that would be ignored, the output path."""
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature is None:
+        ignored = [flag for flag, value, default in (("--top-k", args.top_k, 0), ("--top-p", args.top_p, 1.0),
+                                                     ("--seed", args.seed, None)) if value != default]
+        if ignored:
+            raise InputError(f"{', '.join(ignored)} only apply when sampling: add --temperature T (e.g. 0.8)")
+    elif not args.temperature > 0:
+        raise InputError(f"--temperature must be > 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise InputError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise InputError(f"--top-k must be >= 0, got {args.top_k}")
+    if not args.max_audio_seconds > 0:
+        raise InputError(f"--max-audio-seconds must be > 0, got {args.max_audio_seconds}")
+    if not args.timeout > 0:
+        raise InputError(f"--timeout must be > 0, got {args.timeout}")
+    for flag in ("num_gpus", "num_cpus"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            raise InputError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+    _parse_mode(args.mode)
+    if args.task != "asr":
+        _check_output(args.output)
+    if args.address:
+        check_address(args.address)  # a dead address fails now, not after Ray's long retries
+
+
+def _parse_mode(mode):
+    if not mode or "," not in mode:
+        if mode and mode.strip().lower() not in ("vanilla", "balance", "boost", "turbo", "exact"):
+            raise InputError(f"--mode {mode!r}: use vanilla, balance, boost, turbo, exact or a list like 1,10,4,10")
+        return mode
+    try:
+        values = [int(x) for x in mode.split(",")]
+    except ValueError:
+        raise InputError(f"--mode {mode!r}: a list must be integers like 1,10,4,10") from None
+    if len(values) % 2 or any(v < 0 or v > MAX_MODE_VALUE for v in values):
+        raise InputError(f"--mode {mode!r}: a list of pairs of integers in 0..{MAX_MODE_VALUE} like 1,10,4,10")
+    return values
+
+
+def _check_output(path: Path) -> None:
+    """-o must end in .wav/.flac and be creatable: probed now, not after minutes of generation."""
+    if path.suffix.lower() not in AUDIO_SUFFIXES:
+        raise InputError(f"-o {path}: the output must end in {' or '.join(AUDIO_SUFFIXES)}")
+    if path.is_dir():
+        raise InputError(f"-o {path}: is a folder; give a file name")
+    existed = path.exists()
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as err:
+        raise InputError(f"-o {path}: cannot write there ({err.strerror or err})") from None
+    if not existed:
+        path.unlink(missing_ok=True)
+
+
+def _model_limits(models: Path) -> dict:
+    """The LLM's context length and a token counter for user text, read without torch."""
+    cfg_path = models / "llm" / "config.json"
+    try:
+        config = json.loads(cfg_path.read_text())
+        positions = int(config["max_position_embeddings"])
+    except FileNotFoundError:
+        raise InputError(f"{cfg_path}: missing (the llm/ folder needs its config.json)") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{cfg_path}: not a valid model config ({type(err).__name__}: {err})") from None
+    count = None
+    tok_path = models / "llm" / "tokenizer.json"
+    if tok_path.is_file():
+        try:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(tok_path))
+            count = lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)  # noqa: E731
+        except Exception as err:  # noqa: BLE001 - a broken tokenizer.json is the user's file
+            raise InputError(f"{tok_path}: cannot be read ({_first_line(err)})") from None
+    return {"positions": positions, "count": count or (lambda text: len(text.encode()))}
+
+
+def _first_line(err) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def _check_inputs(args, limits: dict):
+    """Options for the pipeline, the inputs to run and (asr) the files that failed their checks: [(path, why)]."""
+    from actors.orchestration import looks_like_path
+    from pipeline.engine.sampling import SamplingParams
+    from pipeline.tokens.vocab import AUDIO_PLACEHOLDER
+
+    positions = limits["positions"]
+    if args.max_new_tokens > positions:
+        raise InputError(f"--max-new-tokens {args.max_new_tokens} is more than the model's {positions} positions "
+                       "(llm/config.json max_position_embeddings)")
+    sampling = SamplingParams() if args.temperature is None else SamplingParams(
+        greedy=False, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if args.temperature is None and args.repetition_penalty != 1.0:
+        sampling = SamplingParams(repetition_penalty=args.repetition_penalty)
+    options = dict(mode=_parse_mode(args.mode), max_new_tokens=args.max_new_tokens, sampling=sampling,
+                   constraint=None if args.constraint in ("none", "auto") else args.constraint)
+    texts = []
+    if args.task == "tts":
+        if not args.text.strip():
+            raise InputError("TEXT is empty: give the text to speak")
+        texts.append(("TEXT", args.text))
+    if getattr(args, "system", None) is not None:
+        options["system"] = args.system
+        texts.append(("--system", args.system))
+    if args.task == "chat" and not looks_like_path(args.audio):
+        if not args.audio.strip():
+            raise InputError("QUESTION is empty: give an audio file or a text question")
+        texts.append(("QUESTION", args.audio))
+    for name, text in texts:
+        if AUDIO_PLACEHOLDER in text and name != "--system":
+            raise InputError(f"{name} must not contain {AUDIO_PLACEHOLDER!r}: it marks where audio goes in a prompt")
+        tokens = limits["count"](text)
+        if tokens + args.max_new_tokens + PROMPT_RESERVE > positions:
+            raise InputError(f"{name} is {tokens} tokens ({len(text)} characters); with --max-new-tokens "
+                           f"{args.max_new_tokens} it does not fit the model's {positions} positions")
+    bad = []
+    if args.task == "asr":
+        inputs = []
+        for path in args.audio:
+            try:
+                _check_audio(path, args.max_audio_seconds)
+                inputs.append(path)
+            except (ValueError, OSError) as err:
+                bad.append((path, _first_line(err).replace(f": {path}", "").replace(f"{path}: ", "").replace(f" {path}", "")))
+    else:
+        inputs = [args.text] if args.task == "tts" else [args.audio]
+        if args.task == "chat" and looks_like_path(args.audio):
+            _check_audio(args.audio, args.max_audio_seconds)
+    if getattr(args, "voice", None):
+        _check_audio(args.voice, args.max_audio_seconds)
+        options["voice"] = args.voice
+    return options, inputs, bad
+
+
+def _check_audio(path, max_seconds: float) -> None:
+    """Decodes the file (AudioError names it) and checks its rate, length and samples."""
+    import numpy as np
+    import soundfile as sf
+
+    from pipeline.audio import load_audio
+
+    try:
+        info = sf.info(str(path))
+    except Exception:  # noqa: BLE001 - load_audio below gives the precise reason
+        info = None
+    if info is not None:
+        if info.samplerate < MIN_SAMPLE_RATE:
+            raise InputError(f"{path}: sample rate {info.samplerate} Hz is below {MIN_SAMPLE_RATE} Hz")
+        if info.frames / info.samplerate > max_seconds:
+            raise InputError(f"{path}: {info.frames / info.samplerate:.1f} s long, over --max-audio-seconds "
+                           f"{max_seconds:g} (raise it to accept longer audio)")
+    pcm = load_audio(path, max_seconds=max_seconds)
+    if len(pcm) < MIN_AUDIO_SECONDS * 16000:
+        raise InputError(f"{path}: {len(pcm) / 16000:.3f} s of audio, shorter than {MIN_AUDIO_SECONDS} s")
+    if not np.isfinite(pcm).all():
+        raise InputError(f"{path}: holds NaN or infinite samples")
+
+
+def _gpus_per_stage(args, cluster_gpus: float) -> float:
+    if args.gpus_per_stage is not None:
+        if args.gpus_per_stage < 0:
+            raise ValueError(f"--gpus-per-stage must be >= 0, got {args.gpus_per_stage}")
+        return args.gpus_per_stage
+    if cluster_gpus >= 3:
+        return 1.0
+    return round(cluster_gpus / 3, 3) if cluster_gpus else 0.0
+
+
+def _call(pipe, task: str, item, options: dict):
+    if task == "tts":
+        return pipe.tts(item, **options)
+    if task == "asr":
+        return pipe.asr(item, **{k: v for k, v in options.items() if k not in ("voice", "system")})
+    return pipe.chat(item, **options)
+
+
+def _report(args, inputs, results, bad, placement: dict, startup: dict) -> dict:
+    from pipeline.audio import write_audio
+
+    report = {
+        "task": args.task,
+        "placement": {stage: {k: p[k] for k in ("node_id", "ip", "gpu_ids", "device", "dtype")} for stage, p in placement.items()},
+        "startup_s": startup.get("ray_s", 0) + startup.get("stages_s", 0),
+        "startup": startup,
+    }
+    if not args.json:
+        line = ", ".join(f"{s}: node {p['node_id'][:8]} gpu {p['gpu_ids'] or '-'} {p['device']}" for s, p in report["placement"].items())
+        print(f"stages: {line}", file=sys.stderr)
+    if args.task == "asr":
+        return _report_asr(args, inputs, results, bad, report)
+    result = results[0]
+    if not result.ok:
+        if result.error.stage == "input":
+            raise InputError(result.error.message)
+        kept = ""
+        if len(result.pcm):  # a timeout or a failing stage late in the answer: keep the audio already decoded
+            write_audio(args.output, result.pcm, result.sample_rate)
+            kept = f" (the {len(result.pcm) / result.sample_rate:.1f} s of audio decoded before it are in {args.output})"
+        _fail(f"{result.error.stage} stage: {result.error.message}{kept}")
+    if not len(result.pcm):
+        _fail("the pipeline produced no audio (try a larger --max-new-tokens)")
+    write_audio(args.output, result.pcm, result.sample_rate)
+    print(f"{result.text!r} -> {args.output}")
+    return {**report, "text": result.text, "reason": result.done.reason, **_timings(result.done),
+            "output": str(args.output), "seconds_of_audio": len(result.pcm) / result.sample_rate,
+            "sample_rate": result.sample_rate}
+
+
+def _report_asr(args, inputs, results, bad, report: dict) -> dict:
+    """One line per file, in the order given: `path<TAB>text` (escaped) or a JSON line with --json."""
+    outcome = {path: {"audio": str(path), "ok": False, "error": why} for path, why in bad}
+    for path, result in zip(inputs, results):
+        if result.ok:
+            outcome[path] = {"audio": str(path), "ok": True, "text": result.text, "reason": result.done.reason,
+                             **_timings(result.done)}
+        else:
+            outcome[path] = {"audio": str(path), "ok": False, "error": f"{result.error.stage}: {result.error.message}"}
+    entries = [outcome[path] for path in args.audio if path in outcome]
+    for entry in entries:
+        if args.json:
+            print(json.dumps({k: entry.get(k) for k in ("audio", "ok", "text", "error")}))
+        elif entry["ok"]:
+            print(f"{_escape(entry['audio'])}\t{_escape(entry['text'])}")
+        else:
+            print(f"vita-audio asr: error: {entry['audio']}: {entry['error']}", file=sys.stderr)
+    failed = sum(not e["ok"] for e in entries)
+    if failed:
+        print(f"vita-audio asr: {failed} of {len(entries)} file(s) failed", file=sys.stderr)
+    return {**report, "results": entries, "failed": failed, "exit_code": 2 if failed else 0}
+
+
+def _print_failures(args, bad) -> None:
+    for path, why in bad:
+        if args.json:
+            print(json.dumps({"audio": str(path), "ok": False, "text": None, "error": why}))
+        else:
+            print(f"vita-audio asr: error: {path}: {why}", file=sys.stderr)
+
+
+def _escape(text: str) -> str:
+    """One line per file: backslash, tab, newline and other control characters written as escapes."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode() for c in text.replace("\\", "\\\\"))
+
+
+def _fail(message: str) -> None:
+    """A pipeline failure (not the user's input): one line on stderr, exit code 1."""
+    print(f"vita-audio: error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def _timings(done) -> dict:
+    llm = done.usage.get("llm", {})
+    decoder = done.usage.get("decoder", {})
+    return {
+        "time_to_first_audio_s": done.timings.get("time_to_first_audio"),
+        "time_to_first_text_s": done.timings.get("time_to_first_text"),
+        "total_s": done.timings.get("total"),
+        "forwards": {
+            "encoder": done.usage.get("encoder", {}).get("waveforms", 0),
+            "llm_backbone": llm.get("backbone_forwards"),
+            "llm_mtp": llm.get("mtp_forwards"),
+            "decoder": decoder.get("forwards", 0),
+        },
+        "generated_tokens": len(done.token_ids),
+        "audio_codes": len(done.audio_codes),
+    }

@@ -1,0 +1,1 @@
+"""The LLM decode engine: KV pool, MCTP schedules, sampling, admission, sequences, events, observers."""

@@ -1,0 +1,1 @@
+"""Optional faster implementations of model pieces, registered by name and chosen at load (never by the model)."""

@@ -1,0 +1,1 @@
+"""Vocabulary, token layout, chat prompts and text/audio interleaving (spec §2)."""
