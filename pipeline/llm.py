@@ -34,17 +34,9 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 
 from pipeline.checkpoints import CheckpointError, tensor_shapes  # noqa: F401  (CheckpointError: public here too)
-from pipeline.kernels.cpu import (
-    linear_prepacked,
-    mtp_module_size,
-    packed_lm_head,
-    run_mtp_modules_gathered,
-)
+from pipeline.kernels import PLAIN, kernels_for
 
 IGNORE_INDEX = -100
-# `run_mtp_modules` gathers each row's module weights when rows x module size stays below this (small models,
-# CPU); larger modules run per module on their rows instead (a gather would copy more than it saves).
-MTP_GATHER_MAX_ELEMENTS = 1 << 21
 
 
 @strict
@@ -122,7 +114,16 @@ class Qwen2MTPForCausalLM(Qwen2PreTrainedModel):
         self.mtp_projs = nn.ModuleList([nn.Linear(2 * H, H, bias=False) for _ in range(n)])
         self.mtp_embed_norms = nn.ModuleList([Qwen2RMSNorm(H, eps=config.rms_norm_eps) for _ in range(n)])
         self.mtp_hidden_norms = nn.ModuleList([Qwen2RMSNorm(H, eps=config.rms_norm_eps) for _ in range(n)])
+        self.decode_kernels = PLAIN  # faster decode pieces, chosen at load (`set_decode_kernels`), never by the model itself
         self.post_init()
+
+    def set_decode_kernels(self, name: str = "auto") -> "Qwen2MTPForCausalLM":
+        """Run decode steps with the registered kernel set `name` (`pipeline.kernels`; "auto": the one of the
+        device the weights are on). Its attention implementation replaces "sdpa" in this model's config."""
+        self.decode_kernels = kernels_for(name, next(self.parameters()).device.type)
+        if self.decode_kernels.attention is not None and self.config._attn_implementation == "sdpa":
+            self.config._attn_implementation = self.decode_kernels.attention
+        return self
 
     # --- structure -------------------------------------------------------------------------------------
     @property
@@ -225,8 +226,10 @@ class Qwen2MTPForCausalLM(Qwen2PreTrainedModel):
         N, NB = self.num_mtp_modules, self.num_backbone_layers
         if len(modules) != G or not all(0 <= k < N for k in modules):
             raise ValueError(f"modules must hold one MCTP module index in [0, {N}) per row ({G} rows), got {modules}")
-        if len(set(modules)) > 1 and G * mtp_module_size(self) <= MTP_GATHER_MAX_ELEMENTS:
-            return run_mtp_modules_gathered(self, modules, hidden, next_embeds, position_ids, attention_mask, cache)
+        if self.decode_kernels.mtp_modules is not None:
+            out = self.decode_kernels.mtp_modules(self, modules, hidden, next_embeds, position_ids, attention_mask, cache)
+            if out is not None:
+                return out
         rows: dict[int, list[int]] = {}
         for i, k in enumerate(modules):
             rows.setdefault(k, []).append(i)
@@ -281,17 +284,17 @@ class Qwen2MTPForCausalLM(Qwen2PreTrainedModel):
 
         A step whose rows may only choose among some ids (an audio slot: the codebook's ids; a text slot: the
         text ids) needs no scores for the rest; on a real checkpoint the codebook is a tenth of the vocabulary.
-        On CPU in float32, several rows go through a copy of the weight rows prepacked for oneDNN
-        (`pipeline.cpu_kernels`); one row stays a plain matrix-vector product.
+        A kernel set chosen at load (`set_decode_kernels`; on CPU: weight rows prepacked for oneDNN) may take the call.
         """
         V = self.lm_head.weight.shape[0]
         hi = V if hi is None else hi
         if not 0 <= lo < hi <= V:
             raise ValueError(f"id range [{lo}, {hi}) is not inside the vocabulary [0, {V})")
         weight, bias = self.lm_head.weight, self.lm_head.bias
-        packed = packed_lm_head(self, lo, hi) if hidden.shape[0] > 1 else None
-        if packed is not None:
-            return linear_prepacked(hidden, packed, None if bias is None else bias[lo:hi])
+        if self.decode_kernels.lm_head is not None:
+            out = self.decode_kernels.lm_head(self, hidden, lo, hi)
+            if out is not None:
+                return out
         if (lo, hi) == (0, V):
             return self.lm_head(hidden).float()
         return F.linear(hidden, weight[lo:hi], None if bias is None else bias[lo:hi]).float()
@@ -441,13 +444,14 @@ AutoModelForCausalLM.register(Qwen2MTPConfig, Qwen2MTPForCausalLM)
 
 
 def load_llm(
-    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, kernels: str = "auto"
 ) -> Qwen2MTPForCausalLM:
     """Load a released VITA-Audio LLM folder (config.json + safetensors or pytorch_model.bin, sharded or not) strictly.
 
     Also accepts a plain Qwen2.5 folder (model_type "qwen2": no MCTP modules, the stage-1 starting point).
     Every checkpoint tensor must match a parameter by name and shape; anything missing is an error rather
     than silently random. dtype defaults to the checkpoint's (bfloat16 for the releases; use float32 on CPU).
+    `kernels` picks a registered kernel set (`pipeline.kernels`; "auto": the device's own, "plain": none).
     """
     path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -461,7 +465,7 @@ def load_llm(
     model, info = Qwen2MTPForCausalLM.from_pretrained(path, config=config, dtype=dtype or "auto", output_loading_info=True)
     if info.get("missing_keys") or info.get("mismatched_keys"):  # belt and braces: check_checkpoint saw the files
         raise CheckpointError(f"LLM checkpoint {path!r}: {info}")
-    return model.to(device).eval()
+    return model.to(device).eval().set_decode_kernels(kernels)
 
 
 def checkpoint_tensor_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:

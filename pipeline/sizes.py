@@ -110,7 +110,7 @@ def build_llm(size: str | LLMSize, vocab_size: int = 69632, seed: int = 11):
         speech_token_offset=offset, bos_token_id=offset - 42, eos_token_id=offset - 40, pad_token_id=offset - 42,
     )
     torch.manual_seed(seed)
-    return Qwen2MTPForCausalLM(config).eval()
+    return Qwen2MTPForCausalLM(config).eval().set_decode_kernels("auto")  # as load_llm does
 
 
 def make_drafting_model(model, broken_modules=(), backbone_scale: float = 0.05):

@@ -137,22 +137,3 @@ def test_glm4voice_finish_flushes_held_frames(tiny_decoder):
     tail = stream.finish()
     assert first.size and second.size and tail.size == 256 * (1 + stream.mel_overlap)
     assert stream.finished and stream.finish().size == 0
-
-
-def test_bench_decoder_smoke(tmp_path):
-    """`vita-audio bench decoder` on a tiny input: report files and the fields the report promises."""
-    import argparse
-    import json
-
-    from benchmarks import decoder as bench
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out")
-    bench.add_arguments(parser, "decoder")
-    args = parser.parse_args(["--out", str(tmp_path), "--sizes", "tiny", "--seconds", "1,2", "--steps", "1"])
-    result = bench.run(args)
-    data = json.loads((tmp_path / "decoder.json").read_text())
-    assert (tmp_path / "decoder.md").exists() and "incremental_2s_over_1s" in result["ratios"]["tiny"]
-    entry = data["sizes"]["tiny"]["per_length"]["2"]
-    assert entry["incremental"]["samples"] == entry["offline"]["samples"] == entry["vita_prefix"]["samples"]
-    assert entry["incremental"]["mel_snr_db"] > 5

@@ -360,24 +360,6 @@ def test_config_validation():
     assert isinstance(tiny_encoder_config(), WhisperVQConfig)
 
 
-def test_bench_encoder_smoke(shared_dir, tmp_path):
-    import argparse
-
-    from benchmarks import encoder as bench
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out")
-    bench.add_arguments(parser, "encoder")
-    args = parser.parse_args(["--out", str(tmp_path), "--sizes", "tiny", "--clips", "3", "--repeats", "1",
-                              "--corpus", str(shared_dir / CORPUS)])
-    result = bench.run(args)
-    assert result["sizes"]["tiny"]["batched_equals_one_by_one"] is True
-    assert {row["mode"] for row in result["rows"]} == {"one_by_one", "batched"}
-    assert json.loads((tmp_path / "encoder.json").read_text())["benchmark"] == "encoder"
-    assert "batched_vs_one_by_one_cpu" in (tmp_path / "encoder.md").read_text()
-    with pytest.raises(ValueError, match="--sizes"):
-        bench.run(parser.parse_args(["--out", str(tmp_path), "--sizes", "huge"]))
-
 
 @pytest.mark.parametrize("shards", [1, 2])
 def test_loader_reads_pytorch_model_bin_like_safetensors(tiny_dir, tiny, corpus_files, tmp_path, shards):

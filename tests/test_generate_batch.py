@@ -100,10 +100,11 @@ def test_groups_mix_prefill_catchup_and_modules(model):
 def test_mixed_module_forward_equals_each_module(model, monkeypatch, gather_limit):
     """run_mtp_modules (both ways: per-module projections, gathered weights) equals run_mtp_module row by row,
     also on a second call that attends to the K/V the first one wrote to the pool."""
-    import pipeline.llm
+    import pipeline.kernels.cpu
     from pipeline.engine.kv_cache import BatchKV, KVPool, group_attention_mask
 
-    monkeypatch.setattr(pipeline.llm, "MTP_GATHER_MAX_ELEMENTS", gather_limit)
+    monkeypatch.setattr(pipeline.kernels.cpu, "MTP_GATHER_MAX_ELEMENTS", gather_limit)
+    model.set_decode_kernels("cpu")
     N, NB, H = model.num_mtp_modules, model.num_backbone_layers, model.config.hidden_size
     modules, past, q_lens = [0, N - 1, 1 % N, 0], [0, 0, 0, 0], [3, 2, 3, 1]
     g = torch.Generator().manual_seed(0)
@@ -376,7 +377,7 @@ def test_cpu_decode_attention_is_sdpa_without_kv_copies(model):
         theirs, _ = sdpa_attention_forward(attn, query, key, value, mask, scaling=attn.scaling)
         assert torch.equal(ours, theirs)
     DecodeEngine(model)
-    assert model.config._attn_implementation == "vita_sdpa_gqa"
+    assert model.config._attn_implementation == "vita_sdpa_gqa"  # chosen at load (set_decode_kernels), kept by the engine
 
 
 def test_choose_batch_equals_choose_row_by_row(model):

@@ -199,23 +199,6 @@ def _wait_for_url(proc, out_path: Path, err_path: Path, timeout_s: float) -> str
     pytest.fail(f"vita-audio serve not ready after {timeout_s:g} s: {err_path.read_text()[-2000:]}")
 
 
-def test_bench_serve_percentiles_and_flags():
-    from benchmarks import serve as bench
-
-    samples = [{"ttfa_s": t, "rtf": 2 * t, "audio_s": 1.0, "wall_s": t} for t in (0.1, 0.2, 0.3, 0.4)]
-    row = bench._summary(4, samples, wall_s=2.0)
-    assert row["ttfa_p50_s"] == pytest.approx(0.25) and row["rtf_p50"] == pytest.approx(0.5)
-    assert 0.39 < row["ttfa_p99_s"] <= 0.4 and row["audio_s_per_s"] == pytest.approx(2.0)
-    with pytest.raises(ValueError, match="--concurrency"):
-        bench.int_list("0,4", "--concurrency")
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser, "serve")
-    args = parser.parse_args(["--serve-mode", "throughput", "--address", "auto"])
-    with pytest.raises(ValueError, match="read when Ray's processes start"):  # refused before Ray is touched
-        bench.run(args)
-
 
 def test_the_proxys_plain_text_errors_become_openai_errors():
     """The proxy callback's middleware: Serve's own plain-text 503 (beyond the ingress' queue) becomes OpenAI's

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 import torch
 
 from pipeline.engine.admission import joins_now
-from pipeline.kernels.cpu import CPU_DECODE_ATTENTION
 from pipeline.engine.kv_cache import BatchKV, KVPool, group_attention_mask
 from pipeline.tokens.layout import default_layout
 from pipeline.engine.observe import StepObserver
@@ -97,8 +96,6 @@ class DecodeEngine:
         self.model = model.eval()
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        if self.device.type == "cpu" and model.config._attn_implementation == "sdpa":
-            model.config._attn_implementation = CPU_DECODE_ATTENTION  # same outputs, no repeated K/V copies
         self.layout = layout if layout is not None else default_layout(model)
         self.max_batch_size = max_batch_size
         self.observer = observer

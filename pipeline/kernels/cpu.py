@@ -1,7 +1,8 @@
-"""Compute paths for small models on CPU, chosen by `pipeline.llm` and the LLM engine; each gives the same
-outputs (within float rounding) as the plain path it stands in for:
+"""Compute paths for small models on CPU, registered as the "cpu" kernel set (`pipeline.kernels`) that
+`load_llm` picks on a CPU device; each gives the same outputs (within float rounding) as the plain path it
+stands in for:
 
-- `sdpa_gqa_attention` (attention implementation "vita_sdpa_gqa", which the engine selects on CPU): grouped
+- `sdpa_gqa_attention` (attention implementation "vita_sdpa_gqa", used where the config says "sdpa"): grouped
   query heads read their shared key/value heads without the copies transformers' `repeat_kv` makes;
 - `packed_lm_head` / `linear_prepacked`: lm_head rows prepacked once for oneDNN, for steps of several rows
   (the plain fp32 matmul handles a few rows poorly);
@@ -21,10 +22,15 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb, eager_attention_forward
 
-__all__ = ["CPU_DECODE_ATTENTION", "sdpa_gqa_attention", "packed_lm_head", "linear_prepacked",
-           "run_mtp_modules_gathered", "mtp_module_size"]
+from pipeline.kernels import DecodeKernels, register_kernels
+
+__all__ = ["CPU_DECODE_ATTENTION", "sdpa_gqa_attention", "packed_lm_head", "linear_prepacked", "lm_head_prepacked",
+           "run_mtp_modules_gathered", "mtp_modules_gathered", "mtp_module_size", "MTP_GATHER_MAX_ELEMENTS"]
 
 CPU_DECODE_ATTENTION = "vita_sdpa_gqa"
+# MCTP steps mixing modules gather each row's module weights when rows x module size stays below this (small
+# models); larger modules run per module on their rows instead (a gather would copy more than it saves).
+MTP_GATHER_MAX_ELEMENTS = 1 << 21
 PACKED_LM_HEAD_MAX_ELEMENTS = 1 << 26  # largest lm_head (elements, over every id range) that gets a packed copy
 _PACKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {(lo, hi): packed rows, ...}
 _STACKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> stacked MCTP weights
@@ -156,3 +162,23 @@ def weight_stamp(weight: torch.Tensor) -> tuple:
     """Identity of a weight's current contents: a copy derived from it (stacked, prepacked) is rebuilt when
     the model was moved, cast or trained since."""
     return weight.device, weight.dtype, weight.data_ptr(), weight._version
+
+
+def lm_head_prepacked(model, hidden: torch.Tensor, lo: int, hi: int) -> torch.Tensor | None:
+    """The "cpu" lm_head: several rows through the prepacked weight rows lo..hi-1; None where none is kept."""
+    packed = packed_lm_head(model, lo, hi) if hidden.shape[0] > 1 else None
+    if packed is None:
+        return None
+    bias = model.lm_head.bias
+    return linear_prepacked(hidden, packed, None if bias is None else bias[lo:hi])
+
+
+def mtp_modules_gathered(model, modules, hidden, next_embeds, position_ids, attention_mask, cache):
+    """The "cpu" mixed-module MCTP step: gathered weights while rows x module size stays small, else None."""
+    if len(set(modules)) < 2 or hidden.shape[0] * mtp_module_size(model) > MTP_GATHER_MAX_ELEMENTS:
+        return None
+    return run_mtp_modules_gathered(model, modules, hidden, next_embeds, position_ids, attention_mask, cache)
+
+
+register_kernels("cpu", DecodeKernels(attention=CPU_DECODE_ATTENTION, lm_head=lm_head_prepacked,
+                                      mtp_modules=mtp_modules_gathered))
