@@ -44,8 +44,10 @@ def ray_session():
     """One local Ray per session with 3 logical GPUs (one per pipeline stage)."""
     import ray
 
+    from actors.ray_runtime import close_local_ray
     from serve.proxy_errors import use_in_local_ray
 
+    close_local_ray()  # loopback only, token auth on: as every local Ray the product starts
     use_in_local_ray()  # as `vita-audio serve` does: the Serve proxy's own errors in OpenAI's shape
     temp = tempfile.mkdtemp(prefix="vr", dir="/tmp")
     ray.init(
