@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks.report import int_list, markdown_table, write_report
+from actors.ray_runtime import close_local_ray
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CORPUS = (Path(os.environ.get("VITA_AUDIO_SHARED", REPO.parent / "shared")) / "corpora" / "mini-speech"
@@ -127,6 +128,7 @@ def _job_sweep(models, files, pool_sizes, args, tmp: Path) -> tuple[list[dict], 
                              for i in range(args.tts_texts)))
     started = not ray.is_initialized()
     if started:
+        close_local_ray()  # loopback only, Ray's token auth on
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=256 * 2**20,
                  log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="vb", dir="/tmp"),
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks.report import markdown_table, write_report
+from actors.ray_runtime import close_local_ray
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CORPUS = (Path(os.environ.get("VITA_AUDIO_SHARED", REPO.parent / "shared")) / "corpora" / "mini-speech"
@@ -71,6 +72,7 @@ def run(args: argparse.Namespace) -> dict:
                    key=lambda r: r["wall_s"])
         started = not ray.is_initialized()
         if started:
+            close_local_ray()  # loopback only, Ray's token auth on
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=256 * 2**20,
                      log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="vp", dir="/tmp"),
                      runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})

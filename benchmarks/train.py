@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks.report import markdown_table, write_report
+from actors.ray_runtime import close_local_ray
 
 REPO = Path(__file__).resolve().parents[2]
 MINI = Path(os.environ.get("VITA_AUDIO_SHARED", REPO.parent / "shared")) / "corpora" / "mini-speech" / "LibriSpeech"
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> dict:
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-train-"))
     started = not ray.is_initialized()
     if started:
+        close_local_ray()  # loopback only, Ray's token auth on
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
@@ -112,7 +114,7 @@ def plain_loop(init: Path, data: Path, overrides: list[str]) -> dict:
     from jobs.train.stages import param_groups, warmup_cosine
     from jobs.train.train_func import build_model
 
-    cfg = load_recipe("tiny", overrides)[1] | {"init_dir": str(init)}
+    cfg = load_recipe("tiny", overrides)[1].as_dict() | {"init_dir": str(init)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

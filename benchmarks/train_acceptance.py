@@ -28,6 +28,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from actors.ray_runtime import close_local_ray
 
 REPO = Path(__file__).resolve().parents[2]
 TIMED_ROUNDS = 3  # exact vs vanilla: timed pairs after the warm-up pair; the ratio is of the medians
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> dict:
     init = init_set(work / f"init-{args.llm_size}", args.llm_size)
     started = not ray.is_initialized()
     if started:
+        close_local_ray()  # loopback only, Ray's token auth on
         ray.init(num_cpus=2, num_gpus=3, include_dashboard=False, log_to_driver=False,
                  object_store_memory=256 * 2**20, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
@@ -281,6 +283,7 @@ def _serve_endpoint(models: Path, samples: list[dict]) -> dict:
     from serve.app import build_app
 
     port = free_port()
+    close_local_ray()  # loopback only, Ray's token auth on
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
