@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from serve.api import MODEL_ID, APIError
+from serve.state import AUDIO, NotFound, open_store
 from serve.uploads import decode_base64
 
 AUDIO_PLACEHOLDER = "<|audio|>"  # pipeline.tokens.AUDIO_PLACEHOLDER (imported lazily there: torch-free here)
@@ -132,24 +132,43 @@ def history_entry(turn: Turn, codes: list[list[int]], transcript: str | None) ->
 
 
 class AudioAnswers:
-    """Transcripts of recent audio answers by id, so a later turn can refer to one (`{"audio": {"id"}}`)."""
+    """Transcripts of recent audio answers by id, so a later turn can refer to one (`{"audio": {"id"}}`), with
+    OpenAI's `expires_at` (`ttl_s` after the answer). They live in the endpoint's state store (`serve.state`, kind
+    `audio`), owned by the API key that got the answer (`owner`; "" without keys): another key's id, like an
+    expired one, is unknown. `AudioAnswers()` without a store keeps them in this process only."""
 
-    def __init__(self, size: int = 1024, ttl_s: float = 3600.0):
-        self.items: OrderedDict[str, tuple[str, int]] = OrderedDict()
-        self.size, self.ttl_s = size, ttl_s
+    def __init__(self, size: int = 1024, ttl_s: float = 3600.0, state=None):
+        self.size, self.ttl_s = size, ttl_s  # size: kept for callers; the store drops answers by expiry
+        self.state = open_store("memory") if state is None else open_store(state) if isinstance(state, str) else state
+        self.items = _AnswerItems(self)  # `items[audio_id] = (transcript, expires_at)`: the same as `finish`
 
-    def add(self, transcript: str) -> tuple[str, int]:
+    def add(self, transcript: str, owner: str = "") -> tuple[str, int]:
         audio_id, expires = f"audio_{uuid.uuid4().hex[:16]}", int(time.time() + self.ttl_s)
-        self.items[audio_id] = (transcript, expires)
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
+        self.state.create(AUDIO, owner, transcript, id=audio_id, expires_at=expires)
         return audio_id, expires
 
-    def transcript(self, audio_id: str, param: str) -> str:
-        found = self.items.get(audio_id)
-        if found is None or found[1] < time.time():
-            raise APIError(400, f"{param}: audio {audio_id!r} is unknown or expired", param=param)
-        return found[0]
+    def finish(self, audio_id: str, transcript: str, expires_at: int, owner: str = "") -> None:
+        """A streamed answer's final transcript (its id was handed out by `add` before the text was known)."""
+        try:
+            self.state.put(AUDIO, owner, audio_id, transcript, expires_at=expires_at)
+        except (NotFound, ValueError):  # expired meanwhile (or never ours): nothing to keep
+            pass
+
+    def transcript(self, audio_id: str, param: str, owner: str = "") -> str:
+        try:
+            return self.state.get(AUDIO, owner, audio_id).data
+        except (NotFound, ValueError):
+            raise APIError(400, f"{param}: audio {audio_id!r} is unknown or expired", param=param) from None
+
+
+class _AnswerItems:
+    """`answers.items[audio_id] = (transcript, expires_at)` as the chat route writes it (owner "")."""
+
+    def __init__(self, answers: AudioAnswers):
+        self.answers = answers
+
+    def __setitem__(self, audio_id: str, value: tuple[str, int]) -> None:
+        self.answers.finish(audio_id, value[0], value[1])
 
 
 # ---------------------------------------------------------------------------------------------------------
