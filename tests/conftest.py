@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("VITA_AUDIO_SHARED", REPO.parent / "shared"))
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.pop("RAY_AUTH_MODE", None)  # Ray's token auth stays on, as for every local Ray the product starts
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # and its processes listen on loopback only
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))

@@ -57,7 +57,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_spread_places_each_stage_on_its_own_node(tiny_models):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tiny_models)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
