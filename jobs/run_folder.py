@@ -1,42 +1,271 @@
-"""A resumable job's run folder (batch, prepare): one driver at a time, and a rerun only with the same plan."""
+"""A resumable job's run folder (prepare, batch, train), written once here for all three jobs.
+
+    folder = RunFolder(out, "batch", outputs=("results", "audio", "summary.json", ...))
+    with folder.open(plan, restart=config.restart):     # lock, then compare the plan (or clear on restart)
+        writer = BlockWriter(folder, {b: ids}, key="id", write=write_block)
+        for batch in stream:
+            writer.add(batch)                            # writes a block once all its rows came
+
+- **One driver at a time:** an exclusive lock on `OUT/.lock` while the run is open.
+- **The plan:** `OUT/plan.json` pins the settings that define the output (inputs, models, the recipe...). A
+  rerun with another plan is refused in one line naming the first setting that differs; `restart=True` (the
+  CLI's `--restart`) clears what the job wrote (`outputs`, never other files) and starts over.
+- **A failed start changes nothing:** the plan is written when the job first writes output (`commit`, called
+  by the block writer before its first block); a run that fails before that removes the folders, the lock file
+  and the folder itself it created, so the next run is not refused by a plan of a run that never ran.
+- **Blocks:** input k of the fixed input order belongs to block k // block_size; `block_file` names a block's
+  file; every file is written under a temporary name and renamed (`write_atomic`), so a file is always whole.
+- **Locations:** `local_path` refuses `s3://`, `gs://`, ... by name before anything starts (a plain `Path`
+  would make a local folder `s3:`); `file://` is a local path.
+"""
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from actors.errors import InputError
 
+PLAN = "plan.json"
+LOCK = ".lock"
+RESTART_FLAG = "--restart"  # how the CLI spells `restart=True` in the refusal's advice
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
+
 
 class RunFolderError(InputError):
-    """The run folder refuses this run (another driver holds it, or it holds a run with other settings)."""
+    """The run folder refuses this run: another driver holds it, it holds a run with other settings, or the
+    location is not a local path."""
 
 
-def lock_run_folder(out: Path, job: str):
+def local_path(location, flag: str = "--out") -> Path:
+    """`location` as a local path; a URL with another scheme than file:// is refused naming the flag."""
+    text = os.fspath(location)
+    match = _SCHEME.match(text)
+    if match is None:
+        return Path(text)
+    scheme = match.group(1).lower()
+    if scheme == "file":
+        path = text[len(match.group(1)) + 1:].lstrip("/")
+        return Path("/" + path)
+    raise RunFolderError(f"{flag} {text}: {scheme}:// locations are not supported; give a local or "
+                         "shared-filesystem path")
+
+
+def block_file(folder: Path, block: int, stem: str = "part", suffix: str = ".parquet") -> Path:
+    """`folder/<stem>-<block, 6 digits><suffix>`: block b's file (one per block, so a rerun finds it)."""
+    return Path(folder) / f"{stem}-{block:06d}{suffix}"
+
+
+def write_atomic(path: Path, data) -> None:
+    """Write text, bytes or a pyarrow Table (as Parquet) to `.name.tmp` beside `path`, then rename it."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.tmp")
+    if isinstance(data, str):
+        temp.write_text(data)
+    elif isinstance(data, bytes):
+        temp.write_bytes(data)
+    else:
+        import pyarrow.parquet as pq
+
+        pq.write_table(data, temp)
+    os.replace(temp, path)
+
+
+def write_if_changed(path: Path, text: str) -> None:
+    """Atomically write `text` unless the file already holds it (a finished rerun changes no file)."""
+    if Path(path).exists() and Path(path).read_text() == text:
+        return
+    write_atomic(path, text)
+
+
+def clear_temporaries(*folders: Path) -> None:
+    """Remove the temporary files (`.*.tmp`) a killed run left in `folders`."""
+    for folder in folders:
+        for stale in Path(folder).glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
+def flat_settings(plan: dict, prefix: str = "") -> dict:
+    """{"decode": {"mode": 1}} -> {"decode.mode": 1}: each setting under the name a refusal uses."""
+    flat = {}
+    for key, value in plan.items():
+        if isinstance(value, dict) and value:
+            flat.update(flat_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def plan_difference(old: dict, new: dict) -> list[str]:
+    """The settings (dotted names, sorted) whose values differ between two plans."""
+    a, b = flat_settings(old), flat_settings(json.loads(json.dumps(new)))
+    return [k for k in sorted(set(a) | set(b)) if a.get(k, "<unset>") != b.get(k, "<unset>")]
+
+
+class RunFolder:
+    """One job's output folder: lock, plan, restart, commit, undo of a failed start (module docstring)."""
+
+    def __init__(self, out, job: str, outputs: tuple[str, ...] = (), flag: str = "--out"):
+        self.out = local_path(out, flag)
+        self.job, self.outputs, self.flag = job, tuple(outputs), flag
+        self.plan: dict | None = None
+        self.committed = False
+        self._made: list[Path] = []
+
+    # -- before start-up (read-only) ----------------------------------------------------------------------
+
+    def check(self, plan: dict, restart: bool = False) -> None:
+        """Refuse a plan the folder cannot take (not a folder, another run's settings), changing nothing."""
+        if self.out.exists() and not self.out.is_dir():
+            raise RunFolderError(f"{self.flag} {self.out}: exists and is not a folder")
+        path = self.out / PLAN
+        if restart or not path.is_file():
+            return
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            raise RunFolderError(f"{self.flag} {self.out}: {PLAN} is not readable JSON; start over with "
+                                 f"{RESTART_FLAG} or choose a new {self.flag}") from None
+        changed = plan_difference(old, plan)
+        if changed:
+            name = changed[0]
+            was, now = flat_settings(old).get(name, "<unset>"), flat_settings(json.loads(json.dumps(plan))).get(name, "<unset>")
+            more = f" (and {len(changed) - 1} more: {', '.join(changed[1:4])}{', ...' if len(changed) > 4 else ''})" \
+                if len(changed) > 1 else ""
+            raise RunFolderError(
+                f"{self.flag} {self.out} holds a {self.job} run with other settings: {name} was {_short(was)}, now "
+                f"{_short(now)}{more}; rerun with the same settings to resume it, start over with {RESTART_FLAG}, "
+                f"or choose a new {self.flag}")
+
+    # -- the run ------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def open(self, plan: dict, restart: bool = False):
+        """Lock the folder, check (or, with `restart`, clear) it, and yield; a run that fails before `commit`
+        leaves the folder as it found it."""
+        self.check(plan, restart)
+        existed = self.out.exists()
+        self.mkdir(self.out)
+        lock_existed = (self.out / LOCK).exists()
+        handle = lock_run_folder(self.out, self.job, self.flag)
+        try:
+            if restart:
+                self._clear()
+            else:
+                self.check(plan)  # again under the lock: another driver may have started the folder meanwhile
+            before = {p for pattern in self.outputs for p in self.out.glob(pattern)}
+            self.plan = plan
+            self.committed = (self.out / PLAN).is_file()
+            yield self
+        except BaseException:
+            if not self.committed:  # empty output folders made by others (a stage's actor) go too
+                self._made += [p for pattern in self.outputs for p in self.out.glob(pattern) if p not in before]
+                self._undo(existed, lock_existed)
+            raise
+        finally:
+            handle.close()
+
+    def mkdir(self, path: Path) -> Path:
+        """Make a folder (and its parents), remembered so that a failed start removes it again."""
+        path = Path(path)
+        missing = []
+        p = path
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        path.mkdir(parents=True, exist_ok=True)
+        self._made += reversed(missing)
+        return path
+
+    def commit(self) -> None:
+        """Pin the plan (OUT/plan.json) before the first output is written; idempotent."""
+        if not self.committed:
+            write_atomic(self.out / PLAN, json.dumps(self.plan, indent=1) + "\n")
+            self.committed = True
+
+    def _clear(self) -> None:
+        for pattern in (*self.outputs, PLAN):
+            for path in self.out.glob(pattern):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+
+    def _undo(self, existed: bool, lock_existed: bool) -> None:
+        if not lock_existed:
+            (self.out / LOCK).unlink(missing_ok=True)
+        for path in sorted(set(self._made), key=lambda p: len(p.parts), reverse=True):  # deepest first
+            if path == self.out and existed:
+                continue
+            try:
+                path.rmdir()  # only an empty folder goes
+            except OSError:
+                pass
+
+
+def lock_run_folder(out: Path, job: str, flag: str = "--out"):
     """An exclusive lock on OUT/.lock, held while the returned handle is open (or its process lives): two
     drivers on one folder would each write the blocks they lack."""
     import fcntl
 
-    handle = open(out / ".lock", "w")
+    handle = open(Path(out) / LOCK, "w")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise RunFolderError(f"--out {out}: another {job} run is writing there (wait for it, or choose a new --out)") from None
+        raise RunFolderError(f"{flag} {out}: another {job} run is writing there (wait for it, or choose a new "
+                             f"{flag})") from None
     return handle
 
 
-def check_run_plan(out: Path, plan: dict) -> None:
-    """Write OUT/plan.json on the first run; on a rerun refuse any difference (results would mix)."""
-    path = out / "plan.json"
-    if not path.exists():
-        temp = path.with_name(".plan.json.tmp")
-        temp.write_text(json.dumps(plan, indent=1) + "\n")
-        os.replace(temp, path)
-        return
-    old = json.loads(path.read_text())
-    new = json.loads(json.dumps(plan))
-    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-    if changed:
-        raise RunFolderError(f"--out {out} holds a run with other settings ({', '.join(changed)} differ): rerun with "
-                       "the same inputs and settings to resume it, or choose a new --out")
+class BlockWriter:
+    """The resumable block writer of both Ray Data jobs: gathers the stream's rows by block (each row's block
+    from its `key` column; the first row of a key wins, repeats and foreign keys are dropped) and calls
+    `write(block, rows)` once every expected key of the block has its row, rows in the expected order. The
+    folder's plan is committed before the first block is written."""
+
+    def __init__(self, folder: RunFolder | None, expected: dict[int, list], key: str,
+                 write: Callable[[int, list[dict]], None]):
+        self.folder, self.key, self.write = folder, key, write
+        self.block_of = {k: b for b, keys in expected.items() for k in keys}
+        self.order = {k: i for keys in expected.values() for i, k in enumerate(keys)}
+        self.expected = {b: len(keys) for b, keys in expected.items()}
+        self.rows: dict[int, dict] = {b: {} for b in expected}
+        self.written: set[int] = set()
+        self.batches = 0
+        self.first = self.last = None  # perf_counter of the first and the latest batch
+
+    def add(self, batch) -> list[dict]:
+        """Take a batch (a pyarrow Table or a list of dicts); returns the rows it contributed."""
+        now = time.perf_counter()
+        self.first = self.first if self.first is not None else now
+        self.last = now
+        self.batches += 1
+        taken = []
+        for row in (batch.to_pylist() if hasattr(batch, "to_pylist") else batch):
+            b = self.block_of.get(row[self.key])
+            if b is None or b in self.written or row[self.key] in self.rows[b]:
+                continue
+            self.rows[b][row[self.key]] = row
+            taken.append(row)
+            if len(self.rows[b]) == self.expected[b]:
+                rows = sorted(self.rows.pop(b).values(), key=lambda r: self.order[r[self.key]])
+                if self.folder is not None:
+                    self.folder.commit()
+                self.write(b, rows)
+                self.written.add(b)
+        return taken
+
+    def missing(self) -> list:
+        """Expected keys without a row (after the stream ended: a step dropped rows, a bug)."""
+        return [k for k, b in self.block_of.items() if b not in self.written and k not in self.rows.get(b, {})]
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -220,7 +220,7 @@ def test_damaged_folder_gives_one_error_row_each(ray_session, tiny_models, mini,
     sf.write(folder / "nan.wav", noisy, 16000, subtype="FLOAT")
     _long_recording(mini, folder / "long.flac", seconds=100)
 
-    summary = run_batch(_config(tiny_models, "asr", folder, tmp_path / "out", block_size=3))
+    summary = run_batch(_config(tiny_models, "asr", folder, tmp_path / "out", block_size=3, max_error_share=1.0))
     rows = {r["id"]: r for r in read_results(tmp_path / "out").to_pylist()}
     assert summary["rows"] == summary["inputs"] == 7 and len(rows) == 7
     assert {i for i, r in rows.items() if r["status"] == "ok"} == {"good1", "sub/good2", "long"}
@@ -229,6 +229,13 @@ def test_damaged_folder_gives_one_error_row_each(ray_session, tiny_models, mini,
         assert rows[name]["status"] == "error" and words in rows[name]["error"], rows[name]["error"]
     assert len(rows["long"]["segments"]) == 4 and rows["long"]["segments"][-1]["end"] == pytest.approx(100.0)
     assert "## Errors" in (tmp_path / "out" / "report.md").read_text()
+    assert summary["complete"] and summary["transient_errors"] == 0  # bad inputs: not retried by a rerun
+
+    from jobs.batch.job import TooManyErrors
+
+    with pytest.raises(TooManyErrors, match="4 of 7 rows are errors") as err:  # default share 0.5: non-zero end
+        run_batch(_config(tiny_models, "asr", folder, tmp_path / "out", block_size=3))
+    assert err.value.summary["errors"] == 4 and err.value.summary["this_run"]["inputs"] == 0
 
 
 def test_tts_from_texts_writes_readable_flac(ray_session, tiny_models, tmp_path):
@@ -331,3 +338,157 @@ def test_cli_module_fits_the_registry(monkeypatch, tmp_path, capsys):
     assert cli.main(["batch", "tts", "--input", str(tmp_path), "--out", str(tmp_path / "o"), "--overlap", "20"]) == 2
     assert "overlap_s" in capsys.readouterr().err
     assert cli.main(["bench", "batch", "--pool-sizes", "0", "--out", str(tmp_path / "b")]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the run folder: transient errors retried, locations, a failed start
+
+
+def test_transient_error_rows_and_the_merge_of_a_retried_block(tmp_path):
+    from jobs.batch.job import write_block
+    from jobs.batch.results import block_path, read_results, to_retry, transient
+
+    crash = {"status": "error", "error": "llm: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    assert transient(crash) and transient({"status": "error", "error": "decoder: RuntimeError: stage crashed"})
+    for permanent in ("input: the input has no text", "encoder: no audio codes for 0.01 s of audio (too short?)",
+                      "llm: ValueError: prompt of 9000 tokens is longer than the context", "input: out of memory"):
+        assert not transient({"status": "error", "error": permanent}), permanent
+        assert to_retry({"status": "error", "error": permanent}, retry_errors=True)
+    assert not to_retry({"status": "ok", "error": ""}, retry_errors=True)
+
+    (tmp_path / "results").mkdir()
+    write_block(tmp_path, 0, [{"id": i, "status": "ok", "text": i} for i in ("a", "b", "c")])
+    write_block(tmp_path, 0, [{"id": "b", "status": "ok", "text": "B"}])  # a retry rewrites its own row only
+    rows = read_results(tmp_path).to_pylist()
+    assert [(r["id"], r["text"]) for r in rows] == [("a", "a"), ("b", "B"), ("c", "c")]
+    assert block_path(tmp_path, 0).name == "part-000000.parquet" and not list((tmp_path / "results").glob(".*"))
+
+
+def test_locations_with_a_scheme_are_refused_by_name(tmp_path, monkeypatch, mini):
+    from actors.errors import InputError
+    from jobs.prepare.job import PrepareConfig, SourceSpec
+
+    monkeypatch.chdir(tmp_path)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("hello\n")
+    for kwargs, words in ((dict(input=str(texts), out="s3://bucket/run"), "--out s3://bucket/run: s3:// locations"),
+                          (dict(input="gs://bucket/texts.txt", out="run"), "--input gs://bucket/texts.txt: gs://"),
+                          (dict(input=str(texts), out="hdfs://nn/run"), "hdfs:// locations are not supported")):
+        with pytest.raises(InputError, match=words):
+            _config(Path("unused"), "tts", kwargs.pop("input"), kwargs.pop("out"))
+    with pytest.raises(InputError, match="--out gs://b/x: gs:// locations are not supported"):
+        PrepareConfig(sources=[f"librispeech:{mini}"], out="gs://b/x")
+    with pytest.raises(InputError, match="--source s3://corpus: s3://"):
+        SourceSpec.parse("librispeech:s3://corpus")
+    assert _config(Path("unused"), "tts", f"file://{texts}", f"file://{tmp_path}/run").out == f"file://{tmp_path}/run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["texts.txt"]  # no folder named s3: or gs:
+
+
+def test_a_failed_start_leaves_the_folder_as_it_found_it(tiny_models, tmp_path, monkeypatch):
+    """Ray cannot start: no plan.json (which would refuse the next run with other settings), no folders."""
+    import actors.ray_runtime
+    from actors.errors import InputError
+    from jobs.batch.job import run_batch
+
+    def no_ray(*args, **kwargs):
+        raise InputError("--address 127.0.0.1:1: no Ray cluster answering there")
+
+    monkeypatch.setattr(actors.ray_runtime, "start_ray", no_ray)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("hello\nworld\n")
+    with pytest.raises(InputError, match="no Ray cluster"):
+        run_batch(_config(tiny_models, "tts", texts, tmp_path / "new" / "out"))
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="no Ray cluster"):
+        run_batch(_config(tiny_models, "tts", texts, kept, block_size=1))
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+    with pytest.raises(InputError, match="no Ray cluster"):  # not "holds a run with other settings"
+        run_batch(_config(tiny_models, "tts", texts, kept, block_size=2))
+
+
+def test_tts_rows_a_stage_crashed_on_are_retried_by_a_rerun(ray_session, tiny_models, tmp_path):
+    """A row whose stage ran out of memory leaves the job incomplete; the rerun redoes that row alone (its
+    block file is rewritten with the other rows as they were); `retry_errors` redoes the bad-input rows too;
+    a rerun with other settings is refused naming the setting, `restart` starts over."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from actors.errors import InputError
+    from jobs.batch.job import run_batch
+    from jobs.batch.results import RESULT_SCHEMA, block_path, read_results
+    from jobs.batch.stages import DecodeOptions
+
+    texts = tmp_path / "texts.jsonl"
+    lines = [{"id": "a", "text": "Hello there."}, {"id": "blank", "text": ""}, {"id": "b", "text": "Good morning."}]
+    texts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "tts"
+    decode = DecodeOptions(max_new_tokens=32)
+    first = run_batch(_config(tiny_models, "tts", texts, out, decode=decode))
+    assert first["complete"] and first["errors"] == 1
+    before = {r["id"]: r for r in read_results(out).to_pylist()}
+    assert before["a"]["status"] == before["b"]["status"] == "ok"
+
+    rows = [dict(r, status="error", error="llm: OutOfMemoryError: CUDA out of memory", audio=None)
+            if r["id"] == "b" else r for r in read_results(out).to_pylist()]
+    pq.write_table(pa.Table.from_pylist(rows, schema=RESULT_SCHEMA), block_path(out, 0))  # as a crash leaves it
+    again = run_batch(_config(tiny_models, "tts", texts, out, decode=decode))
+    after = {r["id"]: r for r in read_results(out).to_pylist()}
+    assert again["this_run"]["inputs"] == 1 and again["complete"] and again["errors"] == 1
+    assert after["b"]["status"] == "ok" and after["b"]["audio"] == before["b"]["audio"]
+    assert after["a"] == before["a"] and after["blank"] == before["blank"]
+
+    noop = run_batch(_config(tiny_models, "tts", texts, out, decode=decode))
+    assert noop["this_run"]["inputs"] == 0
+    retried = run_batch(_config(tiny_models, "tts", texts, out, decode=decode, retry_errors=True))
+    assert retried["this_run"]["inputs"] == 1 and retried["errors"] == 1  # the blank text, tried again
+
+    with pytest.raises(InputError, match="holds a batch run with other settings: decode.max_new_tokens was 32, now 16"):
+        run_batch(_config(tiny_models, "tts", texts, out, decode=DecodeOptions(max_new_tokens=16)))
+    fresh = run_batch(_config(tiny_models, "tts", texts, out, decode=DecodeOptions(max_new_tokens=16), restart=True))
+    assert fresh["this_run"]["inputs"] == 3 and fresh["runs"] == 1
+
+
+def test_tts_rows_fail_alone_one_over_long_text_among_good_ones(stage_configs, tmp_path):
+    """Issue #24: one over-long text among good ones (on the take_batch path the Ray job maps): the good rows
+    are ok with their audio, the over-long one is an error row; the good rows equal a batch without it."""
+    from jobs.batch.stages import AudioDecoder, DecodeOptions, SpeechLLM
+
+    llm = SpeechLLM(stage_configs.llm, "tts", DecodeOptions(max_new_tokens=32))
+    decoder = AudioDecoder(stage_configs.decoder, tmp_path / "audio")
+    good = [{"id": "a", "text": "Hello there."}, {"id": "b", "text": "Good morning."}]
+    rows = [good[0], {"id": "long", "text": "a long text " * 20000}, good[1]]
+    out = {r["id"]: r for r in decoder(llm(rows)).to_pylist()}
+    assert out["a"]["status"] == out["b"]["status"] == "ok", (out["a"]["error"], out["b"]["error"])
+    assert Path(out["a"]["audio"]).is_file() and Path(out["b"]["audio"]).is_file()
+    assert out["long"]["status"] == "error" and out["long"]["error"].split(":")[0] in ("input", "llm")
+    alone = {r["id"]: r for r in llm(good).to_pylist()}
+    assert [out[i]["tokens"] for i in "ab"] == [alone[i]["tokens"] for i in "ab"]
+
+
+def test_a_failed_engine_step_fails_only_the_request_that_cannot_run(stage_configs, tmp_path):
+    """An out-of-memory in an engine step drops every request of the step; the batch runs each of them again
+    alone, so the good rows are ok (as in a batch without the bad one) and only the bad one is an error row."""
+    import torch
+
+    from jobs.batch.stages import DecodeOptions, SpeechLLM
+
+    llm = SpeechLLM(stage_configs.llm, "tts", DecodeOptions(max_new_tokens=32))
+    engine = llm.stage.engine
+    step = engine.step
+
+    def out_of_memory_with_the_bad_request():
+        if "bad#0" in engine.running_ids():
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 GiB")
+        return step()
+
+    good = [{"id": "a", "text": "Hello there."}, {"id": "b", "text": "Good morning."}]
+    alone = {r["id"]: r for r in llm(good).to_pylist()}
+    engine.step = out_of_memory_with_the_bad_request
+    out = {r["id"]: r for r in llm([good[0], {"id": "bad", "text": "How are you?"}, good[1]]).to_pylist()}
+    assert out["a"]["status"] == out["b"]["status"] == "ok", (out["a"]["error"], out["b"]["error"])
+    assert [out[i]["tokens"] for i in "ab"] == [alone[i]["tokens"] for i in "ab"]
+    assert out["bad"]["status"] == "error" and "OutOfMemoryError" in out["bad"]["error"]
+    assert out["bad"]["error"].startswith("llm: EngineStepFailed")

@@ -206,7 +206,7 @@ def prepared(ray_session, tiny_models, mini, tmp_path_factory):
 
 
 def test_mini_speech_to_shards(prepared):
-    from jobs.prepare.job import read_shards
+    from jobs.prepare.shards import read_shards
     from jobs.prepare.samples import SAMPLE_SCHEMA
 
     out, manifest = prepared
@@ -235,7 +235,7 @@ def test_mini_speech_to_shards(prepared):
 
 
 def test_samples_decode_to_the_chat_layout(prepared, tiny_models, mini):
-    from jobs.prepare.job import read_shards
+    from jobs.prepare.shards import read_shards
     from pipeline.encoder.speech_encoder import load_encoder
     from pipeline.tokens.chat import BOOST_RATIO, IGNORE_INDEX, interleave
     from pipeline.tokens.vocab import TokenLayout, encode_text, load_tokenizer
@@ -297,9 +297,34 @@ def test_finished_rerun_is_a_noop(prepared, tiny_models, mini):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
     from actors.errors import InputError
 
-    with pytest.raises(InputError, match="other settings.*block_size"):
+    with pytest.raises(InputError, match="holds a prepare run with other settings: block_size was 16, now 8; .*--restart"):
         run_prepare(_config(tiny_models, [f"librispeech:{mini / 'LibriSpeech'}", f"vita-jsonl:{mini / 'vita_jsonl'}"],
                             out, block_size=8))
+
+
+def test_a_failed_start_leaves_the_folder_as_it_found_it(tiny_models, mini, tmp_path, monkeypatch):
+    """Ray cannot start: no plan.json (which would refuse the next run with other settings), no shards/ or
+    .blocks/ folders, no lock file; a folder that did not exist does not exist afterwards."""
+    import actors.ray_runtime
+    from actors.errors import InputError
+    from jobs.prepare.job import run_prepare
+
+    def no_ray(*args, **kwargs):
+        raise InputError("--address 127.0.0.1:1: no Ray cluster answering there")
+
+    monkeypatch.setattr(actors.ray_runtime, "start_ray", no_ray)
+    source = [f"librispeech:{mini / 'LibriSpeech'}"]
+    with pytest.raises(InputError, match="no Ray cluster"):
+        run_prepare(_config(tiny_models, source, tmp_path / "new" / "out", tasks=("asr",)))
+    assert not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="no Ray cluster"):
+        run_prepare(_config(tiny_models, source, kept, tasks=("asr",), block_size=4))
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+    with pytest.raises(InputError, match="no Ray cluster"):  # not "holds a run with other settings"
+        run_prepare(_config(tiny_models, source, kept, tasks=("asr",), block_size=8))
 
 
 def _speech(mini: Path, k: int = 0) -> np.ndarray:
@@ -347,7 +372,8 @@ def test_damaged_corpus_one_error_row_each(ray_session, tiny_models, mini, tmp_p
     16 kHz one included); rows + error rows == inputs. With channels="first" the stereo file keeps channel 0,
     as the original tokenizer does."""
     from jobs.prepare.checks import AudioChecks
-    from jobs.prepare.job import read_shards, run_prepare
+    from jobs.prepare.job import run_prepare
+    from jobs.prepare.shards import read_shards
     from pipeline.encoder.speech_encoder import load_encoder
 
     expected = _damaged_corpus(mini, tmp_path / "corpus")
@@ -378,7 +404,8 @@ def test_damaged_corpus_one_error_row_each(ray_session, tiny_models, mini, tmp_p
 def test_killed_driver_resumes_to_the_same_samples(ray_session, tiny_models, mini, tmp_path):
     """The driver (a subprocess on the test's Ray) is killed once about half the blocks are written; the rerun
     does only the rest: the same sample ids as an uninterrupted run, none twice."""
-    from jobs.prepare.job import read_shards, run_prepare
+    from jobs.prepare.job import run_prepare
+    from jobs.prepare.shards import read_shards
 
     source = f"librispeech:{mini / 'LibriSpeech'}"
     out = tmp_path / "killed"

@@ -17,6 +17,7 @@ from jobs.train.stages import (
     param_groups,
     warmup_cosine,
 )
+from actors.errors import InputError
 from pipeline.llm import load_llm
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -113,27 +114,191 @@ def test_grad_accumulation_normalises_by_the_window_token_count(tiny_llm):
 
 
 def test_config_checks_refuse_before_any_worker(tmp_path, tiny_llm):
-    plan = train_run.load_recipe("tiny", ["stage2.num_mtp_modules=0", "max_steps=3", "stage1.lr=3e-3"])
-    assert plan[1]["max_steps"] == 3 and plan[4]["mtp_lr_mult"] == 10.0 and plan[1]["lr"] == 3e-3
+    plan = train_run.load_recipe("tiny", ["max_steps=3", "stage1.lr=3e-3"])
+    assert plan[1].max_steps == 3 and plan[4].mtp_lr_mult == 10.0 and plan[1].lr == 3e-3
+    assert plan[3].mtp_inference_mode == (1, 10, 4, 10) and plan[1].as_dict()["betas"] == [0.9, 0.95]
     with pytest.raises(train_run.TrainConfigError, match="no MCTP module"):
-        train_run.check_stage(plan[2], 10**6, 2, 2**34)
+        train_run.load_recipe("tiny", ["stage2.num_mtp_modules=0"])
     with pytest.raises(train_run.TrainConfigError, match="zero_stage: 3"):
         train_run.check_stage(plan[1], 7 * 10**9, 2, 32 * 2**30)
     train_run.check_stage(plan[1], 7 * 10**9, 2, 80 * 2**30)
     with pytest.raises(train_run.TrainConfigError, match="no Parquet shards"):
-        train_run.check_shards(tmp_path)
+        train_run.resolve_data(tmp_path)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"id": ["x"], "input_ids": [[1, 2]]}), tmp_path / "bad.parquet")
     with pytest.raises(train_run.TrainConfigError, match="lacks columns"):
-        train_run.check_shards(tmp_path)
+        train_run.resolve_data(tmp_path)
     with pytest.raises(train_run.TrainConfigError, match="not found"):
         train_run.load_recipe("nope")
+    assert issubclass(train_run.TrainConfigError, InputError)
+
+
+def _recipe_file(tmp_path, text: str) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+# recipe text (None: tiny) or overrides -> the one line refusing it
+RECIPE_CASES = {
+    "unknown stage": (None, ["stage9.lr=1"], "the recipe has no stage 9 (its stages: 1, 2, 3, 4"),
+    "stage not a number": (None, ["stagex.lr=1"], "no stage x"),
+    "unknown key, close match": (None, ["max_step=3"], "unknown key 'max_step' (did you mean 'max_steps'?"),
+    "unknown key in one stage": (None, ["stage2.lrr=1"], "unknown key 'lrr'"),
+    "lr nan": (None, ["lr=nan"], "lr=nan must be a finite number"),
+    "lr inf": (None, ["stage2.lr=.inf"], "lr=inf must be a finite number"),
+    "lr not a number": (None, ["lr=fast"], "lr='fast' must be a number"),
+    "lr zero": (None, ["lr=0"], "lr=0.0 must be > 0"),
+    "max_steps zero": (None, ["max_steps=0"], "max_steps=0 must be >= 1"),
+    "max_steps fraction": (None, ["max_steps=2.5"], "max_steps=2.5 must be an integer"),
+    "bool as int": (None, ["bf16=1"], "bf16=1 must be true or false"),
+    "int as bool": (None, ["grad_accum=true"], "grad_accum=True must be an integer"),
+    "zero stage": (None, ["zero_stage=4"], "zero_stage=4 must be 0, 1, 2 or 3"),
+    "warmup ratio": (None, ["warmup_ratio=2"], "warmup_ratio=2.0 must be in [0, 1]"),
+    "betas": (None, ["betas=[0.9]"], "betas=[0.9] must be two numbers in [0, 1)"),
+    "mode": (None, ["stage3.mtp_inference_mode=[1,10,4]"], "must be pairs of integers"),
+    "override without =": (None, ["max_steps"], "is not key=value"),
+    "override not YAML": (None, ["lr=["], "not a YAML value (line 1"),
+    "frozen without MCTP": (None, ["stage3.num_mtp_modules=0"], "set num_mtp_modules >= 1"),
+    "deepspeed JSON missing": (None, ["deepspeed_config=/nonexistent/zero3.json"], "not a readable JSON file"),
+    "not YAML": ("stages:\n  1: {lr: 1\n  2: [\n", [], "not valid YAML (line 3, column"),
+    "not a mapping": ("- 1\n- 2\n", [], "expected a mapping with `stages:`"),
+    "unknown top-level key": ("defaults: {}\nstage:\n  1: {}\n", [], "unknown top-level key 'stage'"),
+    "stage number": ("stages:\n  one: {lr: 1}\n", [], "stage 'one': stage numbers are integers >= 1"),
+    "missing required": ("stages:\n  1: {lr: 1.0e-3, max_steps: 2}\n", [], "the recipe lacks num_mtp_modules"),
+    "unknown key in defaults": ("defaults: {bogus: 1}\nstages:\n  1: {}\n", [], "defaults: unknown key 'bogus'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECIPE_CASES))
+def test_recipe_validation_refuses_in_one_line(case, tmp_path):
+    text, overrides, message = RECIPE_CASES[case]
+    recipe = "tiny" if text is None else _recipe_file(tmp_path, text)
+    with pytest.raises(InputError) as err:
+        train_run.load_recipe(recipe, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_every_shipped_recipe_loads():
+    for path in sorted(train_run.RECIPES.glob("*.yaml")):
+        stages = train_run.load_recipe(str(path))
+        assert sorted(stages) == [1, 2, 3, 4], path
+        assert [stages[n].num_mtp_modules for n in range(1, 5)] == [0, 1, 10, 10], path
+
+
+def _fake_prepare_out(root, tokenizer):
+    """A folder laid out as `vita-audio prepare` writes it: shards/, errors.parquet, manifest.json, and the
+    internal .blocks/ whose error files do not have the sample columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_tiny_shard(root / "shards", tokenizer)
+    (root / "shards" / "part-00000.parquet").rename(root / "shards" / "part-000000.parquet")
+    (root / ".blocks").mkdir()
+    errors = pa.table({"id": ["x/asr"], "source": ["x"], "path": ["x.flac"], "reason": ["empty"]})
+    pq.write_table(errors, root / ".blocks" / "errors-000000.parquet")
+    pq.write_table(errors, root / "errors.parquet")
+    (root / "manifest.json").write_text(json.dumps({"schema_version": 1, "shards": ["part-000000.parquet"]}))
+    return root
+
+
+def test_data_is_the_prepare_folder_or_its_shards(tmp_path, tiny_llm):
+    from transformers import AutoTokenizer
+
+    out = _fake_prepare_out(tmp_path / "prepared", AutoTokenizer.from_pretrained(tiny_llm))
+    shards = (out / "shards").resolve()
+    assert train_run.resolve_data(out) == (shards, [str(shards / "part-000000.parquet")])
+    assert train_run.resolve_data(out / "shards") == (shards, [str(out / "shards" / "part-000000.parquet")])
+    stages, wanted = train_run.plan_run("tiny", str(out), str(tiny_llm), "1")
+    assert wanted == [1] and stages[1].max_steps == 4
+    (out / "manifest.json").unlink()  # a preparation still running (or killed): refused, not half read
+    with pytest.raises(InputError, match="has not finished"):
+        train_run.resolve_data(out)
+    with pytest.raises(InputError, match="--data s3://bucket/prepared: s3:// locations are not supported"):
+        train_run.resolve_data("s3://bucket/prepared")
+    with pytest.raises(InputError, match="'whisper' model folder, not a Qwen2 LLM"):
+        (tmp_path / "enc").mkdir()
+        (tmp_path / "enc" / "config.json").write_text(json.dumps({"model_type": "whisper"}))
+        train_run.check_init(tmp_path / "enc")
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """`run` up to its first output: the stages are not trained (the run folder is committed, as the first
+    stage's start does); a failure before it is simulated with `no_training.fail = True`."""
+    class Fake:
+        fail = False
+        calls = 0
+
+    def fake(folder, *args):
+        Fake.calls += 1
+        if Fake.fail:
+            raise RuntimeError("start-up failed")
+        folder.commit()
+        return {"stages": {}}
+
+    monkeypatch.setattr(train_run, "_run_stages", fake)
+    return Fake
+
+
+def test_a_changed_train_rerun_is_refused_naming_the_setting(tmp_path, tiny_llm, no_training):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llm)
+    data = _fake_prepare_out(tmp_path / "prepared", tokenizer)
+    other = tmp_path / "other"
+    write_tiny_shard(other, tokenizer, n=6)
+    out = tmp_path / "run"
+    train_run.run("tiny", str(data), str(tiny_llm), str(out), stages="1-2", overrides=["max_steps=2"])
+    train_run.run("tiny", str(data / "shards"), str(tiny_llm), str(out), stages="1-2", overrides=["max_steps=2"])
+    train_run.run("tiny", str(data), str(tiny_llm), str(out), stages="1-4", overrides=["max_steps=2"])  # extends
+    assert no_training.calls == 3
+    refusals = {
+        "data": dict(data=str(other)),
+        "stage1.max_steps": dict(overrides=["max_steps=3"]),
+        "stage4.lr": dict(overrides=["max_steps=2", "stage4.lr=1e-4"]),
+        "first_stage": dict(stages="2-4"),  # stage 1 is not done: stage 2 would start from --init
+    }
+    for setting, change in refusals.items():
+        kwargs = dict(recipe="tiny", data=str(data), init=str(tiny_llm), out=str(out), stages="1-2",
+                      overrides=["max_steps=2"]) | change
+        with pytest.raises(InputError) as err:
+            train_run.run(**kwargs)
+        line = str(err.value)
+        assert f"holds a train run with other settings: {setting} was" in line and "--restart" in line, line
+        with pytest.raises(InputError, match=f"{setting} was"):  # the same refusal for the CLI, before Ray
+            train_run.plan_run(kwargs["recipe"], kwargs["data"], kwargs["init"], kwargs["stages"],
+                               overrides=kwargs["overrides"], out=kwargs["out"])
+    assert no_training.calls == 3
+    (out / "stage1").mkdir()  # a stage folder of the old run: a restart clears it
+    train_run.run("tiny", str(other), str(tiny_llm), str(out), stages="1", overrides=["max_steps=3"], restart=True)
+    assert not (out / "stage1").exists() and json.loads((out / "plan.json").read_text())["data"] == str(other.resolve())
+
+
+def test_a_failed_start_leaves_the_folder_as_it_found_it(tmp_path, tiny_llm, no_training):
+    from transformers import AutoTokenizer
+
+    data = _fake_prepare_out(tmp_path / "prepared", AutoTokenizer.from_pretrained(tiny_llm))
+    out = tmp_path / "new" / "run"
+    no_training.fail = True
+    with pytest.raises(RuntimeError, match="start-up failed"):
+        train_run.run("tiny", str(data), str(tiny_llm), str(out), stages="1", overrides=["max_steps=2"])
+    assert not (tmp_path / "new").exists()  # the folders it made are gone again
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="start-up failed"):
+        train_run.run("tiny", str(data), str(tiny_llm), str(kept), stages="1", overrides=["max_steps=2"])
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]  # no plan.json, no .lock
+    no_training.fail = False  # the next run, with other settings, is not refused by a run that never ran
+    train_run.run("tiny", str(data), str(tiny_llm), str(kept), stages="1", overrides=["max_steps=3"])
+    assert json.loads((kept / "plan.json").read_text())["stage1"]["max_steps"] == 3
 
 
 @pytest.fixture(scope="module")
-def mini_speech_shards(ray_session, tiny_models, shared_dir, tmp_path_factory):
+def prepare_out(ray_session, tiny_models, shared_dir, tmp_path_factory):
     """mini-speech's 40 LibriSpeech utterances as ASR training shards, made by the corpus-preparation job."""
     from jobs.pools import PoolConfig
     from jobs.prepare.job import PrepareConfig, run_prepare
@@ -144,7 +309,7 @@ def mini_speech_shards(ray_session, tiny_models, shared_dir, tmp_path_factory):
         tasks=("asr",), models=str(tiny_models), progress=False, encoder=PoolConfig(size=1, batch_size=8),
         block_size=16))
     assert manifest["counts"]["samples"] == 40
-    return out / "shards"
+    return out  # the folder `vita-audio prepare` wrote (train reads its manifest's shards)
 
 
 def write_tiny_shard(out_dir, tokenizer, n: int = 12) -> None:
@@ -168,14 +333,14 @@ def write_tiny_shard(out_dir, tokenizer, n: int = 12) -> None:
 
 
 @pytest.mark.slow
-def test_tiny_four_stage_run_on_ray_train(mini_speech_shards, tiny_llm, tmp_path, capsys):
+def test_tiny_four_stage_run_on_ray_train(prepare_out, tiny_llm, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     from jobs.train.train_func import build_model
 
     run_dir = tmp_path / "run"
     overrides = ["max_steps=2", "save_every=1", "max_length=128"]
-    manifest = train_run.run("tiny", str(mini_speech_shards), str(tiny_llm), str(run_dir), stages="1-4", workers=2,
+    manifest = train_run.run("tiny", str(prepare_out), str(tiny_llm), str(run_dir), stages="1-4", workers=2,
                              overrides=overrides)
     stages = manifest["stages"]
     assert [stages[str(n)]["status"] for n in range(1, 5)] == ["done"] * 4
@@ -224,12 +389,19 @@ def test_tiny_four_stage_run_on_ray_train(mini_speech_shards, tiny_llm, tmp_path
     from cli.main import main
 
     stamp = (run_dir / "stage4" / "model.safetensors").stat().st_mtime_ns
-    code = main(["train", "--recipe", "tiny", "--data", str(mini_speech_shards), "--init", str(tiny_llm),
+    code = main(["train", "--recipe", "tiny", "--data", str(prepare_out), "--init", str(tiny_llm),
                  "--out", str(run_dir), "--stages", "1-4", "--workers", "2", *overrides, "--json"])
     out, err = capsys.readouterr()
     assert code == 0 and "stages [1, 2, 3, 4] done" in err, err
     again = json.loads(out.strip().splitlines()[-1])
     assert again["stages"]["4"]["finished"] == stages["4"]["finished"]
+    assert (run_dir / "stage4" / "model.safetensors").stat().st_mtime_ns == stamp
+    # the same run given the shards folder itself is the same run; other recipe values are refused, naming them
+    train_run.run("tiny", str(prepare_out / "shards"), str(tiny_llm), str(run_dir), stages="1-4", workers=2,
+                  overrides=overrides)
+    with pytest.raises(InputError, match="stage1.max_steps was 2, now 3"):
+        train_run.run("tiny", str(prepare_out), str(tiny_llm), str(run_dir), stages="1-4", workers=2,
+                      overrides=["max_steps=3", "save_every=1", "max_length=128"])
     assert (run_dir / "stage4" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
@@ -300,7 +472,7 @@ def test_train_cli_refuses_a_bad_config_in_one_line_before_ray(case, tiny_shards
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_stage_resumes_from_its_last_checkpoint(mini_speech_shards, tiny_llm, tmp_path):
+def test_a_worker_killed_mid_stage_resumes_from_its_last_checkpoint(prepare_out, tiny_llm, tmp_path):
     """Rank 1 is SIGKILLed (by the PID it writes) once step 2's checkpoint is complete; Ray Train restarts the
     worker group (FailureConfig), the stage resumes from that checkpoint and ends with the same step count and
     weights as an uninterrupted run of the same stage."""
@@ -324,7 +496,7 @@ def test_a_worker_killed_mid_stage_resumes_from_its_last_checkpoint(mini_speech_
 
     killer = threading.Thread(target=kill_rank1_mid_stage, daemon=True)
     killer.start()
-    resumed = train_run.run("tiny", str(mini_speech_shards), str(tiny_llm), str(run_dir), stages="1", workers=2,
+    resumed = train_run.run("tiny", str(prepare_out), str(tiny_llm), str(run_dir), stages="1", workers=2,
                             overrides=overrides, max_failures=1)
     killer.join(timeout=5)
     assert killed, "the stage finished before the worker could be killed"
@@ -333,7 +505,7 @@ def test_a_worker_killed_mid_stage_resumes_from_its_last_checkpoint(mini_speech_
     assert steps == [1, 2, 3, 4, 5, 6] and resumed["stages"]["1"]["metrics"]["step"] == 6
 
     plain_dir = tmp_path / "plain"
-    train_run.run("tiny", str(mini_speech_shards), str(tiny_llm), str(plain_dir), stages="1", workers=2,
+    train_run.run("tiny", str(prepare_out), str(tiny_llm), str(plain_dir), stages="1", workers=2,
                   overrides=overrides)
     a = load_llm(run_dir / "stage1", dtype=torch.float32).state_dict()
     b = load_llm(plain_dir / "stage1", dtype=torch.float32).state_dict()
@@ -356,13 +528,13 @@ def test_the_originals_deepspeed_json_is_accepted(tmp_path, tiny_llm):
                               "stage3_gather_16bit_weights_on_model_save": True}}))
     plan = train_run.load_recipe("tiny", [f"deepspeed_config={path}"])
     train_run.check_stage(plan[1], 10**6, 2, 2**34)
-    ds = deepspeed_config(plan[1])
+    ds = deepspeed_config(plan[1].as_dict())
     assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True, "stage3_gather_16bit_weights_on_model_save": True}
-    assert plan[1]["zero_stage"] == 3 and "optimizer" not in ds and "scheduler" not in ds and "bf16" not in ds
-    assert ds["gradient_accumulation_steps"] == plan[1]["grad_accum"] and ds["gradient_clipping"] == 1.0
-    assert deepspeed_config(plan[1], bf16=True)["bf16"] == {"enabled": True}
+    assert plan[1].zero_stage == 3 and "optimizer" not in ds and "scheduler" not in ds and "bf16" not in ds
+    assert ds["gradient_accumulation_steps"] == plan[1].grad_accum and ds["gradient_clipping"] == 1.0
+    assert deepspeed_config(plan[1].as_dict(), bf16=True)["bf16"] == {"enabled": True}
     with pytest.raises(train_run.TrainConfigError, match="not a readable JSON"):
-        train_run.check_stage({**plan[1], "deepspeed_config": str(tmp_path / "nope.json")}, 10**6, 2, 2**34)
+        train_run.load_recipe("tiny", [f"deepspeed_config={tmp_path / 'nope.json'}"])
 
 
 def test_progress_line_every_logging_interval(tmp_path, capsys):

@@ -3,6 +3,7 @@
     inputs    folder / JSONL-CSV manifest / WebDataset tar / texts -> BatchInput list (fixed order, unique ids)
     segments  long recordings: windows with overlap, transcripts stitched (per-segment timestamps kept)
     stages    Ray Data callable classes over the actors/ stage classes (encoder, LLM+MCTP, decoder)
-    job       BatchConfig, run_batch: the pipeline, block-keyed result files, resume
+    job       BatchConfig, run_batch: the pipeline, block-keyed result files, resume, retries, TooManyErrors
+    results   the folder's files by name, read_results, which error rows a rerun retries
     report    summary.json / report.md (counts, audio hours, RTF, throughput, WER / CER with jiwer)
 """

@@ -7,9 +7,14 @@ of `block_size`; block b's rows go to `DIR/results/part-<b>.parquet`, written by
 input of the block has its row, under a temporary name and renamed (a result file is always whole). So:
 - a rerun after a crash skips the blocks whose file exists and processes only the others;
 - an id belongs to one block and a block is written once: no id is ever written twice;
-- a finished run rerun is a no-op (it only rewrites the summary and the report).
+- a finished run rerun is a no-op (it only rewrites the summary and the report);
+- a row whose stage crashed or ran out of memory (`jobs.batch.results.transient`) leaves the job incomplete:
+  a rerun processes those rows again and rewrites their blocks (`retry_errors` retries every error row);
+- more than `max_error_share` of the rows in error ends the job with `TooManyErrors` (the report is written).
 `DIR/plan.json` pins what the blocks mean (task, the input ids, block size, models and decoding settings); a
-rerun with other settings is refused rather than mixing two runs' results in one folder.
+rerun with other settings is refused naming the setting rather than mixing two runs' results in one folder,
+unless `restart` (the CLI's `--restart`) clears the job's files first. Locations are local paths: `s3://`,
+`gs://`, ... are refused before start-up. Lock, plan, block writer: `jobs.run_folder`, shared with prepare/train.
 
 ASR: SpeechEncoder pool -> SpeechLLM pool. TTS: SpeechLLM pool -> AudioDecoder pool (FLAC under DIR/audio/).
 Ray Data streams batches between the pools; each pool's size, GPUs, CPUs and batch size come from `PoolConfig`.
@@ -19,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,14 +33,26 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from actors.models import resolve_models_dir
 from jobs.batch.inputs import BatchInput, enumerate_inputs
+from jobs.batch.report import write_report
+from jobs.batch.results import OUTPUTS, RESULT_SCHEMA, block_path, read_results, to_retry
 from jobs.batch.segments import WindowConfig
-from jobs.batch.stages import IN_FLIGHT, ROW_SCHEMA, DecodeOptions
+from jobs.batch.stages import DecodeOptions
 from jobs.pools import PoolConfig
-from jobs.run_folder import check_run_plan, lock_run_folder
+from jobs.run_folder import BlockWriter, RunFolder, clear_temporaries, local_path, write_atomic
 
-RESULT_SCHEMA = pa.schema([f for f in ROW_SCHEMA if f.name not in IN_FLIGHT])
 PLAN_VERSION = 1
+__all__ = ["BatchConfig", "TooManyErrors", "block_path", "read_results", "run_batch"]
+
+
+class TooManyErrors(RuntimeError):
+    """The job ran to its end (results, summary and report written) but more than `max_error_share` of its rows
+    are errors; `summary` is the job's summary. Not a bad input: the CLI exits non-zero with this one line."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
 
 
 @dataclass
@@ -55,58 +72,76 @@ class BatchConfig:
     torch_threads: int | None = 1  # per actor (tiny models on a shared CPU run fastest on one thread)
     address: str | None = None  # join this Ray cluster (None: the running one, else a local Ray)
     progress: bool = True  # Ray Data's progress bars
+    retry_errors: bool = False  # a rerun also redoes the error rows that are not transient (bad input, too long)
+    max_error_share: float = 0.5  # more error rows than this share of the inputs: TooManyErrors (non-zero exit)
+    restart: bool = False  # clear the job's files in `out` and start over (else a rerun with other settings is refused)
 
     def __post_init__(self):
         if self.task not in ("asr", "tts"):
             raise ValueError(f"task={self.task!r}; expected 'asr' or 'tts'")
-        if not isinstance(self.block_size, int) or self.block_size < 1:
+        local_path(self.input, "--input")  # s3://, gs://, ... refused by name before anything starts
+        local_path(self.out, "--out")
+        if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
             raise ValueError(f"block_size={self.block_size!r} must be an integer >= 1")
+        share = self.max_error_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise ValueError(f"max_error_share={share!r} must be a number from 0 to 1")
+        seconds = self.max_audio_seconds
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                    or not math.isfinite(seconds) or seconds <= 0):
+            raise ValueError(f"max_audio_seconds={seconds!r} must be a number > 0")
 
 
 def run_batch(config: BatchConfig) -> dict:
-    """Run (or resume) the job; returns the summary (also written to DIR/summary.json with DIR/report.md)."""
-    from jobs.batch.report import write_report
-    from actors.models import resolve_models_dir
-
-    out = Path(config.out)
+    """Run (or resume) the job; returns the summary (also written to DIR/summary.json with DIR/report.md).
+    Raises TooManyErrors (after writing them) when more than `max_error_share` of the rows are errors."""
+    out = local_path(config.out, "--out")
     models = resolve_models_dir(config.models)
-    items = enumerate_inputs(config.input, config.task)
+    items = enumerate_inputs(str(local_path(config.input, "--input")), config.task)
     blocks = [items[i : i + config.block_size] for i in range(0, len(items), config.block_size)]
-    results = out / "results"
-    results.mkdir(parents=True, exist_ok=True)
-    with lock_run_folder(out, "batch"):  # held until the run ends (or its process dies)
-        check_run_plan(out, _plan(config, models, items))
-        for stale in results.glob(".part-*"):  # a crash mid-write leaves only a temporary file
-            stale.unlink()
-        pending = [b for b, block in enumerate(blocks) if not _complete(block_path(out, b), len(block))]
+    folder = RunFolder(out, "batch", OUTPUTS)
+    with folder.open(_plan(config, models, items), restart=config.restart):  # locked until the run ends
+        folder.mkdir(out / "results")
+        clear_temporaries(out / "results")  # a crash mid-write leaves only a temporary file
+        redo = _pending(out, blocks, config.retry_errors)
         started, t0 = time.time(), time.perf_counter()
-        stream = _run_pipeline(config, models, out, blocks, pending, t0) if pending else {}
+        stream = _run_pipeline(config, models, folder, blocks, redo, t0) if redo else {}
         run = {"started_at": started, "wall_s": time.perf_counter() - t0,
-               "inputs": sum(len(blocks[b]) for b in pending), "blocks": len(pending), **stream}
-        if pending:
+               "inputs": sum(map(len, redo.values())), "blocks": len(redo), **stream}
+        folder.commit()
+        if redo:
             with open(out / "runs.jsonl", "a") as f:
                 f.write(json.dumps(run) + "\n")
-        return write_report(out, config.task, len(items), this_run=run)
+        summary = write_report(out, config.task, len(items), this_run=run)
+    if summary["inputs"] and summary["errors"] > config.max_error_share * summary["inputs"]:
+        raise TooManyErrors(
+            f"batch {config.task}: {summary['errors']} of {summary['inputs']} rows are errors (more than "
+            f"max_error_share {config.max_error_share:g}); see {out / 'report.md'}", summary)
+    return summary
 
 
-def block_path(out: Path, block: int) -> Path:
-    return Path(out) / "results" / f"part-{block:06d}.parquet"
-
-
-def read_results(out: str | os.PathLike) -> pa.Table:
-    """Every result row of DIR, ordered by result file (= input order)."""
-    files = sorted((Path(out) / "results").glob("part-*.parquet"))
-    if not files:
-        return RESULT_SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(f, schema=RESULT_SCHEMA) for f in files])
+def _pending(out: Path, blocks: list[list[BatchInput]], retry_errors: bool) -> dict[int, list[str]]:
+    """Block -> the ids this run processes: every id of a block without a whole result file, else the ids of
+    its error rows to retry (transient ones; every error row with `retry_errors`)."""
+    redo = {}
+    for b, block in enumerate(blocks):
+        path = block_path(out, b)
+        if not _complete(path, len(block)):
+            redo[b] = [item.id for item in block]
+            continue
+        retry = [r["id"] for r in pq.read_table(path, columns=["id", "status", "error"]).to_pylist()
+                 if to_retry(r, retry_errors)]
+        if retry:
+            redo[b] = retry
+    return redo
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the Ray Data pipeline
 
 
-def _run_pipeline(config: BatchConfig, models: Path, out: Path, blocks: list[list[BatchInput]],
-                   pending: list[int], t0: float) -> dict:
+def _run_pipeline(config: BatchConfig, models: Path, folder: RunFolder, blocks: list[list[BatchInput]],
+                  redo: dict[int, list[str]], t0: float) -> dict:
     """Stream the pending blocks through the stage pools; returns when the first rows arrived (start-up:
     Ray, actors, model loads) and the rate after that (`steady_audio_s_per_s`, audio seconds of the rows
     that came after the first batch over the time they took)."""
@@ -119,17 +154,25 @@ def _run_pipeline(config: BatchConfig, models: Path, out: Path, blocks: list[lis
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = config.progress
         ctx.enable_operator_progress_bars = config.progress
-        rows = [_input_row(item, config.task) for b in pending for item in blocks[b]]
-        ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), max(len(pending), 1) * 2))
-        for stage in _stages(config, models, out):
+        wanted = {b: set(ids) for b, ids in redo.items()}
+        rows = [_input_row(item, config.task) for b in sorted(redo) for item in blocks[b] if item.id in wanted[b]]
+        ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), max(len(redo), 1) * 2))
+        for stage in _stages(config, models, folder.out):
             ds = stage(ds)
-        collector = _Collector(out, {b: blocks[b] for b in pending})
+        writer = BlockWriter(folder, redo, key="id", write=lambda b, rows: write_block(folder.out, b, rows))
+        audio_after_first = 0.0
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            collector.add(batch)
-        missing = collector.missing()
+            taken = writer.add(batch.select([c for c in RESULT_SCHEMA.names if c in batch.column_names]))
+            if writer.batches > 1:
+                audio_after_first += sum(r.get("audio_seconds") or 0.0 for r in taken)
+        missing = writer.missing()
         if missing:  # a stage dropped rows (a bug): fail loudly; the next run redoes those blocks
             raise RuntimeError(f"{len(missing)} input(s) got no result row, e.g. {missing[:3]}")
-        return collector.timing(t0)
+        if writer.first is None:
+            return {}
+        steady = writer.last - writer.first
+        return {"startup_s": writer.first - t0,
+                "steady_audio_s_per_s": audio_after_first / steady if steady > 0 else None}
     finally:
         if started:
             ray.shutdown()
@@ -167,54 +210,15 @@ def _input_row(item: BatchInput, task: str) -> dict:
     return {"id": item.id, "text": item.text}
 
 
-class _Collector:
-    """Gathers result rows by block and writes a block's file once all its inputs have a row."""
-
-    def __init__(self, out: Path, blocks: dict[int, list[BatchInput]]):
-        self.out = out
-        self.block_of = {item.id: b for b, items in blocks.items() for item in items}
-        self.expected = {b: len(items) for b, items in blocks.items()}
-        self.order = {item.id: i for items in blocks.values() for i, item in enumerate(items)}
-        self.rows: dict[int, dict[str, dict]] = {b: {} for b in blocks}
-        self.written: set[int] = set()
-        self.first = self.last = None  # perf_counter of the first and the latest batch
-        self.audio_after_first = 0.0
-
-    def add(self, batch: pa.Table) -> None:
-        now = time.perf_counter()
-        if self.first is None:
-            self.first = now
-        elif "audio_seconds" in batch.column_names:
-            self.audio_after_first += sum(s or 0.0 for s in batch.column("audio_seconds").to_pylist())
-        self.last = now
-        keep = [c for c in RESULT_SCHEMA.names if c in batch.column_names]
-        for row in batch.select(keep).to_pylist():
-            b = self.block_of.get(row["id"])
-            if b is None or b in self.written or row["id"] in self.rows[b]:
-                continue  # not ours, or a repeat (the first row of an id is the one kept)
-            self.rows[b][row["id"]] = row
-            if len(self.rows[b]) == self.expected[b]:
-                self._write(b)
-
-    def _write(self, b: int) -> None:
-        rows = sorted(self.rows.pop(b).values(), key=lambda r: self.order[r["id"]])
-        table = pa.Table.from_pylist([{k: r.get(k) for k in RESULT_SCHEMA.names} for r in rows],
-                                     schema=RESULT_SCHEMA)
-        final = block_path(self.out, b)
-        temp = final.with_name(f".{final.name}.tmp")
-        pq.write_table(table, temp)
-        os.replace(temp, final)
-        self.written.add(b)
-
-    def timing(self, t0: float) -> dict:
-        if self.first is None:
-            return {}
-        steady = self.last - self.first
-        return {"startup_s": self.first - t0,
-                "steady_audio_s_per_s": self.audio_after_first / steady if steady > 0 else None}
-
-    def missing(self) -> list[str]:
-        return [i for i, b in self.block_of.items() if b not in self.written and i not in self.rows.get(b, {})]
+def write_block(out: Path, b: int, rows: list[dict]) -> None:
+    """Block b's result file: the new rows, merged by id into the rows the file already holds (a retry
+    replaces only its own rows), in the file's order; written whole under a temporary name, then renamed."""
+    path = block_path(out, b)
+    if path.exists():
+        new = {r["id"]: r for r in rows}
+        rows = [new.pop(r["id"], r) for r in pq.read_table(path, schema=RESULT_SCHEMA).to_pylist()] + list(new.values())
+    write_atomic(path, pa.Table.from_pylist([{k: r.get(k) for k in RESULT_SCHEMA.names} for r in rows],
+                                            schema=RESULT_SCHEMA))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,7 +227,7 @@ class _Collector:
 
 def _plan(config: BatchConfig, models: Path, items: list[BatchInput]) -> dict:
     ids = hashlib.sha256("\n".join(item.id for item in items).encode()).hexdigest()
-    return {"version": PLAN_VERSION, "task": config.task, "input": str(Path(config.input).resolve()),
+    return {"version": PLAN_VERSION, "task": config.task, "input": str(local_path(config.input, "--input").resolve()),
             "inputs": len(items), "ids_sha256": ids, "block_size": config.block_size,
             "models": str(Path(models).resolve()), "decode": dataclasses.asdict(config.decode),
             "windows": dataclasses.asdict(config.windows), "max_audio_seconds": config.max_audio_seconds}

@@ -15,6 +15,9 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from jobs.batch.results import read_results, transient
+from jobs.run_folder import write_atomic
+
 _NOT_WORD = re.compile(r"[^\w' ]+")
 
 
@@ -35,8 +38,8 @@ def error_rates(references: list[str], hypotheses: list[str]) -> dict | None:
 
 
 def summarise(out: str | os.PathLike, task: str, n_inputs: int, this_run: dict | None = None) -> dict:
-    from jobs.batch.job import read_results
-
+    """The job's summary from its result files. `complete`: one row per input and none of them a transient
+    error (a stage crash or out of memory, which a rerun retries)."""
     out = Path(out)
     rows = read_results(out).to_pylist()
     ids = Counter(r["id"] for r in rows)
@@ -50,8 +53,9 @@ def summarise(out: str | os.PathLike, task: str, n_inputs: int, this_run: dict |
         "rows": len(rows),
         "ok": len(ok),
         "errors": len(rows) - len(ok),
+        "transient_errors": sum(transient(r) for r in rows),
         "repeated_ids": sorted(i for i, n in ids.items() if n > 1),
-        "complete": len(rows) == n_inputs and len(ids) == n_inputs,
+        "complete": len(rows) == n_inputs and len(ids) == n_inputs and not any(transient(r) for r in rows),
         "audio_hours": audio_s / 3600,
         "wall_s": wall,
         "runs": len(runs),
@@ -71,8 +75,8 @@ def summarise(out: str | os.PathLike, task: str, n_inputs: int, this_run: dict |
 def write_report(out: str | os.PathLike, task: str, n_inputs: int, this_run: dict | None = None) -> dict:
     out = Path(out)
     summary = summarise(out, task, n_inputs, this_run)
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=1) + "\n")
-    _atomic_write(out / "report.md", markdown(summary))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+    write_atomic(out / "report.md", markdown(summary))
     return summary
 
 
@@ -81,7 +85,9 @@ def markdown(s: dict) -> str:
     lines = [
         f"# Batch {s['task'].upper()} report", "",
         f"{s['rows']} rows for {s['inputs']} inputs ({'complete' if s['complete'] else 'INCOMPLETE'}): "
-        f"{s['ok']} ok, {s['errors']} errors.", "",
+        f"{s['ok']} ok, {s['errors']} errors"
+        + (f" ({s['transient_errors']} transient: rerun to retry them)." if s.get("transient_errors") else ".")
+        + "", "",
         "| metric | value |", "|---|---|",
         f"| audio | {s['audio_hours'] * 3600:.1f} s ({s['audio_hours']:.4f} h) |",
         f"| wall time (runs that did work: {s['runs']}) | {s['wall_s']:.1f} s |",
@@ -109,8 +115,3 @@ def _runs(out: Path) -> list[dict]:
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
-
-def _atomic_write(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text)
-    os.replace(temp, path)

@@ -9,7 +9,8 @@ recipes  corpus folder -> Utterances (LibriSpeech, LibriTTS, LJSpeech, Common Vo
 checks   read + resample (pipeline.audio) + duration / silence / clipping checks; what is rejected or converted
 samples  inputs (utterance x task), the chat layout of each task, the schemas below
 stages   the Ray Data steps: read_and_check tasks, SampleBuilder actor pool (speech encoder + tokenizer)
-job      PrepareConfig, run_prepare: blocks with deterministic keys, resume, the driver's block writer
+job      PrepareConfig, run_prepare: blocks with deterministic keys, resume (jobs.run_folder's lock, plan, writer)
+shards   the folder's files by name (block b's shard, errors, marker), read_shards
 report   dedup by audio content, errors.parquet, manifest.json, report.md
 
 Output folder (schema version 1; the trainer and the batch jobs read it):
@@ -18,7 +19,7 @@ Output folder (schema version 1; the trainer and the batch jobs read it):
     DIR/errors.parquet               one row per rejected input
     DIR/manifest.json                counts, hours, tokens, schema version, sources, config, runs
     DIR/report.md                    hours and tokens per source and task, rejects by reason, throughput
-    DIR/plan.json, runs.jsonl, .blocks/   what makes a rerun resume (not for readers)
+    DIR/plan.json, runs.jsonl, .blocks/   what makes a rerun resume (not for readers; `restart` clears them)
 
 Read the samples from `DIR/shards/` (not `DIR/`, which also holds errors.parquet). Shard columns:
 
@@ -49,11 +50,12 @@ errors.parquet columns: `id` (the sample id that was not built), `source`, `path
 """
 from jobs.prepare.checks import AudioChecks
 from jobs.pools import PoolConfig
-from jobs.prepare.job import PrepareConfig, SourceSpec, read_shards, run_prepare
+from jobs.prepare.job import PrepareConfig, SourceSpec, run_prepare
 from jobs.prepare.recipes import (AudioRef, Utterance, prepare_commonvoice, prepare_lhotse, prepare_librispeech,
                                   prepare_libritts, prepare_ljspeech, prepare_vita_jsonl)
 from jobs.prepare.samples import ERROR_SCHEMA, SAMPLE_SCHEMA, SCHEMA_VERSION
 
+from jobs.prepare.shards import read_shards
 __all__ = ["AudioChecks", "AudioRef", "ERROR_SCHEMA", "PoolConfig", "PrepareConfig", "SAMPLE_SCHEMA", "SCHEMA_VERSION",
            "SourceSpec", "Utterance", "prepare_commonvoice", "prepare_lhotse", "prepare_librispeech", "prepare_libritts",
            "prepare_ljspeech", "prepare_vita_jsonl", "read_shards", "run_prepare"]

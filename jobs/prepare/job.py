@@ -13,27 +13,30 @@ Deduplication by audio content runs when every block is written: of the samples 
 same 16 kHz audio, the first in input order stays and the others become `duplicate` error rows (their shard
 is rewritten). Then `errors.parquet`, `manifest.json` and `report.md` are written from the blocks. A finished
 run rerun only rereads the folder: nothing is processed or rewritten. `plan.json` pins what the keys mean
-(sources, tasks, input ids, block size, models, ratio, checks); a rerun with other settings is refused.
+(sources, tasks, input ids, block size, models, ratio, checks); a rerun with other settings is refused naming
+the setting, unless `restart` (the CLI's `--restart`) clears the job's files first. The lock, the plan, the
+block writer and the atomic writes are `jobs.run_folder`'s, shared with the batch and training jobs.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from actors.models import resolve_models_dir
 from jobs.pools import PoolConfig
-from jobs.run_folder import check_run_plan, lock_run_folder
 from jobs.prepare.checks import AudioChecks
 from jobs.prepare.recipes import RECIPES
+from jobs.prepare.report import finalize
 from jobs.prepare.samples import ERROR_SCHEMA, SAMPLE_SCHEMA, TASKS, PlannedInput, plan_inputs
+from jobs.prepare.shards import OUTPUTS, done_path, errors_path, shard_path
+from jobs.run_folder import BlockWriter, RunFolder, clear_temporaries, local_path, write_atomic
 from pipeline.tokens.chat import BOOST_RATIO, check_ratio
 
 PLAN_VERSION = 1
@@ -59,6 +62,7 @@ class SourceSpec:
         names = tuple(p.strip() for p in parts.split(",") if p.strip()) if at else None
         if at and not names:
             raise ValueError(f"--source {text!r}: name parts after '@', e.g. {kind}:{path}@dev-clean")
+        path = str(local_path(path, "--source"))
         if not Path(path).exists():
             raise FileNotFoundError(f"--source {text!r}: {path} does not exist")
         return cls(kind, str(Path(path).resolve()), names)
@@ -80,8 +84,10 @@ class PrepareConfig:
     torch_threads: int | None = 1  # per encoder actor
     address: str | None = None  # join this Ray cluster (None: the running one, else a local Ray)
     progress: bool = True  # Ray Data's progress bars
+    restart: bool = False  # clear the job's files in `out` and start over (else a rerun with other settings is refused)
 
     def __post_init__(self):
+        local_path(self.out, "--out")  # s3://, gs://, ... refused by name before anything starts
         self.sources = [s if isinstance(s, SourceSpec) else SourceSpec.parse(s) for s in self.sources]
         if not self.sources:
             raise ValueError("give at least one --source KIND:PATH")
@@ -122,64 +128,36 @@ def enumerate_inputs(config: PrepareConfig) -> tuple[list[PlannedInput], list[di
 
 def run_prepare(config: PrepareConfig) -> dict:
     """Run (or resume) the job; returns the manifest (also DIR/manifest.json, with DIR/report.md)."""
-    from actors.models import resolve_models_dir
-    from jobs.prepare.report import finalize
-
-    out = Path(config.out)
+    out = local_path(config.out, "--out")
     models = resolve_models_dir(config.models)
     inputs, sources = enumerate_inputs(config)
     blocks = [inputs[i : i + config.block_size] for i in range(0, len(inputs), config.block_size)]
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    (out / ".blocks").mkdir(exist_ok=True)
-    with lock_run_folder(out, "prepare"):
-        check_run_plan(out, _plan(config, models, inputs))
+    folder = RunFolder(out, "prepare", OUTPUTS)
+    with folder.open(_plan(config, models, inputs), restart=config.restart):
+        folder.mkdir(out / "shards")
+        folder.mkdir(out / ".blocks")
         pending = [b for b in range(len(blocks)) if not done_path(out, b).exists()]
         for b in pending:  # leftovers of a killed run: redone whole
             for stale in (shard_path(out, b), errors_path(out, b)):
                 stale.unlink(missing_ok=True)
-        for stale in list((out / "shards").glob(".*.tmp")) + list((out / ".blocks").glob(".*.tmp")):
-            stale.unlink()
+        clear_temporaries(out / "shards", out / ".blocks")
         if pending:
             started, t0 = time.time(), time.perf_counter()
-            stream = _run_pipeline(config, models, out, {b: blocks[b] for b in pending})
+            stream = _run_pipeline(config, models, folder, {b: blocks[b] for b in pending})
             run = {"started_at": started, "wall_s": time.perf_counter() - t0, "blocks": len(pending),
                    "inputs": sum(len(blocks[b]) for b in pending), **stream}
             run["audio_s_per_s"] = run["audio_seconds"] / run["wall_s"] if run["wall_s"] > 0 else None
             with open(out / "runs.jsonl", "a") as f:
                 f.write(json.dumps(run) + "\n")
+        folder.commit()
         return finalize(out, config, len(blocks), len(inputs), sources, changed=bool(pending))
-
-
-def shard_path(out: Path, block: int) -> Path:
-    return Path(out) / "shards" / f"part-{block:06d}.parquet"
-
-
-def errors_path(out: Path, block: int) -> Path:
-    return Path(out) / ".blocks" / f"errors-{block:06d}.parquet"
-
-
-def done_path(out: Path, block: int) -> Path:
-    return Path(out) / ".blocks" / f"done-{block:06d}.json"
-
-
-def read_shards(out) -> pa.Table:
-    """Every sample row of DIR, in input order."""
-    files = sorted((Path(out) / "shards").glob("part-*.parquet"))
-    return pa.concat_tables([pq.read_table(f, schema=SAMPLE_SCHEMA) for f in files]) if files \
-        else SAMPLE_SCHEMA.empty_table()
-
-
-def write_atomic(table: pa.Table, path: Path) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, temp)
-    os.replace(temp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # the Ray Data pipeline
 
 
-def _run_pipeline(config: PrepareConfig, models: Path, out: Path, blocks: dict[int, list[PlannedInput]]) -> dict:
+def _run_pipeline(config: PrepareConfig, models: Path, folder: RunFolder, blocks: dict[int, list[PlannedInput]]) -> dict:
     import ray
 
     from actors.ray_runtime import start_ray
@@ -202,76 +180,56 @@ def _run_pipeline(config: PrepareConfig, models: Path, out: Path, blocks: dict[i
             "torch_threads": config.torch_threads, "read": None if config.read_tasks else config.checks},
             compute=ray.data.ActorPoolStrategy(size=pool.size),
             num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, batch_size=pool.batch_size, batch_format="pyarrow")
-        collector = _Collector(out, blocks)
+        writer = BlockWriter(folder, {b: [item.key for item in items] for b, items in blocks.items()}, key="key",
+                             write=lambda b, rows: write_block(folder.out, b, rows))
+        stats = _Stats()
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            collector.add(batch)
-        missing = collector.missing()
+            stats.count(writer.add(batch), later=writer.batches > 1)
+        missing = writer.missing()
         if missing:  # a step dropped rows (a bug): fail loudly; the next run redoes those blocks
             raise RuntimeError(f"{len(missing)} input(s) got no row, e.g. {missing[:3]}")
-        return collector.stats()
+        return stats.result(writer)
     finally:
         if started:
             ray.shutdown()
 
 
-class _Collector:
-    """Gathers rows by block; writes a block's shard, its errors and its marker once all its inputs have a row."""
+def write_block(out: Path, b: int, rows: list[dict]) -> None:
+    """Block b of the preparation: its samples (shard), its error rows, then its marker (each atomically)."""
+    samples = [r for r in rows if r["status"] == "ok"]
+    errors = [r for r in rows if r["status"] != "ok"]
+    if samples:
+        write_atomic(shard_path(out, b), pa.Table.from_pylist(
+            [{k: r[k] for k in SAMPLE_SCHEMA.names} for r in samples], schema=SAMPLE_SCHEMA))
+    write_atomic(errors_path(out, b), pa.Table.from_pylist(
+        [{k: r.get(k) for k in ERROR_SCHEMA.names} for r in errors], schema=ERROR_SCHEMA))
+    write_atomic(done_path(out, b), json.dumps({"inputs": len(rows), "samples": len(samples), "errors": len(errors)}))
 
-    def __init__(self, out: Path, blocks: dict[int, list[PlannedInput]]):
-        self.out = out
-        self.block_of = {item.key: b for b, items in blocks.items() for item in items}
-        self.expected = {b: len(items) for b, items in blocks.items()}
-        self.rows: dict[int, dict[int, dict]] = {b: {} for b in blocks}
-        self.written: set[int] = set()
-        self.audio_seconds = self.audio_after_first = 0.0  # of each utterance read, once
+
+class _Stats:
+    """Audio seconds of the utterances read (each once: its ASR and TTS samples share it), and of those that
+    came after the first batch."""
+
+    def __init__(self):
+        self.audio_seconds = self.audio_after_first = 0.0
         self.utterances: set[tuple[str, str]] = set()
         self.t0 = time.perf_counter()
-        self.first = self.last = None  # perf_counter of the first and the latest batch
 
-    def add(self, batch: pa.Table) -> None:
-        now = time.perf_counter()
-        later = self.first is not None
-        self.first = self.first or now
-        self.last = now
-        for row in batch.to_pylist():
-            b = self.block_of.get(row["key"])
-            if b is None or b in self.written or row["key"] in self.rows[b]:
-                continue  # not ours, or a repeat (the first row of a key is kept)
-            self.rows[b][row["key"]] = row
+    def count(self, rows: list[dict], later: bool) -> None:
+        for row in rows:
             utterance = (row["source"], row["utterance"])
-            if row["status"] == "ok" and utterance not in self.utterances:  # its ASR and TTS samples: once
+            if row["status"] == "ok" and utterance not in self.utterances:
                 self.utterances.add(utterance)
                 self.audio_seconds += row["audio_seconds"] or 0.0
                 self.audio_after_first += (row["audio_seconds"] or 0.0) if later else 0.0
-            if len(self.rows[b]) == self.expected[b]:
-                self._write(b)
 
-    def _write(self, b: int) -> None:
-        by_key = self.rows.pop(b)
-        rows = [by_key[k] for k in sorted(by_key)]
-        samples = [r for r in rows if r["status"] == "ok"]
-        errors = [r for r in rows if r["status"] != "ok"]
-        if samples:
-            write_atomic(pa.Table.from_pylist([{k: r[k] for k in SAMPLE_SCHEMA.names} for r in samples],
-                                              schema=SAMPLE_SCHEMA), shard_path(self.out, b))
-        write_atomic(pa.Table.from_pylist([{k: r.get(k) for k in ERROR_SCHEMA.names} for r in errors],
-                                          schema=ERROR_SCHEMA), errors_path(self.out, b))
-        marker = done_path(self.out, b)
-        temp = marker.with_name(f".{marker.name}.tmp")
-        temp.write_text(json.dumps({"inputs": len(rows), "samples": len(samples), "errors": len(errors)}))
-        os.replace(temp, marker)
-        self.written.add(b)
-
-    def missing(self) -> list[int]:
-        return [k for k, b in self.block_of.items() if b not in self.written and k not in self.rows.get(b, {})]
-
-    def stats(self) -> dict:
-        """Audio seconds of the samples built; start-up (Ray Data, actors, model loads) = time to the first
-        rows; the rate after it = audio of the rows after the first batch over the time they took."""
-        if self.first is None:
+    def result(self, writer: BlockWriter) -> dict:
+        """Start-up (Ray Data, actors, model loads) = time to the first rows; the rate after it = audio of the
+        rows after the first batch over the time they took."""
+        if writer.first is None:
             return {"audio_seconds": 0.0, "startup_s": None, "steady_audio_s_per_s": None}
-        steady = self.last - self.first
-        return {"audio_seconds": self.audio_seconds, "startup_s": self.first - self.t0,
+        steady = writer.last - writer.first
+        return {"audio_seconds": self.audio_seconds, "startup_s": writer.first - self.t0,
                 "steady_audio_s_per_s": self.audio_after_first / steady if steady > 0 else None}
 
 

@@ -16,29 +16,30 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.prepare.samples import ERROR_SCHEMA, SAMPLE_SCHEMA, SCHEMA_VERSION
+from jobs.prepare.shards import done_path, errors_path, shard_path
+from jobs.run_folder import write_atomic, write_if_changed
 
 STAT_COLUMNS = ["id", "source", "task", "audio_seconds", "num_tokens", "num_scored", "audio_sha1", "audio_codes"]
 
 
 def finalize(out: Path, config, n_blocks: int, n_inputs: int, sources: list[dict], changed: bool) -> dict:
-    from jobs.prepare.job import done_path, errors_path, shard_path, write_atomic
-
+    """Dedup, then errors.parquet, manifest.json and report.md from the written blocks; returns the manifest."""
     if not all(done_path(out, b).exists() for b in range(n_blocks)):
         raise RuntimeError(f"{out}: not every block is written; rerun to finish")
-    moved = _dedup(out, n_blocks, shard_path, errors_path, write_atomic)
+    moved = _dedup(out, n_blocks)
     errors = pa.concat_tables([pq.read_table(errors_path(out, b), schema=ERROR_SCHEMA) for b in range(n_blocks)])
     if changed or moved or not (out / "errors.parquet").exists():
-        write_atomic(errors, out / "errors.parquet")
+        write_atomic(out / "errors.parquet", errors)
     stats = [pq.read_table(shard_path(out, b), columns=STAT_COLUMNS) for b in range(n_blocks)
              if shard_path(out, b).exists()]
     samples = pa.concat_tables(stats) if stats else SAMPLE_SCHEMA.empty_table().select(STAT_COLUMNS)
     manifest = _manifest(out, config, n_inputs, sources, samples, errors)
-    _write_if_changed(out / "manifest.json", json.dumps(manifest, indent=1, default=str) + "\n")
-    _write_if_changed(out / "report.md", _report(manifest, errors))
+    write_if_changed(out / "manifest.json", json.dumps(manifest, indent=1, default=str) + "\n")
+    write_if_changed(out / "report.md", _report(manifest, errors))
     return manifest
 
 
-def _dedup(out: Path, n_blocks: int, shard_path, errors_path, write_atomic) -> int:
+def _dedup(out: Path, n_blocks: int) -> int:
     """Keep the first sample of each (task, audio content) in input order; later ones become error rows."""
     first: dict[tuple[str, str], str] = {}
     moved = 0
@@ -62,12 +63,12 @@ def _dedup(out: Path, n_blocks: int, shard_path, errors_path, write_atomic) -> i
         have = set(errors.column("id").to_pylist())
         new = [d for d in dups if d["id"] not in have]
         if new:  # first the error rows, then the shard without them: a crash between is finished by a rerun
-            write_atomic(pa.concat_tables([errors, pa.Table.from_pylist(new, schema=ERROR_SCHEMA)]), errors_path(out, b))
+            write_atomic(errors_path(out, b), pa.concat_tables([errors, pa.Table.from_pylist(new, schema=ERROR_SCHEMA)]))
         table = pq.read_table(path, schema=SAMPLE_SCHEMA)
         drop = {d["id"] for d in dups}
         kept = table.filter(pc.invert(pc.is_in(table.column("id"), pa.array(sorted(drop)))))
         if kept.num_rows:
-            write_atomic(kept, path)
+            write_atomic(path, kept)
         else:
             path.unlink()
         moved += len(dups)
@@ -141,10 +142,3 @@ def _report(manifest: dict, errors: pa.Table) -> str:
                      f"| {run['started_at']:.0f} | {run['inputs']} | {run['wall_s']:.1f} | | |")
     return "\n".join(lines) + "\n"
 
-
-def _write_if_changed(path: Path, text: str) -> None:
-    if path.exists() and path.read_text() == text:
-        return
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text)
-    temp.replace(path)

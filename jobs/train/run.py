@@ -4,63 +4,30 @@ run.json records the recipe config, and per stage its status (pending / running 
 its HF folder and its last metrics. A stage starts from the previous stage's folder as recorded there (never a
 hand-copied path); a done stage is skipped; a stage left running resumes from its last complete checkpoint
 (RUN_DIR/checkpoints/stage<N>/step<S>, also reachable through Ray's own restore of the same run name).
+
+RUN_DIR is a `jobs.run_folder.RunFolder`, as prepare's and batch's folders are: locked while a run writes it;
+RUN_DIR/plan.json pins what the stages produce (the shards folder, --init, the stage the chain starts at, and
+every stage's recipe values), so a rerun with other data, another --init or other recipe values is refused in
+one line naming the setting (`restart=True`, the CLI's `--restart`, clears the run and starts over); a start
+that fails before the first stage starts leaves RUN_DIR as it was. `--data` is the folder `vita-audio prepare`
+wrote (its manifest.json names the shards) or a folder of shards; nothing else in it is read.
 """
 from __future__ import annotations
 
-import copy
 import json
+import math
 import os
 import time
 from pathlib import Path
 
-import yaml
-
+from jobs.run_folder import RunFolder, local_path
+from jobs.train.config import RECIPES, StageConfig, TrainConfigError, load_recipe, pinned
 from jobs.train.packing import REQUIRED_COLUMNS
 
-RECIPES = Path(__file__).parent / "recipes"
-STAGE_KEYS = ("num_mtp_modules", "language_model_frozen", "lr", "mtp_inference_mode")
-OPTIONAL_KEYS = {"deepspeed_config", "log_every", "keep_checkpoints", "bf16", "mtp_loss_across_samples"}
-NUMBERS = ("lr", "mtp_lr_mult", "weight_decay", "warmup_ratio", "min_lr_ratio", "max_grad_norm", "eps", "max_steps",
-           "grad_accum", "save_every", "max_length", "num_mtp_modules", "zero_stage")
-
-
-class TrainConfigError(ValueError):
-    """A run that cannot work, refused before any worker starts; the message says how to fix it."""
-
-
-def load_recipe(recipe: str, overrides: list[str] = ()) -> dict[int, dict]:
-    """Stage number -> full stage config. `recipe` is a YAML path or a name under recipes/ (`tiny`).
-    Overrides `key=value` apply to every stage, `stage<N>.key=value` to one; values are parsed as YAML."""
-    path = Path(recipe)
-    if not path.is_file():
-        path = RECIPES / f"{recipe}.yaml"
-    if not path.is_file():
-        raise TrainConfigError(f"recipe {recipe!r} not found: give a YAML file or one of "
-                               f"{sorted(p.stem for p in RECIPES.glob('*.yaml'))}")
-    data = yaml.safe_load(path.read_text())
-    stages = {int(n): {**data.get("defaults", {}), **s, "stage": int(n)} for n, s in data["stages"].items()}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise TrainConfigError(f"override {item!r} is not key=value")
-        target = stages.values()
-        if key.startswith("stage") and "." in key:
-            n, key = key[5:].split(".", 1)
-            target = [stages[int(n)]]
-        for s in target:
-            s[key] = _value(value)
-    return stages
-
-
-def _value(text: str):
-    """A YAML value, with `3e-3` read as a number (YAML 1.1 takes exponents without a dot for strings)."""
-    value = yaml.safe_load(text)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
+__all__ = ["RECIPES", "StageConfig", "TrainConfigError", "load_recipe", "plan_run", "resolve_data", "run"]
+PLAN_VERSION = 1
+# everything a run writes in RUN_DIR (a restart clears these, and nothing else)
+OUTPUTS = ("stage*", "checkpoints", "ray", "run.json")
 
 
 def parse_stages(spec: str) -> list[int]:
@@ -68,47 +35,65 @@ def parse_stages(spec: str) -> list[int]:
     return list(range(int(lo), int(hi or lo) + 1))
 
 
-def check_shards(data_dir: str | os.PathLike) -> list[str]:
+def resolve_data(data) -> tuple[Path, list[str]]:
+    """(the shards folder, its shard files) of `--data`: the folder `vita-audio prepare` wrote (the shards its
+    manifest.json lists, under shards/) or a folder of shards (its *.parquet, hidden folders skipped)."""
     import pyarrow.parquet as pq
 
-    files = sorted(str(p) for p in Path(data_dir).rglob("*.parquet"))
+    root = local_path(data, "--data")
+    if not root.is_dir():
+        raise TrainConfigError(f"--data {data}: not a folder (give the folder `vita-audio prepare` wrote, or its "
+                               "shards/)")
+    if (root / "manifest.json").is_file() or ((root / "shards").is_dir() and (root / ".blocks").is_dir()):
+        if not (root / "manifest.json").is_file():
+            raise TrainConfigError(f"--data {data}: the preparation there has not finished (no manifest.json): "
+                                   "rerun `vita-audio prepare` on it")
+        try:
+            names = json.loads((root / "manifest.json").read_text())["shards"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise TrainConfigError(f"--data {data}: manifest.json is not a preparation manifest ({err})") from None
+        root = root / "shards"
+        files = [str(root / name) for name in names]
+        gone = [f for f in files if not Path(f).is_file()]
+        if gone:
+            raise TrainConfigError(f"--data {data}: its manifest lists {gone[0]}, which is missing: rerun "
+                                   "`vita-audio prepare` on it")
+    else:
+        files = sorted(str(p) for p in root.rglob("*.parquet")
+                       if not any(part.startswith(".") for part in p.relative_to(root).parts))
     if not files:
-        raise TrainConfigError(f"no Parquet shards under {data_dir!r}: run `vita-audio prepare` first")
+        raise TrainConfigError(f"no Parquet shards under {str(data)!r}: run `vita-audio prepare` first")
     for f in files:
         missing = [c for c in REQUIRED_COLUMNS if c not in pq.read_schema(f).names]
         if missing:
             raise TrainConfigError(f"shard {f!r} lacks columns {missing} (needs {list(REQUIRED_COLUMNS)}): "
                                    "re-run the corpus preparation with this version")
-    return files
+    return root.resolve(), files
 
 
-def check_stage(cfg: dict, n_params: int, workers: int, memory_bytes: int) -> None:
-    missing = [k for k in STAGE_KEYS if k not in cfg]
-    if missing:
-        raise TrainConfigError(f"stage {cfg['stage']}: recipe lacks {missing}")
-    if cfg["language_model_frozen"] and cfg["num_mtp_modules"] < 1:
-        raise TrainConfigError(f"stage {cfg['stage']} freezes the language model but has no MCTP module, so "
-                               "nothing would train: set num_mtp_modules >= 1 or language_model_frozen: false")
-    for key in NUMBERS:
-        if key in cfg and (isinstance(cfg[key], bool) or not isinstance(cfg[key], (int, float))):
-            raise TrainConfigError(f"stage {cfg['stage']}: {key}={cfg[key]!r} must be a number")
-    if cfg.get("deepspeed_config"):
-        path = Path(cfg["deepspeed_config"])
-        try:
-            zero = json.loads(path.read_text()).get("zero_optimization", {})
-        except (OSError, ValueError) as err:
-            raise TrainConfigError(f"stage {cfg['stage']}: deepspeed_config {str(path)!r} is not a readable JSON "
-                                   f"file ({err})") from None
-        if zero.get("stage", "auto") != "auto":
-            cfg["zero_stage"] = zero["stage"]
-    if cfg["zero_stage"] not in (0, 1, 2, 3):
-        raise TrainConfigError(f"zero_stage {cfg['zero_stage']!r}: use 0, 1, 2 or 3")
-    if cfg["max_steps"] < 1 or cfg["grad_accum"] < 1 or cfg["save_every"] < 1:
-        raise TrainConfigError("max_steps, grad_accum and save_every must be >= 1")
-    need = zero_bytes_per_worker(n_params, workers, cfg["zero_stage"])
+def check_init(init) -> Path:
+    """`--init` is a Qwen2 (or Qwen2-MTP) LLM folder, read from its config.json."""
+    path = local_path(init, "--init")
+    config = path / "config.json"
+    if not config.is_file():
+        raise TrainConfigError(f"--init {init!r}: not a model folder (no config.json); give the LLM folder "
+                               "(for example the llm/ of `vita-audio tiny`)")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise TrainConfigError(f"--init {init!r}: config.json is not readable JSON ({err})") from None
+    if model_type not in ("qwen2", "qwen2_mtp"):
+        raise TrainConfigError(f"--init {init!r}: a {model_type!r} model folder, not a Qwen2 LLM; give the LLM "
+                               "folder (for example the llm/ of a models folder)")
+    return path.resolve()
+
+
+def check_stage(cfg: StageConfig, n_params: int, workers: int, memory_bytes: int) -> None:
+    """The memory check of a stage (every other check is the config's, at load)."""
+    need = zero_bytes_per_worker(n_params, workers, cfg.zero_stage)
     if need > memory_bytes:
         raise TrainConfigError(
-            f"stage {cfg['stage']}: ZeRO-{cfg['zero_stage']} needs about {need / 2**30:.1f} GiB per worker for "
+            f"stage {cfg.stage}: ZeRO-{cfg.zero_stage} needs about {need / 2**30:.1f} GiB per worker for "
             f"{n_params / 1e9:.2f} B fp32 parameters + grads + AdamW states, {memory_bytes / 2**30:.1f} GiB available: "
             "use zero_stage: 3, more workers, or bf16 on GPU")
 
@@ -142,15 +127,12 @@ class Manifest:
 
 
 def plan_run(recipe: str, data: str, init: str, stages: str = "1-4", workers: int = 2,
-             gpus_per_worker: float = 0, overrides: list[str] = ()) -> tuple[dict[int, dict], list[int]]:
-    """Every check that needs no worker: recipe and overrides, stage range, shards, starting folder, memory.
-    Returns the stage configs and the stage numbers to run; raises TrainConfigError with the fix."""
-    known = set().union(*(s.keys() for s in load_recipe(recipe).values()), OPTIONAL_KEYS)
+             gpus_per_worker: float = 0, overrides: list[str] = (), out: str | None = None,
+             restart: bool = False) -> tuple[dict[int, StageConfig], list[int]]:
+    """Every check that needs no worker: recipe and overrides, stage range, resources, shards, starting folder,
+    memory, and (given `out`) the run folder's plan. Returns the stage configs and the stage numbers to run;
+    raises TrainConfigError (an InputError) with the fix, changing nothing."""
     plan = load_recipe(recipe, list(overrides))
-    for item in overrides:
-        key = item.partition("=")[0].split(".", 1)[-1] if item.startswith("stage") else item.partition("=")[0]
-        if key not in known:
-            raise TrainConfigError(f"override {item!r}: unknown key {key!r} (recipe keys: {', '.join(sorted(known))})")
     try:
         wanted = parse_stages(stages)
     except ValueError:
@@ -158,22 +140,52 @@ def plan_run(recipe: str, data: str, init: str, stages: str = "1-4", workers: in
     unknown = [n for n in wanted if n not in plan]
     if not wanted or unknown:
         raise TrainConfigError(f"--stages {stages!r}: the recipe has stages {sorted(plan)}")
-    if workers < 1 or gpus_per_worker < 0:
-        raise TrainConfigError("--workers must be >= 1 and --gpus-per-worker >= 0")
-    check_shards(data)
-    if not (Path(init) / "config.json").is_file():
-        raise TrainConfigError(f"--init {init!r}: not a model folder (no config.json); give the LLM folder "
-                               "(for example the llm/ of `vita-audio tiny`)")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise TrainConfigError(f"--workers must be >= 1, got {workers!r}")
+    if not isinstance(gpus_per_worker, (int, float)) or not math.isfinite(gpus_per_worker) or gpus_per_worker < 0:
+        raise TrainConfigError(f"--gpus-per-worker must be a finite number >= 0, got {gpus_per_worker!r}")
+    resolve_data(data)
+    check_init(init)
     n_params = _count_params(init)
     memory = _memory_per_worker(workers, gpus_per_worker)
     for n in wanted:
         check_stage(plan[n], n_params, workers, memory)
+    if out is not None:
+        run_dir = local_path(out, "--out")
+        RunFolder(run_dir, "train", OUTPUTS).check(
+            _run_plan(plan, wanted, data, init, Manifest(run_dir), restart), restart)
     return plan, wanted
+
+
+def _run_plan(plan: dict[int, StageConfig], wanted: list[int], data, init, manifest: Manifest,
+              restart: bool) -> dict:
+    """What RUN_DIR/plan.json pins: the shards folder, the starting folder, the stage the chain starts at (the
+    first wanted stage, or an earlier one whose done stages lead to it), and every stage's recipe values."""
+    first = min(wanted)
+    while not restart and manifest.data["stages"].get(str(first - 1), {}).get("status") == "done":
+        first -= 1
+    return {"version": PLAN_VERSION, "data": str(resolve_data(data)[0]), "init": str(check_init(init)),
+            "first_stage": first, **{f"stage{n}": pinned(cfg) for n, cfg in plan.items()}}
 
 
 def run(recipe: str, data: str, init: str, out: str, stages: str = "1-4", workers: int = 2,
         gpus_per_worker: float = 0, overrides: list[str] = (), max_failures: int = 1,
-        cpus_per_worker: float = 1.0) -> dict:
+        cpus_per_worker: float = 1.0, restart: bool = False) -> dict:
+    """Run (or resume) the stages; returns run.json's content. Every refusal (TrainConfigError, RunFolderError:
+    both InputErrors) comes before Ray is used."""
+    plan, wanted = plan_run(recipe, data, init, stages, workers, gpus_per_worker, overrides)
+    shards, files = resolve_data(data)
+    run_dir = local_path(out, "--out").resolve()
+    folder = RunFolder(run_dir, "train", OUTPUTS)
+    run_plan = _run_plan(plan, wanted, data, init, Manifest(run_dir), restart)
+    with folder.open(run_plan, restart=restart):
+        return _run_stages(folder, plan, wanted, shards, files, check_init(init), recipe, overrides, workers,
+                           gpus_per_worker, cpus_per_worker, max_failures)
+
+
+def _run_stages(folder: RunFolder, plan: dict[int, StageConfig], wanted: list[int], shards: Path, files: list[str],
+                init: Path, recipe: str, overrides, workers: int, gpus_per_worker: float, cpus_per_worker: float,
+                max_failures: int) -> dict:
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -181,19 +193,17 @@ def run(recipe: str, data: str, init: str, out: str, stages: str = "1-4", worker
 
     from jobs.train.train_func import train_func
 
-    plan, wanted = plan_run(recipe, data, init, stages, workers, gpus_per_worker, overrides)
-    run_dir = Path(out).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = folder.out
     manifest = Manifest(run_dir)
-    manifest.data.update(recipe=str(recipe), data=str(Path(data).resolve()), init=str(Path(init).resolve()),
-                         overrides=list(overrides), workers=workers)
+    manifest.data.update(recipe=str(recipe), data=str(shards), init=str(init), overrides=list(overrides),
+                         workers=workers)
     pad_id = AutoTokenizer.from_pretrained(init).pad_token_id
 
     # Read before the workers take their CPUs (on a small machine Data would get no CPU budget and wait forever);
     # every worker sees the whole dataset and keeps its rank's slice of the id order (stable across restarts).
     ray.data.DataContext.get_current().enable_progress_bars = False
-    dataset = ray.data.read_parquet(data, columns=["id", "input_ids", "labels"]).materialize()
-    start = Path(init).resolve()
+    dataset = ray.data.read_parquet(files, columns=["id", "input_ids", "labels"]).materialize()
+    start = init
     for n in wanted:
         entry = manifest.stage(n)
         prev = manifest.data["stages"].get(str(n - 1))
@@ -202,11 +212,12 @@ def run(recipe: str, data: str, init: str, out: str, stages: str = "1-4", worker
         if entry["status"] == "done":
             start = Path(entry["folder"])
             continue
-        cfg = copy.deepcopy(plan[n])
+        cfg = plan[n].as_dict()
         cfg.update(init_dir=str(start), out_dir=str(run_dir / f"stage{n}"), pad_id=pad_id,
                    ckpt_root=str(run_dir / "checkpoints" / f"stage{n}"),
                    metrics_path=str(run_dir / f"stage{n}.metrics.jsonl"))
         entry.update(status="running", init=str(start), config=cfg, started=time.time())
+        folder.commit()  # the first output: from here on the folder holds this run
         manifest.save()
         resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
         trainer = TorchTrainer(
@@ -217,12 +228,13 @@ def run(recipe: str, data: str, init: str, out: str, stages: str = "1-4", worker
             run_config=RunConfig(name=f"stage{n}", storage_path=str(run_dir / "ray"),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
                                  failure_config=FailureConfig(max_failures=max_failures)))
-        with Progress(Path(cfg["metrics_path"]), cfg.get("log_every", 1), cfg["max_steps"]):
+        with Progress(Path(cfg["metrics_path"]), cfg["log_every"], cfg["max_steps"]):
             result = trainer.fit()
         entry.update(status="done", folder=cfg["out_dir"], metrics=result.metrics,
                      checkpoint=result.checkpoint.path if result.checkpoint else None, finished=time.time())
         manifest.save()
         start = Path(cfg["out_dir"])
+    folder.commit()
     return manifest.data
 
 

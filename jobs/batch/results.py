@@ -1,0 +1,48 @@
+"""What a batch results folder holds, by name: block b's result file, the rows read back, and which error rows a
+rerun retries. Used by the job (which writes the blocks) and the report (which reads them)."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.batch.stages import IN_FLIGHT, ROW_SCHEMA
+from jobs.run_folder import block_file
+
+RESULT_SCHEMA = pa.schema([f for f in ROW_SCHEMA if f.name not in IN_FLIGHT])
+# everything the job writes in DIR (a restart clears these, and nothing else)
+OUTPUTS = ("results", "audio", "summary.json", "report.md", "runs.jsonl")
+STAGES = ("encoder", "llm", "decoder")
+# A stage that crashed or ran out of memory on a row: not the row's fault, so the job is not complete and a
+# rerun retries the row. Other error rows (unreadable audio, too long, empty text, ...) stay unless
+# `retry_errors` is set.
+_TRANSIENT = re.compile(r"out of memory|OutOfMemoryError|MemoryError|can't allocate memory|CUDA error|RuntimeError|"
+                        r"RequestAborted|StageRestarting|StageBusy|TimeoutError|CancelledError|RayActorError|"
+                        r"ActorDiedError|ActorUnavailableError|WorkerCrashedError|ObjectLostError|NodeDiedError")
+
+
+def block_path(out, block: int) -> Path:
+    return block_file(Path(out) / "results", block)
+
+
+def read_results(out: str | os.PathLike) -> pa.Table:
+    """Every result row of DIR, ordered by result file (= input order)."""
+    files = sorted((Path(out) / "results").glob("part-*.parquet"))
+    if not files:
+        return RESULT_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(f, schema=RESULT_SCHEMA) for f in files])
+
+
+def transient(row: dict) -> bool:
+    """An error row whose stage crashed or ran out of memory (`stage: ExceptionName: ...`): retried on rerun."""
+    error = row.get("error") or ""
+    stage = error.partition(":")[0]
+    return row.get("status") == "error" and stage in STAGES and bool(_TRANSIENT.search(error))
+
+
+def to_retry(row: dict, retry_errors: bool) -> bool:
+    """Whether a rerun processes this existing row again."""
+    return row.get("status") != "ok" and (retry_errors or transient(row))
