@@ -26,6 +26,7 @@ BENCHMARKS = {
     "train": "benchmarks.train",        # Ray Train + DeepSpeed vs a plain PyTorch loop, 2 workers vs 1
     "train-acceptance": "benchmarks.train_acceptance",  # small model trained on mini-speech: CER, exact vs vanilla, served
     "serve": "benchmarks.serve",        # HTTP time to first audio and RTF vs concurrency, vs in-process
+    "prefill": "benchmarks.prefill",    # another client's time to first token while a max-length prompt prefills
 }
 
 # Subcommands implemented in their own modules: name -> (module with add_arguments(p, name) and run(args), help).

@@ -9,7 +9,8 @@ if TYPE_CHECKING:
 __all__ = ["joins_now"]
 
 
-def joins_now(seq: "SequenceState", active: list, waiting: list, align_steps: int, num_modules: int, window: int = 32) -> bool:
+def joins_now(seq: "SequenceState", active: list, waiting: list, align_steps: int, num_modules: int, window: int = 32,
+              prefill_chunk: int = 0) -> bool:
     """Whether a new request should join now rather than wait (at most `align_steps` steps) for a better
     point of the running requests' schedules.
 
@@ -23,13 +24,13 @@ def joins_now(seq: "SequenceState", active: list, waiting: list, align_steps: in
     if not align_steps or not active or seq.waited >= align_steps:
         return True
     N, horizon = num_modules, align_steps - seq.waited
-    own = seq.future_actions(N, window)
+    own = seq.future_actions(N, window, prefill_chunk)
     if own is None:
         return True
     kinds: list[set[bool]] = [set() for _ in range(window + horizon)]  # per future step: backbone? values
     remaining = 0
     for r in active:
-        actions = r.future_actions(N, window + horizon)
+        actions = r.future_actions(N, window + horizon, prefill_chunk)
         if actions is None:
             return True  # verifying requests' steps depend on their outputs: no basis to wait
         remaining = max(remaining, r.max_new - r.generated)

@@ -23,14 +23,16 @@ class StepObserver:
     record_logits: bool = False
 
     def on_forward(self, kind: str, rows: int, q_len: int, run: Callable[[], T]) -> T:
-        """Wraps each model call of a step: `kind` "backbone", "mtp<k>[,<k>...]" (the modules in it) or
-        "lm_head"; `rows` requests, `q_len` the longest query. Must return `run()`."""
+        """Wraps each model call of a step: `kind` "backbone", "mtp<k>[,<k>...]" (the modules in it), "prefill"
+        (pieces of long prompts), "prefill-mtp<k>[,...]" (pieces of the modules' catch-up over them) or "lm_head"
+        (none in a step where only pieces ran); `rows` requests, `q_len` the longest query. Must return `run()`."""
         return run()
 
     def on_request_forward(self, request_id: str, producer: str, q_len: int, pos_first: int,
                            logits: torch.Tensor | None) -> None:
         """One request's part of a forward: its producer ("backbone" | "mtp<k>"), query length and first rotary
-        position; `logits` (one row, float32) when `record_logits` and the request does not verify drafts."""
+        position; `logits` (one row, float32) when `record_logits` and the request does not verify drafts (None
+        for a piece of a long prompt or catch-up, which chooses no token)."""
 
     def on_step(self, events: list) -> None:
         """The end of a step, with the events it produced."""

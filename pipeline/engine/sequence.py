@@ -54,6 +54,8 @@ class SequenceState:
         self.verify_calls = 0
         self.finished: str | None = None
         self.waited = 0  # steps spent waiting to join in phase with the running requests
+        self.arrival = 0  # the engine's count of requests added before this one (long work is served in order)
+        self.piecewise: set[int] = set()  # actions (-1 backbone, k module) whose long work runs in pieces now
 
     def _modules_used(self, N: int) -> list[bool]:
         used = [False] * N
@@ -90,14 +92,18 @@ class SequenceState:
     def generated(self) -> int:
         return len(self.tokens) - self.prompt_len
 
-    def future_actions(self, N: int, count: int) -> list[int] | None:
+    def future_actions(self, N: int, count: int, prefill_chunk: int = 0) -> list[int] | None:
         """The next `count` actions (as `next_action`), one per step; None if they depend on the outputs
-        (verification). Without verification every step emits exactly one token, so the schedule fixes them."""
+        (verification). Without verification every step emits exactly one token, so the schedule fixes them
+        (a prompt longer than `prefill_chunk` takes one backbone step per piece; the pieces of a long MCTP
+        catch-up after it are not counted: an estimate for admission)."""
         if self.verify:
             return None
         actions, g, chain = [], self.generated, self.chain_k
-        if self.bb_len == 0:  # prefill
-            actions.append(-1)
+        if self.bb_len < self.prompt_len:  # prefill: one step, or one per piece when it is chunked
+            remaining = self.prompt_len - self.bb_len
+            pieces = -(-remaining // prefill_chunk) if prefill_chunk and self.prompt_len > prefill_chunk else 1
+            actions.extend([-1] * min(pieces, count))
             g, chain = g + 1, -1
         while len(actions) < count and g < self.max_new:
             k = -1 if self.schedule[g] == "M" else chain + 1
@@ -108,7 +114,7 @@ class SequenceState:
 
     def next_action(self, N: int) -> int:
         """-1 = backbone forward, k >= 0 = MCTP module k forward."""
-        if self.bb_len == 0:
+        if self.bb_len < self.prompt_len:  # prefill (or its next piece)
             return -1
         if self.verify:
             return len(self.drafts) if len(self.drafts) < self.draft_target else -1
