@@ -176,13 +176,41 @@ PipelineEvent = TextDelta | AudioChunk | Done | ErrorEvent
 # Glue: request -> prompt ids -> engine request
 
 
-def load_waveform(audio, sample_rate: int | None = None, target_sample_rate: int = 16000) -> AudioPayload:
-    """Path / bytes / array -> a checked 16 kHz mono AudioPayload (raises pipeline.audio.AudioError)."""
-    from pipeline.audio import load_audio
+def load_waveform(audio, sample_rate: int | None = None, target_sample_rate: int = 16000,
+                  limits=None) -> AudioPayload:
+    """Path / bytes / array -> a checked 16 kHz mono AudioPayload by the one audio admission
+    (`pipeline.audio.admit_audio` with `limits`, default `DEFAULT_LIMITS`; raises its typed AudioError).
+    An AudioPayload (a clip a front end already admitted, e.g. off its event loop) is passed through: each
+    file is decoded once."""
+    from pipeline.audio import DEFAULT_LIMITS, AudioError, admit_audio
 
+    if isinstance(audio, AudioPayload):
+        if audio.sample_rate != target_sample_rate:
+            raise AudioError(f"{audio.name or 'audio'}: an admitted clip at {audio.sample_rate} Hz, the encoder "
+                             f"takes {target_sample_rate} Hz")
+        return audio
     name = os.fspath(audio) if isinstance(audio, (str, os.PathLike)) else type(audio).__name__
-    pcm = load_audio(audio, sample_rate, target_sample_rate=target_sample_rate)
-    return AudioPayload(pcm=pcm, sample_rate=target_sample_rate, name=name)
+    admitted = admit_audio(audio, sample_rate, limits=limits or DEFAULT_LIMITS, target_sample_rate=target_sample_rate)
+    return AudioPayload(pcm=admitted.pcm, sample_rate=target_sample_rate, name=name)
+
+
+def admit_input(audio, *, max_seconds: float | None, min_seconds: float = 0.0, names: dict | None = None,
+                field: str | None = None, target_sample_rate: int = 16000) -> AudioPayload:
+    """A user's audio file or bytes, admitted once (`pipeline.audio.admit_audio` with the default limits and
+    these seconds): the AudioPayload a front end passes to `run_request` / the pipeline, which does not decode
+    it again. Refused as the InputError naming the front end's settings (`names`, e.g.
+    {"max_seconds": "--max-audio-seconds"}); the typed AudioError is its `__cause__` (too long / too large:
+    `err.__cause__.too_large`)."""
+    from actors.errors import InputError
+    from pipeline.audio import DEFAULT_LIMITS, AudioError
+
+    try:
+        limits = DEFAULT_LIMITS.with_(max_seconds=max_seconds, min_seconds=min_seconds)
+        return load_waveform(audio, target_sample_rate=target_sample_rate, limits=limits)
+    except AudioError as err:
+        refusal = InputError(err.message(names))
+        refusal.field = field
+        raise refusal from err
 
 
 def build_prompt(request: SpeechRequest, tokenizer, layout) -> list[int]:

@@ -42,7 +42,7 @@ def add_arguments(p, name: str) -> None:
     p.add_argument("--min-seconds", type=float, default=0.3, help="shorter audio is rejected")
     p.add_argument("--max-seconds", type=float, default=60.0, help="longer audio is rejected")
     p.add_argument("--min-sample-rate", type=int, default=16000, help="audio recorded at a lower rate is rejected")
-    p.add_argument("--channels", default="reject", choices=["first", "mix", "reject"],
+    p.add_argument("--channels", default="first", choices=["first", "mix", "reject"],
                    help="multi-channel audio: keep channel 0 (as the original tokenizer), average, or reject")
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads per encoder actor (0: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")

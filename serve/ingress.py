@@ -24,7 +24,7 @@ from serve.http import (ENCODER_RATE, RETRY_AFTER_S, Run, app, b64, check_mode, 
                         verbose_transcription)
 from serve.routes_chat import ChatRoutes
 from serve.routes_realtime import RealtimeRoutes
-from serve.uploads import check_audio
+from serve.uploads import admit_upload
 from serve.voices import MAX_VOICE_SECONDS, VoiceStore
 
 # Helpers live in serve.http (imported modules reach the replica whole; names defined below the decorated
@@ -112,10 +112,10 @@ class Ingress(ChatRoutes, RealtimeRoutes):
             raise APIError(400, f"{param}={n} exceeds max_tokens={self.caps['max_tokens']}", param=param,
                            code="max_tokens")
 
-    def _audio(self, data: bytes, param: str, max_seconds: float | None = None):
-        """Check an uploaded clip against the caps: its 16 kHz samples."""
+    async def _audio(self, data: bytes, param: str, max_seconds: float | None = None) -> AudioPayload:
+        """An uploaded clip admitted against the caps (off the event loop): its 16 kHz AudioPayload."""
         cap = min(self.caps["max_audio_seconds"], max_seconds or float("inf"))
-        return check_audio(data, cap, param)
+        return await admit_upload(data, cap, param)
 
     # -- routes --------------------------------------------------------------------------------------------
     @app.get("/health")
@@ -148,7 +148,8 @@ class Ingress(ChatRoutes, RealtimeRoutes):
         if fields.get("type", "audio_sample") != "audio_sample":
             raise APIError(400, f"type={fields['type']!r}: only audio_sample voices are supported", param="type")
         self.voice_store.check_new(name)
-        payload = AudioPayload(self._audio(data, "audio_sample", MAX_VOICE_SECONDS), ENCODER_RATE, f"voice {name}")
+        payload = await self._audio(data, "audio_sample", MAX_VOICE_SECONDS)
+        payload.name = f"voice {name}"
         codes = await encode_audio(self.clients, payload)
         return self.voice_store.add(name, codes, payload.seconds).describe()
 
@@ -224,9 +225,10 @@ class Ingress(ChatRoutes, RealtimeRoutes):
         check_mode(body.mode)
         if body.include:
             raise APIError(400, "include[]=logprobs is not supported", param="include[]")
-        seconds = len(self._audio(data, "file")) / ENCODER_RATE  # run_request decodes the file itself
+        audio = await self._audio(data, "file")  # decoded once: run_request takes the admitted clip
+        seconds = audio.seconds
         sampling = Sampling(temperature=body.temperature).params()
-        run = self._run("transcriptions", "asr", audio=data, mode=body.mode, max_new_tokens=body.max_new_tokens,
+        run = self._run("transcriptions", "asr", audio=audio, mode=body.mode, max_new_tokens=body.max_new_tokens,
                         sampling=sampling)
         first = await run.first()
         if body.stream:

@@ -15,7 +15,7 @@ from serve.api import APIError, AudioOut, ChatBody
 from serve.audio_formats import encode, to_int16
 from serve.http import (ENCODER_RATE, app, b64, check_mode, check_text, gather, joined_pcm, refused, sse, stage_error,
                         streamed, encode_audio)
-from serve.uploads import check_audio
+from serve.uploads import admit_upload
 
 DEFAULT_MAX_TOKENS = 256
 AUDIO_FORMATS = {"wav": "wav", "flac": "flac", "pcm16": "pcm", "mp3": "mp3", "opus": "opus"}  # OpenAI's name -> serve.audio_formats
@@ -107,9 +107,9 @@ class ChatRoutes:
         if not last.audios:
             check_text("\n".join(last.texts), self.caps["max_text_chars"], "messages.content")
         cap = self.caps["max_audio_seconds"]
-        clips = [check_audio(clip, cap, "messages.input_audio")
+        clips = [await admit_upload(clip, cap, "messages.input_audio")  # off the event loop, each decoded once
                  for turn in (*conversation.history, last) for clip in turn.audios]
-        seconds = sum(len(pcm) for pcm in clips) / ENCODER_RATE
+        seconds = sum(clip.seconds for clip in clips)
         if seconds > cap:
             raise APIError(413, f"messages hold {seconds:.1f} s of audio, over max_audio_seconds={cap:g}",
                            param="messages", code="max_audio_seconds")
@@ -118,12 +118,12 @@ class ChatRoutes:
             codes = [await self._encode(next(decoded)) for _ in turn.audios]
             audio_tokens += sum(len(c) for c in codes)
             history.append(chat_format.history_entry(turn, codes, transcript))
-        # the new turn's clip was checked above; run_request encodes it
-        new_turn = {"audio": last.audios[0]} if last.audios else {"text": "\n".join(last.texts)}
+        # the new turn's clip was admitted above; run_request encodes that admitted clip
+        new_turn = {"audio": clips[len(clips) - len(last.audios)]} if last.audios else {"text": "\n".join(last.texts)}
         return history, new_turn, audio_tokens
 
-    async def _encode(self, pcm) -> list[int]:
-        return await encode_audio(self.clients, AudioPayload(pcm, ENCODER_RATE, "messages.input_audio"))
+    async def _encode(self, clip: AudioPayload) -> list[int]:
+        return await encode_audio(self.clients, clip)
 
     def _chat_text_cap(self, conversation) -> None:
         texts = [conversation.system or ""] + [t for turn in (*conversation.history, conversation.last)

@@ -19,11 +19,12 @@ from pathlib import Path
 from fastapi import WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse
 
-from actors.payloads import ErrorEvent, load_waveform
+from actors.payloads import ErrorEvent
 from serve.api import MODEL_ID, APIError
 from serve.http import app, logger, stage_error, encode_audio
 from serve.realtime import Plan, Response, Session
 from serve.realtime_events import ClientEvent, decode, error_event, parse
+from serve.uploads import admit_pcm16
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 KEY_PROTOCOL = "openai-insecure-api-key."  # OpenAI's browser auth: the key as a WebSocket subprotocol
@@ -147,4 +148,5 @@ class RealtimeRoutes:
         """Audio codes of the earlier turns' clips (once per clip; the prompt refers to them by their codes), from
         the same 16 kHz waveform run_request made of the clip in its own turn."""
         for clip in plan.history_clips():
-            clip.codes = await encode_audio(self.clients, load_waveform(clip.wav()))
+            clip.codes = await encode_audio(self.clients, await admit_pcm16(clip.pcm16, clip.rate, clip.seconds + 1,
+                                                                            "audio"))

@@ -357,8 +357,8 @@ def _damaged_corpus(mini: Path, root: Path) -> dict[str, str]:
     put("nan", nan, 16000, subtype="FLOAT", expect="non_finite")
     put("lowrate", soxr.resample(speech, 16000, 8000), 8000, expect="low_sample_rate")
     other = _speech(mini, 2)  # not the good file's speech: that would be a duplicate of it
-    put("stereo", np.stack([other, np.resize(_speech(mini, 1), len(other))], axis=1), 16000, expect="multichannel")
-    put("rate48k", soxr.resample(_speech(mini, 3), 16000, 48000), 48000, expect="rate_mismatch")
+    put("stereo", np.stack([other, np.resize(_speech(mini, 1), len(other))], axis=1), 16000)  # channel 0 kept
+    put("rate48k", soxr.resample(_speech(mini, 3), 16000, 48000), 48000)  # resampled, as in a 48 kHz corpus
     put("silent", np.zeros(16000, np.float32), 16000, expect="silent")
     put("clipped", np.clip(np.sin(np.linspace(0, 2000, 32000)) * 3, -1, 1).astype(np.float32), 16000, expect="clipped")
     put("short", speech[:1600], 16000, expect="too_short")
@@ -368,9 +368,10 @@ def _damaged_corpus(mini: Path, root: Path) -> dict[str, str]:
 
 
 def test_damaged_corpus_one_error_row_each(ray_session, tiny_models, mini, tmp_path):
-    """Each damaged file is one error row naming its reason (a stereo file in a mono corpus, a 48 kHz file in a
-    16 kHz one included); rows + error rows == inputs. With channels="first" the stereo file keeps channel 0,
-    as the original tokenizer does."""
+    """Each damaged file is one error row naming its reason; rows + error rows == inputs. A 48 kHz file in a
+    16 kHz corpus is resampled and a stereo file keeps channel 0 (as the original tokenizer does), both counted
+    in the report (README's prepare section); with channels="reject" the stereo file is an error row whose
+    detail names the flag that accepts it."""
     from jobs.prepare.checks import AudioChecks
     from jobs.prepare.job import run_prepare
     from jobs.prepare.shards import read_shards
@@ -386,18 +387,22 @@ def test_damaged_corpus_one_error_row_each(ray_session, tiny_models, mini, tmp_p
     assert sorted(rows) == sorted(n for n, e in expected.items() if e == "ok")
     assert {n: e["reason"] for n, e in errors.items()} == {n: e for n, e in expected.items() if e != "ok"}
     assert "truncated" in errors["truncated"]["detail"] and "8000 Hz" in errors["lowrate"]["detail"]
-    assert "2 channels" in errors["stereo"]["detail"] and "48000 Hz" in errors["rate48k"]["detail"]
+    assert "--min-sample-rate" in errors["lowrate"]["detail"] and "--min-seconds" in errors["short"]["detail"]
     assert errors["missing"]["path"].endswith("9-9-missing.flac") and "no such file" in errors["missing"]["detail"]
     report = (out / "report.md").read_text()
     assert all(f"| {reason} | 1 |" in report for reason in set(expected.values()) - {"ok"})
-
-    first = run_prepare(_config(tiny_models, [f"librispeech:{tmp_path / 'corpus'}"], tmp_path / "first", tasks=("asr",),
-                                block_size=4, checks=AudioChecks(channels="first")))
-    assert first["counts"]["samples"] == 2
-    stereo = next(r for r in read_shards(tmp_path / "first").to_pylist() if r["utterance"].endswith("stereo"))
-    assert stereo["converted"] == ["channel 0 of 2"]
+    assert rows["stereo"]["converted"] == ["channel 0 of 2"] and rows["rate48k"]["converted"] == ["resampled 48000 Hz"]
+    assert c["converted"] == {"channel 0 of 2": 1, "resampled 48000 Hz": 1}
+    assert "| resampled 48000 Hz | 1 |" in report and "| channel 0 of 2 | 1 |" in report
     left = sf.read(tmp_path / "corpus/damaged/9/9/9-9-stereo.wav", dtype="float32")[0][:, 0]
-    assert stereo["audio_codes"][0] == load_encoder(tiny_models / "encoder").encode(left, 16000)
+    assert rows["stereo"]["audio_codes"][0] == load_encoder(tiny_models / "encoder").encode(left, 16000)
+
+    strict = run_prepare(_config(tiny_models, [f"librispeech:{tmp_path / 'corpus'}"], tmp_path / "strict",
+                                 tasks=("asr",), block_size=4, checks=AudioChecks(channels="reject")))
+    assert strict["counts"]["samples"] == 2 and strict["counts"]["rejects"]["multichannel"] == 1
+    stereo = next(e for e in pq.read_table(tmp_path / "strict" / "errors.parquet").to_pylist()
+                  if e["utterance"].endswith("stereo"))
+    assert "2 channels" in stereo["detail"] and "--channels first" in stereo["detail"]
 
 
 @pytest.mark.slow

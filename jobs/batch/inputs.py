@@ -178,16 +178,23 @@ def _read_tar(path: Path) -> list[BatchInput]:
     return [BatchInput(key, f"{path}{TAR_SEPARATOR}{name}", texts.get(key)) for key, name in sorted(audio.items())]
 
 
-def read_audio_bytes(path: str) -> bytes | str:
-    """A tar member's bytes for `SHARD.tar::MEMBER`, else the path itself (load_audio reads both)."""
+def read_audio_bytes(path: str, max_bytes: int | None = None) -> bytes | str:
+    """A tar member's bytes for `SHARD.tar::MEMBER`, else the path itself (admit_audio reads both). A member
+    over `max_bytes` is refused before it is read (AudioTooLarge)."""
     if TAR_SEPARATOR not in path:
         return path
     shard, member = path.split(TAR_SEPARATOR, 1)
     with tarfile.open(shard) as tar:
         try:
-            return tar.extractfile(member).read()
+            info = tar.getmember(member)
         except KeyError:
             raise FileNotFoundError(f"{shard} has no member {member!r}") from None
+        if max_bytes is not None and info.size > max_bytes:
+            from pipeline.audio import AudioTooLarge
+
+            raise AudioTooLarge(f"{path} is {info.size} bytes, over the limit of {{limit}}={max_bytes}",
+                                "max_decoded_bytes")
+        return tar.extractfile(info).read()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -118,10 +118,16 @@ class SpeechEncoder(_AsyncStage):
         return to_table(rows)
 
     def _load(self, path: str):
-        from pipeline.audio import load_audio
+        """The one audio admission (`pipeline.audio.admit_audio`): refused by its header before decoding when it
+        would decode too large; an AudioError's message names the flag that accepts the file."""
+        from pipeline.audio import DEFAULT_LIMITS, AudioError, admit_audio
 
-        return load_audio(read_audio_bytes(path), target_sample_rate=self.stage.sample_rate,
-                          max_seconds=self.max_audio_seconds)
+        limits = DEFAULT_LIMITS.with_(max_seconds=self.max_audio_seconds)
+        try:
+            return admit_audio(read_audio_bytes(path, limits.max_decoded_bytes), limits=limits,
+                               target_sample_rate=self.stage.sample_rate, name=path).pcm
+        except AudioError as err:
+            raise ValueError(err.message({"max_seconds": "--max-audio-seconds"})) from None
 
     async def _encode(self, rows: list[dict], waves: dict) -> None:
         rate = self.stage.sample_rate

@@ -44,8 +44,9 @@ Read the samples from `DIR/shards/` (not `DIR/`, which also holds errors.parquet
 | converted     | list<string>       | what reading changed, e.g. `resampled 22050 Hz`, `channel 0 of 2`             |
 
 errors.parquet columns: `id` (the sample id that was not built), `source`, `path` (the audio files, `;`-joined),
-`reason` (`missing_file`, `empty`, `truncated`, `unreadable`, `non_finite`, `low_sample_rate`, `rate_mismatch`,
-`multichannel`, `too_short`, `too_long`, `silent`, `clipped`, `duplicate`, `bad_input`, `bad_sample`, `encoder`),
+`reason` (`missing_file`, `empty`, `truncated`, `unreadable`, `non_finite`, `low_sample_rate`, `high_sample_rate`,
+`too_many_channels`, `too_large`, `multichannel`, `too_short`, `too_long`, `silent`, `clipped`, `duplicate`,
+`bad_input`, `bad_sample`, `encoder`),
 `detail` (the message), `task`, `utterance`. Every input is exactly one shard row or one error row.
 """
 from jobs.prepare.checks import AudioChecks

@@ -1,8 +1,10 @@
 """Audio checks of corpus preparation: one audio reference -> a checked 16 kHz mono waveform, or a `Reject`.
 
-Reading and resampling are `pipeline.audio.load_audio` (soundfile + soxr), the loader of the speech encoder,
-so a sample's codes are what the encoder gives for that file. What is rejected (an error row with a reason)
-and what is converted:
+Reading is the one audio admission, `pipeline.audio.admit_audio` (soundfile + soxr, the loader of the speech
+encoder, so a sample's codes are what the encoder gives for that file): the header is checked first (rate,
+channels, length: nothing decoded when it is refused), the file is decoded once, only the span a manifest asks
+for. What is rejected (an error row with a reason; its detail names the flag that accepts the file, where one
+does) and what is converted (the sample's `converted` column, counted in report.md):
 
 | input                                   | outcome                                                           |
 |-----------------------------------------|-------------------------------------------------------------------|
@@ -11,11 +13,11 @@ and what is converted:
 | truncated (header announces more)       | rejected `truncated`                                              |
 | not audio / undecodable                 | rejected `unreadable`                                             |
 | NaN or inf samples                      | rejected `non_finite`                                             |
-| rate below `min_sample_rate` (16 kHz)   | rejected `low_sample_rate`: upsampling cannot restore the band    |
-| rate other than the corpus declares     | rejected `rate_mismatch` (LibriSpeech 16 kHz, LibriTTS 24 kHz, LJSpeech 22.05 kHz, Lhotse recordings their own) |
-| any other rate where none is declared   | converted: resampled to 16 kHz (VITA JSONL, Common Voice)         |
-| several channels                        | rejected `multichannel` (the corpora are mono); `channels="first"`: channel 0 kept, as the original tokenizer does; `"mix"`: averaged |
-| shorter than `min_seconds` / longer than `max_seconds` | rejected `too_short` / `too_long`                  |
+| rate below `min_sample_rate` (16 kHz)   | rejected `low_sample_rate` (`--min-sample-rate`): upsampling cannot restore the band |
+| any other rate (22.05 kHz LJSpeech, 48 kHz Common Voice, a 48 kHz file in a 16 kHz corpus) | converted: resampled to 16 kHz (`resampled 22050 Hz`), as Lhotse and NeMo do |
+| several channels                        | converted: channel 0 kept, as the original tokenizer does (`channel 0 of 2`); `channels="mix"`: averaged; `"reject"`: rejected `multichannel` (`--channels first` accepts it) |
+| shorter than `min_seconds` / longer than `max_seconds` | rejected `too_short` / `too_long` (`--min-seconds` / `--max-seconds`), longer ones by the header |
+| over 96 kHz, over 8 channels, too large to decode | rejected `high_sample_rate`, `too_many_channels`, `too_large` (audio bombs) |
 | RMS below `silence_rms`                 | rejected `silent`                                                 |
 | over `max_clipped_fraction` of samples at full scale | rejected `clipped`                                   |
 """
@@ -30,6 +32,8 @@ import numpy as np
 TARGET_RATE = 16000
 CHANNEL_POLICIES = ("first", "mix", "reject")
 _FULL_SCALE = 0.999
+# the limits of admission under the names of `vita-audio prepare`'s flags (an error row names the one to change)
+FLAGS = {"max_seconds": "--max-seconds", "min_seconds": "--min-seconds", "min_sample_rate": "--min-sample-rate"}
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,7 @@ class AudioChecks:
     min_sample_rate: int | None = TARGET_RATE  # None: upsample anything
     silence_rms: float = 1e-4  # about -80 dBFS
     max_clipped_fraction: float = 0.01
-    channels: str = "reject"
+    channels: str = "first"  # several channels: keep channel 0 (the original tokenizer), "mix" or "reject"
 
     def __post_init__(self):
         if not 0 <= self.min_seconds < self.max_seconds:
@@ -48,6 +52,14 @@ class AudioChecks:
             raise ValueError(f"channels={self.channels!r}; expected one of {CHANNEL_POLICIES}")
         if not 0 <= self.max_clipped_fraction <= 1 or self.silence_rms < 0:
             raise ValueError("max_clipped_fraction must lie in [0, 1] and silence_rms be >= 0")
+        self.limits()  # the rates and seconds make valid admission limits
+
+    def limits(self):
+        """The admission limits of these checks (`pipeline.audio.AudioLimits`)."""
+        from pipeline.audio import DEFAULT_LIMITS
+
+        return DEFAULT_LIMITS.with_(min_seconds=self.min_seconds, max_seconds=self.max_seconds,
+                                    min_sample_rate=self.min_sample_rate or 1)
 
 
 class Reject(Exception):
@@ -60,39 +72,25 @@ class Reject(Exception):
 
 def read_checked(ref, checks: AudioChecks) -> tuple[np.ndarray, list[str]]:
     """The 16 kHz mono float32 waveform of `ref` (a recipes.AudioRef) and what was converted ("resampled
-    22050 Hz", "channel 0 of 2"); a Reject otherwise."""
-    import soundfile as sf
-
-    from pipeline.audio import AudioError, load_audio
+    22050 Hz", "channel 0 of 2"); a Reject otherwise. The file is decoded once (only `ref`'s span)."""
+    from pipeline.audio import AudioError, admit_audio, probe_audio
 
     path = ref.path
     if not os.path.isfile(path):
         raise Reject("missing_file", f"{path}: no such file")
-    try:
-        info = sf.info(path)
-    except Exception:  # noqa: BLE001 - let load_audio name the problem precisely
-        info = None
-    converted = []
-    if info is not None:
-        _check_rate(info.samplerate, ref, checks, path)
-        if info.samplerate != TARGET_RATE:
-            converted.append(f"resampled {info.samplerate} Hz")
-        if info.channels > 1:
-            if checks.channels == "reject" and ref.channel is None:
-                raise Reject("multichannel", f"{path}: {info.channels} channels (channels='reject')")
-            converted.append(f"mixed {info.channels} channels" if checks.channels == "mix" and ref.channel is None
-                             else f"channel {ref.channel or 0} of {info.channels}")
     channel = ref.channel if ref.channel is not None else (None if checks.channels == "mix" else 0)
     try:
-        if ref.offset or ref.duration is not None:
-            wave = _segment(path, ref, channel, info, load_audio)
-        else:
-            wave = load_audio(path, target_sample_rate=TARGET_RATE, channel=channel,
-                              max_seconds=max(checks.max_seconds, 1.0) * 4)
+        if checks.channels == "reject" and ref.channel is None:
+            channels = probe_audio(path, limits=None).channels
+            if channels > 1:
+                raise Reject("multichannel", f"{path}: {channels} channels (--channels reject); --channels first "
+                                             "keeps channel 0, --channels mix averages them")
+        audio = admit_audio(path, limits=checks.limits(), target_sample_rate=TARGET_RATE, channel=channel,
+                            start=ref.offset or 0.0, duration=ref.duration)
     except AudioError as err:
-        raise Reject(_reason(str(err)), str(err)) from None
-    _check_signal(wave, checks, path)
-    return wave, converted
+        raise Reject("unreadable" if err.reason == "bad_audio" else err.reason, err.message(FLAGS)) from None
+    _check_signal(audio.pcm, checks, path)
+    return audio.pcm, audio.conversions(channel)
 
 
 def content_hash(waves: list[np.ndarray]) -> str:
@@ -104,37 +102,8 @@ def content_hash(waves: list[np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def _check_rate(rate: int, ref, checks: AudioChecks, path: str) -> None:
-    if checks.min_sample_rate and rate < checks.min_sample_rate:
-        raise Reject("low_sample_rate", f"{path}: {rate} Hz, below the minimum of {checks.min_sample_rate} Hz "
-                                        "(min_sample_rate)")
-    if ref.sample_rate and rate != ref.sample_rate:
-        raise Reject("rate_mismatch", f"{path}: the corpus declares {ref.sample_rate} Hz, the file is {rate} Hz")
-
-
-def _segment(path: str, ref, channel, info, load_audio) -> np.ndarray:
-    """A span of a longer recording: only its frames are decoded, then checked and resampled as a whole file."""
-    import soundfile as sf
-
-    from pipeline.audio import AudioError
-
-    if info is None:
-        raise AudioError(f"cannot decode {path}")
-    start = int(round(ref.offset * info.samplerate))
-    stop = info.frames if ref.duration is None else start + int(round(ref.duration * info.samplerate))
-    if start >= info.frames or stop > info.frames + info.samplerate // 100:
-        raise AudioError(f"{path} is truncated: the span {ref.offset:.2f}+{ref.duration or 0:.2f} s lies beyond its "
-                         f"{info.frames / info.samplerate:.2f} s")
-    pcm, rate = sf.read(path, start=start, stop=min(stop, info.frames), dtype="float32", always_2d=True)
-    return load_audio(pcm, rate, target_sample_rate=TARGET_RATE, channel=channel, max_seconds=None)
-
-
 def _check_signal(wave: np.ndarray, checks: AudioChecks, path: str) -> None:
-    seconds = len(wave) / TARGET_RATE
-    if seconds < checks.min_seconds:
-        raise Reject("too_short", f"{path}: {seconds:.3f} s, under min_seconds={checks.min_seconds:g}")
-    if seconds > checks.max_seconds:
-        raise Reject("too_long", f"{path}: {seconds:.1f} s, over max_seconds={checks.max_seconds:g}")
+    """Silence and clipping of the 16 kHz waveform (its length was admission's, at the source rate)."""
     rms = float(np.sqrt(np.mean(np.square(wave, dtype=np.float64))))
     if rms < checks.silence_rms:
         raise Reject("silent", f"{path}: RMS {rms:.2e}, under silence_rms={checks.silence_rms:g}")
@@ -142,14 +111,3 @@ def _check_signal(wave: np.ndarray, checks: AudioChecks, path: str) -> None:
     if clipped > checks.max_clipped_fraction:
         raise Reject("clipped", f"{path}: {clipped:.1%} of samples at full scale "
                                 f"(max_clipped_fraction={checks.max_clipped_fraction:g})")
-
-
-def _reason(message: str) -> str:
-    """A load_audio message -> its category."""
-    text = message.lower()
-    for words, reason in ((("not found",), "missing_file"), (("truncated",), "truncated"),
-                          (("nan/inf",), "non_finite"), (("empty", "no audio samples", "0 bytes"), "empty"),
-                          (("over the limit",), "too_long"), (("too short",), "too_short")):
-        if any(w in text for w in words):
-            return reason
-    return "unreadable"

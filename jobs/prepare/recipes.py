@@ -36,7 +36,7 @@ COMMONVOICE_DEFAULT_SKIP = ("invalidated",)  # rejected by Common Voice's own re
 LHOTSE_TYPES = ("recordings", "supervisions", "cuts")
 
 
-# The rates the corpora are published at: a file at another rate is an error row (`rate_mismatch`).
+# The rates the corpora are published at (a file at another rate is resampled like any other, and counted).
 LIBRISPEECH_RATE = 16000
 LIBRITTS_RATE = 24000
 LJSPEECH_RATE = 22050
@@ -50,7 +50,7 @@ class AudioRef:
     offset: float = 0.0  # seconds into the file
     duration: float | None = None  # seconds from offset (None: to the end)
     channel: int | None = None  # None: the pipeline's channel policy
-    sample_rate: int | None = None  # declared by the corpus or a manifest: a file at another rate is an error row
+    sample_rate: int | None = None  # declared by the corpus or a manifest (informational: every rate is resampled)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from jobs.prepare.samples import ERROR_SCHEMA, SAMPLE_SCHEMA, SCHEMA_VERSION
 from jobs.prepare.shards import done_path, errors_path, shard_path
 from jobs.run_folder import write_atomic, write_if_changed
 
-STAT_COLUMNS = ["id", "source", "task", "audio_seconds", "num_tokens", "num_scored", "audio_sha1", "audio_codes"]
+STAT_COLUMNS = ["id", "source", "task", "audio_seconds", "num_tokens", "num_scored", "audio_sha1", "converted",
+                "audio_codes"]
 
 
 def finalize(out: Path, config, n_blocks: int, n_inputs: int, sources: list[dict], changed: bool) -> dict:
@@ -97,6 +98,9 @@ def _manifest(out: Path, config, n_inputs: int, sources: list[dict], samples: pa
         "by_task": dict(sorted(Counter(r["task"] for r in rows).items())),
         "by_source": dict(sorted(Counter(r["source"] for r in rows).items())),
         "rejects": dict(sorted(rejects.items())),
+        # what reading changed, per distinct audio: {"resampled 22050 Hz": n, "channel 0 of 2": n}
+        "converted": dict(sorted(Counter(c for conv in {r["audio_sha1"]: r["converted"] or [] for r in rows
+                                                        if r["task"] != "text"}.values() for c in conv).items())),
     }
     if counts["samples"] + counts["errors"] != n_inputs:  # every input is one row or one error row
         raise RuntimeError(f"{out}: {counts['samples']} rows + {counts['errors']} error rows != {n_inputs} inputs")
@@ -134,6 +138,10 @@ def _report(manifest: dict, errors: pa.Table) -> str:
                   for reason, n in c["rejects"].items()]
     else:
         lines.append("none")
+    lines += ["", "## Converted on reading", ""]
+    converted = c.get("converted") or {}
+    lines += ["| conversion | audios |", "|---|---|", *(f"| {what} | {n} |" for what, n in converted.items())] \
+        if converted else ["none (every audio was 16 kHz mono)"]
     lines += ["", "## Runs", "", "| started | inputs | wall s | start-up s | audio s per wall s |", "|---|---|---|---|---|"]
     for run in manifest["runs"]:
         rate = run.get("audio_s_per_s")

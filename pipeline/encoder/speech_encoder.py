@@ -125,7 +125,7 @@ class SpeechEncoder:
             try:
                 waveforms.append(self.load(audio, rate))
             except AudioError as err:
-                raise AudioError(f"audios[{i}]: {err}" if len(audios) > 1 else str(err)) from None
+                raise (err.prefixed(f"audios[{i}]") if len(audios) > 1 else err) from None
         return self.encode_waveforms(waveforms)
 
     def features(self, waveform: np.ndarray) -> dict[str, torch.Tensor]:
