@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from actors.errors import InputError
+from cli import checks
 
 MODES = ("vanilla", "balance", "boost", "turbo", "exact")
 
@@ -26,26 +27,26 @@ def add_arguments(p, name: str) -> None:
                    help="folder with llm/, encoder/, decoder/ (default: $VITA_AUDIO_MODELS, else the tiny set)")
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local Ray")
     p.add_argument("--mode", default=None, help="vanilla|balance|boost|turbo|exact or a list like 1,10,4,10")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=checks.positive_int, default=256)
     p.add_argument("--constraint", default="auto", choices=["auto", "task", "none"],
                    help="force the task's output layout ('auto': on a tiny set, whose random weights need it)")
-    p.add_argument("--temperature", type=float, default=None, help="sample (default: greedy)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0, help="with sampling: per-request seeds derive from it and the id")
+    p.add_argument("--temperature", type=checks.positive_float, default=None, help="sample (default: greedy)")
+    p.add_argument("--top-k", type=checks.non_negative_int, default=0)
+    p.add_argument("--top-p", type=checks.probability, default=1.0)
+    p.add_argument("--repetition-penalty", type=checks.positive_float, default=1.0)
+    p.add_argument("--seed", type=checks.seed, default=0, help="with sampling: per-request seeds derive from it and the id")
     for stage in ("encoder", "llm", "decoder"):
-        p.add_argument(f"--{stage}-pool", type=int, default=1, help=f"{stage} actors")
-        p.add_argument(f"--{stage}-gpus", type=float, default=0.0, help=f"GPUs per {stage} actor")
-        p.add_argument(f"--{stage}-cpus", type=float, default=0.5, help=f"logical CPUs per {stage} actor")
-        p.add_argument(f"--{stage}-rows", type=int, default=16 if stage == "llm" else 8,
+        p.add_argument(f"--{stage}-pool", type=checks.positive_int, default=1, help=f"{stage} actors")
+        p.add_argument(f"--{stage}-gpus", type=checks.gpus, default=0.0, help=f"GPUs per {stage} actor")
+        p.add_argument(f"--{stage}-cpus", type=checks.cpus, default=0.5, help=f"logical CPUs per {stage} actor")
+        p.add_argument(f"--{stage}-rows", type=checks.positive_int, default=16 if stage == "llm" else 8,
                        help=f"rows per call of a {stage} actor")
-    p.add_argument("--llm-batch-size", type=int, default=16, help="requests sharing one LLM engine step")
-    p.add_argument("--block-size", type=int, default=64, help="inputs per result file (the unit of resumption)")
-    p.add_argument("--window", type=float, default=30.0, help="asr: seconds per window of a long recording")
-    p.add_argument("--overlap", type=float, default=2.0, help="asr: seconds shared by neighbouring windows")
-    p.add_argument("--max-audio-seconds", type=float, default=4 * 3600.0, help="longer inputs are error rows")
-    p.add_argument("--torch-threads", type=int, default=1, help="torch threads per actor (0: torch's default)")
+    p.add_argument("--llm-batch-size", type=checks.positive_int, default=16, help="requests sharing one LLM engine step")
+    p.add_argument("--block-size", type=checks.positive_int, default=64, help="inputs per result file (the unit of resumption)")
+    p.add_argument("--window", type=checks.positive_float, default=30.0, help="asr: seconds per window of a long recording")
+    p.add_argument("--overlap", type=checks.non_negative_float, default=2.0, help="asr: seconds shared by neighbouring windows")
+    p.add_argument("--max-audio-seconds", type=checks.positive_float, default=4 * 3600.0, help="longer inputs are error rows")
+    p.add_argument("--torch-threads", type=checks.non_negative_int, default=1, help="torch threads per actor (0: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
     p.add_argument("--json", action="store_true")
 
@@ -57,28 +58,26 @@ def config_from_args(args):
     from jobs.batch.segments import WindowConfig
     from jobs.batch.stages import DecodeOptions
 
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.temperature is not None and not args.temperature > 0:
-        raise InputError(f"--temperature must be > 0, got {args.temperature}")
-    if args.llm_batch_size < 1:
-        raise InputError(f"--llm-batch-size must be >= 1, got {args.llm_batch_size}")
+    from actors.models import check_mode_for_model, resolve_models_dir
+
+    # each number alone is checked at parse time (cli.checks); here what needs two flags or the model's files
+    if args.overlap >= args.window / 2:
+        raise InputError(f"--overlap {args.overlap:g}: overlap_s must be below half of window_s (--window "
+                         f"{args.window:g})")
+    models = resolve_models_dir(args.models)  # every part complete and of its kind, before Ray starts
+    mode = _parse_mode(args.mode)
+    check_mode_for_model(mode, args.mode, models / "llm")
     constraint = args.constraint
     if constraint == "auto":
-        from actors.models import resolve_models_dir
         from pipeline.tiny import is_tiny_set
 
-        constraint = "task" if is_tiny_set(resolve_models_dir(args.models)) else "none"
-    for stage in ("encoder", "llm", "decoder"):
-        for flag in ("pool", "rows"):
-            if getattr(args, f"{stage}_{flag}") < 1:
-                raise InputError(f"--{stage}-{flag} must be >= 1, got {getattr(args, f'{stage}_{flag}')}")
+        constraint = "task" if is_tiny_set(models) else "none"
     try:
         pools = {stage: PoolConfig(size=getattr(args, f"{stage}_pool"), num_gpus=getattr(args, f"{stage}_gpus"),
                                    num_cpus=getattr(args, f"{stage}_cpus"), batch_size=getattr(args, f"{stage}_rows"))
                  for stage in ("encoder", "llm", "decoder")}
         windows = WindowConfig(window_s=args.window, overlap_s=args.overlap)
-        decode = DecodeOptions(mode=_parse_mode(args.mode), max_new_tokens=args.max_new_tokens,
+        decode = DecodeOptions(mode=mode, max_new_tokens=args.max_new_tokens,
                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                repetition_penalty=args.repetition_penalty, seed=args.seed,
                                constraint=None if constraint == "none" else "task")

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from actors.errors import InputError
+from cli import checks
 
 
 def add_arguments(p, name: str) -> None:
@@ -20,13 +21,13 @@ def add_arguments(p, name: str) -> None:
     p.add_argument("--prompt-ids", required=True, help="comma-separated token ids, e.g. 1,2,3")
     p.add_argument("--mode", default=None, help="vanilla | balance | boost | turbo | exact | a list like 1,10,4,10 "
                    "(default: the checkpoint's generation_config mtp_inference_mode)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=checks.positive_int, default=256)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (else sampling)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=checks.positive_float, default=1.0)
+    p.add_argument("--top-k", type=checks.non_negative_int, default=0)
+    p.add_argument("--top-p", type=checks.probability, default=1.0)
+    p.add_argument("--repetition-penalty", type=checks.positive_float, default=1.0)
+    p.add_argument("--seed", type=checks.seed, default=None)
     p.add_argument("--exact", action="store_true", help="verify MCTP drafts with the backbone (lossless)")
     p.add_argument("--constraint", choices=["text", "interleaved"], default=None)
     p.add_argument("--stop-ids", default=None, help="comma-separated stop ids (default: the eos ids)")
@@ -62,14 +63,15 @@ def run(args) -> dict:
     stop_ids = parse_ids(args.stop_ids, "--stop-ids") if args.stop_ids is not None else None
     if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", args.device):
         raise InputError(f"--device {args.device!r}: use cpu, cuda, cuda:N or mps")
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    llm_dir = args.llm
-    if llm_dir is None:
-        from actors.models import resolve_models_dir
+    from actors.models import check_mode_for_model, check_model_folder, resolve_models_dir
 
+    if args.llm is None:
         llm_dir = resolve_models_dir(None) / "llm"
+    else:
+        llm_dir = check_model_folder(args.llm, "llm", "--llm", tokenizer=False)  # an LLM folder, before torch loads it
     positions = _positions(Path(llm_dir))
+    if args.mode is not None or args.exact:
+        check_mode_for_model(args.mode or "exact", args.mode or "(--exact)", llm_dir)
     if len(prompt) + args.max_new_tokens > positions:
         raise InputError(f"--max-new-tokens {args.max_new_tokens} plus {len(prompt)} prompt ids exceed the model's "
                        f"{positions} positions ({Path(llm_dir) / 'config.json'})")

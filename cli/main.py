@@ -11,8 +11,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import re
+import signal
+import socket
 import sys
+import threading
+from pathlib import Path
 
 from actors.errors import InputError
 
@@ -27,6 +32,7 @@ BENCHMARKS = {
     "train-acceptance": "benchmarks.train_acceptance",  # small model trained on mini-speech: CER, exact vs vanilla, served
     "serve": "benchmarks.serve",        # HTTP time to first audio and RTF vs concurrency, vs in-process
     "prefill": "benchmarks.prefill",    # another client's time to first token while a max-length prompt prefills
+    "gpu": "benchmarks.gpu",            # one CUDA GPU, 7B shapes built on the device: tokens/s, roofline, RTF, TTFA
 }
 
 # Subcommands implemented in their own modules: name -> (module with add_arguments(p, name) and run(args), help).
@@ -41,6 +47,7 @@ COMMANDS = {
     "prepare": ("cli.prepare", "speech corpora -> audio-token training shards on Ray Data (resumable)"),
     "train": ("cli.train", "the four VITA-Audio training stages on Ray Train + DeepSpeed (resumable)"),
     "serve": ("cli.serve", "the OpenAI-compatible speech endpoint on Ray Serve"),
+    "plan": ("cli.plan", "will it fit? memory per stage, KV per stream, a placement and its Serve config"),
 }
 
 USER_ERRORS = (InputError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
@@ -52,6 +59,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (exit 2), as every other failure of the CLI."""
 
     def error(self, message):
+        # "argument --workers: must be >= 1, got '0'" (cli.checks) reads "--workers must be >= 1, got '0'"
+        message = re.sub(r"^argument (?:\S+/)?(\S+): must be ", r"\1 must be ", message)
         raise _ArgumentError(f"{self.prog}: error: {message}")
 
 
@@ -62,6 +71,7 @@ class _ArgumentError(Exception):
 def build_parser(with_benchmarks: bool = True) -> argparse.ArgumentParser:
     """The full parser; benchmark modules (which import torch) are only imported when `bench` is asked for."""
     parser = _Parser(prog="vita-audio", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         mod = _import(module)
@@ -81,6 +91,18 @@ def build_parser(with_benchmarks: bool = True) -> argparse.ArgumentParser:
         if mod is not None:
             mod.add_arguments(p, name)
     return parser
+
+
+def version() -> str:
+    """The installed package's version (pyproject.toml's when run from a checkout that is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("vita-audio-ray")
+    except PackageNotFoundError:
+        match = re.search(r'^version = "([^"]+)"', (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(),
+                          re.M)
+        return match.group(1) if match else "unknown"
 
 
 def _import(module: str):
@@ -104,15 +126,40 @@ def main(argv: list[str] | None = None) -> int:
     except _ArgumentError as err:
         return _error(str(err), 2, command, want_json)
     command = args.command if args.command != "bench" else f"bench {args.bench}"
+    with _Interrupts(quiet=not debug) as ctrl_c:
+        code, result = _run(args, command, want_json, debug, ctrl_c)
+    if code is not None:
+        return code
+    if want_json and result is not None:
+        print(json.dumps(result, default=float))
+    return int(result.get("exit_code", 0)) if isinstance(result, dict) else 0
+
+
+def _run(args, command: str, want_json: bool, debug: bool, ctrl_c: "_Interrupts"):
+    """(exit code, None) on failure or Ctrl-C, else (None, the command's result)."""
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # no "Loading weights" bars in command output
-        result = _import(args._module).run(args)
-    except KeyboardInterrupt:
-        return _error("interrupted", 130, command, want_json)
-    except SystemExit:
-        raise
+        module = _import(args._module)
+        result = module.run(args)
+    except BaseException as err:  # noqa: BLE001 - sorted below; Ctrl-C first, whatever it became on its way up
+        if ctrl_c.fired() or isinstance(err, KeyboardInterrupt):
+            if debug:
+                raise
+            return ctrl_c.report(command, want_json), None
+        if isinstance(err, SystemExit):
+            raise
+        return _failure(err, command, want_json, debug), None
+    if ctrl_c.fired() and not getattr(module, "SIGINT_STOPS", False):
+        # a library caught the Ctrl-C and returned early: still an interrupt (`serve` stops on it: its normal end)
+        return ctrl_c.report(command, want_json), None
+    return None, result
+
+
+def _failure(err: BaseException, command: str, want_json: bool, debug: bool) -> int:
+    try:
+        raise err
     except USER_ERRORS as err:
         if debug:
             raise
@@ -125,9 +172,115 @@ def main(argv: list[str] | None = None) -> int:
             return _error(_one_line(cause), 2, command, want_json)
         return _error(f"{type(err).__name__}: {_one_line(err)} (rerun with --debug for the traceback)", 1,
                       command, want_json)
-    if want_json and result is not None:
-        print(json.dumps(result, default=float))
-    return int(result.get("exit_code", 0)) if isinstance(result, dict) else 0
+
+
+class _Interrupts:
+    """Ctrl-C during a command, however it travels: the first SIGINT raises KeyboardInterrupt in the main thread
+    (Ray, asyncio and thread code may turn it into other exceptions on its way up, or a library may install its
+    own handler, as Ray Train does: the signal's byte on a wakeup socket, read by a watcher thread, still says it
+    came); a second one is ignored so the clean-up (stages, workers, Ray) finishes; a third ends the process at
+    once (exit 130).
+
+    With `quiet`, from the first Ctrl-C on the process's stderr goes to /dev/null — the tracebacks, log lines
+    and C++ stacks of the parts being torn down never reach the user — and the one `interrupted` line is written
+    to the original stderr (--debug keeps everything)."""
+
+    _STOP = b"\xff"  # wakes the watcher at the end (no signal has this number)
+
+    def __init__(self, quiet: bool = True):
+        self.quiet, self.count, self.stderr_fd = quiet, 0, None
+        self.installed = threading.current_thread() is threading.main_thread()
+        self.seen = threading.Event()
+        self.lock = threading.Lock()
+
+    def __enter__(self):
+        if not self.installed:
+            return self
+        self.reader, self.writer = socket.socketpair()
+        self.writer.setblocking(False)
+        try:
+            self.previous_fd = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
+        except ValueError:
+            self.previous_fd = None
+        self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+        self.watcher = threading.Thread(target=self._watch, name="vita-audio-ctrl-c", daemon=True)
+        self.watcher.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.installed:
+            signal.signal(signal.SIGINT, self.previous)
+            signal.set_wakeup_fd(self.previous_fd if self.previous_fd is not None else -1)
+            try:
+                self.writer.send(self._STOP)
+            except OSError:
+                pass
+            self.watcher.join(timeout=2)
+            self.reader.close()
+            self.writer.close()
+        return False
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                data = self.reader.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            if bytes([signal.SIGINT]) in data:
+                self._fired()
+            if self._STOP in data:
+                return
+
+    def _fired(self) -> None:
+        with self.lock:
+            self.count = max(self.count, 1)
+            self._silence()
+        self.seen.set()
+
+    def _on_sigint(self, signum, frame):
+        self.count += 1
+        if self.count == 1:
+            self._fired()
+            raise KeyboardInterrupt
+        if self.count >= 3:
+            self._write(b"vita-audio: interrupted again: stopped without cleaning up\n")
+            os._exit(130)
+
+    def fired(self) -> bool:
+        if self.installed and not self.seen.is_set():
+            self.seen.wait(0.05)  # (the watcher reads the signal's byte a moment after it came)
+        return self.count > 0
+
+    def _silence(self) -> None:
+        if not self.quiet or self.stderr_fd is not None:
+            return
+        try:
+            sys.stderr.flush()
+            self.stderr_fd = os.dup(2)
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 2)
+            os.close(null)
+        except (OSError, ValueError):
+            self.stderr_fd = None
+
+    def _write(self, data: bytes) -> None:
+        try:
+            os.write(self.stderr_fd if self.stderr_fd is not None else 2, data)
+        except OSError:
+            pass
+
+    def report(self, command: str, want_json: bool) -> int:
+        """The one `interrupted` line (on the user's stderr) and, with --json, the error object; exit 130."""
+        message = f"vita-audio {command}: error: interrupted (Ctrl-C); stopped"
+        if self.stderr_fd is None:
+            return _error("interrupted (Ctrl-C); stopped", 130, command, want_json)
+        self._write((message + "\n").encode())
+        if want_json:
+            print(json.dumps({"error": "interrupted (Ctrl-C); stopped", "exit_code": 130, "command": command}),
+                  flush=True)
+        return 130
 
 
 def _error(message: str, code: int, command: str, want_json: bool) -> int:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from actors.errors import InputError
+from cli import checks
 
 KINDS = ("librispeech", "libritts", "ljspeech", "commonvoice", "vita-jsonl", "lhotse")
 TASKS = ("asr", "tts", "sqa", "text")
@@ -29,22 +30,22 @@ def add_arguments(p, name: str) -> None:
     p.add_argument("--models", type=Path, default=None,
                    help="folder with llm/ (tokenizer) and encoder/ (default: $VITA_AUDIO_MODELS, else the tiny set)")
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local Ray")
-    p.add_argument("--encoder-actors", type=int, default=1, help="speech-encoder actors (each loads the encoder once)")
-    p.add_argument("--gpus-per-actor", type=float, default=0.0, help="GPUs per encoder actor (fractions allowed)")
-    p.add_argument("--cpus-per-actor", type=float, default=0.5, help="logical CPUs per encoder actor")
-    p.add_argument("--encoder-rows", type=int, default=16, help="rows per encoder call (their audio is batched)")
-    p.add_argument("--read-tasks", type=int, default=2,
+    p.add_argument("--encoder-actors", type=checks.positive_int, default=1, help="speech-encoder actors (each loads the encoder once)")
+    p.add_argument("--gpus-per-actor", type=checks.gpus, default=0.0, help="GPUs per encoder actor (fractions allowed)")
+    p.add_argument("--cpus-per-actor", type=checks.cpus, default=0.5, help="logical CPUs per encoder actor")
+    p.add_argument("--encoder-rows", type=checks.positive_int, default=16, help="rows per encoder call (their audio is batched)")
+    p.add_argument("--read-tasks", type=checks.non_negative_int, default=2,
                    help="read-and-check tasks at once (0: the encoder actors read their rows themselves)")
-    p.add_argument("--block-size", type=int, default=64, help="inputs per shard (the unit of resumption)")
+    p.add_argument("--block-size", type=checks.positive_int, default=64, help="inputs per shard (the unit of resumption)")
     p.add_argument("--ratio", default="1,10,4,10",
                    help="text-audio interval ratio T1,A1,T2,A2,... of assistant turns (Balance: 1,4,3,8,4,10; "
                         "'none': no interleaving)")
-    p.add_argument("--min-seconds", type=float, default=0.3, help="shorter audio is rejected")
-    p.add_argument("--max-seconds", type=float, default=60.0, help="longer audio is rejected")
-    p.add_argument("--min-sample-rate", type=int, default=16000, help="audio recorded at a lower rate is rejected")
+    p.add_argument("--min-seconds", type=checks.non_negative_float, default=0.3, help="shorter audio is rejected")
+    p.add_argument("--max-seconds", type=checks.positive_float, default=60.0, help="longer audio is rejected")
+    p.add_argument("--min-sample-rate", type=checks.non_negative_int, default=16000, help="audio recorded at a lower rate is rejected")
     p.add_argument("--channels", default="first", choices=["first", "mix", "reject"],
                    help="multi-channel audio: keep channel 0 (as the original tokenizer), average, or reject")
-    p.add_argument("--torch-threads", type=int, default=1, help="torch threads per encoder actor (0: torch's default)")
+    p.add_argument("--torch-threads", type=checks.non_negative_int, default=1, help="torch threads per encoder actor (0: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
     p.add_argument("--json", action="store_true", help="print the manifest's counts as the last line")
 
@@ -65,10 +66,16 @@ def config_from_args(args):
             ratio = tuple(int(v) for v in args.ratio.split(","))
         except ValueError:
             raise InputError(f"--ratio {args.ratio!r}: a comma list of integers like 1,10,4,10") from None
-    if args.read_tasks < 0:
-        raise InputError(f"--read-tasks must be >= 0, got {args.read_tasks}")
-    if args.encoder_actors < 1 or args.encoder_rows < 1:
-        raise InputError(f"--encoder-actors and --encoder-rows must be >= 1, got {args.encoder_actors} and {args.encoder_rows}")
+    # each number alone is checked at parse time (cli.checks); here what needs two flags
+    if ratio is not None:
+        from pipeline.tokens.chat import check_ratio
+
+        try:
+            check_ratio(ratio)
+        except ValueError as err:
+            raise InputError(f"--ratio {args.ratio!r}: {err}") from None
+    if args.min_seconds >= args.max_seconds:
+        raise InputError(f"--min-seconds {args.min_seconds:g} must be below --max-seconds {args.max_seconds:g}")
     try:
         checks = AudioChecks(min_seconds=args.min_seconds, max_seconds=args.max_seconds,
                              min_sample_rate=args.min_sample_rate or None, channels=args.channels)
@@ -87,16 +94,16 @@ def run(args) -> dict:
     from actors.models import resolve_models_dir
     from jobs.prepare.job import enumerate_inputs, run_prepare
 
+    resolve_models_dir(args.models)  # llm/ (tokenizer) and encoder/ complete and of their kind, before the sources
     config = config_from_args(args)
-    resolve_models_dir(config.models)
+    if args.address:  # (a dead address fails now, not after Ray's long retries)
+        from actors.ray_runtime import check_address
+
+        check_address(args.address)
     try:
         enumerate_inputs(config)  # every source readable and holding inputs, before Ray starts
     except (ValueError, FileNotFoundError) as err:
         raise InputError(str(err)) from None
-    if args.address:
-        from actors.ray_runtime import check_address
-
-        check_address(args.address)
     runs_file = Path(args.out) / "runs.jsonl"
     runs_before = len(runs_file.read_text().splitlines()) if runs_file.exists() else 0
     manifest = run_prepare(config)

@@ -20,20 +20,25 @@ from pathlib import Path
 
 from actors.ray_runtime import REPO
 from actors.errors import InputError
+from cli import checks
 
 DEFAULT_CONFIG = REPO / "serve" / "config.yaml"
+SIGINT_STOPS = True  # Ctrl-C is how the endpoint is stopped: a clean stop exits 0 (cli.main)
 
 
 def add_arguments(p, name: str) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=checks.port, default=8000)
     p.add_argument("--models", type=Path, default=None,
                    help="folder with llm/, encoder/, decoder/ (default: the config's, $VITA_AUDIO_MODELS, "
                         "else the tiny set)")
+    p.add_argument("--llm", type=Path, default=None,
+                   help="LLM folder to serve instead of the models folder's llm/ (e.g. a trained RUN_DIR/stage4), with "
+                        "the encoder/ and decoder/ of --models")
     p.add_argument("--config", type=Path, default=None, help=f"Serve config YAML (default: {DEFAULT_CONFIG.relative_to(REPO)})")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every API request")
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local Ray")
-    p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for the app to be up")
+    p.add_argument("--ready-timeout", type=checks.positive_float, default=600.0, help="seconds to wait for the app to be up")
 
 
 def load_app_config(path: Path | None) -> dict:
@@ -68,7 +73,7 @@ def app_args(args, app: dict):
     from serve.app import Args
 
     values = dict(app["args"])
-    values["models"] = str(resolve_models_dir(args.models or values.get("models")))
+    values["models"] = str(resolve_models_dir(args.models or values.get("models"), getattr(args, "llm", None)))
     if args.api_key is not None:
         if not args.api_key.strip():
             raise InputError("--api-key must not be empty")
@@ -88,12 +93,8 @@ def logical_gpus(config_args) -> int:
 
 
 def _check_flags(args) -> None:
-    if not 0 < args.port < 65536:
-        raise InputError(f"--port must be 1..65535, got {args.port}")
     if not args.host.strip():
         raise InputError("--host must not be empty")
-    if not args.ready_timeout > 0:
-        raise InputError(f"--ready-timeout must be > 0, got {args.ready_timeout}")
 
 
 def run(args) -> dict:

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 from actors.errors import InputError
+from cli import checks
 from actors.ray_runtime import check_address, start_ray
-from actors.models import resolve_models_dir
+from actors.models import check_mode_for_model, resolve_models_dir
 
 AUDIO_SUFFIXES = (".wav", ".flac")  # what write_audio writes
 MIN_AUDIO_SECONDS = 0.1             # shorter input has no speech to transcribe (a 1-sample wav "transcribed")
@@ -45,25 +46,28 @@ def add_arguments(p, name: str) -> None:
     p.set_defaults(task=name)
     p.add_argument("--models", type=Path, default=None,
                    help="folder with llm/, encoder/, decoder/ (default: $VITA_AUDIO_MODELS, else the tiny set)")
+    p.add_argument("--llm", type=Path, default=None,
+                   help="LLM folder to use instead of the models folder's llm/ (e.g. a trained RUN_DIR/stage4), "
+                        "with the encoder/ and decoder/ of --models (default: the tiny set's)")
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local Ray")
-    p.add_argument("--num-gpus", type=int, default=None, help="GPUs a local Ray declares (logical ones work without CUDA)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs a local Ray declares")
-    p.add_argument("--gpus-per-stage", type=float, default=None,
+    p.add_argument("--num-gpus", type=checks.local_gpus, default=None, help="GPUs a local Ray declares (logical ones work without CUDA)")
+    p.add_argument("--num-cpus", type=checks.local_cpus, default=None, help="CPUs a local Ray declares (>= 1)")
+    p.add_argument("--gpus-per-stage", type=checks.gpus, default=None,
                    help="GPUs per stage actor (default: 1 if the cluster has 3, else a share, else 0 = CPU)")
     p.add_argument("--placement", default="PACK", choices=["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"])
     p.add_argument("--mode", default=None, help="vanilla|balance|boost|turbo|exact or a list like 1,10,4,10")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=checks.positive_int, default=256)
     p.add_argument("--constraint", default="auto", choices=["auto", "task", "interleaved", "text", "none"],
                    help="output layout forced on the LLM ('task': interleaved for tts/chat, text for asr, which the "
                         "random tiny weights need; 'none': the model's own layout, right for trained checkpoints; "
                         "'auto' (default): 'task' on a tiny set (vita-audio tiny), else 'none')")
-    p.add_argument("--temperature", type=float, default=None, help="sample with this temperature (default: greedy)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds for the whole request")
-    p.add_argument("--max-audio-seconds", type=float, default=600.0,
+    p.add_argument("--temperature", type=checks.positive_float, default=None, help="sample with this temperature (default: greedy)")
+    p.add_argument("--top-k", type=checks.non_negative_int, default=0)
+    p.add_argument("--top-p", type=checks.probability, default=1.0)
+    p.add_argument("--repetition-penalty", type=checks.positive_float, default=1.0)
+    p.add_argument("--seed", type=checks.seed, default=None)
+    p.add_argument("--timeout", type=checks.positive_float, default=600.0, help="seconds for the whole request")
+    p.add_argument("--max-audio-seconds", type=checks.positive_float, default=600.0,
                    help="longest input audio accepted (default 600 s; raise it for longer files)")
     p.add_argument("--json", action="store_true")
 
@@ -76,7 +80,8 @@ def run(args) -> dict:
     if args.placement == "STRICT_SPREAD" and not args.address:
         raise InputError("--placement STRICT_SPREAD needs 3 nodes (one per stage) and a local Ray has one: "
                        "join a cluster with --address, or use PACK / SPREAD")
-    models = resolve_models_dir(args.models)
+    models = resolve_models_dir(args.models, args.llm)
+    check_mode_for_model(_parse_mode(args.mode), args.mode, models / "llm")
     limits = _model_limits(models)
     options, inputs, bad = _check_inputs(args, limits)
     if args.task == "asr" and not inputs:
@@ -131,28 +136,16 @@ def _progress(args, message: str) -> None:
 
 
 def _check_flags(args) -> None:
-    """Flag checks that need no file: values in range, sampling flags that would be ignored, the output path."""
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    """Flag checks that need no file and more than one flag (each number alone is checked at parse time by
+    cli.checks): sampling flags that would be ignored, GPUs asked for vs declared, the output path."""
     if args.temperature is None:
         ignored = [flag for flag, value, default in (("--top-k", args.top_k, 0), ("--top-p", args.top_p, 1.0),
                                                      ("--seed", args.seed, None)) if value != default]
         if ignored:
             raise InputError(f"{', '.join(ignored)} only apply when sampling: add --temperature T (e.g. 0.8)")
-    elif not args.temperature > 0:
-        raise InputError(f"--temperature must be > 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise InputError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise InputError(f"--top-k must be >= 0, got {args.top_k}")
-    if not args.max_audio_seconds > 0:
-        raise InputError(f"--max-audio-seconds must be > 0, got {args.max_audio_seconds}")
-    if not args.timeout > 0:
-        raise InputError(f"--timeout must be > 0, got {args.timeout}")
-    for flag in ("num_gpus", "num_cpus"):
-        value = getattr(args, flag)
-        if value is not None and value < 0:
-            raise InputError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+    if not args.address and args.num_gpus is not None and args.gpus_per_stage is not None \
+            and 3 * args.gpus_per_stage > args.num_gpus:  # (the numbers themselves: cli.checks, at parse time)
+        raise InputError(_too_many_gpus(args.gpus_per_stage, args.num_gpus))
     _parse_mode(args.mode)
     if args.task != "asr":
         _check_output(args.output)
@@ -297,13 +290,20 @@ def _check_audio(path, max_seconds: float) -> None:
 
 
 def _gpus_per_stage(args, cluster_gpus: float) -> float:
+    """GPUs per stage actor: --gpus-per-stage if the cluster has them for all three stages, else a share."""
     if args.gpus_per_stage is not None:
-        if args.gpus_per_stage < 0:
-            raise ValueError(f"--gpus-per-stage must be >= 0, got {args.gpus_per_stage}")
+        needed = 3 * args.gpus_per_stage
+        if needed > cluster_gpus + 1e-9:
+            raise InputError(_too_many_gpus(args.gpus_per_stage, cluster_gpus))
         return args.gpus_per_stage
     if cluster_gpus >= 3:
         return 1.0
     return round(cluster_gpus / 3, 3) if cluster_gpus else 0.0
+
+
+def _too_many_gpus(per_stage: float, have: float) -> str:
+    return (f"--gpus-per-stage {per_stage:g}: the three stages need {3 * per_stage:g} GPUs, the cluster has "
+            f"{have:g} (lower it, or declare logical GPUs to a local Ray with --num-gpus)")
 
 
 def _call(pipe, task: str, item, options: dict):

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from actors.errors import InputError
+from cli import checks
 
 PARTS = ("llm", "encoder", "decoder")
 RANDOM_LLM_SIZES = ("tiny", "small", "bench")  # pipeline.sizes worth writing at random (not the 7B's 30 GB)
@@ -25,7 +26,7 @@ WEIGHT_NAMES = {"llm/model.safetensors", "encoder/model.safetensors", "encoder/p
 
 def add_arguments(p, name: str) -> None:
     p.add_argument("dir", type=Path, help="output folder (new or empty); gets llm/, encoder/, decoder/")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=checks.seed, default=0)
     p.add_argument("--llm-size", default="tiny", choices=RANDOM_LLM_SIZES,
                    help="LLM shape (pipeline.sizes); the tokenizer, encoder and decoder stay tiny")
     p.add_argument("--force", action="store_true", help="replace a previous tiny set in DIR (nothing else)")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from actors.errors import InputError
+from cli import checks
 
 
 def add_arguments(p, name: str) -> None:
@@ -25,10 +26,10 @@ def add_arguments(p, name: str) -> None:
     p.add_argument("--init", required=True, type=Path, help="the starting LLM folder (Hugging Face format)")
     p.add_argument("--out", required=True, type=Path, help="RUN_DIR (rerun on it to resume)")
     p.add_argument("--stages", default="1-4", help="stages to run: N or N-M (default 1-4)")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (one DeepSpeed rank each)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="0: CPU workers with gloo; else NCCL")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
-    p.add_argument("--max-failures", type=int, default=1, help="worker-group restarts per stage (from the "
+    p.add_argument("--workers", type=checks.positive_int, default=2, help="Ray Train workers (one DeepSpeed rank each)")
+    p.add_argument("--gpus-per-worker", type=checks.gpus, default=0.0, help="0: CPU workers with gloo; else NCCL")
+    p.add_argument("--cpus-per-worker", type=checks.positive_cpus, default=1.0)
+    p.add_argument("--max-failures", type=checks.non_negative_int, default=1, help="worker-group restarts per stage (from the "
                                                                "last checkpoint)")
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local Ray")
     p.add_argument("--json", action="store_true")
@@ -38,10 +39,10 @@ def check_args(args):
     """Every refusal that needs no Ray: flags, recipe, overrides, shards, starting folder, ZeRO memory."""
     from jobs.train.run import TrainConfigError, plan_run
 
-    if args.cpus_per_worker <= 0:
-        raise InputError(f"--cpus-per-worker must be > 0, got {args.cpus_per_worker}")
-    if args.max_failures < 0:
-        raise InputError(f"--max-failures must be >= 0, got {args.max_failures}")
+    from actors.models import check_model_folder
+
+    # each number alone is checked at parse time (cli.checks); here the folders, from their files
+    check_model_folder(args.init, "llm", "--init")  # not the speech encoder's, complete, weights whole
     if not args.data.is_dir():
         raise InputError(f"--data {args.data}: not a folder (give the shards folder of `vita-audio prepare`)")
     if args.out.exists() and not args.out.is_dir():
