@@ -6,10 +6,13 @@
     llm_stage      LLMStage: prompt -> text deltas + audio chunks (continuous batching, per-request backpressure)
     engine_loop    EngineLoop: the LLM stage's engine task (admission wait, inline-or-thread steps, runs of steps)
     decoder_stage  DecoderStage: audio chunks -> PCM (one incremental stream per request, batched)
-    builder        placement group + ray.remote + resources (the only module that knows Ray options)
+    builder        the stages' Ray forms (device from the assigned GPU), placement group + ray.remote + resources
+    placement      where a stage runs: device and dtype for its GPU ids, a placement report (no ray)
     orchestration  run_request: the speech data path, once, over a StageClients protocol (no ray)
+    streams        the LLM fold and the decoder's chunk protocol, shared by run_request and the batch job
+    handles        StageClients over remote handles (Ray actors, Serve deployments): error translation, once
     pipeline       Pipeline: RayStageClients over the three actors' handles
-    local          LocalPipeline: LocalStageClients over stage objects in one process (no ray)
+    local          LocalPipeline: LocalStageClients over the stage objects in one process (no ray)
     results        collect: a request's events gathered into one result
 
 Nothing here knows HTTP; `serve/` builds on these classes.

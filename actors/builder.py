@@ -1,9 +1,11 @@
 """Build the stage actors: one placement group (a bundle per stage), `ray.remote` and resources applied here.
 
-The stage classes stay plain (as Ray Serve LLM's `LLMServer`); only this builder knows Ray options. The
-placement group strategy comes from the config: PACK puts the stages on one node when it fits, SPREAD
-puts them on different nodes when the cluster has room (STRICT_* variants refuse otherwise). A restarted
-actor comes back in its own bundle, so its GPU stays its own.
+The stage classes stay plain and Ray-free (as Ray Serve LLM's `LLMServer`): `STAGE_CLASSES` are their Ray
+forms, which take the device and dtype from the GPU Ray assigned the actor (`actors.ray_runtime.ray_device`)
+and report the node they run on; the Serve deployments use the same classes. Only this builder knows Ray
+options. The placement group strategy comes from the config: PACK puts the stages on one node when it fits,
+SPREAD puts them on different nodes when the cluster has room (STRICT_* variants refuse otherwise). A
+restarted actor comes back in its own bundle, so its GPU stays its own.
 """
 from __future__ import annotations
 
@@ -18,10 +20,39 @@ from actors.config import STAGES, PipelineConfig
 from actors.decoder_stage import DecoderStage
 from actors.encoder_stage import EncoderStage
 from actors.llm_stage import LLMStage
+from actors.placement import StagePlacement, describe
+from actors.ray_runtime import ray_device, ray_where
 
 logger = logging.getLogger(__name__)
 
-STAGE_CLASSES = {"encoder": EncoderStage, "llm": LLMStage, "decoder": DecoderStage}
+
+class _OnRay:
+    """A stage as a Ray actor or Serve replica: it computes on the device of the GPU Ray assigned it (else CPU)
+    and its placement names the node, IP, GPU ids and actor id."""
+
+    stage: str
+
+    def __init__(self, config):
+        device, dtype = ray_device()
+        super().__init__(config, device=device, dtype=dtype)
+
+    async def placement(self) -> StagePlacement:
+        return describe(self.stage, self.device, self.dtype, ray_where())
+
+
+class RayEncoderStage(_OnRay, EncoderStage):
+    stage = "encoder"
+
+
+class RayLLMStage(_OnRay, LLMStage):
+    stage = "llm"
+
+
+class RayDecoderStage(_OnRay, DecoderStage):
+    stage = "decoder"
+
+
+STAGE_CLASSES = {"encoder": RayEncoderStage, "llm": RayLLMStage, "decoder": RayDecoderStage}
 
 
 class PlacementError(RuntimeError):

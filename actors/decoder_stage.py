@@ -20,7 +20,7 @@ from actors.aio import within
 from actors.batching import MicroBatcher
 from actors.config import DecoderStageConfig
 from actors.payloads import CodesChunk, PCMChunk
-from actors.placement import StagePlacement, describe, stage_device
+from actors.placement import StagePlacement, describe
 
 
 @dataclass
@@ -34,13 +34,15 @@ class _Stream:
 
 
 class DecoderStage:
-    def __init__(self, config: DecoderStageConfig):
+    def __init__(self, config: DecoderStageConfig, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        """A plain class that never imports ray: the caller picks `device` and `dtype` (`actors.builder` on Ray)."""
         from pipeline.decoder.speech_decoder import load_decoder
 
         self.config = config
         if config.resources.torch_threads:
             torch.set_num_threads(config.resources.torch_threads)
-        self.device, self.dtype = stage_device()
+        self.device, self.dtype = torch.device(device), dtype
         self.decoder = load_decoder(config.path, device=self.device, dtype=self.dtype)
         self.sample_rate = self.decoder.sample_rate
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")

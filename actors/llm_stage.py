@@ -30,11 +30,16 @@ from actors.payloads import (
     merge_outputs,
     to_generation_request,
 )
-from actors.placement import StagePlacement, describe, stage_device
+from actors.placement import StagePlacement, describe
 
 
 class RequestAborted(RuntimeError):
     """The engine dropped a request (stalled consumer, engine failure); the message says why."""
+
+
+class EngineStepFailed(RequestAborted):
+    """An engine step failed (out of memory, ...) and every request in it was dropped: the request may not be
+    the cause, and run alone it may succeed (the batch job retries such rows one at a time)."""
 
 
 @dataclass
@@ -51,7 +56,8 @@ class _Request:
 class LLMStage:
     ABORT_WAIT_S = 1.0  # longest `abort` waits for the engine to free the request's caches
 
-    def __init__(self, config: LLMStageConfig):
+    def __init__(self, config: LLMStageConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        """A plain class that never imports ray: the caller picks `device` and `dtype` (`actors.builder` on Ray)."""
         from pipeline.engine.decode_engine import DecodeEngine
         from pipeline.llm import load_llm
         from pipeline.tokens.vocab import TokenLayout, load_tokenizer
@@ -59,7 +65,7 @@ class LLMStage:
         self.config = config
         if config.resources.torch_threads:
             torch.set_num_threads(config.resources.torch_threads)
-        self.device, self.dtype = stage_device()
+        self.device, self.dtype = torch.device(device), dtype
         self.tokenizer = load_tokenizer(config.path)
         self.layout = TokenLayout.from_tokenizer(self.tokenizer)
         model = load_llm(config.path, device=self.device, dtype=self.dtype)
@@ -196,7 +202,7 @@ class LLMStage:
             state.queue.put_nowait(error)
 
     def fail_all(self, error: Exception) -> None:
-        error = RequestAborted(f"LLM engine step failed: {error!r}")
+        error = EngineStepFailed(f"LLM engine step failed: {error!r}")
         for request_id, state in list(self.requests.items()):
             self.requests.pop(request_id, None)
             state.finished = True

@@ -35,7 +35,6 @@ from actors.payloads import (
     CodesChunk,
     Done,
     ErrorEvent,
-    LLMEnd,
     LLMOutput,
     PCMChunk,
     PipelineEvent,
@@ -44,6 +43,7 @@ from actors.payloads import (
     load_waveform,
     new_request_id,
 )
+from actors.streams import DecoderFeed, LLMFold
 
 T = TypeVar("T")
 
@@ -122,13 +122,15 @@ class _Trace:
     wall_start: float = field(default_factory=time.time)  # places the stages' wall-clock stamps on our axis
     timings: dict = field(default_factory=dict)
     usage: dict = field(default_factory=lambda: {s: {} for s in STAGES})
-    text: str = ""
-    audio_codes: list[int] = field(default_factory=list)
-    end: LLMEnd | None = None
+    llm: LLMFold = field(default_factory=LLMFold)  # what the LLM stream said (text, audio chunks, end)
     chunks_out: int = 0
 
     def mark(self, name: str) -> None:
         self.timings.setdefault(name, time.perf_counter() - self.start)
+
+    text = property(lambda self: self.llm.text)
+    audio_codes = property(lambda self: self.llm.audio_codes)
+    end = property(lambda self: self.llm.end)
 
 
 async def run_request(clients: StageClients, limits: Limits, task: str, *, text: str | None = None, audio=None,
@@ -234,6 +236,7 @@ async def _stream(clients: StageClients, limits: Limits, request: SpeechRequest,
                   out: asyncio.Queue) -> None:
     """LLM stream -> text events + decoder pushes (bounded), decoder PCM -> audio events, in order."""
     pending_pcm: asyncio.Queue = asyncio.Queue(maxsize=limits.max_inflight_chunks)
+    feed = DecoderFeed(clients, request.request_id)  # the decoder's chunk protocol (actors.streams)
     decoder_usage = {"chunks": 0, "forwards": 0}
     trace.usage["decoder"] = decoder_usage
     timeout = limits.stage_timeout_s
@@ -249,34 +252,28 @@ async def _stream(clients: StageClients, limits: Limits, request: SpeechRequest,
     async def read_llm() -> None:
         stream, item = await retry_restarting("llm", start_llm, timeout)
         try:
-            sent_audio, n_chunks = False, 0
             while True:
+                trace.llm.add(item)
                 if item.text or item.text_ids:
-                    trace.text += item.text
                     out.put_nowait(TextDelta(item.text, list(item.text_ids)))
                 for codes in item.audio_chunks:
                     trace.mark("first_audio_codes")
-                    trace.audio_codes.extend(codes)
-                    chunk = CodesChunk(request.request_id, codes, seq=n_chunks)
-                    n_chunks += 1
-                    if not sent_audio:  # the decoder may still be restarting: its stream starts on this chunk,
+                    if not feed.sent:  # the decoder may still be restarting: its stream starts on this chunk,
                         # and later chunks are sent only once that stream exists (on the restarted stage)
+                        chunk = feed.chunk(codes)
                         first_pcm = asyncio.get_running_loop().create_future()
                         first_pcm.set_result(await retry_restarting("decoder", lambda c=chunk: clients.push(c), timeout))
                         await pending_pcm.put(first_pcm)
                     else:
-                        await pending_pcm.put(asyncio.ensure_future(clients.push(chunk)))
-                    sent_audio = True
+                        await pending_pcm.put(asyncio.ensure_future(feed.push(codes)))
                 if item.end is not None:
-                    trace.end = item.end
                     trace.mark("llm_done")
                     break
                 item = await _guard("llm", _next(stream), timeout)
         finally:
             await _aclose(stream)
-        if sent_audio:  # flush the decoder stream's tail (and free it)
-            final = CodesChunk(request.request_id, [], final=True, seq=n_chunks)
-            await pending_pcm.put(asyncio.ensure_future(clients.push(final)))
+        if feed.sent:  # flush the decoder stream's tail (and free it)
+            await pending_pcm.put(asyncio.ensure_future(feed.flush()))
         await pending_pcm.put(None)
 
     async def read_pcm() -> None:

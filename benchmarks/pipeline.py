@@ -4,14 +4,17 @@ Part 1, latency (bench-sized models): time to first audio and total time of a TT
 Ray stage actors (local Ray, 3 logical GPUs) and through `actors.local.LocalPipeline` in this process, side
 by side in one run (1 warm-up each, then round robin; medians; overheads are medians of each round's
 staged - in-process difference). Ray overhead = staged - in-process.
-Models: the "bench" size of `pipeline.sizes` written with `pipeline.tiny.write_model_set` to a temp folder:
+Models: the "bench" size of `pipeline.sizes` written with `pipeline.tiny.write_tiny_set` to a temp folder:
 the LLM of the decode bench (28 backbone layers + 10 MCTP modules, hidden 256, intermediate 1376, 4 heads /
 1 KV head; the tiny tokenizer, so its vocab is the tiny one) and the bench-sized decoder of
 ../shared/research/original-speed.md (flow encoder d 128 / FFN 512 x 6, estimator channels 64, 2 heads x 16,
 4 blocks per level, 12 mid blocks; HiFT base 128), both random; the tiny encoder (TTS does not use it).
 
-On one machine the stages share the CPU: while the decoder works on chunk 1 the LLM goes on decoding, which
-the in-process composition never does, and on a 2-core VM any busy process slows the other core's work.
+The in-process side runs the same stage objects on one event loop (`LocalPipeline`); for the comparison its LLM
+engine is held by an observer (`HandOffGate`, a `StepObserver` as the engine's timers are): after a step that
+closes an audio chunk, its next forward waits until the decoder returned that chunk's PCM, so the in-process
+decoder computes alone. On one machine the staged stages share the CPU: while the decoder works on chunk 1 the
+LLM goes on decoding, and on a 2-core VM any busy process slows the other core's work.
 So the whole request's overhead mixes Ray with CPU sharing that separate GPUs would not have.
 Ray's own overhead is measured on a control: the same request cut where its first audio chunk closes, so
 both paths compute exactly the same things before the first audio and the LLM is idle meanwhile.
@@ -31,6 +34,7 @@ Threads: one torch thread per process by default (in-process composition and eac
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import statistics
@@ -38,6 +42,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from pipeline.engine.observe import StepObserver
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 TEXTS = ["Hello there.", "How are you today?", "The cat sat on the mat.", "One two three.",
@@ -57,16 +63,37 @@ def add_arguments(p, name: str) -> None:
     p.add_argument("--stagger-s", type=float, default=0.01,
                    help="also measure streams arriving this far apart (0: skip); requests then meet mid-schedule")
     p.add_argument("--models", type=Path, default=None, help="tiny set for part 2 (default: the cached tiny set)")
-    p.add_argument("--skip-latency", action="store_true")
-    p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--latency-models", type=Path, default=None,
+                   help="models folder of the latency part (default: the bench-sized set, built in a temp folder)")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma list of the parts to run, of {','.join(PARTS)} (engine: the in-process engine rows "
+                        "and step costs; stages: the Ray throughput rows; item-cost: one streamed item's Ray cost)")
+    p.add_argument("--skip-latency", action="store_true", help="leave out the latency part")
+    p.add_argument("--skip-throughput", action="store_true", help="leave out engine, stages and item-cost")
     p.add_argument("--quick", action="store_true", help="1 round, 32 tokens, 4 ODE steps (a smoke run)")
 
 
-def build_bench_models(out_dir: Path, seed: int = 11) -> Path:
-    """llm/ and decoder/ of the "bench" size (`pipeline.sizes`), encoder/ (tiny) under out_dir."""
-    from pipeline.tiny import write_model_set
+PARTS = ("latency", "engine", "stages", "item-cost")
 
-    write_model_set(out_dir, seed, llm="bench", decoder="bench")
+
+def chosen_parts(args) -> list[str]:
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        raise ValueError(f"--parts {args.parts!r}: expected a comma list of {', '.join(PARTS)}")
+    if args.skip_latency:
+        parts = [p for p in parts if p != "latency"]
+    if args.skip_throughput:
+        parts = [p for p in parts if p == "latency"]
+    return [p for p in PARTS if p in parts]
+
+
+def build_bench_models(out_dir: Path, seed: int = 11) -> Path:
+    """llm/ and decoder/ of the "bench" size (`pipeline.sizes`), encoder/ (tiny) under out_dir: a random set,
+    marked as one (so its requests' layout "auto" is the task's, as on the tiny set)."""
+    from pipeline.tiny import write_tiny_set
+
+    write_tiny_set(out_dir, seed, llm="bench", decoder="bench")
     return out_dir
 
 
@@ -78,60 +105,42 @@ def run(args) -> dict:
     from actors.models import resolve_models_dir
     from actors.ray_runtime import start_ray
 
+    parts = chosen_parts(args)
     if args.quick:
         args.runs, args.max_new_tokens, args.n_steps, args.throughput_tokens = 1, 32, 4, 48
     torch.set_num_threads(args.threads)
-    started = start_ray(num_cpus=os.cpu_count(), num_gpus=3)  # joins a running Ray, else starts a local one
+    started = False
+    if set(parts) - {"engine"}:  # joins a running Ray, else starts a local one
+        started = start_ray(num_cpus=os.cpu_count(), num_gpus=3)
     results, markdown = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                                  if not k.startswith("_")}}, ""
+                                  if not k.startswith("_")}, "parts": parts}, ""
     tmp = Path(tempfile.mkdtemp(prefix="vita-bench-pipeline-"))
     try:
-        t0 = time.perf_counter()
-        bench_models = build_bench_models(tmp / "models")
-        results["build_bench_models_s"] = time.perf_counter() - t0
-        if not args.skip_latency:
-            results["latency"] = latency(args, bench_models)
+        bench_models = None
+        if "stages" in parts or ("latency" in parts and args.latency_models is None):
+            t0 = time.perf_counter()
+            bench_models = build_bench_models(tmp / "models")
+            results["build_bench_models_s"] = time.perf_counter() - t0
+        if "latency" in parts:
+            results["latency"] = latency(args, args.latency_models or bench_models)
             rows = results["latency"]["rows"]
-            markdown += "## Time to first audio, staged Ray vs in-process (bench-sized models, TTS)\n\n"
+            models = "bench-sized models" if args.latency_models is None else f"models {args.latency_models}"
+            markdown += f"## Time to first audio, staged Ray vs in-process ({models}, TTS)\n\n"
             markdown += markdown_table(rows) + "\n" + _latency_summary(results["latency"]) + "\n"
-        if not args.skip_throughput:
+        throughput_parts = [p for p in parts if p != "latency"]
+        if throughput_parts:
             tiny = resolve_models_dir(args.models)
-            results["throughput"] = {
-                "engine": engine_throughput(args, tiny, "tiny set"),
-                "tiny": throughput(args, tiny, "tiny set", whole_pipeline=True),
-                "tiny_unaligned": throughput(args, tiny, "tiny set, align_steps=0", whole_pipeline=False, align_steps=0),
-                "bench": throughput(args, bench_models, "bench-sized LLM", whole_pipeline=False, staggered=False),
-                "target": f">= 4x at {args.concurrency} streams (tiny default)",
-                "ray_item_cost": ray_item_cost(args),
-            }
-            markdown += f"## Aggregate tokens/s, {args.concurrency} concurrent streams vs 1\n\n"
-            columns = ["models", "path", "tokens_per_s_1_stream", f"tokens_per_s_{args.concurrency}_streams", "speedup",
-                       "speedup_range",
-                       "first_item_s_1_stream", f"first_item_s_{args.concurrency}_streams", "ms_per_step_1",
-                       f"ms_per_step_{args.concurrency}", "items_per_stream_1", f"items_per_stream_{args.concurrency}",
-                       "tokens", "error"]
-            rows = [row for key in ("engine", "tiny", "tiny_unaligned", "bench") for row in results["throughput"][key]["rows"]]
-            markdown += markdown_table(rows, columns) + "\n"
-            markdown += (f"speedup: median over {args.runs} rounds of the {args.concurrency}-stream run's tokens/s over the "
-                         "1-stream run's just before it (speedup_range: lowest-highest round); tokens/s: medians; "
-                         "items_per_stream: stream items a client received.\n")
-            costs = results["throughput"]["engine"]["step_costs"]
-            n = args.concurrency
-            markdown += ("\n### Where a step's time goes (engine in process, tiny set; ms per step, medians of "
-                         "profiled rounds)\n\n")
-            step_rows = [{"requests": 1, **costs["ms_per_step_1"]}, {"requests": n, **costs[f"ms_per_step_{n}"]},
-                         {"requests": "one more row adds", **costs["per_row_ms"]}]
-            markdown += markdown_table(step_rows, ["requests", *STEP_PARTS, "total"]) + "\n"
-            markdown += (f"A step costs about fixed + rows x per_row: fixed {costs['fixed_ms']:.3f} ms, per row "
-                         f"{costs['per_row_ms']['total']:.3f} ms. {n} streams reach 4x one stream only if a row adds "
-                         f"at most ({n} - 4) / (3 x {n}) of the fixed cost: {costs['per_row_ms_for_4x']:.3f} ms. "
-                         "What a row adds is its own arithmetic (attention over its cached positions, the MCTP "
-                         "catch-up, its lm_head scores) and its bookkeeping, on one core.\n")
-            cost = results["throughput"]["ray_item_cost"]
-            markdown += (f"\nOne streamed item costs Ray {cost['producer_cpu_us_per_item']:.0f} µs of CPU in the producing "
-                         f"actor and {cost['consumer_cpu_us_per_item']:.0f} µs in the consumer ({cost['items']} items of an "
-                         f"actor that only streams them, medians of {cost['rounds']} rounds); in the LLM stage the "
-                         "producer's share runs beside the decode steps, hence the output merged into fewer items.\n")
+            results["throughput"] = out = {"target": f">= 4x at {args.concurrency} streams (tiny default)"}
+            if "engine" in parts:
+                out["engine"] = engine_throughput(args, tiny, "tiny set")
+            if "stages" in parts:
+                out["tiny"] = throughput(args, tiny, "tiny set", whole_pipeline=True)
+                out["tiny_unaligned"] = throughput(args, tiny, "tiny set, align_steps=0", whole_pipeline=False,
+                                                   align_steps=0)
+                out["bench"] = throughput(args, bench_models, "bench-sized LLM", whole_pipeline=False, staggered=False)
+            if "item-cost" in parts:
+                out["ray_item_cost"] = ray_item_cost(args)
+            markdown += _throughput_markdown(args, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if started:
@@ -140,6 +149,43 @@ def run(args) -> dict:
     print(markdown)
     results["report"] = {"json": str(json_path), "markdown": str(md_path)}
     return results
+
+
+def _throughput_markdown(args, out: dict) -> str:
+    from benchmarks.report import markdown_table
+
+    markdown, n = "", args.concurrency
+    rows = [row for key in ("engine", "tiny", "tiny_unaligned", "bench") if key in out for row in out[key]["rows"]]
+    if rows:
+        markdown += f"## Aggregate tokens/s, {n} concurrent streams vs 1\n\n"
+        columns = ["models", "path", "tokens_per_s_1_stream", f"tokens_per_s_{n}_streams", "speedup",
+                   "speedup_range",
+                   "first_item_s_1_stream", f"first_item_s_{n}_streams", "ms_per_step_1",
+                   f"ms_per_step_{n}", "items_per_stream_1", f"items_per_stream_{n}",
+                   "tokens", "error"]
+        markdown += markdown_table(rows, columns) + "\n"
+        markdown += (f"speedup: median over {args.runs} rounds of the {n}-stream run's tokens/s over the "
+                     "1-stream run's just before it (speedup_range: lowest-highest round); tokens/s: medians; "
+                     "items_per_stream: stream items a client received.\n")
+    if "engine" in out:
+        costs = out["engine"]["step_costs"]
+        markdown += ("\n### Where a step's time goes (engine in process, tiny set; ms per step, medians of "
+                     "profiled rounds)\n\n")
+        step_rows = [{"requests": 1, **costs["ms_per_step_1"]}, {"requests": n, **costs[f"ms_per_step_{n}"]},
+                     {"requests": "one more row adds", **costs["per_row_ms"]}]
+        markdown += markdown_table(step_rows, ["requests", *STEP_PARTS, "total"]) + "\n"
+        markdown += (f"A step costs about fixed + rows x per_row: fixed {costs['fixed_ms']:.3f} ms, per row "
+                     f"{costs['per_row_ms']['total']:.3f} ms. {n} streams reach 4x one stream only if a row adds "
+                     f"at most ({n} - 4) / (3 x {n}) of the fixed cost: {costs['per_row_ms_for_4x']:.3f} ms. "
+                     "What a row adds is its own arithmetic (attention over its cached positions, the MCTP "
+                     "catch-up, its lm_head scores) and its bookkeeping, on one core.\n")
+    if "ray_item_cost" in out:
+        cost = out["ray_item_cost"]
+        markdown += (f"\nOne streamed item costs Ray {cost['producer_cpu_us_per_item']:.0f} µs of CPU in the producing "
+                     f"actor and {cost['consumer_cpu_us_per_item']:.0f} µs in the consumer ({cost['items']} items of an "
+                     f"actor that only streams them, medians of {cost['rounds']} rounds); in the LLM stage the "
+                     "producer's share runs beside the decode steps, hence the output merged into fewer items.\n")
+    return markdown
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -154,7 +200,9 @@ def latency(args, models: Path) -> dict:
 
     config = PipelineConfig.from_models_dir(models, stage_timeout_s=300, request_timeout_s=1800)
     config.decoder.n_steps = args.n_steps
-    local = LocalPipeline(config)
+    # in process: the LLM steps on its engine thread, where the gate may hold it (never on the event loop)
+    local = LocalPipeline(dataclasses.replace(config, llm=dataclasses.replace(config.llm, engine_thread=True)))
+    gate = HandOffGate.install(local)
     config = config.with_resources(torch_threads=args.stage_threads)
     pipe = Pipeline.start(config)
     try:
@@ -202,11 +250,91 @@ def latency(args, models: Path) -> dict:
         "cut_handoff_overhead_s": ray_cut["handoff_s"] - local_cut["handoff_s"],
         "total_ratio": ray_row["total_s"] / local_row["total_s"],
         "same_ids": same_ids,
+        "in_process_gate": {"held_steps": gate.held, "timeouts": gate.timeouts},
         "placement_gpu_ids": placement,
         "models": "llm 28+10 layers hidden 256 (tiny tokenizer), decoder original-speed.md bench size, random",
         "target": "Ray overhead <= 10% of time to first audio",
         "per_run": {f"{name}{suffix}": [r.done.timings for r in results] for (name, suffix), results in samples.items()},
     }
+
+
+class HandOffGate(StepObserver):
+    """The in-process side's fairness: after an engine step that closes audio chunks, the LLM's next forward
+    waits until the decoder returned those chunks' PCM, so the in-process decoder computes alone (as the
+    composition before the stage objects did, one stage at a time). The staged LLM keeps decoding beside its
+    decoder; that overlap is what the whole-request rows show, and the control row (cut at the first chunk)
+    leaves out.
+
+    A `StepObserver` on the in-process LLM stage's engine, told of each returned chunk by `GatedClients`;
+    it blocks the engine's thread, so the in-process LLM stage must step on its thread (`engine_thread=True`).
+    """
+
+    WAIT_S = 60.0  # a chunk whose PCM never comes back (a failed request) holds the engine no longer
+
+    def __init__(self):
+        self.owed = 0  # chunks closed by the engine whose PCM the decoder has not returned yet
+        self.changed = threading.Condition()
+        self.held = 0  # forwards that waited
+        self.timeouts = 0
+
+    @classmethod
+    def install(cls, local) -> "HandOffGate":
+        """Observe `local`'s engine and wrap its stage clients (a `LocalPipeline`)."""
+        gate = cls()
+        engine = local.stages.llm.engine
+        if engine.observer is not None:
+            raise RuntimeError("the in-process engine already has an observer")
+        engine.observer = gate
+        local.clients = GatedClients(local.clients, gate)
+        return gate
+
+    def on_step(self, events: list) -> None:
+        from pipeline.engine.requests import AudioChunkEvent
+
+        closed = sum(isinstance(event, AudioChunkEvent) for event in events)
+        if closed:
+            with self.changed:
+                self.owed += closed
+
+    def on_forward(self, kind, rows, q_len, run):
+        with self.changed:
+            if self.owed > 0:
+                self.held += 1
+                if not self.changed.wait_for(lambda: self.owed <= 0, self.WAIT_S):
+                    self.timeouts += 1
+                    self.owed = 0
+        return run()
+
+    def decoded(self) -> None:
+        with self.changed:
+            self.owed = max(self.owed - 1, 0)
+            self.changed.notify_all()
+
+
+class GatedClients:
+    """A `LocalPipeline`'s stage clients, telling the gate each time the decoder returned a chunk's PCM."""
+
+    def __init__(self, clients, gate: HandOffGate):
+        self.clients, self.gate = clients, gate
+
+    async def encode(self, audio):
+        return await self.clients.encode(audio)
+
+    def generate(self, request):
+        return self.clients.generate(request)
+
+    async def push(self, chunk):
+        try:
+            return await self.clients.push(chunk)
+        finally:
+            if not chunk.final:  # the flush at the end is no chunk the engine closed
+                self.gate.decoded()
+
+    def close(self, request_id: str) -> None:
+        self.clients.close(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self.clients.abort(request_id)
 
 
 def _paired_overhead(staged: list, local: list) -> tuple[float, float, str]:

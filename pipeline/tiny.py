@@ -255,15 +255,17 @@ def write_model_set(out_dir, seed: int = 0, llm: str = "tiny", decoder: str = "t
     return paths
 
 
-def write_tiny_set(out_dir, seed: int = 0, llm: str = "tiny") -> dict[str, Path]:
+def write_tiny_set(out_dir, seed: int = 0, llm: str = "tiny", decoder: str = "tiny") -> dict[str, Path]:
     """Write the tiny set (`vita-audio tiny`): llm/, encoder/ and decoder/ of the "tiny" size, and its marker.
 
     `llm` names another LLM size (`vita-audio tiny --llm-size small`: the training acceptance's init) beside the
-    same tokenizer, encoder and decoder, so shards prepared with either set fit both."""
-    paths = write_model_set(out_dir, seed, llm=llm)
+    same tokenizer, encoder and decoder, so shards prepared with either set fit both; `decoder` another decoder
+    size (`bench pipeline`'s random bench-size set)."""
+    paths = write_model_set(out_dir, seed, llm=llm, decoder=decoder)
     out = Path(os.fspath(out_dir))
     # Says what this folder is: tools use it to know the weights are random (e.g. to force the output layout).
-    marker = {"random_weights": True, "seed": seed, "llm_size": llm, "writer": "vita-audio tiny"}
+    marker = {"random_weights": True, "seed": seed, "llm_size": llm, "decoder_size": decoder,
+              "writer": "vita-audio tiny"}
     (out / TINY_MARKER).write_text(json.dumps(marker) + "\n")
     return paths
 

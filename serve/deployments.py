@@ -21,8 +21,8 @@ from ray import serve
 
 from actors.builder import STAGE_CLASSES
 from actors.config import STAGES, PipelineConfig
-from actors.orchestration import StageBusy, StageFailure
-from actors.payloads import AudioPayload, CodesChunk, LLMOutput, PCMChunk, SpeechRequest
+from actors.handles import HandleStageClients
+from actors.payloads import LLMOutput, SpeechRequest
 from serve import metrics
 
 HEALTH_TIMEOUT_S = 3.0  # a stage whose replica is gone (calls wait for a new one) counts as down after this
@@ -91,7 +91,8 @@ def ingress_options(scaling: IngressScaling) -> dict:
 
 
 def stage_application(stage: str, config: PipelineConfig, scaling: StageScaling):
-    """The bound deployment of one stage: its plain class wrapped by Serve, built with its stage config (the
+    """The bound deployment of one stage: its Ray form (`actors.builder.STAGE_CLASSES`: device and dtype from
+    the GPU Serve's replica was given, else CPU fp32) wrapped by Serve, built with its stage config (the
     decoder with request-id routing: a request's chunks go to the replica holding its stream)."""
     options = scaling.options(f"vita-{stage}")
     if stage == "decoder":
@@ -104,18 +105,6 @@ def stage_application(stage: str, config: PipelineConfig, scaling: StageScaling)
     return deployment.bind(config.stage(stage))
 
 
-def stage_failure(stage: str, err: BaseException) -> StageFailure:
-    """A stage-named failure for what a DeploymentHandle call raised (dead replica, backpressure, error)."""
-    from ray.serve.exceptions import BackPressureError
-
-    if isinstance(err, StageFailure):
-        return err
-    if isinstance(err, BackPressureError):
-        return StageBusy(stage, f"{stage} stage is at capacity: {err}")
-    text = str(err).strip().splitlines()
-    return StageFailure(stage, f"{stage} stage failed: {type(err).__name__}: {text[-1] if text else ''}")
-
-
 async def _assigned(response) -> None:
     """Wait until Serve assigned the call to a replica (the routing queue; raises BackPressureError)."""
     fetch = getattr(response, "_fetch_future_result_async", None)  # cached: awaiting the response reuses it
@@ -123,14 +112,15 @@ async def _assigned(response) -> None:
         await fetch()
 
 
-class ServeStageClients:
-    """`actors.orchestration.StageClients` over the three stage DeploymentHandles."""
+class ServeStageClients(HandleStageClients):
+    """`actors.orchestration.StageClients` over the three stage DeploymentHandles (error translation:
+    `actors.handles`); records each stage's queue time and in-flight calls."""
 
     def __init__(self, encoder, llm, decoder):
-        self.encoder, self.llm, self.decoder = encoder, llm, decoder
+        super().__init__(encoder, llm, decoder)
         self.in_flight = {stage: 0 for stage in STAGES}
 
-    async def _call(self, stage: str, response):
+    async def _await(self, stage: str, response):
         self._enter(stage)
         start = time.perf_counter()
         try:
@@ -140,8 +130,6 @@ class ServeStageClients:
         except asyncio.CancelledError:
             _cancel(response)
             raise
-        except Exception as err:
-            raise stage_failure(stage, err) from None
         finally:
             self._leave(stage)
 
@@ -153,39 +141,18 @@ class ServeStageClients:
         self.in_flight[stage] -= 1
         metrics.stage_in_flight(stage, self.in_flight[stage])
 
-    async def encode(self, audio: AudioPayload) -> list[int]:
-        return await self._call("encoder", self.encoder.encode.remote(audio))
-
-    async def generate(self, request: SpeechRequest) -> AsyncIterator[LLMOutput]:
+    async def _llm_stream(self, request: SpeechRequest) -> AsyncIterator[LLMOutput]:
         stream = self.llm.options(stream=True).generate.remote(request)
         self._enter("llm")
         start = time.perf_counter()
         try:
-            try:
-                await _assigned(stream)
-            except Exception as err:
-                raise stage_failure("llm", err) from None
+            await _assigned(stream)
             metrics.stage_queued("llm", time.perf_counter() - start)
-            while True:
-                try:
-                    item = await stream.__anext__()
-                except StopAsyncIteration:
-                    return
-                except Exception as err:
-                    raise stage_failure("llm", err) from None
+            async for item in stream:
                 yield item
         finally:
             self._leave("llm")
             _cancel(stream)
-
-    async def push(self, chunk: CodesChunk) -> PCMChunk:
-        return await self._call("decoder", self.decoder.push.remote(chunk))
-
-    def close(self, request_id: str) -> None:
-        _fire(self.decoder.close, request_id)
-
-    def abort(self, request_id: str) -> None:
-        _fire(self.llm.abort, request_id)
 
     async def check_health(self, timeout_s: float = HEALTH_TIMEOUT_S) -> dict[str, str]:
         """Each stage's state: "ok", or why not. A stage with no live replica is down: its calls would wait
@@ -213,9 +180,3 @@ def _cancel(response) -> None:
     except Exception:
         pass
 
-
-def _fire(method, *args) -> None:
-    try:
-        method.remote(*args)
-    except Exception:
-        pass

@@ -33,6 +33,30 @@ def config(tiny_models) -> PipelineConfig:
 # --- config ---------------------------------------------------------------------------------------------
 
 
+def test_stage_modules_do_not_import_ray():
+    """The stages are plain classes whose device and dtype are passed in (`actors.builder` and the Serve
+    deployments pick them on Ray): importing them, or the in-process pipeline built on them, loads no ray."""
+    import subprocess
+    import sys
+
+    code = ("import sys, actors.encoder_stage, actors.llm_stage, actors.decoder_stage, actors.local; "
+            "print('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False"]
+
+
+def test_stage_device_is_cuda_bf16_only_for_an_assigned_gpu_on_a_cuda_machine(monkeypatch):
+    import torch
+
+    from actors.placement import device_for
+
+    assert device_for([]) == (torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_for(["0"]) == (torch.device("cpu"), torch.float32)  # logical GPUs on a CPU machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device_for(["3"]) == (torch.device("cuda", 0), torch.bfloat16)  # CUDA_VISIBLE_DEVICES=3: cuda:0
+
+
 def test_config_checks_and_bundles(tmp_path):
     with pytest.raises(ValueError, match="placement_strategy"):
         PipelineConfig(placement_strategy="RANDOM")

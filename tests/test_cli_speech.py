@@ -30,7 +30,7 @@ def wav(tmp_path_factory) -> Path:
 
 def test_tts_subprocess_local_ray_with_three_logical_gpus(tiny_models, tmp_path):
     out = tmp_path / "hello.wav"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
         [sys.executable, "-m", "cli.main", "tts", "Hello there.", "-o", str(out), "--models", str(tiny_models),
@@ -115,18 +115,26 @@ def test_bad_input_is_one_line_and_exit_code_2(argv, needle, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
 
 
-def test_bench_pipeline_latency_measures_ray_on_a_request_cut_at_its_first_audio_chunk(ray_session, tiny_models):
-    """`bench pipeline`'s latency part on the tiny set: whole request and the control cut where the first audio
-    chunk closes (the LLM then idles while the decoder works), both through Ray and in process."""
-    import argparse
+def test_bench_pipeline_measures_ray_on_a_request_cut_at_its_first_audio_chunk(tiny_models, tmp_path):
+    """`vita-audio bench pipeline` as a user runs it (tests never import benchmarks/), on the tiny set:
+    - latency: the whole request and the control cut where the first audio chunk closes (the LLM then idles while
+      the decoder works), through the Ray stages and in process (the same stage objects, its engine held while
+      the decoder works on a chunk), with identical ids;
+    - engine: per-step parts at 1 and 8 requests add up to the step, the fixed / per-row split reproduces both
+      measured step costs, and the per-row budget for 4x is a sixth of the fixed cost at 8 streams
+      (8 (F + r) / (F + 8 r) = 4 at r = F / 6);
+    - item-cost: what one streamed item costs Ray in an actor that only streams."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}  # its own local Ray
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli.main", "bench", "pipeline", "--out", str(tmp_path), "--json",
+         "--parts", "latency,engine,item-cost", "--latency-models", str(tiny_models), "--models", str(tiny_models),
+         "--runs", "1", "--max-new-tokens", "32", "--n-steps", "2", "--concurrency", "8", "--throughput-tokens", "16"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["parts"] == ["latency", "engine", "item-cost"]
 
-    from benchmarks import pipeline as bench
-    from pipeline.tokens.vocab import TokenLayout, load_tokenizer
-
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser, "pipeline")
-    args = parser.parse_args(["--runs", "1", "--max-new-tokens", "32", "--n-steps", "2"])
-    lat = bench.latency(args, tiny_models)
+    lat = result["latency"]
     whole, _, cut, cut_local = lat["rows"]
     assert [r["path"] for r in lat["rows"]][:2] == ["staged (Ray)", "in-process"]
     assert lat["same_ids"] and whole["tokens"] == 32
@@ -134,45 +142,25 @@ def test_bench_pipeline_latency_measures_ray_on_a_request_cut_at_its_first_audio
     assert cut["chunks"] >= 1 and cut["time_to_first_audio_s"] > 0
     assert len({tuple(ids) for ids in lat["placement_gpu_ids"].values()}) == 3  # one GPU per stage
     assert lat["ray_overhead_s"] == pytest.approx(cut["time_to_first_audio_s"] - cut_local["time_to_first_audio_s"])
-    assert "Ray overhead on time to first audio" in bench._latency_summary(lat)
+    assert lat["in_process_gate"]["held_steps"] > 0 and lat["in_process_gate"]["timeouts"] == 0
+    assert "Ray overhead on time to first audio" in (tmp_path / "pipeline.md").read_text()
 
-    layout = TokenLayout.from_tokenizer(load_tokenizer(tiny_models / "llm"))
-    ids = [layout.audio_offset + 5, layout.eoa]
-    assert bench._first_chunk_length([7, layout.eoa, *ids, 9], layout) == 4  # the eoa after the first audio id
-    assert bench._first_chunk_length([7, 9], layout) == 2  # no audio chunk closes: the whole request
-
-
-def test_bench_pipeline_measures_what_one_streamed_item_costs_ray(ray_session):
-    """The report's per-item cost of a Ray streaming generator: positive CPU in the producing actor and in this
-    consumer, from an actor that only streams (no model)."""
-    import argparse
-
-    from benchmarks import pipeline as bench
-
-    cost = bench.ray_item_cost(argparse.Namespace(runs=1), n=50)
-    assert cost["items"] == 50 and cost["rounds"] == 2
-    assert cost["producer_cpu_us_per_item"] > 0 and cost["consumer_cpu_us_per_item"] > 0
-    assert cost["wall_us_per_item"] > 0
-
-
-def test_bench_pipeline_splits_a_step_into_fixed_and_per_row_costs(tiny_models):
-    """The engine part of `bench pipeline`: per-step parts at 1 and n requests add up to the step, the fixed /
-    per-row split reproduces both measured step costs, and the per-row budget for 4x is a sixth of the fixed cost
-    at 8 streams (8 (F + r) / (F + 8 r) = 4 at r = F / 6)."""
-    import argparse
-
-    from benchmarks import pipeline as bench
-
-    args = argparse.Namespace(runs=1, concurrency=8, throughput_tokens=16)
-    result = bench.engine_throughput(args, tiny_models, "tiny set")
-    costs = result["step_costs"]
+    engine = result["throughput"]["engine"]
+    (row,) = engine["rows"]
+    assert row["path"] == "engine in process (no Ray)" and row["tokens"] == 8 * 16
+    assert row["tokens_per_s_1_stream"] > 0 and row["tokens_per_s_8_streams"] > 0
+    costs = engine["step_costs"]
+    parts = ("backbone", "mtp", "lm_head", "rest")
     for k in (1, 8):
-        parts = costs[f"ms_per_step_{k}"]
-        assert all(parts[p] > 0 for p in ("backbone", "mtp", "lm_head", "total"))
-        assert abs(sum(parts[p] for p in bench.STEP_PARTS) - parts["total"]) < 1e-9
+        step = costs[f"ms_per_step_{k}"]
+        assert all(step[p] > 0 for p in ("backbone", "mtp", "lm_head", "total"))
+        assert abs(sum(step[p] for p in parts) - step["total"]) < 1e-9
     fixed, per_row = costs["fixed_ms"], costs["per_row_ms"]["total"]
     assert abs(fixed + per_row - costs["ms_per_step_1"]["total"]) < 1e-9
     assert abs(fixed + 8 * per_row - costs["ms_per_step_8"]["total"]) < 1e-9
     budget = costs["per_row_ms_for_4x"]
     assert abs(8 * (fixed + budget) / (fixed + 8 * budget) - 4) < 1e-9
-    assert result["rows"][0]["tokens"] == 8 * 16
+
+    cost = result["throughput"]["ray_item_cost"]
+    assert cost["items"] == 1000 and cost["rounds"] == 2
+    assert cost["producer_cpu_us_per_item"] > 0 and cost["consumer_cpu_us_per_item"] > 0 and cost["wall_us_per_item"] > 0

@@ -271,21 +271,6 @@ def test_bfloat16_batch_runs(shared_dir):
     assert all(0 <= t < model.config.vocab_size for v in ids.values() for t in v)
 
 
-def test_bench_pipeline_engine_row_smoke(tiny_models):
-    """`bench pipeline`'s in-process engine row (the batching ceiling without Ray) on a tiny workload."""
-    import argparse
-
-    from benchmarks import pipeline as bench
-
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser, "pipeline")
-    args = parser.parse_args(["--runs", "1", "--concurrency", "3", "--throughput-tokens", "12"])
-    (row,) = bench.engine_throughput(args, tiny_models, "tiny set")["rows"]
-    assert row["path"] == "engine in process (no Ray)" and row["tokens"] == 36
-    assert row["tokens_per_s_1_stream"] > 0 and row["tokens_per_s_3_streams"] > 0
-    assert 0 < row["ms_per_step_1"] and 0 < row["ms_per_step_3"]
-
-
 def test_hidden_buffer_keeps_chunks_and_cuts_them():
     from pipeline.engine.kv_cache import HiddenBuffer
 

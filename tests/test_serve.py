@@ -459,7 +459,7 @@ def test_stage_overload_maps_to_503_with_retry_after():
     from ray.serve.exceptions import BackPressureError
 
     from actors.orchestration import StageBusy, error_event
-    from serve.deployments import stage_failure
+    from actors.handles import stage_failure
 
     busy = stage_failure("llm", BackPressureError(num_queued_requests=8, max_queued_requests=8))
     assert isinstance(busy, StageBusy) and busy.stage == "llm"

@@ -10,8 +10,11 @@ objects are async: their calls for the whole batch are issued at once on the cla
 the encoder's micro-batcher shares forwards between windows, the LLM stage's engine loop decodes every
 request of the batch in one continuously batched engine, and the decoder batches chunks of different rows.
 
-A bad row never fails the batch: it leaves a stage with `status` "error" and `error` naming the stage and
-the reason, and later stages pass it through. Timings are each row's share of the stage's wall time for the
+The LLM stream and the decoder's chunk protocol are the ones every request uses (`actors.streams`: the LLM
+fold; chunks numbered in order, the final flush, close on error). A bad row never fails the batch: it leaves
+a stage with `status` "error" and `error` naming the stage and the reason, and later stages pass it through;
+when a failed engine step dropped every request of the batch (out of memory, ...), each runs again alone, so
+only the request that cannot run fails. Timings are each row's share of the stage's wall time for the
 batch (by audio seconds, generated tokens, output seconds), so they add up to the time the stage was busy.
 """
 from __future__ import annotations
@@ -30,7 +33,8 @@ import pyarrow as pa
 
 from actors.aio import LoopThread
 from actors.config import DecoderStageConfig, EncoderStageConfig, LLMStageConfig
-from actors.payloads import AudioPayload, CodesChunk, SpeechRequest
+from actors.payloads import AudioPayload, SpeechRequest
+from actors.streams import DecoderFeed, concatenate, fold_llm
 from jobs.batch.inputs import read_audio_bytes
 from jobs.batch.segments import Segment, WindowConfig, plan_windows, stitch
 
@@ -93,9 +97,10 @@ class SpeechEncoder(_AsyncStage):
     def __init__(self, config: EncoderStageConfig, windows: WindowConfig = WindowConfig(),
                  max_audio_seconds: float | None = 4 * 3600.0):
         from actors.encoder_stage import EncoderStage
+        from actors.ray_runtime import ray_device
 
         super().__init__("encoder")
-        self.stage = EncoderStage(config)
+        self.stage = EncoderStage(config, *ray_device())  # the GPU Ray gave this actor, else CPU
         self.windows, self.max_audio_seconds = windows, max_audio_seconds
 
     def __call__(self, batch) -> pa.Table:
@@ -156,11 +161,12 @@ class SpeechLLM(_AsyncStage):
 
     def __init__(self, config: LLMStageConfig, task: str, options: DecodeOptions = DecodeOptions()):
         from actors.llm_stage import LLMStage
+        from actors.ray_runtime import ray_device
 
         if task not in ("asr", "tts"):
             raise ValueError(f"task={task!r}; expected 'asr' or 'tts'")
         super().__init__("llm")
-        self.stage = LLMStage(config)
+        self.stage = LLMStage(config, *ray_device())  # the GPU Ray gave this actor, else CPU
         self.task, self.options = task, options
 
     def __call__(self, batch) -> pa.Table:
@@ -181,6 +187,11 @@ class SpeechLLM(_AsyncStage):
             except ValueError as err:
                 fail(row, "input", err)
         outputs = self.run_all([self._generate(request) for _, _, request in requests])
+        if len(requests) > 1:  # a failed engine step failed every request in it: each runs again alone, so a
+            # request that cannot run (too long, out of memory) fails only its own row
+            for i, out in enumerate(outputs):
+                if out.get("shared_failure"):
+                    outputs[i] = self.run(self._generate(requests[i][2]))
         for (row, k, _), out in zip(requests, outputs):
             self._fold(row, k, out)
         for row in rows:
@@ -197,15 +208,14 @@ class SpeechLLM(_AsyncStage):
         return to_table(rows)
 
     async def _generate(self, request: SpeechRequest) -> dict:
-        text, chunks, end = [], [], None
+        from actors.llm_stage import EngineStepFailed
+
         try:
-            async for item in self.stage.generate(request):
-                text.append(item.text)
-                chunks.extend(item.audio_chunks)
-                end = item.end or end
-        except Exception as err:  # noqa: BLE001 - the request failed alone
-            return {"error": f"{type(err).__name__}: {err}"}
-        return {"text": "".join(text).strip(), "chunks": chunks, "tokens": len(end.token_ids), "reason": end.reason}
+            fold = await fold_llm(self.stage.generate(request))
+        except Exception as err:  # noqa: BLE001 - reported in the request's row
+            return {"error": f"{type(err).__name__}: {err}", "shared_failure": isinstance(err, EngineStepFailed)}
+        return {"text": fold.text.strip(), "chunks": fold.audio_chunks, "tokens": len(fold.end.token_ids),
+                "reason": fold.end.reason}
 
     def _fold(self, row: dict, k: int, out: dict) -> None:
         if row["status"] != "ok":
@@ -228,9 +238,12 @@ class AudioDecoder(_AsyncStage):
 
     def __init__(self, config: DecoderStageConfig, audio_dir: str | os.PathLike):
         from actors.decoder_stage import DecoderStage
+        from actors.local import LocalStageClients, LocalStages
+        from actors.ray_runtime import ray_device
 
         super().__init__("decoder")
-        self.stage = DecoderStage(config)
+        self.stage = DecoderStage(config, *ray_device())
+        self.clients = LocalStageClients(LocalStages(decoder=self.stage))
         self.audio_dir = Path(audio_dir)
         self.audio_dir.mkdir(parents=True, exist_ok=True)
 
@@ -254,18 +267,12 @@ class AudioDecoder(_AsyncStage):
         return to_table(rows)
 
     async def _decode(self, row: dict):
-        import numpy as np
-
-        request_id = f"{row['id']}#{uuid.uuid4().hex[:8]}"
-        chunks = row["chunks"]
+        """The row's chunks through the decoder's chunk protocol (`actors.streams.DecoderFeed`, as every request)."""
+        feed = DecoderFeed(self.clients, f"{row['id']}#{uuid.uuid4().hex[:8]}")
         try:
-            pcm = [(await self.stage.push(CodesChunk(request_id, list(codes), seq=i))).pcm
-                   for i, codes in enumerate(chunks)]
-            pcm.append((await self.stage.push(CodesChunk(request_id, [], final=True, seq=len(chunks)))).pcm)
-        except Exception as err:  # noqa: BLE001 - reported in the row
-            await self.stage.close(request_id)
+            return concatenate(await feed.decode(row["chunks"]))
+        except Exception as err:  # noqa: BLE001 - reported in the row (the feed closed the decoder's stream)
             return err
-        return np.concatenate(pcm)
 
     def _write(self, item_id: str, pcm) -> Path:
         from pipeline.audio import write_audio

@@ -12,6 +12,7 @@ float32 bytes, one per audio of the sample.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -72,21 +73,22 @@ def _read_all(refs: list[dict], checks: AudioChecks):
 
 
 class SampleBuilder:
-    """Loads the speech encoder and the LLM's tokenizer once; per batch, one batched encoder call for every
-    waveform of the batch (`encode_waveforms`: equal to one clip at a time), then each row's sample."""
+    """Loads the speech encoder stage (`actors.encoder_stage.EncoderStage`, on the GPU Ray gave this actor, else
+    CPU) and the LLM's tokenizer once; per batch, one batched encoder call for every waveform of the batch
+    (`EncoderStage.encode_waveforms`: equal to one clip at a time), then each row's sample."""
 
     def __init__(self, encoder_dir: str, llm_dir: str, ratio=(1, 10, 4, 10), torch_threads: int | None = 1,
                  max_batch_windows: int = 128, read: AudioChecks | None = None):
-        import torch
-
-        from actors.placement import stage_device
-        from pipeline.encoder.speech_encoder import load_encoder
+        from actors.aio import LoopThread
+        from actors.config import EncoderStageConfig, StageResources
+        from actors.encoder_stage import EncoderStage
+        from actors.ray_runtime import ray_device
         from pipeline.tokens.vocab import TokenLayout, load_tokenizer
 
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
-        device, dtype = stage_device()  # cuda:0 in bf16 when Ray gave this actor a GPU, else CPU fp32
-        self.encoder = load_encoder(encoder_dir, device=device, dtype=dtype, max_batch_windows=max_batch_windows)
+        config = EncoderStageConfig(path=encoder_dir, resources=StageResources(torch_threads=torch_threads))
+        device, dtype = ray_device()  # cuda:0 in bf16 when Ray gave this actor a GPU, else CPU fp32
+        self.stage = EncoderStage(config, device, dtype, max_batch_windows=max_batch_windows)
+        self.bridge = LoopThread("prepare-encoder")  # the stage's async calls run on this loop
         self.tokenizer = load_tokenizer(llm_dir)
         self.layout = TokenLayout.from_tokenizer(self.tokenizer)
         self.ratio = tuple(ratio) if ratio else None
@@ -124,13 +126,10 @@ class SampleBuilder:
     def _encode(self, per_row: list[list[np.ndarray]]) -> list:
         """Codes per row (a list per audio), all rows' audio in one batched call; a failing batch is retried
         row by row so one bad row cannot fail the others."""
-        import torch
-
         start = time.perf_counter()
         flat = [w for waves in per_row for w in waves]
         try:
-            with torch.inference_mode():
-                codes = self.encoder.encode_waveforms(flat) if flat else []
+            codes = self._encode_waveforms(flat)
             out, i = [], 0
             for waves in per_row:
                 out.append(codes[i : i + len(waves)])
@@ -139,12 +138,14 @@ class SampleBuilder:
             out = []
             for waves in per_row:
                 try:
-                    with torch.inference_mode():
-                        out.append(self.encoder.encode_waveforms(waves) if waves else [])
+                    out.append(self._encode_waveforms(waves))
                 except Exception as err:  # noqa: BLE001 - this row's failure, in its row
                     out.append(err)
         self.encode_s += time.perf_counter() - start
         return out
+
+    def _encode_waveforms(self, waveforms: list[np.ndarray]) -> list[list[int]]:
+        return asyncio.run_coroutine_threadsafe(self.stage.encode_waveforms(waveforms), self.bridge.loop).result()
 
 
 def _reject(row: dict, reason: str, detail: str) -> None:
