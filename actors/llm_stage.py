@@ -58,6 +58,7 @@ class LLMStage:
 
     def __init__(self, config: LLMStageConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         """A plain class that never imports ray: the caller picks `device` and `dtype` (`actors.builder` on Ray)."""
+        from pipeline.capacity import engine_batch_size
         from pipeline.engine.decode_engine import DecodeEngine
         from pipeline.llm import load_llm
         from pipeline.tokens.vocab import TokenLayout, load_tokenizer
@@ -70,7 +71,8 @@ class LLMStage:
         self.layout = TokenLayout.from_tokenizer(self.tokenizer)
         model = load_llm(config.path, device=self.device, dtype=self.dtype)
         self.engine = DecodeEngine(model, layout=self.layout, device=self.device, dtype=self.dtype,
-                                   max_batch_size=config.max_batch_size, align_steps=config.align_steps)
+                                   max_batch_size=engine_batch_size(model, config.max_batch_size, self.device,
+                                                                    self.dtype), align_steps=config.align_steps)
         self.requests: dict[str, _Request] = {}
         self.loop = EngineLoop(self.engine, config, self.device, hooks=self)
         self.started_at = time.time()
