@@ -4,4 +4,9 @@ from __future__ import annotations
 
 
 class InputError(ValueError):
-    """A bad input or setting, named in the message (never an internal failure)."""
+    """A bad input or setting, named in the message (never an internal failure); `field` names it where one
+    field is at fault (the front end's name for it: `--top-p`, `top_p`)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field

@@ -28,6 +28,7 @@ from actors.payloads import (
     build_prompt,
     engine_events_to_output,
     merge_outputs,
+    random_weights,
     to_generation_request,
 )
 from actors.placement import StagePlacement, describe
@@ -68,6 +69,7 @@ class LLMStage:
             torch.set_num_threads(config.resources.torch_threads)
         self.device, self.dtype = torch.device(device), dtype
         self.tokenizer = load_tokenizer(config.path)
+        self.random_weights = random_weights(config.path)  # resolves each request's layout "auto"
         self.layout = TokenLayout.from_tokenizer(self.tokenizer)
         model = load_llm(config.path, device=self.device, dtype=self.dtype)
         self.engine = DecodeEngine(model, layout=self.layout, device=self.device, dtype=self.dtype,
@@ -92,7 +94,7 @@ class LLMStage:
         prompt_ids = build_prompt(request, self.tokenizer, self.layout)
         state = _Request(request.request_id, asyncio.Queue(self.config.queue_size + 1), TextDetokenizer(self.tokenizer))
         self.requests[request.request_id] = state
-        self.loop.submit(to_generation_request(request, prompt_ids))
+        self.loop.submit(to_generation_request(request, prompt_ids, self.random_weights))
         interval, sent = self.config.stream_interval_s, 0
         try:
             while True:

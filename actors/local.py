@@ -21,6 +21,7 @@ from actors.encoder_stage import EncoderStage
 from actors.llm_stage import LLMStage
 from actors.orchestration import Limits, SpeechAPI
 from actors.payloads import AudioPayload, CodesChunk, LLMOutput, PCMChunk, SpeechRequest
+from actors.requests import model_caps
 
 
 @dataclass
@@ -79,4 +80,5 @@ class LocalPipeline(SpeechAPI):
         self.encoder = self.stages.encoder.encoder  # the speech encoder (callers encode audio prompts with it)
         self.tokenizer, self.layout = self.stages.llm.tokenizer, self.stages.llm.layout
         self.limits = Limits.of(config)
+        self.caps = model_caps(config.llm.path)  # the request policy's model caps (actors.requests)
         self.bridge = LoopThread("vita-local-pipeline")

@@ -29,7 +29,7 @@ from typing import AsyncIterator, Awaitable, Callable, Iterator, Protocol, Seque
 from actors.aio import LoopThread, within
 from actors.config import STAGES
 from actors.payloads import (
-    TASK_DEFAULT,
+    LAYOUT_AUTO,
     AudioChunk,
     AudioPayload,
     CodesChunk,
@@ -43,6 +43,7 @@ from actors.payloads import (
     load_waveform,
     new_request_id,
 )
+from actors.requests import Caps, build_request, check_text, check_voice_codes, request_options
 from actors.streams import DecoderFeed, LLMFold
 
 T = TypeVar("T")
@@ -99,11 +100,12 @@ class StageClients(Protocol):
 
 @dataclass(frozen=True)
 class Limits:
-    """Deadlines and the decoder hand-off bound (from `PipelineConfig`)."""
+    """Deadlines and the decoder hand-off bound of every front end: `Limits.of(PipelineConfig)` (the defaults
+    are PipelineConfig's; Serve's app args set them as the CLI's flags do)."""
 
     stage_timeout_s: float = 60.0  # a stage call without progress for this long fails the request
-    request_timeout_s: float = 300.0  # the whole request
-    max_inflight_chunks: int = 4  # chunks sent to the decoder whose PCM was not yet taken
+    request_timeout_s: float = 600.0  # the whole request
+    max_inflight_chunks: int = 2  # chunks sent to the decoder whose PCM was not yet taken
 
     @classmethod
     def of(cls, config) -> "Limits":
@@ -135,20 +137,28 @@ class _Trace:
 
 async def run_request(clients: StageClients, limits: Limits, task: str, *, text: str | None = None, audio=None,
                       voice=None, history: Sequence[dict] = (), system: str | None = None, mode=None,
-                      max_new_tokens: int = 256, sampling=None, constraint=TASK_DEFAULT, request_id: str = "",
-                      timeout_s: float | None = None) -> AsyncIterator[PipelineEvent]:
+                      max_new_tokens: int = 256, sampling=None, constraint=LAYOUT_AUTO, request_id: str = "",
+                      timeout_s: float | None = None, caps: Caps = Caps()) -> AsyncIterator[PipelineEvent]:
     """Run one tts / asr / chat request through the stages; yields events, the last is Done or ErrorEvent.
 
     `audio` / `voice`: a path, bytes or 16 kHz array (voice may also be a list of audio codes). Closing
-    the generator early aborts the LLM request and closes the decoder stream.
+    the generator early aborts the LLM request and closes the decoder stream. The request's options are
+    checked by the one request policy (`actors.requests`) before any stage work; `constraint` "auto" lets
+    the LLM stage choose the layout by its checkpoint. `caps`: the model's and the front end's caps.
     """
     request_id = request_id or new_request_id(task)
     trace = _Trace()
     try:  # input problems are the caller's: report them before touching any stage
+        options = request_options(mode=mode, max_new_tokens=max_new_tokens, sampling=sampling, layout=constraint,
+                                  caps=caps)
+        if task == "tts" or (task == "chat" and audio is None):
+            check_text(text, "text", caps, options.max_new_tokens)
+        if system is not None:
+            check_text(system, "system", caps, system=True)
+        if voice is not None and is_codes(voice):
+            check_voice_codes(voice)
         audio_payload = load_waveform(audio) if audio is not None else None
         voice_payload = None if voice is None or is_codes(voice) else load_waveform(voice)
-        if task == "tts" and (not isinstance(text, str) or not text.strip()):
-            raise ValueError(f"text={text!r}: TTS needs a non-empty text")
     except (ValueError, FileNotFoundError) as err:
         yield ErrorEvent("input", str(err), request_id)
         return
@@ -156,8 +166,7 @@ async def run_request(clients: StageClients, limits: Limits, task: str, *, text:
     out: asyncio.Queue = asyncio.Queue()
     worker = asyncio.create_task(_drive(clients, limits, trace, out, task=task, request_id=request_id, text=text,
                                         audio=audio_payload, voice=voice, voice_payload=voice_payload,
-                                        history=history, system=system, mode=mode, max_new_tokens=max_new_tokens,
-                                        sampling=sampling, constraint=constraint))
+                                        history=history, system=system, options=options, caps=caps))
     timeout = timeout_s or limits.request_timeout_s
     deadline = time.monotonic() + timeout
     finished = False
@@ -188,18 +197,16 @@ async def run_request(clients: StageClients, limits: Limits, task: str, *, text:
 
 
 async def _drive(clients: StageClients, limits: Limits, trace: _Trace, out: asyncio.Queue, *, task, request_id,
-                 text, audio, voice, voice_payload, history, system, mode, max_new_tokens, sampling,
-                 constraint) -> None:
+                 text, audio, voice, voice_payload, history, system, options, caps) -> None:
     """Run one request through the stages, putting client events on `out` (ends with Done or ErrorEvent)."""
     try:
         codes, voice_codes = await _encode(clients, limits, trace, audio, voice_payload)
         if voice is not None and voice_payload is None:
             voice_codes = [int(c) for c in voice]
         try:
-            request = SpeechRequest(task=task, request_id=request_id, text=text, codes=codes, history=tuple(history),
-                                    voice_codes=voice_codes, system=system, mode=mode,
-                                    max_new_tokens=max_new_tokens, sampling=sampling, constraint=constraint)
-        except ValueError as err:
+            request = build_request(task, request_id=request_id, text=text, codes=codes, history=history,
+                                    voice_codes=voice_codes, system=system, options=options, caps=caps)
+        except ValueError as err:  # InputError, or SpeechRequest's own checks
             raise StageFailure("input", str(err)) from None
         await _stream(clients, limits, request, trace, out)
         trace.usage["llm"].update(trace.end.usage)
@@ -367,13 +374,16 @@ class SpeechAPI:
 
     `*_async` methods are async generators; the sync ones drive them on `bridge`'s loop thread.
 
-    Options for every method: mode, max_new_tokens, sampling (pipeline.generate.SamplingParams, None =
-    greedy), constraint ("task" = the task's layout, "interleaved", "text" or None), request_id, timeout_s.
+    Options for every method: mode, max_new_tokens, sampling (SamplingParams, e.g. from
+    `actors.requests.build_sampling`; None = greedy), constraint ("auto" = the LLM stage decides by its
+    checkpoint, "task" = the task's layout, "interleaved", "text" or None), request_id, timeout_s; all checked
+    by `actors.requests` (a bad one ends the request with an input ErrorEvent before any stage work).
     """
 
     clients: StageClients
     limits: Limits
     bridge: LoopThread
+    caps: Caps = Caps()  # the model's caps (positions, tokenizer) where the front end knows them
 
     def tts(self, text: str, *, voice=None, **options) -> Iterator[PipelineEvent]:
         return self.bridge.iterate(self.tts_async(text, voice=voice, **options))
@@ -388,18 +398,18 @@ class SpeechAPI:
 
     def tts_async(self, text: str, *, voice=None, **options) -> AsyncIterator[PipelineEvent]:
         """Speak `text` (optional voice prompt: audio or codes): text deltas, PCM chunks, then Done."""
-        return run_request(self.clients, self.limits, "tts", text=text, voice=voice, **options)
+        return run_request(self.clients, self.limits, "tts", text=text, voice=voice, caps=self.caps, **options)
 
     def asr_async(self, audio, **options) -> AsyncIterator[PipelineEvent]:
         """Transcribe `audio` (path, bytes or a 16 kHz array): text deltas, then Done."""
-        return run_request(self.clients, self.limits, "asr", audio=audio, **options)
+        return run_request(self.clients, self.limits, "asr", audio=audio, caps=self.caps, **options)
 
     def chat_async(self, audio_or_text, *, history: Sequence[dict] = (), voice=None, system: str | None = None,
                    **options) -> AsyncIterator[PipelineEvent]:
         """One spoken (or text) turn after `history`; answers in text and speech."""
         key = "text" if isinstance(audio_or_text, str) and not looks_like_path(audio_or_text) else "audio"
         return run_request(self.clients, self.limits, "chat", history=history, voice=voice, system=system,
-                           **{key: audio_or_text}, **options)
+                           caps=self.caps, **{key: audio_or_text}, **options)
 
 
 def is_codes(value) -> bool:

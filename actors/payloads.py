@@ -28,6 +28,9 @@ TASKS = ("tts", "asr", "chat")
 # the constraint makes random (tiny) weights follow it too (audio chunks for TTS/chat, plain text for ASR).
 TASK_CONSTRAINTS = {"tts": "interleaved", "asr": "text", "chat": "interleaved"}
 TASK_DEFAULT = "task"  # constraint value meaning "the task's entry in TASK_CONSTRAINTS"
+# constraint value meaning "decided where the checkpoint is known" (the LLM stage): the task's layout on a
+# random tiny set (`pipeline.tiny.is_tiny_set`), else the model's own. No front end forces a layout by default.
+LAYOUT_AUTO = "auto"
 
 
 def new_request_id(task: str) -> str:
@@ -65,7 +68,7 @@ class SpeechRequest:
     mode: Any = None  # None (the checkpoint's default) | "vanilla" | "balance" | "boost" | "turbo" | "exact" | [..]
     max_new_tokens: int = 256
     sampling: "SamplingParams | None" = None  # None: greedy
-    constraint: str | None = TASK_DEFAULT
+    constraint: str | None = LAYOUT_AUTO  # "auto" | "task" | "interleaved" | "text" | None (the model's own)
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -81,8 +84,10 @@ class SpeechRequest:
         if self.task == "chat" and not self.codes and not (isinstance(self.text, str) and self.text.strip()):
             raise ValueError("chat needs speech (codes) or a non-empty text turn")
 
-    @property
-    def resolved_constraint(self) -> str | None:
+    def output_layout(self, random_weights: bool) -> str | None:
+        """The layout the engine enforces: "auto" is the task's on random (tiny-set) weights, else none."""
+        if self.constraint == LAYOUT_AUTO:
+            return TASK_CONSTRAINTS[self.task] if random_weights else None
         return TASK_CONSTRAINTS[self.task] if self.constraint == TASK_DEFAULT else self.constraint
 
 
@@ -229,16 +234,27 @@ def build_prompt(request: SpeechRequest, tokenizer, layout) -> list[int]:
     return tokens.encode_chat(tokenizer, layout, messages, audios)
 
 
-def to_generation_request(request: SpeechRequest, prompt_ids: Sequence[int]) -> "GenerationRequest":
+def random_weights(llm_path) -> bool:
+    """The LLM folder belongs to a random tiny set (`vita-audio tiny`): its requests' layout "auto" forces the
+    task's layout, which random weights need; a trained checkpoint follows its own. Decided by the stage that
+    loads the checkpoint, never by a front end."""
+    from pipeline.tiny import is_tiny_set
+
+    return is_tiny_set(os.path.dirname(os.path.abspath(os.fspath(llm_path))))
+
+
+def to_generation_request(request: SpeechRequest, prompt_ids: Sequence[int],
+                          random_weights: bool = False) -> "GenerationRequest":
+    """The engine's request; `random_weights`: the checkpoint is a random tiny set (resolves layout "auto")."""
     from pipeline.engine.requests import GenerationRequest
-    from pipeline.engine.sampling import SamplingParams
+    from pipeline.engine.sampling_params import SamplingParams
 
     return GenerationRequest(
         prompt_ids=list(prompt_ids),
         mode=request.mode,
         max_new_tokens=request.max_new_tokens,
         sampling=request.sampling or SamplingParams(),
-        constraint=request.resolved_constraint,
+        constraint=request.output_layout(random_weights),
         request_id=request.request_id,
     )
 

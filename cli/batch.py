@@ -14,8 +14,7 @@ from pathlib import Path
 
 from actors.errors import InputError
 from cli import checks
-
-MODES = ("vanilla", "balance", "boost", "turbo", "exact")
+from cli.speech import FLAG_NAMES, add_sampling_arguments
 
 
 def add_arguments(p, name: str) -> None:
@@ -29,12 +28,9 @@ def add_arguments(p, name: str) -> None:
     p.add_argument("--mode", default=None, help="vanilla|balance|boost|turbo|exact or a list like 1,10,4,10")
     p.add_argument("--max-new-tokens", type=checks.positive_int, default=256)
     p.add_argument("--constraint", default="auto", choices=["auto", "task", "none"],
-                   help="force the task's output layout ('auto': on a tiny set, whose random weights need it)")
-    p.add_argument("--temperature", type=checks.positive_float, default=None, help="sample (default: greedy)")
-    p.add_argument("--top-k", type=checks.non_negative_int, default=0)
-    p.add_argument("--top-p", type=checks.probability, default=1.0)
-    p.add_argument("--repetition-penalty", type=checks.positive_float, default=1.0)
-    p.add_argument("--seed", type=checks.seed, default=0, help="with sampling: per-request seeds derive from it and the id")
+                   help="force the task's output layout ('auto': the LLM stage forces it on a tiny set only, whose "
+                        "random weights need it)")
+    add_sampling_arguments(p, "with --temperature: per-request seeds derive from it and the id (default 0)")
     for stage in ("encoder", "llm", "decoder"):
         p.add_argument(f"--{stage}-pool", type=checks.positive_int, default=1, help=f"{stage} actors")
         p.add_argument(f"--{stage}-gpus", type=checks.gpus, default=0.0, help=f"GPUs per {stage} actor")
@@ -65,22 +61,23 @@ def config_from_args(args):
         raise InputError(f"--overlap {args.overlap:g}: overlap_s must be below half of window_s (--window "
                          f"{args.window:g})")
     models = resolve_models_dir(args.models)  # every part complete and of its kind, before Ray starts
-    mode = _parse_mode(args.mode)
-    check_mode_for_model(mode, args.mode, models / "llm")
-    constraint = args.constraint
-    if constraint == "auto":
-        from pipeline.tiny import is_tiny_set
+    from actors.requests import Caps, request_options
 
-        constraint = "task" if is_tiny_set(models) else "none"
+    # the one request policy, with the flags' names (the job derives each request's seed from --seed)
+    options = request_options(mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                              seed=args.seed, layout=args.constraint, caps=Caps(), names=FLAG_NAMES)
+    mode = options.mode
+    check_mode_for_model(mode, args.mode, models / "llm")
     try:
         pools = {stage: PoolConfig(size=getattr(args, f"{stage}_pool"), num_gpus=getattr(args, f"{stage}_gpus"),
                                    num_cpus=getattr(args, f"{stage}_cpus"), batch_size=getattr(args, f"{stage}_rows"))
                  for stage in ("encoder", "llm", "decoder")}
         windows = WindowConfig(window_s=args.window, overlap_s=args.overlap)
-        decode = DecodeOptions(mode=mode, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                               repetition_penalty=args.repetition_penalty, seed=args.seed,
-                               constraint=None if constraint == "none" else "task")
+        decode = DecodeOptions(mode=mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p,
+                               repetition_penalty=1.0 if args.repetition_penalty is None else args.repetition_penalty,
+                               seed=args.seed or 0, constraint=options.layout)
         return BatchConfig(task=args.task, input=args.input, out=str(args.out),
                            models=str(args.models) if args.models else None, **pools,
                            llm_max_batch_size=args.llm_batch_size, decode=decode, windows=windows,
@@ -105,16 +102,3 @@ def run(args) -> dict:
           f"this run processed {done} input(s); report: {Path(args.out) / 'report.md'}", file=sys.stderr)
     return summary
 
-
-def _parse_mode(mode):
-    if not mode or "," not in mode:
-        if mode and mode.strip().lower() not in MODES:
-            raise InputError(f"--mode {mode!r}: use {', '.join(MODES)} or a list like 1,10,4,10")
-        return mode
-    try:
-        values = [int(x) for x in mode.split(",")]
-    except ValueError:
-        raise InputError(f"--mode {mode!r}: a list must be integers like 1,10,4,10") from None
-    if len(values) % 2 or any(v < 0 for v in values):
-        raise InputError(f"--mode {mode!r}: a list of pairs of non-negative integers like 1,10,4,10")
-    return values

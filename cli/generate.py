@@ -23,11 +23,12 @@ def add_arguments(p, name: str) -> None:
                    "(default: the checkpoint's generation_config mtp_inference_mode)")
     p.add_argument("--max-new-tokens", type=checks.positive_int, default=256)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (else sampling)")
-    p.add_argument("--temperature", type=checks.positive_float, default=1.0)
-    p.add_argument("--top-k", type=checks.non_negative_int, default=0)
-    p.add_argument("--top-p", type=checks.probability, default=1.0)
-    p.add_argument("--repetition-penalty", type=checks.positive_float, default=1.0)
-    p.add_argument("--seed", type=checks.seed, default=None)
+    # sampling values are checked by the one request policy (actors.requests), as on every front end
+    p.add_argument("--temperature", type=float, default=1.0, help="in (0, 2]; ignored with --greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--exact", action="store_true", help="verify MCTP drafts with the backbone (lossless)")
     p.add_argument("--constraint", choices=["text", "interleaved"], default=None)
     p.add_argument("--stop-ids", default=None, help="comma-separated stop ids (default: the eos ids)")
@@ -57,6 +58,13 @@ def _positions(llm_dir: Path) -> int:
 
 
 def run(args) -> dict:
+    from actors.requests import build_sampling, parse_mode
+    from cli.speech import FLAG_NAMES
+
+    # mode and sampling by the one request policy (the messages of every front end, naming the flags)
+    mode = parse_mode(args.mode, FLAG_NAMES["mode"])
+    sampling = build_sampling(None if args.greedy else args.temperature, args.top_k, args.top_p,
+                              args.repetition_penalty, args.seed, names=FLAG_NAMES)
     prompt = parse_ids(args.prompt_ids, "--prompt-ids")
     if not prompt:
         raise InputError("--prompt-ids is empty")
@@ -78,7 +86,6 @@ def run(args) -> dict:
 
     import torch
 
-    from pipeline.engine.sampling import SamplingParams
     from pipeline.engine.generate import generate
     from pipeline.llm import load_llm
 
@@ -88,12 +95,8 @@ def run(args) -> dict:
         raise InputError("--device mps: MPS is not available on this machine")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    sampling = SamplingParams(
-        greedy=args.greedy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, seed=args.seed,
-    )
     model = load_llm(llm_dir, device=device, dtype=dtype)
-    mode = args.mode if args.mode is not None or not args.exact else "exact"
+    mode = mode if mode is not None or not args.exact else "exact"
     t0 = time.perf_counter()
     result = generate(
         model, prompt, mode=mode, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_ids=stop_ids,

@@ -25,8 +25,10 @@ from actors.models import check_mode_for_model, resolve_models_dir
 AUDIO_SUFFIXES = (".wav", ".flac")  # what write_audio writes
 MIN_AUDIO_SECONDS = 0.1             # shorter input has no speech to transcribe (a 1-sample wav "transcribed")
 MIN_SAMPLE_RATE = 8000              # telephone quality; below that the header is wrong, not the audio
-PROMPT_RESERVE = 64                 # chat-template tokens around the user's text
-MAX_MODE_VALUE = 1000               # a schedule entry counts forwards of one kind; beyond this it is a typo
+# the request policy's fields (actors.requests) by their flags: a refusal names the flag
+FLAG_NAMES = {"mode": "--mode", "max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
+              "top_k": "--top-k", "top_p": "--top-p", "repetition_penalty": "--repetition-penalty", "seed": "--seed",
+              "layout": "--constraint"}
 
 
 def add_arguments(p, name: str) -> None:
@@ -61,15 +63,22 @@ def add_arguments(p, name: str) -> None:
                    help="output layout forced on the LLM ('task': interleaved for tts/chat, text for asr, which the "
                         "random tiny weights need; 'none': the model's own layout, right for trained checkpoints; "
                         "'auto' (default): 'task' on a tiny set (vita-audio tiny), else 'none')")
-    p.add_argument("--temperature", type=checks.positive_float, default=None, help="sample with this temperature (default: greedy)")
-    p.add_argument("--top-k", type=checks.non_negative_int, default=0)
-    p.add_argument("--top-p", type=checks.probability, default=1.0)
-    p.add_argument("--repetition-penalty", type=checks.positive_float, default=1.0)
-    p.add_argument("--seed", type=checks.seed, default=None)
+    add_sampling_arguments(p)
     p.add_argument("--timeout", type=checks.positive_float, default=600.0, help="seconds for the whole request")
     p.add_argument("--max-audio-seconds", type=checks.positive_float, default=600.0,
                    help="longest input audio accepted (default 600 s; raise it for longer files)")
     p.add_argument("--json", action="store_true")
+
+
+def add_sampling_arguments(p, seed_help: str | None = None) -> None:
+    """The sampling flags; their values are checked by the one request policy (actors.requests), with the
+    messages every front end gives."""
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sample with this temperature in (0, 2] (default, or 0: greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="with --temperature: the k most likely ids (0: off)")
+    p.add_argument("--top-p", type=float, default=None, help="with --temperature: nucleus mass in (0, 1] (1: off)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="HF repetition penalty > 0 (1: off)")
+    p.add_argument("--seed", type=int, default=None, help=seed_help or "with --temperature: the sampling seed")
 
 
 def run(args) -> dict:
@@ -82,17 +91,14 @@ def run(args) -> dict:
                        "join a cluster with --address, or use PACK / SPREAD")
     models = resolve_models_dir(args.models, args.llm)
     check_mode_for_model(_parse_mode(args.mode), args.mode, models / "llm")
-    limits = _model_limits(models)
-    options, inputs, bad = _check_inputs(args, limits)
+    from actors.requests import model_caps
+
+    options, inputs, bad = _check_inputs(args, model_caps(models / "llm"))
     if args.task == "asr" and not inputs:
         if len(bad) == 1:
             raise InputError(f"{bad[0][0]}: {bad[0][1]}")
         _print_failures(args, bad)
         raise InputError(f"none of the {len(bad)} audio file(s) could be read")
-    if args.constraint == "auto":  # random tiny weights need the layout forced; trained ones follow their own
-        from pipeline.tiny import is_tiny_set
-
-        options["constraint"] = "task" if is_tiny_set(models) else None
     config = PipelineConfig.from_models_dir(models, placement_strategy=args.placement, request_timeout_s=args.timeout)
 
     import ray
@@ -138,11 +144,7 @@ def _progress(args, message: str) -> None:
 def _check_flags(args) -> None:
     """Flag checks that need no file and more than one flag (each number alone is checked at parse time by
     cli.checks): sampling flags that would be ignored, GPUs asked for vs declared, the output path."""
-    if args.temperature is None:
-        ignored = [flag for flag, value, default in (("--top-k", args.top_k, 0), ("--top-p", args.top_p, 1.0),
-                                                     ("--seed", args.seed, None)) if value != default]
-        if ignored:
-            raise InputError(f"{', '.join(ignored)} only apply when sampling: add --temperature T (e.g. 0.8)")
+    request_options(args)  # mode, max tokens, sampling, layout: refused before any file is read
     if not args.address and args.num_gpus is not None and args.gpus_per_stage is not None \
             and 3 * args.gpus_per_stage > args.num_gpus:  # (the numbers themselves: cli.checks, at parse time)
         raise InputError(_too_many_gpus(args.gpus_per_stage, args.num_gpus))
@@ -154,17 +156,19 @@ def _check_flags(args) -> None:
 
 
 def _parse_mode(mode):
-    if not mode or "," not in mode:
-        if mode and mode.strip().lower() not in ("vanilla", "balance", "boost", "turbo", "exact"):
-            raise InputError(f"--mode {mode!r}: use vanilla, balance, boost, turbo, exact or a list like 1,10,4,10")
-        return mode
-    try:
-        values = [int(x) for x in mode.split(",")]
-    except ValueError:
-        raise InputError(f"--mode {mode!r}: a list must be integers like 1,10,4,10") from None
-    if len(values) % 2 or any(v < 0 or v > MAX_MODE_VALUE for v in values):
-        raise InputError(f"--mode {mode!r}: a list of pairs of integers in 0..{MAX_MODE_VALUE} like 1,10,4,10")
-    return values
+    from actors.requests import parse_mode
+
+    return parse_mode(mode, FLAG_NAMES["mode"])
+
+
+def request_options(args, caps=None) -> dict:
+    """`run_request` options of the flags by the one request policy (InputError naming the flag)."""
+    from actors.requests import Caps
+    from actors.requests import request_options as build
+
+    return build(mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                 layout=args.constraint, caps=caps or Caps(), names=FLAG_NAMES).run_args()
 
 
 def _check_output(path: Path) -> None:
@@ -183,69 +187,23 @@ def _check_output(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _model_limits(models: Path) -> dict:
-    """The LLM's context length and a token counter for user text, read without torch."""
-    cfg_path = models / "llm" / "config.json"
-    try:
-        config = json.loads(cfg_path.read_text())
-        positions = int(config["max_position_embeddings"])
-    except FileNotFoundError:
-        raise InputError(f"{cfg_path}: missing (the llm/ folder needs its config.json)") from None
-    except (ValueError, KeyError, TypeError) as err:
-        raise InputError(f"{cfg_path}: not a valid model config ({type(err).__name__}: {err})") from None
-    count = None
-    tok_path = models / "llm" / "tokenizer.json"
-    if tok_path.is_file():
-        try:
-            from tokenizers import Tokenizer
-
-            tokenizer = Tokenizer.from_file(str(tok_path))
-            count = lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)  # noqa: E731
-        except Exception as err:  # noqa: BLE001 - a broken tokenizer.json is the user's file
-            raise InputError(f"{tok_path}: cannot be read ({_first_line(err)})") from None
-    return {"positions": positions, "count": count or (lambda text: len(text.encode()))}
-
-
 def _first_line(err) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
-def _check_inputs(args, limits: dict):
-    """Options for the pipeline, the inputs to run and (asr) the files that failed their checks: [(path, why)]."""
+def _check_inputs(args, caps):
+    """Options for the pipeline, the inputs to run and (asr) the files that failed their checks: [(path, why)].
+    Options and texts by the one request policy (actors.requests), against the model's caps."""
     from actors.orchestration import looks_like_path
-    from pipeline.engine.sampling import SamplingParams
-    from pipeline.tokens.vocab import AUDIO_PLACEHOLDER
+    from actors.requests import check_text
 
-    positions = limits["positions"]
-    if args.max_new_tokens > positions:
-        raise InputError(f"--max-new-tokens {args.max_new_tokens} is more than the model's {positions} positions "
-                       "(llm/config.json max_position_embeddings)")
-    sampling = SamplingParams() if args.temperature is None else SamplingParams(
-        greedy=False, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty, seed=args.seed)
-    if args.temperature is None and args.repetition_penalty != 1.0:
-        sampling = SamplingParams(repetition_penalty=args.repetition_penalty)
-    options = dict(mode=_parse_mode(args.mode), max_new_tokens=args.max_new_tokens, sampling=sampling,
-                   constraint=None if args.constraint in ("none", "auto") else args.constraint)
-    texts = []
+    options = request_options(args, caps)
     if args.task == "tts":
-        if not args.text.strip():
-            raise InputError("TEXT is empty: give the text to speak")
-        texts.append(("TEXT", args.text))
+        check_text(args.text, "TEXT", caps, args.max_new_tokens)
     if getattr(args, "system", None) is not None:
-        options["system"] = args.system
-        texts.append(("--system", args.system))
+        options["system"] = check_text(args.system, "--system", caps, args.max_new_tokens, system=True)
     if args.task == "chat" and not looks_like_path(args.audio):
-        if not args.audio.strip():
-            raise InputError("QUESTION is empty: give an audio file or a text question")
-        texts.append(("QUESTION", args.audio))
-    for name, text in texts:
-        if AUDIO_PLACEHOLDER in text and name != "--system":
-            raise InputError(f"{name} must not contain {AUDIO_PLACEHOLDER!r}: it marks where audio goes in a prompt")
-        tokens = limits["count"](text)
-        if tokens + args.max_new_tokens + PROMPT_RESERVE > positions:
-            raise InputError(f"{name} is {tokens} tokens ({len(text)} characters); with --max-new-tokens "
-                           f"{args.max_new_tokens} it does not fit the model's {positions} positions")
+        check_text(args.audio, "QUESTION", caps, args.max_new_tokens)
     bad = []
     if args.task == "asr":
         inputs = []

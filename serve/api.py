@@ -34,23 +34,21 @@ class VoiceRef(BaseModel):
 
 
 class Sampling(BaseModel):
-    """Our sampling extensions (absent or temperature 0: greedy, the Pipeline's default)."""
+    """The decoding options every route takes (types here; values are checked by the one request policy,
+    `actors.requests`, with the messages of every other front end). Absent or temperature 0: greedy."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, le=100_000)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    repetition_penalty: float | None = None
+    mode: str | list[int] | None = None
 
-    def params(self):
-        """pipeline.sampling.SamplingParams, or None for greedy."""
-        if not self.temperature:
-            return None
-        from pipeline.engine.sampling import SamplingParams
-
-        return SamplingParams(greedy=False, temperature=self.temperature, top_p=self.top_p or 1.0,
-                              top_k=self.top_k or 0, seed=self.seed)
+    def sampling_fields(self) -> dict:
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
+                "repetition_penalty": self.repetition_penalty, "seed": self.seed}
 
 
 class SpeechBody(Sampling):
@@ -63,8 +61,7 @@ class SpeechBody(Sampling):
     stream_format: Literal["audio", "sse"] = "audio"
     speed: float = 1.0
     instructions: str | None = None
-    mode: str | None = None
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: int = 256
 
 
 class TranscriptionForm(BaseModel):
@@ -77,12 +74,20 @@ class TranscriptionForm(BaseModel):
     language: str | None = None
     prompt: str | None = None
     response_format: Literal["json", "text", "verbose_json"] = "json"
-    temperature: float = Field(0.0, ge=0, le=2)
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    repetition_penalty: float | None = None
     stream: bool = False
     timestamp_granularities: list[Literal["segment"]] = Field(default_factory=list, alias="timestamp_granularities[]")
     include: list[Literal["logprobs"]] = Field(default_factory=list, alias="include[]")
     mode: str | None = None
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: int = 256
+
+    def sampling_fields(self) -> dict:
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p,
+                "repetition_penalty": self.repetition_penalty, "seed": self.seed}
 
 
 class AudioOut(BaseModel):
@@ -109,13 +114,12 @@ class ChatBody(Sampling):
     audio: AudioOut | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
     n: int = Field(1, ge=1, le=1)
     user: str | None = None
     store: bool | None = None
     metadata: dict | None = None
-    mode: str | None = None
 
 
 def validation_message(err) -> tuple[str, str | None]:

@@ -60,6 +60,10 @@ class Args(BaseModel):
     max_audio_seconds: float = Field(60.0, gt=0)
     max_text_chars: int = Field(4096, ge=1)
     max_tokens: int = Field(2048, ge=1)
+    # the request limits of every front end (actors.orchestration.Limits, from PipelineConfig: same defaults)
+    request_timeout_s: float = Field(PipelineConfig.request_timeout_s, gt=0)
+    stage_timeout_s: float = Field(PipelineConfig.stage_timeout_s, gt=0)
+    max_inflight_chunks: int = Field(PipelineConfig.max_inflight_chunks, ge=1)
     torch_threads: int | None = 1
     # the ingress: requests it runs at once per replica, and how many wait at the proxy beyond that before the
     # proxy answers 503 with Retry-After (in OpenAI's error JSON: serve.proxy_errors). Keep it above the stages'
@@ -85,6 +89,13 @@ class Args(BaseModel):
                               max_queued_requests=self.max_waiting_requests, retry_after_s=self.retry_after_s,
                               env_vars=dict(self.env_vars))
 
+    def pipeline_config(self) -> PipelineConfig:
+        """The stages' config: the models folder, the request limits; stages on CPU unless scaled onto GPUs."""
+        return PipelineConfig.from_models_dir(
+            self.models_dir(), request_timeout_s=self.request_timeout_s, stage_timeout_s=self.stage_timeout_s,
+            max_inflight_chunks=self.max_inflight_chunks,
+        ).with_resources(num_gpus=0.0, torch_threads=self.torch_threads)
+
     def models_dir(self) -> str:
         if self.models:
             return self.models
@@ -97,11 +108,12 @@ def build_app(args: Args | dict):
     """The bound Serve application (stage deployments built from the plain stage classes)."""
     from ray import serve
 
+    from actors.orchestration import Limits
     from serve.ingress import Ingress
 
     args = args if isinstance(args, Args) else Args.model_validate(args)
-    config = PipelineConfig.from_models_dir(args.models_dir()).with_resources(num_gpus=0.0,
-                                                                             torch_threads=args.torch_threads)
+    config = args.pipeline_config()
     handles = {s: stage_application(s, config, args.stage_scaling(s)) for s in STAGES}
     ingress = serve.deployment(Ingress).options(**ingress_options(args.ingress_scaling()))
-    return ingress.bind(handles["encoder"], handles["llm"], handles["decoder"], args.caps(), args.api_key)
+    return ingress.bind(handles["encoder"], handles["llm"], handles["decoder"], args.caps(), args.api_key,
+                        Limits.of(config), config.llm.path)

@@ -5,6 +5,7 @@ class in its own module do not, so the helpers live here.
 """
 
 import base64
+import contextlib
 import json
 import logging
 import zlib
@@ -16,10 +17,11 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import ValidationError
 
+from actors.errors import InputError
 from actors.orchestration import StageFailure, error_event, run_request
+import actors.requests as policy
 from actors.payloads import AudioChunk, AudioPayload, Done, ErrorEvent, TextDelta
 from serve.api import APIError, TranscriptionForm, validation_message
-from serve.chat_format import AUDIO_PLACEHOLDER, check_unicode
 from serve.metrics import observed
 
 app = FastAPI(title="VITA-Audio speech API")
@@ -30,6 +32,15 @@ ENCODER_RATE = 16000
 
 @app.exception_handler(APIError)
 async def _api_error(request: Request, err: APIError):
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+@app.exception_handler(InputError)
+async def _input_error(request: Request, err: InputError):
+    return _api_error_response(refusal(err))
+
+
+def _api_error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
@@ -174,26 +185,33 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def check_mode(mode) -> None:
-    if mode is None:
-        return
-    from pipeline.engine.schedules import resolve_mode
+def refusal(err: InputError) -> APIError:
+    """The request policy's refusal (actors.requests) as OpenAI's 400, naming the field; the caps' codes kept."""
+    message = str(err)
+    code = next((cap for cap in ("max_tokens", "max_text_chars") if f"{cap}=" in message), None)
+    return APIError(400, message, param=err.field, code=code)
 
+
+@contextlib.contextmanager
+def refusals():
+    """InputErrors of the request policy raised inside as APIErrors (for code that sends them as events)."""
     try:
-        resolve_mode(mode, None)
-    except ValueError as err:
-        raise APIError(400, f"mode: {err}", param="mode") from None
+        yield
+    except InputError as err:
+        raise refusal(err) from None
 
 
-def check_text(text: str, cap: int, param: str) -> None:
-    if not text.strip():
-        raise APIError(400, f"{param} must be a non-empty text", param=param)
-    check_unicode(text, param)
-    if len(text) > cap:
-        raise APIError(400, f"{param} of {len(text)} characters exceeds max_text_chars={cap}", param=param,
-                       code="max_text_chars")
-    if AUDIO_PLACEHOLDER in text:
-        raise APIError(400, f"{param} contains {AUDIO_PLACEHOLDER}, which marks audio in the prompt",
-                       param=param)
+def request_options(body, caps: "policy.Caps", max_new_tokens: int, tokens_param: str = "max_new_tokens",
+                    layout=policy.LAYOUTS[0]) -> "policy.RequestOptions":
+    """A route's decoding options (mode, max tokens, sampling, layout) by the one request policy."""
+    with refusals():
+        return policy.request_options(mode=body.mode, max_new_tokens=max_new_tokens, **body.sampling_fields(),
+                                      layout=layout, caps=caps, names={"max_new_tokens": tokens_param})
+
+
+def check_text(text: str, caps: "policy.Caps", param: str, max_new_tokens: int | None = None) -> None:
+    """A user's text by the request policy (non-empty, valid Unicode, no audio placeholder, the caps)."""
+    with refusals():
+        policy.check_text(text, param, caps, max_new_tokens)
 
 

@@ -14,14 +14,15 @@ from pydantic import ValidationError
 from ray import serve
 
 from actors.orchestration import Limits
+from actors.requests import Caps, model_caps
 from actors.payloads import AudioChunk, AudioPayload, Done, ErrorEvent, TextDelta
 from serve import chat_format
-from serve.api import MODEL_ID, APIError, Sampling, SpeechBody, TranscriptionForm
+from serve.api import MODEL_ID, APIError, SpeechBody, TranscriptionForm
 from serve.audio_formats import CONTENT_TYPES, encode, to_int16
 from serve.deployments import ServeStageClients
-from serve.http import (ENCODER_RATE, RETRY_AFTER_S, Run, app, b64, check_mode, check_text, gather, joined_pcm,
-                        refused, speech_usage, sse, stage_error, streamed, encode_audio, transcription_usage, usage_headers,
-                        verbose_transcription)
+from serve.http import (ENCODER_RATE, RETRY_AFTER_S, Run, app, b64, check_text, gather, joined_pcm, refused,
+                        request_options, speech_usage, sse, stage_error, streamed, encode_audio, transcription_usage,
+                        usage_headers, verbose_transcription)
 from serve.routes_chat import ChatRoutes
 from serve.routes_realtime import RealtimeRoutes
 from serve.uploads import admit_upload
@@ -35,16 +36,21 @@ from serve.voices import MAX_VOICE_SECONDS, VoiceStore
 class Ingress(ChatRoutes, RealtimeRoutes):
     """Holds the stage handles, the caps, the voice store; one method per route."""
 
-    def __init__(self, encoder, llm, decoder, caps: dict, api_key: str | None = None):
+    def __init__(self, encoder, llm, decoder, caps: dict, api_key: str | None = None, limits: Limits = Limits(),
+                 llm_path: str | None = None):
+        """`limits`: the pipeline config's (`serve.app` builds them from its args); `llm_path`: the model's
+        folder, whose caps (positions, tokenizer) the request policy checks requests against."""
         self.clients = ServeStageClients(encoder, llm, decoder)
-        self.limits = Limits()
+        self.limits = limits
         self.caps = caps
+        operator_caps = dict(max_new_tokens=caps["max_tokens"], max_text_chars=caps["max_text_chars"])
+        self.request_caps = model_caps(llm_path, **operator_caps) if llm_path else Caps(**operator_caps)
         self.api_key = api_key
         self.voice_store = VoiceStore()
         self.answers = chat_format.AudioAnswers()
 
     def _run(self, route: str, task: str, **options) -> Run:
-        return Run(self.clients, self.limits, route, task, **options)
+        return Run(self.clients, self.limits, route, task, caps=self.request_caps, **options)
 
     # -- shared checks -----------------------------------------------------------------------------------
     async def _json(self, request: Request) -> dict:
@@ -107,11 +113,6 @@ class Ingress(ChatRoutes, RealtimeRoutes):
             raise APIError(404, f"model {model!r} does not exist; available: {MODEL_ID!r}", param="model",
                            code="model_not_found")
 
-    def _tokens(self, n: int, param: str = "max_new_tokens") -> None:
-        if n > self.caps["max_tokens"]:
-            raise APIError(400, f"{param}={n} exceeds max_tokens={self.caps['max_tokens']}", param=param,
-                           code="max_tokens")
-
     async def _audio(self, data: bytes, param: str, max_seconds: float | None = None) -> AudioPayload:
         """An uploaded clip admitted against the caps (off the event loop): its 16 kHz AudioPayload."""
         cap = min(self.caps["max_audio_seconds"], max_seconds or float("inf"))
@@ -168,13 +169,11 @@ class Ingress(ChatRoutes, RealtimeRoutes):
             raise refused(err) from None
         self._model(body.model)
         voice = self.voice_store.resolve(body.voice)
-        self._tokens(body.max_new_tokens)
-        check_mode(body.mode)
+        options = request_options(body, self.request_caps, body.max_new_tokens)
         if body.speed != 1.0:
             raise APIError(400, f"speed={body.speed}: only 1.0 is supported", param="speed")
-        check_text(body.input, self.caps["max_text_chars"], "input")
-        run = self._run("speech", "tts", text=body.input, voice=voice, mode=body.mode,
-                        max_new_tokens=body.max_new_tokens, sampling=body.params())
+        check_text(body.input, self.request_caps, "input", options.max_new_tokens)
+        run = self._run("speech", "tts", text=body.input, voice=voice, **options.run_args())
         first = await run.first()  # input / first-stage errors still get a status code
         if body.stream_format == "sse":
             return streamed(run, self._sse_speech(run, first, body.response_format), "text/event-stream")
@@ -221,15 +220,12 @@ class Ingress(ChatRoutes, RealtimeRoutes):
         except ValidationError as err:
             raise refused(err) from None
         self._model(body.model)
-        self._tokens(body.max_new_tokens)
-        check_mode(body.mode)
+        options = request_options(body, self.request_caps, body.max_new_tokens)
         if body.include:
             raise APIError(400, "include[]=logprobs is not supported", param="include[]")
         audio = await self._audio(data, "file")  # decoded once: run_request takes the admitted clip
         seconds = audio.seconds
-        sampling = Sampling(temperature=body.temperature).params()
-        run = self._run("transcriptions", "asr", audio=audio, mode=body.mode, max_new_tokens=body.max_new_tokens,
-                        sampling=sampling)
+        run = self._run("transcriptions", "asr", audio=audio, **options.run_args())
         first = await run.first()
         if body.stream:
             return streamed(run, self._sse_transcript(run, first), "text/event-stream")

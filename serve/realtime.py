@@ -25,14 +25,17 @@ import numpy as np
 import soundfile
 import soxr
 
-from actors.payloads import TASK_DEFAULT, AudioChunk, Done, TextDelta
+from actors.payloads import LAYOUT_AUTO, AudioChunk, Done, TextDelta
+from actors.requests import Caps, RequestOptions
+import actors.requests as policy
 from serve import chat_format
 from serve.api import MODEL_ID, APIError
 from serve.audio_formats import to_int16
 from serve.chat_format import Turn
-from serve.http import check_text
-from serve.realtime_events import (OUTPUT_RATE, AudioOutput, BufferAppend, ClientEvent, ItemCreate, ResponseParams,
-                                   SessionConfig, SessionUpdate, error_event, new_id, server_event, validated)
+from serve.http import check_text, refusals
+from serve.realtime_events import (DECODING_FIELDS, OUTPUT_RATE, AudioOutput, BufferAppend, ClientEvent, ItemCreate,
+                                   ResponseParams, SessionConfig, SessionUpdate, error_event, new_id, server_event,
+                                   validated)
 from serve.uploads import decode_base64
 
 MIN_COMMIT_SECONDS = 0.1  # OpenAI refuses to commit less than 100 ms
@@ -90,8 +93,11 @@ class Session:
     """One WebSocket's state. Each handler checks its event, changes the state and returns the server events
     to send; a refusal raises APIError (the caller sends it as an `error` event and the session goes on)."""
 
-    def __init__(self, caps: dict, voices):
+    def __init__(self, caps: dict, voices, request_caps: Caps | None = None):
         self.caps, self.voices = caps, voices
+        # the request policy's caps (the ingress passes the model's; alone: the operator's)
+        self.request_caps = request_caps or Caps(max_new_tokens=caps["max_tokens"],
+                                                 max_text_chars=caps["max_text_chars"])
         self.id = new_id("sess")
         self.config = SessionConfig()
         self.buffer = bytearray()
@@ -118,6 +124,7 @@ class Session:
             raise APIError(400, "the input rate cannot change while the input audio buffer holds audio; commit or "
                                 "clear it first", param="session.audio.input.format.rate")
         self._check_output(config.audio.output, config.instructions, config.max_output_tokens, "session")
+        self._options(config.model_dump(include=set(DECODING_FIELDS)), config.max_output_tokens, True, "session")
         self.config = config
         return [server_event("session.updated", session=self.describe())]
 
@@ -130,12 +137,21 @@ class Session:
         self.voices.resolve(output.voice, f"{where}.audio.output.voice")
         if instructions:
             self._check_text(instructions, f"{where}.instructions")
-        if max_tokens != "inf" and not 1 <= max_tokens <= self.caps["max_tokens"]:
-            raise APIError(400, f"max_output_tokens={max_tokens} must lie in 1..max_tokens={self.caps['max_tokens']}",
-                           param=f"{where}.max_output_tokens", code="max_tokens")
+
+    def _options(self, decoding: dict, max_tokens, speak: bool, where: str) -> RequestOptions:
+        """The response's decoding options by the one request policy (max_output_tokens "inf": the default,
+        within the caps)."""
+        names = {f: f"{where}.{f}" for f in (*DECODING_FIELDS, "layout")}
+        names["max_new_tokens"] = f"{where}.max_output_tokens"
+        if max_tokens == "inf":
+            max_tokens = min(DEFAULT_MAX_TOKENS, self.caps["max_tokens"])
+        with refusals():
+            return policy.request_options(**decoding, max_new_tokens=max_tokens,
+                                          layout=LAYOUT_AUTO if speak else "text", caps=self.request_caps,
+                                          names=names)
 
     def _check_text(self, text: str, param: str) -> None:
-        check_text(text, self.caps["max_text_chars"], param)
+        check_text(text, self.request_caps, param)
 
     # -- input audio buffer ----------------------------------------------------------------------------------
     def append(self, event: BufferAppend) -> list[dict]:
@@ -202,10 +218,7 @@ class Session:
                 message.clips.append(clip)
                 continue
             text = part.text if part.type != "output_audio" else part.transcript
-            if not isinstance(text, str) or not text.strip():
-                field_name = "transcript" if part.type == "output_audio" else "text"
-                raise APIError(400, f"{param} needs a non-empty {field_name}", param=f"{param}.{field_name}")
-            self._check_text(text, param)
+            self._check_text(text, f"{param}.{'transcript' if part.type == 'output_audio' else 'text'}")
             message.texts.append(text)
             message.spoken = message.spoken or part.type == "output_audio"
         previous = self.add(message)
@@ -259,9 +272,10 @@ class Session:
         if len(system or "") + kept[-1].chars > self.caps["max_text_chars"]:
             raise APIError(400, f"the instructions, system items and last user message hold over max_text_chars="
                                 f"{self.caps['max_text_chars']} characters", param="response", code="max_text_chars")
-        tokens = DEFAULT_MAX_TOKENS if max_tokens == "inf" else max_tokens
-        return Plan(kept, system, voice, min(tokens, self.caps["max_tokens"]), "audio" in modalities,
-                    params.metadata)
+        decoding = {f: getattr(params, f) if getattr(params, f) is not None else getattr(config, f)
+                    for f in DECODING_FIELDS}
+        options = self._options(decoding, max_tokens, "audio" in modalities, "response")
+        return Plan(kept, system, voice, options, "audio" in modalities, params.metadata)
 
 
 @dataclass
@@ -271,9 +285,13 @@ class Plan:
     messages: list[Message]
     system: str | None
     voice: list[int] | None
-    max_new_tokens: int
+    options: RequestOptions  # mode, max tokens, sampling, layout (actors.requests)
     speak: bool
     metadata: dict | None
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.options.max_new_tokens
 
     def history_clips(self) -> list[Clip]:
         """Clips of earlier turns still without codes (the caller encodes them)."""
@@ -287,8 +305,7 @@ class Plan:
             turns.append((Turn("user", last.texts), [c.codes for c in last.clips[:-1]]))
         history = [chat_format.history_entry(turn, codes, None) for turn, codes in turns]
         new_turn = {"audio": last.clips[-1].wav()} if last.clips else {"text": "\n".join(last.texts)}
-        return dict(history=history, voice=self.voice, system=self.system, max_new_tokens=self.max_new_tokens,
-                    constraint=TASK_DEFAULT if self.speak else "text", **new_turn)
+        return dict(history=history, voice=self.voice, system=self.system, **self.options.run_args(), **new_turn)
 
     def prompt_audio_tokens(self) -> int:
         return len(self.voice or ()) + sum(len(c.codes or ()) for m in self.messages[:-1] for c in m.clips)

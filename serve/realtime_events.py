@@ -62,7 +62,22 @@ class AudioConfig(Strict):
     output: AudioOutput = AudioOutput()
 
 
-class SessionConfig(Strict):
+class Decoding(Strict):
+    """Our decoding extensions, as every other front end takes them (values checked by `actors.requests`):
+    mode and sampling (temperature absent or 0: greedy)."""
+
+    mode: str | list[int] | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+
+
+DECODING_FIELDS = tuple(Decoding.model_fields)
+
+
+class SessionConfig(Decoding):
     """The session (`session.update` merges into it; `session.updated` shows it whole)."""
 
     type: Literal["realtime"] = "realtime"
@@ -97,8 +112,9 @@ class ResponseAudio(Strict):
     output: AudioOutput = AudioOutput()
 
 
-class ResponseParams(Strict):
-    """`response.create`'s `response`: overrides of the session for this response only."""
+class ResponseParams(Decoding):
+    """`response.create`'s `response`: overrides of the session for this response only (a decoding field
+    left out or null keeps the session's)."""
 
     conversation: Literal["auto"] = "auto"
     output_modalities: list[Literal["text", "audio"]] | None = Field(None, min_length=1)

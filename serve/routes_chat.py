@@ -9,12 +9,12 @@ from __future__ import annotations
 from fastapi import Request
 from pydantic import ValidationError
 
-from actors.payloads import TASK_DEFAULT, AudioChunk, AudioPayload, Done, ErrorEvent, TextDelta
+from actors.payloads import LAYOUT_AUTO, AudioChunk, AudioPayload, Done, ErrorEvent, TextDelta
 from serve import chat_format
 from serve.api import APIError, AudioOut, ChatBody
 from serve.audio_formats import encode, to_int16
-from serve.http import (ENCODER_RATE, app, b64, check_mode, check_text, gather, joined_pcm, refused, sse, stage_error,
-                        streamed, encode_audio)
+from serve.http import (ENCODER_RATE, app, b64, check_text, gather, joined_pcm, refused, request_options, sse,
+                        stage_error, streamed, encode_audio)
 from serve.uploads import admit_upload
 
 DEFAULT_MAX_TOKENS = 256
@@ -22,7 +22,7 @@ AUDIO_FORMATS = {"wav": "wav", "flac": "flac", "pcm16": "pcm", "mp3": "mp3", "op
 
 
 class ChatRoutes:
-    """The chat route; expects the ingress' clients, caps, voice_store, answers, _json, _model, _tokens, _run."""
+    """The chat route; expects the ingress' clients, caps, request_caps, voice_store, answers, _json, _model, _run."""
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
@@ -32,11 +32,12 @@ class ChatRoutes:
         except ValidationError as err:
             raise refused(err) from None
         self._model(body.model)
-        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        max_new_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
-        self._tokens(max_new_tokens, param)
-        check_mode(body.mode)
+        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_new_tokens = next((n for n in (body.max_completion_tokens, body.max_tokens) if n is not None),
+                              DEFAULT_MAX_TOKENS)
         speak = "audio" in body.modalities
+        # a spoken answer's layout is the LLM stage's choice ("auto"); a text-only answer asks for text
+        options = request_options(body, self.request_caps, max_new_tokens, param, LAYOUT_AUTO if speak else "text")
         audio_out = body.audio or AudioOut()
         if body.stream and speak and audio_out.format != "pcm16":
             raise APIError(400, f"audio.format={audio_out.format!r}: streamed audio is pcm16", param="audio.format")
@@ -46,9 +47,8 @@ class ChatRoutes:
             raise APIError(400, "give either a system message or a custom voice: the voice prompt is the system turn",
                            param="audio.voice")
         history, turn, audio_tokens = await self._chat_inputs(conversation, voice)
-        run = self._run("chat", "chat", history=history, voice=voice, system=conversation.system, mode=body.mode,
-                        max_new_tokens=max_new_tokens, sampling=body.params(),
-                        constraint=TASK_DEFAULT if speak else "text", **turn)
+        run = self._run("chat", "chat", history=history, voice=voice, system=conversation.system,
+                        **options.run_args(), **turn)
         first = await run.first()
         completion_id = chat_format.new_completion_id()
         if body.stream:
@@ -105,7 +105,7 @@ class ChatRoutes:
                        for i, t in enumerate(conversation.history)]
         last = conversation.last
         if not last.audios:
-            check_text("\n".join(last.texts), self.caps["max_text_chars"], "messages.content")
+            check_text("\n".join(last.texts), self.request_caps, "messages.content")
         cap = self.caps["max_audio_seconds"]
         clips = [await admit_upload(clip, cap, "messages.input_audio")  # off the event loop, each decoded once
                  for turn in (*conversation.history, last) for clip in turn.audios]

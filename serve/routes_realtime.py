@@ -60,7 +60,7 @@ class RealtimeRoutes:
             await link.send(error_event(refusal))
             await ws.close(POLICY_VIOLATION, refusal.message[:120])
             return
-        session = Session(self.caps, self.voice_store)
+        session = Session(self.caps, self.voice_store, self.request_caps)
         await link.send(session.created())
         active: tuple[Response, asyncio.Task] | None = None
         try:

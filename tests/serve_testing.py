@@ -49,6 +49,37 @@ def local_pipeline(tiny_models):
         torch.set_num_threads(previous)
 
 
+@contextlib.contextmanager
+def local_ingress(models, pipe=None, **args):
+    """The ingress' FastAPI app in this process, no Ray and no Serve: the `Ingress` class (its routes, checks
+    and request policy as deployed) over a LocalPipeline's stage clients, behind a Starlette TestClient (HTTP
+    and the realtime WebSocket). `pipe`: a LocalPipeline of `models` to reuse; `args`: Serve app args."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from fastapi.testclient import TestClient
+    from ray import serve
+
+    from actors.orchestration import Limits
+    from serve.app import Args
+    from serve.http import app
+    from serve.ingress import Ingress
+
+    args = Args.model_validate({"models": str(models), **CAPS, **args})
+    with contextlib.ExitStack() as stack:
+        if pipe is None:
+            pipe = stack.enter_context(local_pipeline(models))
+        config = args.pipeline_config()
+        ingress = Ingress.__mro__[1](None, None, None, args.caps(), args.api_key, Limits.of(config),
+                                     config.llm.path)  # the class under @serve.ingress, as a replica builds it
+        ingress.clients = pipe.clients
+        replica = SimpleNamespace(servable_object=ingress)  # what Serve's route dependency asks for
+        stack.enter_context(mock.patch.object(serve, "get_replica_context", lambda: replica))
+        client = stack.enter_context(TestClient(app))
+        client.headers["authorization"] = f"Bearer {args.api_key}"
+        yield client
+
+
 def clip(seconds: float = 1.0, rate: int = 16000, fmt: str = "WAV", seed: int = 0) -> bytes:
     """A deterministic speech-like clip (a gliding tone with noise) as file bytes."""
     t = np.arange(int(seconds * rate)) / rate

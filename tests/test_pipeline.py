@@ -196,7 +196,8 @@ def test_bad_input_ends_with_an_input_error(pipe, tmp_path):
     result = collect(pipe.asr(corrupt))
     assert result.error is not None and result.error.stage == "input"
     bad_mode = collect(pipe.tts("Hi.", mode="warp-speed"))
-    assert bad_mode.error is not None and bad_mode.error.stage == "llm" and "warp-speed" in bad_mode.error.message
+    # refused at the edge by the request policy (actors.requests), before any stage work
+    assert bad_mode.error is not None and bad_mode.error.stage == "input" and "warp-speed" in bad_mode.error.message
 
 
 def test_request_timeout_gives_an_error_event(pipe):

@@ -33,7 +33,8 @@ import pyarrow as pa
 
 from actors.aio import LoopThread
 from actors.config import DecoderStageConfig, EncoderStageConfig, LLMStageConfig
-from actors.payloads import AudioPayload, SpeechRequest
+from actors.payloads import LAYOUT_AUTO, AudioPayload, SpeechRequest
+from actors.requests import RequestOptions, build_request, check_seed, model_caps, parse_mode, request_options
 from actors.streams import DecoderFeed, concatenate, fold_llm
 from jobs.batch.inputs import read_audio_bytes
 from jobs.batch.segments import Segment, WindowConfig, plan_windows, stitch
@@ -53,25 +54,33 @@ IN_FLIGHT = ("seg_codes", "chunks")
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """How the LLM decodes every request of the job (the same for each, so results do not depend on batching)."""
+    """How the LLM decodes every request of the job (the same for each, so results do not depend on batching).
+    Checked by the one request policy (actors.requests) when made: a bad value is an InputError naming it."""
 
     mode: object = None  # None: the checkpoint's default schedule; a name or a list like [1, 10, 4, 10]
     max_new_tokens: int = 256
-    temperature: float | None = None  # None: greedy
+    temperature: float | None = None  # None or 0: greedy
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int = 0  # with sampling: each request's seed is derived from this and its id (batch-independent)
-    constraint: str | None = "task"  # the task's output layout (random tiny weights need it); None: the model's
+    constraint: str | None = LAYOUT_AUTO  # "auto": the LLM stage forces the task's layout on a tiny set only
+
+    def __post_init__(self):
+        object.__setattr__(self, "mode", parse_mode(self.mode))
+        check_seed(self.seed)  # the base of each request's seed (stands without sampling)
+        self.options()
+
+    def options(self, request_id: str | None = None) -> RequestOptions:
+        """The request policy's options of one request (its sampling seed derived from `seed` and the id)."""
+        sampling = bool(self.temperature)
+        seed = zlib.crc32(f"{self.seed}:{request_id}".encode()) & 0x7FFFFFFF if sampling else None
+        return request_options(mode=self.mode, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                               top_k=self.top_k, top_p=self.top_p, repetition_penalty=self.repetition_penalty,
+                               seed=seed, layout=self.constraint)
 
     def sampling(self, request_id: str):
-        from pipeline.engine.sampling import SamplingParams
-
-        if self.temperature is None:
-            return SamplingParams(repetition_penalty=self.repetition_penalty)
-        seed = zlib.crc32(f"{self.seed}:{request_id}".encode()) & 0x7FFFFFFF
-        return SamplingParams(greedy=False, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                              repetition_penalty=self.repetition_penalty, seed=seed)
+        return self.options(request_id).sampling
 
 
 class _AsyncStage:
@@ -168,6 +177,7 @@ class SpeechLLM(_AsyncStage):
         super().__init__("llm")
         self.stage = LLMStage(config, *ray_device())  # the GPU Ray gave this actor, else CPU
         self.task, self.options = task, options
+        self.caps = model_caps(config.path)  # the request policy's caps: a text too long is the row's error
 
     def __call__(self, batch) -> pa.Table:
         rows = to_rows(batch)
@@ -180,10 +190,9 @@ class SpeechLLM(_AsyncStage):
                 inputs = row["seg_codes"] if self.task == "asr" else [None]
                 for k, codes in enumerate(inputs):
                     request_id = f"{row['id']}#{k}"
-                    requests.append((row, k, SpeechRequest(
-                        task=self.task, request_id=request_id, text=row["text"] if self.task == "tts" else None,
-                        codes=codes, mode=self.options.mode, max_new_tokens=self.options.max_new_tokens,
-                        sampling=self.options.sampling(request_id), constraint=self.options.constraint)))
+                    requests.append((row, k, build_request(
+                        self.task, request_id=request_id, text=row["text"] if self.task == "tts" else None,
+                        codes=codes, options=self.options.options(request_id), caps=self.caps)))
             except ValueError as err:
                 fail(row, "input", err)
         outputs = self.run_all([self._generate(request) for _, _, request in requests])

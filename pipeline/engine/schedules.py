@@ -11,7 +11,7 @@ from pipeline.tokens.chat import MODES
 EXACT = "exact"  # lossless MCTP: draft with every module, verify with the backbone
 
 
-def _parse_mode_list(mode) -> list[int]:
+def check_mode_list(mode) -> list[int]:
     try:
         values = [operator.index(v) for v in mode]
     except TypeError:
@@ -40,7 +40,7 @@ def checkpoint_default_mode(model) -> list[int]:
                 mode = json.load(f).get("mtp_inference_mode")
     if mode is None:
         return [1, model.config.num_nextn_predict_layers]
-    return _parse_mode_list(mode)
+    return check_mode_list(mode)
 
 
 def resolve_mode(mode, model) -> list[int] | str:
@@ -58,16 +58,16 @@ def resolve_mode(mode, model) -> list[int] | str:
             return list(MODES[name])
         parts = [p.strip() for p in name.strip("[]() ").split(",")]
         if len(parts) > 1 and all(p.isdigit() for p in parts):
-            return _parse_mode_list(int(p) for p in parts)
+            return check_mode_list(int(p) for p in parts)
         raise ValueError(f"unknown mode {mode!r}: use one of {sorted([*MODES, EXACT])} or a list like '1,10,4,10'")
     if isinstance(mode, (list, tuple)):
-        return _parse_mode_list(mode)
+        return check_mode_list(mode)
     raise ValueError(f"mode must be a name, a list of integers or None, got {type(mode).__name__} {mode!r}")
 
 
 def expand_schedule(mode: list[int], length: int) -> str:
     """[M1, m1, M2, m2, ...] -> "M"*M1 + "m"*m1 + ... with the last pair repeated, cut to `length` chars."""
-    values = _parse_mode_list(mode)
+    values = check_mode_list(mode)
     if not isinstance(length, int) or length < 0:
         raise ValueError(f"length must be an integer >= 0, got {length!r}")
     pieces, total = [], 0
