@@ -23,10 +23,11 @@ from collections import defaultdict
 
 import torch
 
+from actors.requests import MODE_NAMES
 from pipeline.engine.observe import StepObserver
 from pipeline.sizes import build_llm, make_drafting_model
 
-MODES = ["vanilla", "balance", "boost", "turbo", "exact"]
+MODES = list(MODE_NAMES)  # the request policy's mode names (actors.requests), listed once
 
 # ../shared/research/original-speed.md, "Per mode" (fa2+sdpa-kernel path; vanilla also on native sdpa).
 ORIGINAL = {

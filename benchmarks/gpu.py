@@ -29,8 +29,9 @@ import torch
 from actors.errors import InputError
 from benchmarks.report import int_list, markdown_table, write_report
 from pipeline.engine.observe import StepObserver
+from pipeline.tokens.chat import MODES as SCHEDULES
 
-MODES = ["vanilla", "balance", "boost", "turbo"]
+MODES = list(SCHEDULES)  # the named schedules (pipeline.tokens.chat.MODES), listed once; exact is not timed here
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # memory bandwidth in GB/s by device name (first match wins: the specific names before the family's)
 BANDWIDTH_GBS = [
