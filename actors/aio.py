@@ -36,5 +36,18 @@ class LoopThread:
             asyncio.run_coroutine_threadsafe(agen.aclose(), self.loop).result(timeout=30)
 
     def stop(self) -> None:
+        """Cancel what still runs on the loop (e.g. a stage's engine task), then stop it."""
+
+        async def cancel_the_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        if self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(cancel_the_rest(), self.loop).result(timeout=5)
+            except Exception:  # a task that would not end in time: stop the loop anyway
+                pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)

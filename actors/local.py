@@ -82,3 +82,7 @@ class LocalPipeline(SpeechAPI):
         self.limits = Limits.of(config)
         self.caps = model_caps(config.llm.path)  # the request policy's model caps (actors.requests)
         self.bridge = LoopThread("vita-local-pipeline")
+
+    def shutdown(self) -> None:
+        """Stop the pipeline's event loop (its LLM stage's engine task with it)."""
+        self.bridge.stop()
