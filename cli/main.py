@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 from actors.errors import InputError
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     except _ArgumentError as err:
         return _error(str(err), 2, command, want_json)
     command = args.command if args.command != "bench" else f"bench {args.bench}"
-    with _Interrupts(quiet=not debug) as ctrl_c:
+    with _Interrupts(quiet=not debug, command=command) as ctrl_c:
         code, result = _run(args, command, want_json, debug, ctrl_c)
     if code is not None:
         return code
@@ -186,9 +187,13 @@ class _Interrupts:
     to the original stderr (--debug keeps everything)."""
 
     _STOP = b"\xff"  # wakes the watcher at the end (no signal has this number)
+    JOIN_S = 30.0  # at most this long for Ray Data's executor threads before Ray shuts down
+    DEADLINE_S = 120.0  # the whole clean-up after a Ctrl-C
 
-    def __init__(self, quiet: bool = True):
-        self.quiet, self.count, self.stderr_fd = quiet, 0, None
+    def __init__(self, quiet: bool = True, command: str = "vita-audio"):
+        self.quiet, self.count, self.stderr_fd, self.command = quiet, 0, None, command
+        self.done = threading.Event()
+        self.restore_shutdown = None
         self.installed = threading.current_thread() is threading.main_thread()
         self.seen = threading.Event()
         self.lock = threading.Lock()
@@ -208,6 +213,10 @@ class _Interrupts:
         return self
 
     def __exit__(self, *exc):
+        self.done.set()
+        if self.restore_shutdown is not None:
+            ray, real = self.restore_shutdown
+            ray.shutdown = real
         if self.installed:
             signal.signal(signal.SIGINT, self.previous)
             signal.set_wakeup_fd(self.previous_fd if self.previous_fd is not None else -1)
@@ -235,9 +244,41 @@ class _Interrupts:
 
     def _fired(self) -> None:
         with self.lock:
+            first = self.count == 0 or not self.seen.is_set()
             self.count = max(self.count, 1)
             self._silence()
+            if first:
+                self._patient_ray_shutdown()
+                threading.Thread(target=self._watchdog, name="vita-audio-ctrl-c-deadline", daemon=True).start()
         self.seen.set()
+
+    def _patient_ray_shutdown(self) -> None:
+        """While Ctrl-C unwinds, `ray.shutdown` first lets Ray Data's executor threads end: Ray Data joins them
+        for 2 s only, and one still calling into Ray after the shutdown ends the process with exit 1 (a Ray
+        race, frequent on a loaded machine)."""
+        ray = sys.modules.get("ray")
+        if ray is None or getattr(ray.shutdown, "_vita_patient", False):
+            return
+        real = ray.shutdown
+
+        def shutdown(*args, **kwargs):
+            deadline = time.monotonic() + self.JOIN_S
+            for thread in threading.enumerate():
+                if thread is not threading.current_thread() and thread.name.startswith("StreamingExecutor"):
+                    thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            return real(*args, **kwargs)
+
+        shutdown._vita_patient = True
+        self.restore_shutdown = (ray, real)
+        ray.shutdown = shutdown
+
+    def _watchdog(self) -> None:
+        """A clean-up that hangs does not keep the user waiting: after DEADLINE_S the line, and exit 130."""
+        if self.done.wait(self.DEADLINE_S):
+            return
+        self._write(f"vita-audio {self.command}: error: interrupted (Ctrl-C); stopped (clean-up did not finish in "
+                    f"{self.DEADLINE_S:g} s)\n".encode())
+        os._exit(130)
 
     def _on_sigint(self, signum, frame):
         self.count += 1
