@@ -4,49 +4,13 @@ stage deployments + the ingress holding their handles.
 """
 from __future__ import annotations
 
-from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+import dataclasses
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from actors.config import STAGES, PipelineConfig
-from serve.deployments import IngressScaling, StageScaling, ingress_options, stage_application
-
-
-def _queue_cap(value: int) -> int:
-    if value != -1 and value < 1:
-        raise ValueError(f"{value}: a queue cap is -1 (no cap) or at least 1")  # Serve refuses 0 at deploy time
-    return value
-
-
-QueueCap = Annotated[int, AfterValidator(_queue_cap)]  # Serve's max_queued_requests
-
-
-class ScalingArgs(BaseModel):
-    """One stage deployment's resources and autoscaling (`serve.deployments.StageScaling`)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    num_gpus: float = Field(0.0, ge=0)
-    num_cpus: float = Field(0.0, ge=0)
-    accelerator_type: str | None = None  # e.g. "L40S": pin the stage to that GPU type (a cluster-only setting)
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(2.0, gt=0)
-    upscale_delay_s: float = Field(30.0, ge=0)
-    downscale_delay_s: float = Field(600.0, ge=0)
-    look_back_period_s: float = Field(30.0, gt=0)
-    metrics_interval_s: float = Field(10.0, gt=0)  # how often callers push the load metrics autoscaling uses
-    max_ongoing_requests: int = Field(64, ge=1)
-    max_queued_requests: QueueCap = 64  # per caller (the ingress); beyond it: BackPressureError, -1 = no cap
-    health_check_period_s: float = Field(2.0, gt=0)
-    health_check_timeout_s: float = Field(10.0, gt=0)
-    graceful_shutdown_timeout_s: float = Field(5.0, ge=0)
-
-    @model_validator(mode="after")
-    def _replicas(self):
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas={self.min_replicas} > max_replicas={self.max_replicas}")
-        return self
+from serve.deployments import IngressScaling, QueueCap, StageScaling, ingress_options, stage_application
 
 
 class Args(BaseModel):
@@ -73,16 +37,16 @@ class Args(BaseModel):
     max_waiting_requests: QueueCap = 64
     retry_after_s: float = Field(1.0, ge=0)
     env_vars: dict[str, str] = {}  # set in every replica of the app (e.g. Serve's metric push intervals)
-    encoder: ScalingArgs = ScalingArgs()
-    llm: ScalingArgs = ScalingArgs()
-    decoder: ScalingArgs = ScalingArgs()
+    encoder: StageScaling = Field(default_factory=StageScaling)
+    llm: StageScaling = Field(default_factory=StageScaling)
+    decoder: StageScaling = Field(default_factory=StageScaling)
 
     def caps(self) -> dict:
         return {"max_body_bytes": self.max_body_bytes, "max_audio_seconds": self.max_audio_seconds,
                 "max_text_chars": self.max_text_chars, "max_tokens": self.max_tokens}
 
     def stage_scaling(self, stage: str) -> StageScaling:
-        return StageScaling(**getattr(self, stage).model_dump(), env_vars=dict(self.env_vars))
+        return dataclasses.replace(getattr(self, stage), env_vars={**getattr(self, stage).env_vars, **self.env_vars})
 
     def ingress_scaling(self) -> IngressScaling:
         return IngressScaling(max_ongoing_requests=self.max_concurrent_requests,

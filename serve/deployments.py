@@ -15,7 +15,10 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import Annotated, AsyncIterator
+
+from pydantic import AfterValidator, ConfigDict, Field
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from ray import serve
 
@@ -28,26 +31,40 @@ from serve import metrics
 HEALTH_TIMEOUT_S = 3.0  # a stage whose replica is gone (calls wait for a new one) counts as down after this
 
 
-@dataclass
-class StageScaling:
-    """Serve options of one stage deployment (the fields of serve.app.ScalingArgs)."""
+def _queue_cap(value: int) -> int:
+    if value != -1 and value < 1:
+        raise ValueError(f"{value}: a queue cap is -1 (no cap) or at least 1")  # Serve refuses 0 at deploy time
+    return value
 
-    num_gpus: float = 0.0
-    num_cpus: float = 0.0
-    accelerator_type: str | None = None
-    min_replicas: int = 1
-    max_replicas: int = 1
-    target_ongoing_requests: float = 2.0
-    upscale_delay_s: float = 30.0
-    downscale_delay_s: float = 600.0
-    look_back_period_s: float = 30.0
-    metrics_interval_s: float = 10.0
-    max_ongoing_requests: int = 64
-    max_queued_requests: int = 64
-    health_check_period_s: float = 2.0
-    health_check_timeout_s: float = 10.0
-    graceful_shutdown_timeout_s: float = 5.0  # a stopping replica's requests get this long to finish
-    env_vars: dict = field(default_factory=dict)
+
+QueueCap = Annotated[int, AfterValidator(_queue_cap)]  # Serve's max_queued_requests
+
+
+@pydantic_dataclass(config=ConfigDict(extra="forbid"))
+class StageScaling:
+    """One stage deployment's resources and autoscaling: typed once, for the app args (`serve.app.Args`, the Serve
+    config's `args:`), `vita-audio serve` and `vita-audio plan --write-config`."""
+
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(0.0, ge=0)
+    accelerator_type: str | None = None  # e.g. "L40S": pin the stage to that GPU type (a cluster-only setting)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0)
+    metrics_interval_s: float = Field(10.0, gt=0)  # how often callers push the load metrics autoscaling uses
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: QueueCap = 64  # per caller (the ingress); beyond it: BackPressureError, -1 = no cap
+    health_check_period_s: float = Field(2.0, gt=0)
+    health_check_timeout_s: float = Field(10.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(5.0, ge=0)  # a stopping replica's requests get this long to finish
+    env_vars: dict[str, str] = Field(default_factory=dict)  # the app's env_vars (set by serve.app.Args)
+
+    def __post_init__(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} > max_replicas={self.max_replicas}")
 
     def options(self, name: str) -> dict:
         autoscaling = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,

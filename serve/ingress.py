@@ -20,7 +20,7 @@ from serve import chat_format
 from serve.api import MODEL_ID, APIError, SpeechBody, TranscriptionForm
 from serve.audio_formats import CONTENT_TYPES, encode, to_int16
 from serve.deployments import ServeStageClients
-from serve.http import (ENCODER_RATE, RETRY_AFTER_S, Run, app, b64, check_text, gather, joined_pcm, refused,
+from serve.http import (RETRY_AFTER_S, Run, app, b64, check_text, gather, joined_pcm, refused,
                         request_options, speech_usage, sse, stage_error, streamed, encode_audio, transcription_usage,
                         usage_headers, verbose_transcription)
 from serve.routes_chat import ChatRoutes

@@ -13,7 +13,7 @@ from actors.payloads import LAYOUT_AUTO, AudioChunk, AudioPayload, Done, ErrorEv
 from serve import chat_format
 from serve.api import APIError, AudioOut, ChatBody
 from serve.audio_formats import encode, to_int16
-from serve.http import (ENCODER_RATE, app, b64, check_text, gather, joined_pcm, refused, request_options, sse,
+from serve.http import (app, b64, check_text, gather, joined_pcm, refused, request_options, sse,
                         stage_error, streamed, encode_audio)
 from serve.uploads import admit_upload
 
