@@ -43,6 +43,12 @@ def add_arguments(p, name: str) -> None:
     p.add_argument("--overlap", type=checks.non_negative_float, default=2.0, help="asr: seconds shared by neighbouring windows")
     p.add_argument("--max-audio-seconds", type=checks.positive_float, default=4 * 3600.0, help="longer inputs are error rows")
     p.add_argument("--torch-threads", type=checks.non_negative_int, default=1, help="torch threads per actor (0: torch's default)")
+    p.add_argument("--restart", action="store_true", help="clear this job's files in --out and start over (else a "
+                                                           "rerun with other settings is refused)")
+    p.add_argument("--retry-errors", action="store_true", help="a rerun also redoes the error rows of bad inputs (rows a "
+                                                                "stage failed on are always redone)")
+    p.add_argument("--max-error-share", type=checks.real(0.0, 1.0), default=0.5,
+                   help="more error rows than this share of the inputs ends the job with exit 1 (report written)")
     p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
     p.add_argument("--json", action="store_true")
 
@@ -83,20 +89,25 @@ def config_from_args(args):
                            llm_max_batch_size=args.llm_batch_size, decode=decode, windows=windows,
                            block_size=args.block_size, max_audio_seconds=args.max_audio_seconds,
                            torch_threads=args.torch_threads or None, address=args.address,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, restart=args.restart, retry_errors=args.retry_errors,
+                           max_error_share=args.max_error_share)
     except ValueError as err:
         raise InputError(str(err)) from None
 
 
 def run(args) -> dict:
-    from jobs.batch.job import run_batch
+    from jobs.batch.job import TooManyErrors, run_batch
 
     config = config_from_args(args)
     if args.address:
         from actors.ray_runtime import check_address
 
         check_address(args.address)
-    summary = run_batch(config)
+    try:
+        summary = run_batch(config)
+    except TooManyErrors as err:  # the job ran to its end and wrote its report; exit 1
+        print(f"vita-audio batch {args.task}: {err}", file=sys.stderr)
+        return {**err.summary, "exit_code": 1}
     done = summary["this_run"]["inputs"]
     print(f"vita-audio batch {args.task}: {summary['rows']}/{summary['inputs']} rows ({summary['errors']} errors); "
           f"this run processed {done} input(s); report: {Path(args.out) / 'report.md'}", file=sys.stderr)

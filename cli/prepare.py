@@ -47,6 +47,8 @@ def add_arguments(p, name: str) -> None:
                    help="multi-channel audio: keep channel 0 (as the original tokenizer), average, or reject")
     p.add_argument("--torch-threads", type=checks.non_negative_int, default=1, help="torch threads per encoder actor (0: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
+    p.add_argument("--restart", action="store_true", help="clear this job's files in --out and start over (else a "
+                                                           "rerun with other settings is refused)")
     p.add_argument("--json", action="store_true", help="print the manifest's counts as the last line")
 
 
@@ -85,7 +87,7 @@ def config_from_args(args):
                              models=str(args.models) if args.models else None, encoder=pool,
                              read_tasks=args.read_tasks, block_size=args.block_size, ratio=ratio, checks=checks,
                              torch_threads=args.torch_threads or None, address=args.address,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, restart=args.restart)
     except (ValueError, FileNotFoundError) as err:
         raise InputError(str(err)) from None
 

@@ -32,6 +32,8 @@ def add_arguments(p, name: str) -> None:
     p.add_argument("--max-failures", type=checks.non_negative_int, default=1, help="worker-group restarts per stage (from the "
                                                                "last checkpoint)")
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local Ray")
+    p.add_argument("--restart", action="store_true", help="start the run in --out over (else a rerun with other "
+                                                           "settings is refused, naming the setting)")
     p.add_argument("--json", action="store_true")
 
 
@@ -44,12 +46,12 @@ def check_args(args):
     # each number alone is checked at parse time (cli.checks); here the folders, from their files
     check_model_folder(args.init, "llm", "--init")  # not the speech encoder's, complete, weights whole
     if not args.data.is_dir():
-        raise InputError(f"--data {args.data}: not a folder (give the shards folder of `vita-audio prepare`)")
+        raise InputError(f"--data {args.data}: not a folder (give the folder `vita-audio prepare --out` wrote)")
     if args.out.exists() and not args.out.is_dir():
         raise InputError(f"--out {args.out}: exists and is not a folder")
     try:
         return plan_run(args.recipe, str(args.data), str(args.init), args.stages, args.workers,
-                        args.gpus_per_worker, list(args.overrides))
+                        args.gpus_per_worker, list(args.overrides), out=str(args.out), restart=args.restart)
     except TrainConfigError as err:
         raise InputError(str(err)) from None
 
@@ -74,7 +76,7 @@ def run(args) -> dict:
         manifest = run_stages(args.recipe, str(args.data), str(args.init), str(args.out), stages=args.stages,
                               workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                               overrides=list(args.overrides), max_failures=args.max_failures,
-                              cpus_per_worker=args.cpus_per_worker)
+                              cpus_per_worker=args.cpus_per_worker, restart=args.restart)
     finally:
         if started:
             import ray
