@@ -1,4 +1,4 @@
-"""Ray actors wrapping one pipeline stage each, and the streaming Pipeline that chains them.
+"""Ray actors wrapping one pipeline stage each, and the streaming StagedPipeline that chains them.
 
     config         PipelineConfig: paths, resources per stage (GPUs, CPUs, memory, restarts), placement, timeouts
     payloads       typed stage payloads, client events, and the glue functions between stages
@@ -11,7 +11,7 @@
     orchestration  run_request: the speech data path, once, over a StageClients protocol (no ray)
     streams        the LLM fold and the decoder's chunk protocol, shared by run_request and the batch job
     handles        StageClients over remote handles (Ray actors, Serve deployments): error translation, once
-    pipeline       Pipeline: RayStageClients over the three actors' handles
+    pipeline       StagedPipeline: RayStageClients over the three actors' handles
     local          LocalPipeline: LocalStageClients over the stage objects in one process (no ray)
     results        collect: a request's events gathered into one result
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 _EXPORTS = {
     "PipelineConfig": "actors.config",
     "StageResources": "actors.config",
-    "Pipeline": "actors.pipeline",
+    "StagedPipeline": "actors.staged_pipeline",
     "collect": "actors.results",
     "run_request": "actors.orchestration",
     "StageClients": "actors.orchestration",

@@ -1,4 +1,4 @@
-"""`StageClients` over handles to remote stages, written once for Ray actor handles (`actors.pipeline`) and
+"""`StageClients` over handles to remote stages, written once for Ray actor handles (`actors.staged_pipeline`) and
 Ray Serve deployment handles (`serve.deployments`): the data path calls, fire-and-forget frees, and the
 translation of what a handle call raised into a stage-named failure.
 

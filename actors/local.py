@@ -3,7 +3,7 @@
 
 The reference the staged pipeline is checked against (same ids, same audio for greedy decoding) and the
 baseline of `vita-audio bench pipeline`. Requests run through the same `actors.orchestration.run_request`
-over the same stage classes as the staged `Pipeline`; only the stage clients differ (`LocalStageClients`
+over the same stage classes as the staged `StagedPipeline`; only the stage clients differ (`LocalStageClients`
 calls the objects' methods where `RayStageClients` sends them to actors). Nothing here imports ray.
 """
 from __future__ import annotations

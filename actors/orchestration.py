@@ -4,7 +4,7 @@
         ...                                   # TextDelta | AudioChunk | Done | ErrorEvent
 
 Every front end runs requests through `run_request`; they differ only in the `StageClients` they pass:
-Ray actor handles (`actors.pipeline.Pipeline`), in-process stage objects (`actors.local.LocalPipeline`) or
+Ray actor handles (`actors.staged_pipeline.StagedPipeline`), in-process stage objects (`actors.local.LocalPipeline`) or
 Ray Serve deployment handles. This module imports neither ray nor torch, so an adapter for any of them
 can import the protocol, the failure types and the function.
 

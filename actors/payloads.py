@@ -3,7 +3,7 @@
     wav --load_waveform--> AudioPayload --EncoderStage--> codes
     SpeechRequest --build_prompt/to_generation_request--> GenerationRequest --LLMStage--> LLMOutput ...
     LLMOutput.audio_chunks --DecoderStage.push--> PCMChunk ...           (the decoder starts on chunk 1)
-    everything --Pipeline--> TextDelta | AudioChunk | Done | ErrorEvent  (what a client sees)
+    everything --StagedPipeline--> TextDelta | AudioChunk | Done | ErrorEvent  (what a client sees)
 
 Token ids come from `pipeline.tokens.TokenLayout` (read from the tokenizer), never literals. The same glue
 runs in the Ray stages and in the in-process composition (`actors.local`), so both give the same output.
@@ -138,7 +138,7 @@ class PCMChunk:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# What a client of the Pipeline sees
+# What a client of the StagedPipeline sees
 
 
 @dataclass

@@ -6,7 +6,7 @@
                  frees it, and `close` when the request ends any other way
 
 `actors.orchestration.run_request` streams with them (events as the items arrive); the batch job's stage pools
-(`jobs.batch.stages`), whose LLM and decoder are separate Ray Data pools, fold and decode with the same two.
+(`jobs.batch.callables`), whose LLM and decoder are separate Ray Data pools, fold and decode with the same two.
 No ray, no torch.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`vita-audio bench batch`: batch ASR / TTS throughput vs the LLM actor's batch size and vs the pool size.
 
 Three measurements in one run, on the tiny set unless --models is given:
-1. The LLM stage alone (`jobs.batch.stages.SpeechLLM`, in this process): the same requests with the engine
+1. The LLM stage alone (`jobs.batch.callables.SpeechLLM`, in this process): the same requests with the engine
    taking 1, 2, 4, 8 ... of them per step (best of --repeats runs). ASR: audio seconds transcribed per wall second (the requests'
    codes are encoded once before timing); TTS: seconds of audio codes generated per wall second (12.5 codes
    per second). Target: 8 per step >= 2.5x one at a time.
@@ -85,7 +85,7 @@ def _llm_sweep(stages, files, batch_sizes, args) -> list[dict]:
     """The SpeechLLM callable on the same requests at each engine batch size (ASR and TTS)."""
     import dataclasses
 
-    from jobs.batch.stages import DecodeOptions, SpeechEncoder, SpeechLLM
+    from jobs.batch.callables import DecodeOptions, SpeechEncoder, SpeechLLM
 
     chosen = (files * (args.requests // len(files) + 1))[: args.requests]
     encoded = SpeechEncoder(stages.encoder)([{"id": f"{i}", "path": str(f)} for i, f in enumerate(chosen)])
@@ -118,7 +118,7 @@ def _job_sweep(models, files, pool_sizes, args, tmp: Path) -> tuple[list[dict], 
 
     from jobs.batch.job import BatchConfig, run_batch
     from jobs.pools import PoolConfig
-    from jobs.batch.stages import DecodeOptions
+    from jobs.batch.callables import DecodeOptions
 
     manifest = tmp / "asr.jsonl"
     manifest.write_text("".join(json.dumps({"id": f"c{k}-{f.stem}", "path": str(f)}) + "\n"

@@ -195,7 +195,7 @@ def _throughput_markdown(args, out: dict) -> str:
 def latency(args, models: Path) -> dict:
     from actors.config import PipelineConfig
     from actors.local import LocalPipeline
-    from actors.pipeline import Pipeline
+    from actors.staged_pipeline import StagedPipeline
     from actors.results import collect
 
     config = PipelineConfig.from_models_dir(models, stage_timeout_s=300, request_timeout_s=1800)
@@ -204,7 +204,7 @@ def latency(args, models: Path) -> dict:
     local = LocalPipeline(dataclasses.replace(config, llm=dataclasses.replace(config.llm, engine_thread=True)))
     gate = HandOffGate.install(local)
     config = config.with_resources(torch_threads=args.stage_threads)
-    pipe = Pipeline.start(config)
+    pipe = StagedPipeline.start(config)
     try:
         sides = {"staged (Ray)": pipe, "in-process": local}
         # The control: the same request cut where its first audio chunk closes, so the LLM has nothing left to
@@ -535,7 +535,7 @@ def throughput(args, models, label: str, whole_pipeline: bool, align_steps: int 
                staggered: bool = True) -> dict:
     from actors.config import PipelineConfig
     from actors.payloads import SpeechRequest
-    from actors.pipeline import Pipeline
+    from actors.staged_pipeline import StagedPipeline
     from actors.results import collect
 
     config = PipelineConfig.from_models_dir(models, stage_timeout_s=300, request_timeout_s=1800)
@@ -544,7 +544,7 @@ def throughput(args, models, label: str, whole_pipeline: bool, align_steps: int 
     if align_steps is not None:
         config.llm.align_steps = align_steps
     config = config.with_resources(torch_threads=args.stage_threads)
-    pipe = Pipeline.start(config)
+    pipe = StagedPipeline.start(config)
     n, tokens = args.concurrency, args.throughput_tokens
     first_items: list[float] = []  # per stream: seconds from the call to its first item (text or audio)
     items: list[int] = []  # per stream: items received (each one is a Ray report; see ray_item_cost)

@@ -1,16 +1,16 @@
 """`vita-audio bench serve`: the HTTP endpoint's time to first audio and audio real-time factor vs concurrency,
-and HTTP vs the in-process `Pipeline` in the same run.
+and HTTP vs the in-process `StagedPipeline` in the same run.
 
 On the tiny set unless --models is given, with a local Ray started here (or --address):
 1. The Serve app (serve.app.build_app, the stages as deployments) on 127.0.0.1: 1, 4 and 16 concurrent clients,
    each streaming raw PCM speech (`/v1/audio/speech`, response_format=pcm) for --requests requests.
    Time to first audio = request sent -> first PCM bytes received; RTF = request wall time / seconds of audio.
    p50 / p99 per level.
-2. One client (one keep-alive connection) and the same request through `actors.pipeline.Pipeline` (the same stage
-   classes as Ray actors, driven from this process, no HTTP): the ratio HTTP / Pipeline of the median time to
+2. One client (one keep-alive connection) and the same request through `actors.staged_pipeline.StagedPipeline` (the same stage
+   classes as Ray actors, driven from this process, no HTTP): the ratio HTTP / StagedPipeline of the median time to
    first audio. Target <= 1.15x. The two run in separate phases, each alone on the machine (with both apps up,
    two sets of stage processes share the 2 cores and the first measured is slowed by the other's background
-   work), repeated for --rounds rounds (HTTP, Pipeline, HTTP, Pipeline, ...) so that drift in the machine's
+   work), repeated for --rounds rounds (HTTP, StagedPipeline, HTTP, StagedPipeline, ...) so that drift in the machine's
    load falls on both.
 --serve-mode throughput runs the app in Ray Serve's throughput-optimized mode (Ray's documented
 RAY_SERVE_THROUGHPUT_OPTIMIZED=1: gRPC between deployments, user code and routers on each replica's event loop;
@@ -40,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local Ray")
     parser.add_argument("--concurrency", default="1,4,16", help="concurrent clients per level")
     parser.add_argument("--requests", type=int, default=24, help="requests per level (at least one per client)")
-    parser.add_argument("--pairs", type=int, default=10, help="HTTP and Pipeline requests per round for the ratio")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of (HTTP phase, Pipeline phase)")
+    parser.add_argument("--pairs", type=int, default=10, help="HTTP and StagedPipeline requests per round for the ratio")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of (HTTP phase, StagedPipeline phase)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--serve-mode", choices=sorted(SERVE_MODES), default="default",
                         help="Ray Serve's default data path, or its throughput-optimized mode (needs the local Ray)")
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> dict:
     from ray import serve
 
     from actors.config import PipelineConfig
-    from actors.pipeline import Pipeline
+    from actors.staged_pipeline import StagedPipeline
     from actors.ray_runtime import free_port, start_ray
     from actors.models import resolve_models_dir
     from serve.proxy_errors import use_in_local_ray
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> dict:
                     http.append([_http_ttfa(client, url, body) for _ in range(args.pairs)])
             finally:
                 serve.shutdown()
-            pipe = Pipeline.start(PipelineConfig.from_models_dir(models).with_resources(num_gpus=0.0, torch_threads=1))
+            pipe = StagedPipeline.start(PipelineConfig.from_models_dir(models).with_resources(num_gpus=0.0, torch_threads=1))
             try:
                 _pipeline_ttfa(pipe, args.max_new_tokens)  # warm-up
                 local.append([_pipeline_ttfa(pipe, args.max_new_tokens) for _ in range(args.pairs)])
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> dict:
     _plot(results, out / "serve.png")
     md = (f"Ray Serve mode: {args.serve_mode} {SERVE_MODES[args.serve_mode] or ''}\n\n"
           "## HTTP speech endpoint vs concurrent clients (raw PCM stream)\n\n" + markdown_table(rows) +
-          "\n## HTTP vs in-process Pipeline, one client, each in its own phase\n\n" +
+          "\n## HTTP vs in-process StagedPipeline, one client, each in its own phase\n\n" +
           markdown_table([{k: v for k, v in comparison.items() if not isinstance(v, list)}]) +
           "\nRatio per round: " + ", ".join(f"{r:.2f}x" for r in comparison["ratio_per_round"]) + ".\n" +
           f"\nLoad average during the run: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
@@ -214,7 +214,7 @@ def _plot(results: dict, path: Path) -> None:
     left.set(xscale="log", xlabel="concurrent clients", ylabel="seconds", title="HTTP time to first audio")
     middle.set(xscale="log", xlabel="concurrent clients", ylabel="wall s / audio s", title="audio real-time factor")
     comparison = results["http_vs_pipeline"]
-    right.bar(["HTTP (Serve)", "Pipeline (in-process)"],
+    right.bar(["HTTP (Serve)", "StagedPipeline (in-process)"],
               [comparison["http_ttfa_p50_s"], comparison["pipeline_ttfa_p50_s"]], color=["C0", "C2"])
     right.set(ylabel="seconds", title=f"time to first audio, 1 client: {comparison['ratio']:.2f}x")
     for ax in (left, middle):

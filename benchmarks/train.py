@@ -111,7 +111,7 @@ def plain_loop(init: Path, data: Path, overrides: list[str]) -> dict:
 
     from jobs.train.packing import main_token_count, pack
     from jobs.train.run import load_recipe
-    from jobs.train.stages import param_groups, warmup_cosine
+    from jobs.train.stage_rules import param_groups, warmup_cosine
     from jobs.train.train_func import build_model
 
     cfg = load_recipe("tiny", overrides)[1].as_dict() | {"init_dir": str(init)}

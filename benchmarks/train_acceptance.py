@@ -10,7 +10,7 @@
 2. The four stages of the tiny recipe with longer schedules (key=value overrides, the same `jobs.train.run` as the
    CLI): stage 1 memorises the transcripts, stages 2-3 train the MCTP modules on the frozen backbone, stage 4
    fine-tunes everything (MCTP learning rate x10).
-3. (i) Every training utterance transcribed through the staged Ray pipeline (`actors.Pipeline`, as `vita-audio asr`
+3. (i) Every training utterance transcribed through the staged Ray pipeline (`actors.StagedPipeline`, as `vita-audio asr`
    serves it: no forced layout) from the stage-3 and the final stage-4 folder; CER with jiwer. Target <= 0.3
    (memorisation: this checks the data path from corpus to served model, not generalisation).
    (ii) On the training prompts, `exact` vs `vanilla` decoding of the stage-3 (and stage-4) model: identical ids,
@@ -142,11 +142,11 @@ def transcribe(models: Path, samples: list[dict]) -> dict:
     import jiwer
 
     from actors.config import PipelineConfig
-    from actors.pipeline import Pipeline
+    from actors.staged_pipeline import StagedPipeline
     from actors.results import collect
 
     config = PipelineConfig.from_models_dir(models).with_resources(num_gpus=0)
-    pipe = Pipeline.start(config)
+    pipe = StagedPipeline.start(config)
     try:
         hyps, t0 = [], time.perf_counter()
         for s in samples:

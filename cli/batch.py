@@ -58,7 +58,7 @@ def config_from_args(args):
     from jobs.batch.job import BatchConfig
     from jobs.pools import PoolConfig
     from jobs.batch.segments import WindowConfig
-    from jobs.batch.stages import DecodeOptions
+    from jobs.batch.callables import DecodeOptions
 
     from actors.models import check_mode_for_model, resolve_models_dir
 

@@ -113,12 +113,12 @@ def run(args) -> dict:
         if args.placement == "STRICT_SPREAD" and len(nodes) < 3:
             raise InputError(f"--placement STRICT_SPREAD needs 3 nodes (one per stage); this cluster has {len(nodes)}")
         config = config.with_resources(num_gpus=_gpus_per_stage(args, ray.cluster_resources().get("GPU", 0)))
-        from actors.pipeline import Pipeline
+        from actors.staged_pipeline import StagedPipeline
         from actors.results import collect
 
         _progress(args, f"Ray ready in {startup['ray_s']:.1f} s; loading the encoder, LLM and decoder stages")
         t1 = time.perf_counter()
-        pipe = Pipeline.start(config)
+        pipe = StagedPipeline.start(config)
         startup["stages_s"] = round(time.perf_counter() - t1, 3)
         _progress(args, f"stages loaded in {startup['stages_s']:.1f} s")
         try:

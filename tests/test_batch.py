@@ -35,7 +35,7 @@ def stage_configs(tiny_models):
 
 def _config(tiny_models, task, input, out, **overrides):
     from jobs.batch.job import BatchConfig
-    from jobs.batch.stages import DecodeOptions
+    from jobs.batch.callables import DecodeOptions
 
     decode = overrides.pop("decode", DecodeOptions(max_new_tokens=24))
     return BatchConfig(task=task, input=str(input), out=str(out), models=str(tiny_models), decode=decode,
@@ -105,7 +105,7 @@ def test_stitch_keeps_overlapping_words_once():
 
 
 def test_batched_stages_equal_one_at_a_time(stage_configs, mini, tmp_path):
-    from jobs.batch.stages import AudioDecoder, DecodeOptions, SpeechEncoder, SpeechLLM
+    from jobs.batch.callables import AudioDecoder, DecodeOptions, SpeechEncoder, SpeechLLM
 
     files = sorted(mini.rglob("*.flac"))[:5]
     rows = [{"id": f.stem, "path": str(f)} for f in files]
@@ -138,7 +138,7 @@ def test_batched_stages_equal_one_at_a_time(stage_configs, mini, tmp_path):
 
 
 def test_tar_member_encodes_like_its_file(stage_configs, mini, tmp_path):
-    from jobs.batch.stages import SpeechEncoder
+    from jobs.batch.callables import SpeechEncoder
 
     file = sorted(mini.rglob("*.flac"))[0]
     with tarfile.open(tmp_path / "s.tar", "w") as tar:
@@ -150,7 +150,7 @@ def test_tar_member_encodes_like_its_file(stage_configs, mini, tmp_path):
 
 
 def test_long_recording_is_windowed_and_stitched(stage_configs, mini, tmp_path):
-    from jobs.batch.stages import DecodeOptions, SpeechEncoder, SpeechLLM
+    from jobs.batch.callables import DecodeOptions, SpeechEncoder, SpeechLLM
 
     long = tmp_path / "meeting.flac"
     _long_recording(mini, long, seconds=150)
@@ -240,7 +240,7 @@ def test_damaged_folder_gives_one_error_row_each(ray_session, tiny_models, mini,
 
 def test_tts_from_texts_writes_readable_flac(ray_session, tiny_models, tmp_path):
     from jobs.batch.job import read_results, run_batch
-    from jobs.batch.stages import DecodeOptions
+    from jobs.batch.callables import DecodeOptions
 
     texts = tmp_path / "texts.jsonl"
     lines = [{"id": "a", "text": "The birch canoe slid on the smooth planks."}, {"id": "b", "text": "Hello."},
@@ -295,7 +295,7 @@ def test_killed_driver_resumes_exactly_once(ray_session, tiny_models, mini, tmp_
 
 
 def _decode(max_new_tokens: int):
-    from jobs.batch.stages import DecodeOptions
+    from jobs.batch.callables import DecodeOptions
 
     return DecodeOptions(max_new_tokens=max_new_tokens)
 
@@ -303,7 +303,7 @@ def _decode(max_new_tokens: int):
 @pytest.mark.slow
 def test_one_hour_recording_transcribes_through_the_ray_job(ray_session, tiny_models, mini, tmp_path):
     from jobs.batch.job import read_results, run_batch
-    from jobs.batch.stages import DecodeOptions
+    from jobs.batch.callables import DecodeOptions
 
     folder = tmp_path / "podcast"
     folder.mkdir()
@@ -419,7 +419,7 @@ def test_tts_rows_a_stage_crashed_on_are_retried_by_a_rerun(ray_session, tiny_mo
     from actors.errors import InputError
     from jobs.batch.job import run_batch
     from jobs.batch.results import RESULT_SCHEMA, block_path, read_results
-    from jobs.batch.stages import DecodeOptions
+    from jobs.batch.callables import DecodeOptions
 
     texts = tmp_path / "texts.jsonl"
     lines = [{"id": "a", "text": "Hello there."}, {"id": "blank", "text": ""}, {"id": "b", "text": "Good morning."}]
@@ -454,7 +454,7 @@ def test_tts_rows_a_stage_crashed_on_are_retried_by_a_rerun(ray_session, tiny_mo
 def test_tts_rows_fail_alone_one_over_long_text_among_good_ones(stage_configs, tmp_path):
     """Issue #24: one over-long text among good ones (on the take_batch path the Ray job maps): the good rows
     are ok with their audio, the over-long one is an error row; the good rows equal a batch without it."""
-    from jobs.batch.stages import AudioDecoder, DecodeOptions, SpeechLLM
+    from jobs.batch.callables import AudioDecoder, DecodeOptions, SpeechLLM
 
     llm = SpeechLLM(stage_configs.llm, "tts", DecodeOptions(max_new_tokens=32))
     decoder = AudioDecoder(stage_configs.decoder, tmp_path / "audio")
@@ -473,7 +473,7 @@ def test_a_failed_engine_step_fails_only_the_request_that_cannot_run(stage_confi
     alone, so the good rows are ok (as in a batch without the bad one) and only the bad one is an error row."""
     import torch
 
-    from jobs.batch.stages import DecodeOptions, SpeechLLM
+    from jobs.batch.callables import DecodeOptions, SpeechLLM
 
     llm = SpeechLLM(stage_configs.llm, "tts", DecodeOptions(max_new_tokens=32))
     engine = llm.stage.engine

@@ -151,7 +151,7 @@ def test_realtime_agrees_with_the_python_api(fronts, reference):
 
 def test_the_batch_jobs_stages_agree_with_the_python_api(fronts, reference):
     from actors.config import PipelineConfig
-    from jobs.batch.stages import DecodeOptions, SpeechLLM
+    from jobs.batch.callables import DecodeOptions, SpeechLLM
 
     config = PipelineConfig.from_models_dir(fronts.models).with_resources(num_gpus=0, torch_threads=1)
     llm = SpeechLLM(config.llm, "tts", DecodeOptions(mode=MODE, max_new_tokens=TOKENS, repetition_penalty=PENALTY))

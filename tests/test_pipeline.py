@@ -1,7 +1,7 @@
 """The staged Ray pipeline on the session Ray (3 logical GPUs): placement, equality with the in-process
 composition, real streaming, concurrency, cancellation, bad input, and (slow) stage failures.
 
-One Pipeline serves the whole module (starting the three actors costs seconds); the fault tests come last
+One StagedPipeline serves the whole module (starting the three actors costs seconds); the fault tests come last
 because they kill its actors (which Ray restarts).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from actors.config import PipelineConfig
 from actors.payloads import AudioChunk, Done, ErrorEvent
-from actors.pipeline import Pipeline
+from actors.staged_pipeline import StagedPipeline
 from actors.results import collect
 
 def assert_same_audio(batched: np.ndarray, single: np.ndarray) -> None:
@@ -44,7 +44,7 @@ def small_config(models) -> PipelineConfig:
 
 @pytest.fixture(scope="module")
 def pipe(ray_session, tiny_models):
-    pipeline = Pipeline.start(small_config(tiny_models))
+    pipeline = StagedPipeline.start(small_config(tiny_models))
     try:
         yield pipeline
     finally:

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent("""
     import ray
     from ray.cluster_utils import Cluster
     from actors.config import PipelineConfig
-    from actors.pipeline import Pipeline, collect
+    from actors.staged_pipeline import StagedPipeline, collect
 
     models = sys.argv[1]
     node = dict(num_cpus=1, num_gpus=2, object_store_memory=128 * 2**20)
@@ -34,7 +34,7 @@ SCRIPT = textwrap.dedent("""
     try:
         config = PipelineConfig.from_models_dir(models, placement_strategy="SPREAD", stage_timeout_s=60)
         config.decoder.n_steps = 2
-        pipe = Pipeline.start(config)
+        pipe = StagedPipeline.start(config)
         try:
             placement = {stage: p.to_dict() for stage, p in pipe.placement().items()}
             result = collect(pipe.tts("Across the cluster.", max_new_tokens=24))

@@ -510,7 +510,7 @@ def test_reading_in_the_encoder_actor_gives_the_same_rows(tiny_models, mini):
     from jobs.prepare.checks import AudioChecks
     from jobs.prepare.recipes import prepare_librispeech
     from jobs.prepare.samples import plan_inputs
-    from jobs.prepare.stages import SampleBuilder, read_and_check
+    from jobs.prepare.steps import SampleBuilder, read_and_check
 
     utts = prepare_librispeech(mini / "LibriSpeech")["dev-clean-mini"][:3]
     rows = [dataclasses.asdict(i) for i in plan_inputs("librispeech", utts, ("asr", "tts"))]

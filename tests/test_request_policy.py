@@ -206,7 +206,7 @@ def test_realtime_refuses_with_the_builders_message(case, expected, ingress):
 @pytest.mark.parametrize("case", [c for c, _ in OPTION_CASES if c not in ("max tokens over positions", "seed greedy")])
 def test_batch_settings_are_refused_with_the_builders_message(case, expected):
     from actors.errors import InputError
-    from jobs.batch.stages import DecodeOptions
+    from jobs.batch.callables import DecodeOptions
 
     with pytest.raises(InputError) as err:
         DecodeOptions(**dict(OPTION_CASES)[case])
@@ -216,14 +216,14 @@ def test_batch_settings_are_refused_with_the_builders_message(case, expected):
 @pytest.fixture(scope="module")
 def batch_llm(tiny_models):
     from actors.config import PipelineConfig
-    from jobs.batch.stages import DecodeOptions, SpeechLLM
+    from jobs.batch.callables import DecodeOptions, SpeechLLM
 
     config = PipelineConfig.from_models_dir(tiny_models).with_resources(num_gpus=0)
     return SpeechLLM(config.llm, "tts", DecodeOptions(max_new_tokens=8))
 
 
 def test_batch_rows_with_bad_text_are_error_rows_with_the_builders_message(expected, caps, batch_llm):
-    from jobs.batch.stages import DecodeOptions
+    from jobs.batch.callables import DecodeOptions
 
     rows = [{"id": case, "text": text} for case, text in TEXT_CASES] + [{"id": "good", "text": "Hello there."}]
     out = {row["id"]: row for row in batch_llm(rows).to_pylist()}
@@ -240,7 +240,7 @@ def test_batch_rows_with_bad_text_are_error_rows_with_the_builders_message(expec
 
 
 def test_python_api_refuses_before_any_stage_work(expected, tiny_models):
-    """run_request (the path of `Pipeline` / `LocalPipeline`.tts/asr/chat) applies the same policy: one input
+    """run_request (the path of `StagedPipeline` / `LocalPipeline`.tts/asr/chat) applies the same policy: one input
     ErrorEvent, no stage call. Its sampling is a SamplingParams, from the same builder."""
     import asyncio
 

@@ -10,7 +10,7 @@ import torch
 
 from jobs.train import run as train_run
 from jobs.train.packing import main_token_count, pack
-from jobs.train.stages import (
+from jobs.train.stage_rules import (
     freeze_for_stage,
     grow_mtp_modules,
     mtp_parameter_names,

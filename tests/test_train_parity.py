@@ -25,7 +25,7 @@ def train_parity(shared_dir):
 
 
 def run_step(train_parity, name: str, case: str, across: bool):
-    from jobs.train.stages import freeze_for_stage
+    from jobs.train.stage_rules import freeze_for_stage
 
     torch.manual_seed(0)
     model = load_llm(train_parity["llm"] / MODELS[name], dtype=torch.float32).train()

@@ -38,7 +38,7 @@ from jobs.batch.inputs import BatchInput, enumerate_inputs
 from jobs.batch.report import write_report
 from jobs.batch.results import OUTPUTS, RESULT_SCHEMA, block_path, read_results, to_retry
 from jobs.batch.segments import WindowConfig
-from jobs.batch.stages import DecodeOptions
+from jobs.batch.callables import DecodeOptions
 from jobs.pools import PoolConfig
 from jobs.run_folder import BlockWriter, RunFolder, clear_temporaries, local_path, write_atomic
 
@@ -179,9 +179,9 @@ def _run_pipeline(config: BatchConfig, models: Path, folder: RunFolder, blocks: 
 
 
 def _stages(config: BatchConfig, models: Path, out: Path) -> list:
-    """The map_batches steps of the task, each an actor pool over a stage class of jobs.batch.stages."""
+    """The map_batches steps of the task, each an actor pool over a stage class of jobs.batch.callables."""
     from actors.config import PipelineConfig
-    from jobs.batch.stages import AudioDecoder, SpeechEncoder, SpeechLLM, with_threads
+    from jobs.batch.callables import AudioDecoder, SpeechEncoder, SpeechLLM, with_threads
 
     stages = PipelineConfig.from_models_dir(models).with_resources(num_gpus=0.0)
     stages.llm.max_batch_size = config.llm_max_batch_size

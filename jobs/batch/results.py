@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.batch.stages import IN_FLIGHT, ROW_SCHEMA
+from jobs.batch.callables import IN_FLIGHT, ROW_SCHEMA
 from jobs.run_folder import block_file
 
 RESULT_SCHEMA = pa.schema([f for f in ROW_SCHEMA if f.name not in IN_FLIGHT])

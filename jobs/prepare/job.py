@@ -161,7 +161,7 @@ def _run_pipeline(config: PrepareConfig, models: Path, folder: RunFolder, blocks
     import ray
 
     from actors.ray_runtime import start_ray
-    from jobs.prepare.stages import SampleBuilder, read_and_check
+    from jobs.prepare.steps import SampleBuilder, read_and_check
 
     started = start_ray(config.address)
     try:

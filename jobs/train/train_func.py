@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from jobs.train.packing import main_token_count, pack
-from jobs.train.stages import freeze_for_stage, grow_mtp_modules, param_groups, warmup_cosine
+from jobs.train.stage_rules import freeze_for_stage, grow_mtp_modules, param_groups, warmup_cosine
 
 COMPLETE = "complete.json"
 

@@ -1,6 +1,6 @@
 """The staged pipeline on Ray: encoder -> LLM (+MCTP) -> decoder actors, streaming end to end.
 
-    pipe = Pipeline.start(PipelineConfig.from_models_dir(models))
+    pipe = StagedPipeline.start(PipelineConfig.from_models_dir(models))
     for event in pipe.tts("Hello there."):        # TextDelta | AudioChunk | Done | ErrorEvent
         ...
     result = collect(pipe.chat("question.wav"))    # text, concatenated PCM, usage and timings
@@ -48,7 +48,7 @@ class RayStageClients(HandleStageClients):
             yield await ref
 
 
-class Pipeline(SpeechAPI):
+class StagedPipeline(SpeechAPI):
     """tts / asr / chat (sync and `*_async`, see `SpeechAPI`) over the three stage actors."""
 
     def __init__(self, config: PipelineConfig, stages: StageHandles):
@@ -60,7 +60,7 @@ class Pipeline(SpeechAPI):
         self.bridge = LoopThread("vita-pipeline")  # drives the async API for the sync one
 
     @classmethod
-    def start(cls, config: PipelineConfig) -> "Pipeline":
+    def start(cls, config: PipelineConfig) -> "StagedPipeline":
         """Place and start the stage actors (Ray must be initialised), then return the pipeline."""
         return cls(config, build_stages(config))
 
