@@ -24,7 +24,6 @@ from actors.models import check_mode_for_model, resolve_models_dir
 
 AUDIO_SUFFIXES = (".wav", ".flac")  # what write_audio writes
 MIN_AUDIO_SECONDS = 0.1             # shorter input has no speech to transcribe (a 1-sample wav "transcribed")
-MIN_SAMPLE_RATE = 8000              # telephone quality; below that the header is wrong, not the audio
 # the request policy's fields (actors.requests) by their flags: a refusal names the flag
 FLAG_NAMES = {"mode": "--mode", "max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
               "top_k": "--top-k", "top_p": "--top-p", "repetition_penalty": "--repetition-penalty", "seed": "--seed",
@@ -93,7 +92,7 @@ def run(args) -> dict:
     check_mode_for_model(_parse_mode(args.mode), args.mode, models / "llm")
     from actors.requests import model_caps
 
-    options, inputs, bad = _check_inputs(args, model_caps(models / "llm"))
+    options, inputs, bad, admitted = _check_inputs(args, model_caps(models / "llm"))
     if args.task == "asr" and not inputs:
         if len(bad) == 1:
             raise InputError(f"{bad[0][0]}: {bad[0][1]}")
@@ -124,7 +123,7 @@ def run(args) -> dict:
         try:
             results = []
             for i, item in enumerate(inputs, 1):
-                results.append(collect(_call(pipe, args.task, item, options)))
+                results.append(collect(_call(pipe, args.task, admitted.get(item, item), options)))
                 if args.task == "asr" and len(inputs) + len(bad) > 1:
                     _progress(args, f"{i + len(bad)}/{len(inputs) + len(bad)} files")
             placement = {stage: p.to_dict() for stage, p in pipe.placement().items()}
@@ -204,47 +203,39 @@ def _check_inputs(args, caps):
         options["system"] = check_text(args.system, "--system", caps, args.max_new_tokens, system=True)
     if args.task == "chat" and not looks_like_path(args.audio):
         check_text(args.audio, "QUESTION", caps, args.max_new_tokens)
-    bad = []
+    bad, admitted = [], {}  # admitted: path -> its AudioPayload, decoded once here and never again in the stages
     if args.task == "asr":
         inputs = []
         for path in args.audio:
             try:
-                _check_audio(path, args.max_audio_seconds)
+                admitted[path] = _admit(path, args.max_audio_seconds)
                 inputs.append(path)
             except (ValueError, OSError) as err:
-                bad.append((path, _first_line(err).replace(f": {path}", "").replace(f"{path}: ", "").replace(f" {path}", "")))
+                bad.append((path, _without_path(_first_line(err), str(path))))
     else:
         inputs = [args.text] if args.task == "tts" else [args.audio]
         if args.task == "chat" and looks_like_path(args.audio):
-            _check_audio(args.audio, args.max_audio_seconds)
+            admitted[args.audio] = _admit(args.audio, args.max_audio_seconds)
     if getattr(args, "voice", None):
-        _check_audio(args.voice, args.max_audio_seconds)
-        options["voice"] = args.voice
-    return options, inputs, bad
+        options["voice"] = _admit(args.voice, args.max_audio_seconds)
+    return options, inputs, bad, admitted
 
 
-def _check_audio(path, max_seconds: float) -> None:
-    """Decodes the file (AudioError names it) and checks its rate, length and samples."""
-    import numpy as np
-    import soundfile as sf
+def _without_path(message: str, path: str) -> str:
+    """The reason alone (the report puts the path in front of it)."""
+    for form in (f"{path}: ", f"{path} "):
+        if message.startswith(form):
+            return message[len(form):]
+    return message.replace(f": {path}", "").replace(f" {path}", "")
 
-    from pipeline.audio import load_audio
 
-    try:
-        info = sf.info(str(path))
-    except Exception:  # noqa: BLE001 - load_audio below gives the precise reason
-        info = None
-    if info is not None:
-        if info.samplerate < MIN_SAMPLE_RATE:
-            raise InputError(f"{path}: sample rate {info.samplerate} Hz is below {MIN_SAMPLE_RATE} Hz")
-        if info.frames / info.samplerate > max_seconds:
-            raise InputError(f"{path}: {info.frames / info.samplerate:.1f} s long, over --max-audio-seconds "
-                           f"{max_seconds:g} (raise it to accept longer audio)")
-    pcm = load_audio(path, max_seconds=max_seconds)
-    if len(pcm) < MIN_AUDIO_SECONDS * 16000:
-        raise InputError(f"{path}: {len(pcm) / 16000:.3f} s of audio, shorter than {MIN_AUDIO_SECONDS} s")
-    if not np.isfinite(pcm).all():
-        raise InputError(f"{path}: holds NaN or infinite samples")
+def _admit(path, max_seconds: float):
+    """The file admitted once by the one audio admission (`actors.payloads.admit_input`: header checks before
+    decoding, rate, channels, length, NaN), refused as an InputError naming the file and the flag."""
+    from actors.payloads import admit_input
+
+    return admit_input(path, max_seconds=max_seconds, min_seconds=MIN_AUDIO_SECONDS,
+                       names={"max_seconds": "--max-audio-seconds"}, field=str(path))
 
 
 def _gpus_per_stage(args, cluster_gpus: float) -> float:

@@ -297,14 +297,20 @@ class Plan:
         """Clips of earlier turns still without codes (the caller encodes them)."""
         return [c for m in self.messages[:-1] for c in m.clips if c.codes is None]
 
-    def request(self) -> dict:
-        """`run_request` keyword arguments of the chat task (the earlier clips' codes must be set)."""
+    def new_clip(self) -> "Clip | None":
+        """The turn's own clip (the caller admits it: `serve.uploads.admit_pcm16`, off the event loop)."""
+        return self.messages[-1].clips[-1] if self.messages[-1].clips else None
+
+    def request(self, audio=None) -> dict:
+        """`run_request` keyword arguments of the chat task (the earlier clips' codes must be set); `audio`: the
+        turn's clip as admitted by the caller (else it goes as a wav, decoded by the request path)."""
         *earlier, last = self.messages
         turns = [(Turn(m.role, m.texts), [c.codes for c in m.clips]) for m in earlier]
         if (last.texts and last.clips) or len(last.clips) > 1:  # as chat completions: all but the last clip go first
             turns.append((Turn("user", last.texts), [c.codes for c in last.clips[:-1]]))
         history = [chat_format.history_entry(turn, codes, None) for turn, codes in turns]
-        new_turn = {"audio": last.clips[-1].wav()} if last.clips else {"text": "\n".join(last.texts)}
+        new_turn = ({"audio": audio if audio is not None else last.clips[-1].wav()} if last.clips
+                    else {"text": "\n".join(last.texts)})
         return dict(history=history, voice=self.voice, system=self.system, **self.options.run_args(), **new_turn)
 
     def prompt_audio_tokens(self) -> int:

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline.audio import DEFAULT_LIMITS
 from serve import chat_format
 from serve.api import DEFAULT_VOICE, MODEL_ID, APIError, VoiceRef, validation_message
 
@@ -41,7 +42,8 @@ class Strict(BaseModel):
 
 class PCM(Strict):
     type: Literal["audio/pcm"] = "audio/pcm"
-    rate: int = Field(OUTPUT_RATE, ge=8000, le=96000)  # input: any (a browser sends its device's rate)
+    rate: int = Field(OUTPUT_RATE, ge=DEFAULT_LIMITS.min_sample_rate, le=DEFAULT_LIMITS.max_sample_rate)  # input: any
+    # rate the audio admission accepts (pipeline.audio.DEFAULT_LIMITS; a browser sends its device's rate)
 
 
 class AudioInput(Strict):

@@ -130,7 +130,9 @@ class RealtimeRoutes:
             await link.send(*response.started())
             try:
                 await self._encode_history(response.plan)
-                run = self._run("realtime", "chat", **response.plan.request())
+                clip = response.plan.new_clip()  # admitted once, off the event loop (the same limits as uploads)
+                audio = None if clip is None else await admit_pcm16(clip.pcm16, clip.rate, clip.seconds + 1, "audio")
+                run = self._run("realtime", "chat", **response.plan.request(audio))
                 async for event in run:
                     await link.send(*(response.failed(stage_error(event)) if isinstance(event, ErrorEvent)
                                       else response.on_event(event)))

@@ -626,3 +626,27 @@ def test_ctrl_c_in_batch_is_exit_130_and_one_line(files, tiny_models, tmp_path):
         cmd.kill()
     _assert_interrupted(code, stdout, after, "batch")
     assert "Traceback" not in cmd.stderr()
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_prepare_is_exit_130_one_line_and_keeps_what_finished(shared_dir, tiny_models, tmp_path):
+    """SIGINT while the preparation's pools run: exit 130 and one line; the folder is left resumable (a rerun is
+    not refused as another run and finishes with every input accounted for)."""
+    corpus = shared_dir / "corpora" / "mini-speech" / "LibriSpeech"
+    out = tmp_path / "out"
+    argv = ["prepare", "--source", f"librispeech:{corpus}", "--out", str(out), "--models", str(tiny_models),
+            "--tasks", "asr", "--block-size", "4", "--no-progress", "--json"]
+    cmd = _Command(argv, tmp_path)
+    try:
+        cmd.wait_for(lambda c: "Starting execution" in c.stderr(), 240)
+        time.sleep(3.0)  # the encoder pool works
+        code, stdout, after = cmd.interrupt()
+    finally:
+        cmd.kill()
+    _assert_interrupted(code, stdout, after, "prepare")
+    assert "Traceback" not in cmd.stderr()
+    rerun = subprocess.run([sys.executable, "-m", "cli.main", *argv], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["inputs"] > 0 and counts["samples"] + counts["errors"] == counts["inputs"], counts
