@@ -22,7 +22,7 @@ def bench(name: str, out: Path, *args: str, timeout: float = 300) -> dict:
 
 @pytest.mark.slow
 def test_bench_decode_counts_forwards_and_keeps_exact_lossless(tmp_path):
-    result = bench("decode", tmp_path, "--quick", "--runs", "1", "--max-new-tokens", "24",
+    result = bench("decode", tmp_path, "--runs", "1", "--max-new-tokens", "24",
                    "--modes", "vanilla,boost,exact")
     rows = {(r["model"], r["mode"]): r for r in result["rows"]}
     assert rows[("random", "vanilla")]["backbone_fwd"] == 24 and rows[("random", "boost")]["backbone_fwd"] < 24

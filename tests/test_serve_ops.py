@@ -108,8 +108,8 @@ def test_bad_replica_counts_are_refused():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--port", "0"], "--port must be 1..65535"),
-    (["--port", "70000"], "--port must be 1..65535"),
+    (["--port", "0"], "--port must be >= 1 and <= 65535"),
+    (["--port", "70000"], "--port must be >= 1 and <= 65535"),
     (["--config", "/nonexistent/serve.yaml"], "no such file"),
     (["--models", "/nonexistent/models"], "not a folder"),
     (["--api-key", " "], "--api-key must not be empty"),
