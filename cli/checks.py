@@ -61,17 +61,23 @@ def integer(low: int | None = None, high: int | None = None):
     return convert
 
 
+def _finite(text) -> float | None:
+    """The flag's text as a finite float, else None (not a number, NaN, an infinity)."""
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
 def real(low: float | None = None, high: float | None = None, *, above: float | None = None,
          below: float | None = None):
     """A finite number flag: >= low (or > above), <= high (or < below); NaN and infinities are refused."""
     bounds = _bounds(low, high, above, below)
 
     def convert(text):
-        try:
-            value = float(str(text).strip())
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value):
+        value = _finite(text)
+        if value is None:
             raise _fail("a finite number" + (f" {bounds}" if bounds else ""), text)
         if not _in_range(value, low, high, above, below):
             raise _fail(bounds, text)
@@ -86,11 +92,8 @@ def resource(kind: str, *, allow_zero: bool = True):
     floor = ">= 0" if allow_zero else "> 0"
 
     def convert(text):
-        try:
-            value = float(str(text).strip())
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value):
+        value = _finite(text)
+        if value is None:
             raise _fail(f"a finite number of {kind}s {floor}", text)
         if value < 0 or (value == 0 and not allow_zero):
             raise _fail(floor, text)
