@@ -14,9 +14,26 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
-    import json, time, urllib.request, urllib.error
+    import json, socket, time, urllib.request, urllib.error
     import psutil, ray
+    from ray._private.ray_constants import DEFAULT_DASHBOARD_AGENT_LISTEN_PORT as AGENT_PORT
     from actors.ray_runtime import start_ray
+
+    # Ray's dashboard agent serves the job route on a fixed port and runs without it when the port is taken; a Ray
+    # of an earlier test module may still be ending, so wait (bounded) until the port is free, else name the holder.
+    deadline = time.monotonic() + 60
+    while True:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", AGENT_PORT))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    holders = [(c.pid, psutil.Process(c.pid).cmdline()[:3]) for c in psutil.net_connections("inet")
+                               if c.laddr and c.laddr.port == AGENT_PORT and c.pid]
+                    raise SystemExit(f"port {AGENT_PORT} is still held after 60 s by {holders}")
+                time.sleep(1)
 
     assert start_ray(num_cpus=1)
 
@@ -32,6 +49,7 @@ SCRIPT = textwrap.dedent("""
         mine |= {c.pid for c in psutil.Process(pid).children(recursive=True)}
     listening = sorted({(c.laddr.ip, c.laddr.port, psutil.Process(c.pid).name())
                         for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in mine})
+    assert node.dashboard_agent_listen_port > 0, "the dashboard agent runs without its HTTP server (see its log)"
     request = urllib.request.Request(f"http://127.0.0.1:{node.dashboard_agent_listen_port}/api/job_agent/jobs/",
                                      data=json.dumps({"entrypoint": "touch /tmp/should-never-run"}).encode(),
                                      headers={"Content-Type": "application/json"}, method="POST")
