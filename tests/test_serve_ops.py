@@ -235,3 +235,20 @@ def test_the_proxys_plain_text_errors_become_openai_errors():
     assert client.get("/text").text == "a transcript" and client.get("/stream").content == b"abcd"
     assert client.get("/nowhere").json()["error"]["message"] == "Not Found"  # Starlette's own plain 404
     assert CALLBACK == "serve.proxy_errors:proxy_middlewares" and proxy_middlewares()[0].cls is OpenAIErrorBodies
+
+
+def test_stream_clock_counts_what_a_real_time_player_waits():
+    """Playback underrun as a listener meets it: the player starts at the first chunk and plays at real time; a
+    chunk arriving after the audio before it has played out costs the difference, an early one costs nothing."""
+    from serve.metrics import CONTINUITY_S, StreamClock
+
+    clock = StreamClock()
+    clock.chunk(0.5, now=10.0)   # plays until 10.5
+    clock.chunk(0.5, now=10.4)   # early: buffered, plays until 11.0
+    assert clock.underrun_s == 0.0 and clock.continuous
+    clock.chunk(0.5, now=11.3)   # 0.3 s late: the player waited, then plays until 11.8
+    clock.chunk(1.0, now=11.85)  # 0.05 s late
+    assert clock.underrun_s == pytest.approx(0.35) and clock.max_stall_s == pytest.approx(0.3)
+    assert clock.intervals == pytest.approx([0.4, 0.9, 0.55]) and clock.audio_s == pytest.approx(2.5)
+    assert not clock.continuous and 0.05 <= CONTINUITY_S < 0.3
+    assert not StreamClock().streaming  # only serve.http.streamed marks a response as streamed

@@ -157,19 +157,26 @@ def _samples(text: str, name: str) -> list[tuple[dict, float]]:
 
 def test_prometheus_metrics_from_the_metrics_agent(url):
     """After speech requests Ray's metrics agent exports time to first audio, RTF, tokens/s and outcomes per
-    route, and each stage's queue time and in-flight calls (Serve adds the deployment / replica tags)."""
+    route, and each stage's queue time and in-flight calls (Serve adds the deployment / replica tags); a streamed
+    response also its playback underrun and continuity."""
     import httpx
 
     _steady(url)
     ttfa_count = lambda text: sum(v for _, v in _samples(text, "ray_vita_time_to_first_audio_seconds_count"))
     before = ttfa_count(_scrape())  # other tests' requests of this module (exported up to seconds late)
+    streams = lambda text: sum(v for _, v in _samples(text, "ray_vita_audio_streams_total"))
+    streamed_before = streams(_scrape())
     for _ in range(2):
         assert httpx.post(f"{url}/v1/audio/speech", json=SPEECH, headers=HEADERS, timeout=120).status_code == 200
+    with httpx.stream("POST", f"{url}/v1/audio/speech", json={**SPEECH, "response_format": "pcm"}, headers=HEADERS,
+                      timeout=120) as r:
+        assert r.status_code == 200 and len(r.read()) > 0
 
     def exported():
         text = _scrape()
         idle = {labels["stage"]: v for labels, v in _samples(text, "ray_vita_stage_in_flight")}
-        return text if ttfa_count(text) >= before + 2 and idle.get("llm") == idle.get("decoder") == 0 else None
+        done = ttfa_count(text) >= before + 3 and streams(text) >= streamed_before + 1
+        return text if done and idle.get("llm") == idle.get("decoder") == 0 else None
 
     text = _wait(exported, 90, "the two requests' metrics exported, no stage call in flight", interval_s=2)
     ttfa = _samples(text, "ray_vita_time_to_first_audio_seconds_count")
@@ -180,6 +187,10 @@ def test_prometheus_metrics_from_the_metrics_agent(url):
                for labels, _ in ttfa), ttfa
     for name in ("ray_vita_audio_rtf_count", "ray_vita_tokens_per_second_count"):
         assert sum(v for _, v in _samples(text, name)) >= 2, name
+    # only the streamed response has a playback: one stream, its underrun observed, continuity told yes or no
+    assert streams(text) >= streamed_before + 1  # (earlier tests' streams may still be arriving)
+    assert {labels["continuous"] for labels, _ in _samples(text, "ray_vita_audio_streams_total")} <= {"true", "false"}
+    assert sum(v for _, v in _samples(text, "ray_vita_playback_underrun_seconds_count")) == streams(text)
     ok = [v for labels, v in _samples(text, "ray_vita_requests_total") if labels.get("outcome") == "ok"]
     assert sum(ok) >= 2
     queued = {labels["stage"]: v for labels, v in _samples(text, "ray_vita_stage_queue_seconds_count")}
