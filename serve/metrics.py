@@ -32,7 +32,7 @@ from actors.payloads import AudioChunk, Done, ErrorEvent
 SECONDS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 RATIOS = [0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 10.0]
 RATES = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500]
-UNDERRUN = [0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+UNDERRUN = [0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
 CONTINUITY_S = 0.1  # a stall a listener notices (a typical jitter buffer holds about this much)
 
 

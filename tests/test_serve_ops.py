@@ -252,3 +252,28 @@ def test_stream_clock_counts_what_a_real_time_player_waits():
     assert clock.intervals == pytest.approx([0.4, 0.9, 0.55]) and clock.audio_s == pytest.approx(2.5)
     assert not clock.continuous and 0.05 <= CONTINUITY_S < 0.3
     assert not StreamClock().streaming  # only serve.http.streamed marks a response as streamed
+
+
+def test_observed_stream_feeds_its_clock_and_passes_events_unchanged():
+    """`observed` (what the ingress wraps every run in) creates every metric, times each audio chunk into the
+    run's clock and hands the events on as they came."""
+    import asyncio
+
+    import numpy as np
+
+    from actors.payloads import AudioChunk, Done
+    from serve.metrics import StreamClock, observed
+
+    chunks = [AudioChunk(np.zeros(2205, np.float32), 22050, i) for i in range(3)]
+    done = Done("stop", "", [1, 2], [3], {}, {})
+
+    async def events():
+        for event in (*chunks, done):
+            yield event
+
+    async def consume(clock):
+        return [e async for e in observed("speech", events(), clock)]
+
+    clock = StreamClock(streaming=True)
+    assert asyncio.run(consume(clock)) == [*chunks, done]
+    assert clock.audio_s == pytest.approx(0.3) and len(clock.intervals) == 2 and clock.underrun_s >= 0
