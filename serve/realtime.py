@@ -8,7 +8,14 @@ user message is the new turn and the earlier items its history, built as chat co
 by its codes, assistant answers by their transcripts; serve.chat_format). When the conversation outgrows the caps
 (max_audio_seconds, max_text_chars) its oldest items are left out of the prompt, as OpenAI's truncation "auto".
 
-Turn detection is the client's (`turn_detection: null`): server_vad / semantic_vad are refused.
+Turn detection: the client's (`turn_detection: null`, push-to-talk: append, commit, response.create), or the
+server's (`server_vad`: actors.vad's Silero detector, fed by `append`, run off the event loop by the caller):
+speech start / stop come as `input_audio_buffer.speech_started / speech_stopped`, the stop commits the turn
+(from `prefix_padding_ms` before the start) and the caller then starts the response (`create_response`) and,
+at a start while an answer plays, interrupts it (`interrupt_response`). An answer keeps only what the user heard:
+`truncate` (the client's `conversation.item.truncate`, or the caller's estimate from the audio it sent) cuts
+its transcript at the text the model had written when the heard audio was made. semantic_vad is refused.
+A session's conversation can be saved and restored (`snapshot` / `restore`: a JSON value for serve.state).
 Audio: input is pcm16 at the session's input rate (OpenAI's 24 kHz by default; any rate in 8-96 kHz is
 accepted, as a browser captures at its device's rate), handed to the pipeline as a wav at that rate
 (pipeline.audio resamples it to the encoder's 16 kHz with soxr). Output is pcm16 at 24 kHz, OpenAI's only pcm
@@ -19,27 +26,27 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import soundfile
-import soxr
 
 from actors.payloads import LAYOUT_AUTO, AudioChunk, Done, TextDelta
 from actors.requests import Caps, RequestOptions
+from actors.vad import SpeechDetector, SpeechEvent, VadParams
 import actors.requests as policy
 from serve import chat_format
 from serve.api import MODEL_ID, APIError
-from serve.audio_formats import to_int16
+from serve.audio_formats import PcmStream
 from serve.chat_format import Turn
 from serve.http import check_text, refusals
-from serve.realtime_events import (DECODING_FIELDS, OUTPUT_RATE, AudioOutput, BufferAppend, ClientEvent, ItemCreate,
+from serve.realtime_events import (DECODING_FIELDS, OUTPUT_RATE, AudioOutput, BufferAppend, ClientEvent, ItemCreate, ItemRetrieve, ItemTruncate, ServerVad,
                                    ResponseParams, SessionConfig, SessionUpdate, error_event, new_id, server_event,
                                    validated)
 from serve.uploads import decode_base64
 
 MIN_COMMIT_SECONDS = 0.1  # OpenAI refuses to commit less than 100 ms
-DEFAULT_MAX_TOKENS = 256
 
 
 @dataclass
@@ -49,6 +56,15 @@ class Clip:
     pcm16: bytes
     rate: int
     codes: list[int] | None = None
+    transcript: str | None = None  # input transcription, once made
+
+    def to_json(self) -> dict:
+        return {"pcm16": base64.b64encode(self.pcm16).decode(), "rate": self.rate, "codes": self.codes,
+                "transcript": self.transcript}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Clip":
+        return cls(base64.b64decode(data["pcm16"]), data["rate"], data["codes"], data["transcript"])
 
     @property
     def seconds(self) -> float:
@@ -68,6 +84,30 @@ class Message:
     clips: list[Clip] = field(default_factory=list)
     spoken: bool = False  # an assistant answer with audio (its text is the transcript)
     status: str = "completed"
+    # an answer's audio: sent (ms), kept (ms, less after a truncate), the whole transcript as made, and where
+    # each audio chunk began (ms) with the transcript's length then
+    sent_ms: float = 0.0
+    audio_ms: float = 0.0
+    said: str = ""
+    marks: list[tuple[float, int]] = field(default_factory=list)
+
+    def truncate(self, audio_end_ms: float) -> None:
+        """Keep what the user heard of an answer: its audio up to `audio_end_ms` and the transcript the model had
+        written when that audio was made (the text of a chunk comes before its audio)."""
+        chars = max((c for ms, c in self.marks if ms < audio_end_ms), default=0)
+        self.texts = [self.said[:chars]] if chars else []
+        self.audio_ms, self.status = min(self.sent_ms, audio_end_ms), "incomplete"
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "role": self.role, "texts": self.texts, "clips": [c.to_json() for c in self.clips],
+                "spoken": self.spoken, "status": self.status, "sent_ms": self.sent_ms, "audio_ms": self.audio_ms,
+                "said": self.said, "marks": [list(m) for m in self.marks]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Message":
+        return cls(data["id"], data["role"], list(data["texts"]), [Clip.from_json(c) for c in data["clips"]],
+                   data["spoken"], data["status"], data["sent_ms"], data["audio_ms"], data["said"],
+                   [tuple(m) for m in data["marks"]])
 
     def describe(self) -> dict:
         """The item as events show it (audio data left out, as OpenAI does)."""
@@ -76,7 +116,7 @@ class Message:
             content = [{"type": kind, key: "".join(self.texts)}]
         else:
             content = [{"type": "input_text", "text": t} for t in self.texts]
-            content += [{"type": "input_audio", "transcript": None} for _ in self.clips]
+            content += [{"type": "input_audio", "transcript": c.transcript} for c in self.clips]
         return {"id": self.id, "object": "realtime.item", "type": "message", "role": self.role, "status": self.status,
                 "content": content}
 
@@ -102,6 +142,14 @@ class Session:
         self.config = SessionConfig()
         self.buffer = bytearray()
         self.messages: list[Message] = []
+        # server VAD: the detector (made off the event loop by `prepare_vad`), the audio it has not judged yet,
+        # the session's audio clock (OpenAI's audio_*_ms: ms of input since the session began), the speech
+        self.detector: SpeechDetector | None = None
+        self.detector_key: tuple | None = None
+        self.unjudged = bytearray()
+        self.input_ms = 0.0
+        self.vad_origin_ms = 0.0  # the session time of the detector's time 0
+        self.speech: tuple[str, int] | None = None  # (item id, audio_start_ms) of the speech in progress
 
     # -- session ---------------------------------------------------------------------------------------------
     def created(self) -> dict:
@@ -112,11 +160,17 @@ class Session:
 
     def update(self, event: SessionUpdate) -> list[dict]:
         merged = _merge(self.config.model_dump(), event.session)
+        detection = _at(merged, "audio", "input", "turn_detection")
+        if isinstance(detection, dict) and detection.get("type") != "server_vad":
+            raise APIError(400, f"turn_detection type {str(detection.get('type'))[:40]!r} is not supported: use "
+                                "server_vad, or null to commit turns yourself",
+                           param="session.audio.input.turn_detection.type", code="unsupported_turn_detection")
         config = validated(SessionConfig, merged, "session")
-        if config.audio.input.turn_detection is not None:
-            raise APIError(400, "turn_detection must be null: this server is turn-based (append audio, then "
-                                "input_audio_buffer.commit and response.create); server_vad is not supported",
-                           param="session.audio.input.turn_detection", code="unsupported_turn_detection")
+        transcription = config.audio.input.transcription
+        if transcription is not None and transcription.model != MODEL_ID:
+            raise APIError(400, f"transcription model {transcription.model!r} does not exist; available: "
+                                f"{MODEL_ID!r} (its own ASR)", param="session.audio.input.transcription.model",
+                           code="model_not_found")
         if config.model != MODEL_ID:
             raise APIError(400, f"model {config.model!r} does not exist; available: {MODEL_ID!r}",
                            param="session.model", code="model_not_found")
@@ -126,6 +180,8 @@ class Session:
         self._check_output(config.audio.output, config.instructions, config.max_output_tokens, "session")
         self._options(config.model_dump(include=set(DECODING_FIELDS)), config.max_output_tokens, True, "session")
         self.config = config
+        if config.audio.input.turn_detection is None:
+            self.speech = None
         return [server_event("session.updated", session=self.describe())]
 
     def _check_output(self, output: AudioOutput, instructions, max_tokens, where: str) -> None:
@@ -140,11 +196,11 @@ class Session:
 
     def _options(self, decoding: dict, max_tokens, speak: bool, where: str) -> RequestOptions:
         """The response's decoding options by the one request policy (max_output_tokens "inf": the default,
-        within the caps)."""
+        as many as the caps allow)."""
         names = {f: f"{where}.{f}" for f in (*DECODING_FIELDS, "layout")}
         names["max_new_tokens"] = f"{where}.max_output_tokens"
-        if max_tokens == "inf":
-            max_tokens = min(DEFAULT_MAX_TOKENS, self.caps["max_tokens"])
+        if max_tokens == "inf":  # up to the model's cap: the operator's max_tokens within the model's positions
+            max_tokens = min(n for n in (self.caps["max_tokens"], self.request_caps.positions) if n)
         with refusals():
             return policy.request_options(**decoding, max_new_tokens=max_tokens,
                                           layout=LAYOUT_AUTO if speak else "text", caps=self.request_caps,
@@ -162,6 +218,9 @@ class Session:
                                 f"max_audio_seconds={self.caps['max_audio_seconds']:g}; commit or clear it",
                            param="audio", code="max_audio_seconds")
         self.buffer += data
+        self.input_ms += len(data) / 2 / self._rate() * 1000
+        if self.detector is not None:
+            self.unjudged += data
         return []
 
     def commit(self, event: ClientEvent) -> list[dict]:
@@ -170,14 +229,92 @@ class Session:
             raise APIError(400, f"buffer too small: {clip.seconds * 1000:.0f} ms of audio; commit at least "
                                 f"{MIN_COMMIT_SECONDS * 1000:.0f} ms", code="input_audio_buffer_commit_empty")
         self.buffer.clear()
-        message = Message(new_id("item"), "user", clips=[clip])
+        message = Message(self.speech[0] if self.speech else new_id("item"), "user", clips=[clip])
+        self.speech = None
         previous = self.add(message)
         return [server_event("input_audio_buffer.committed", item_id=message.id, previous_item_id=previous),
                 *self._item_events(message, previous)]
 
     def clear(self, event: ClientEvent) -> list[dict]:
         self.buffer.clear()
+        self.speech = None
         return [server_event("input_audio_buffer.cleared")]
+
+    # -- server VAD ------------------------------------------------------------------------------------------
+    @property
+    def vad(self) -> ServerVad | None:
+        return self.config.audio.input.turn_detection
+
+    def vad_stale(self) -> bool:
+        """Whether the detector is not the one the config asks for (then call `prepare_vad`)."""
+        return self._vad_key() != self.detector_key
+
+    def _vad_key(self) -> tuple | None:
+        vad = self.vad
+        return None if vad is None else (vad.threshold, vad.silence_duration_ms, self._rate())
+
+    def prepare_vad(self) -> None:
+        """The detector the config asks for (blocking: the first loads the model; call it off the event loop)."""
+        key, vad = self._vad_key(), self.vad
+        model = self.detector.model if self.detector is not None else None
+        self.detector = None if vad is None else SpeechDetector(VadParams(vad.threshold, vad.silence_duration_ms),
+                                                                 self._rate(), model=model)
+        self.detector_key, self.unjudged, self.vad_origin_ms, self.speech = key, bytearray(), self.input_ms, None
+
+    def take_unjudged(self, min_bytes: int = 0) -> bytes | None:
+        """The appended audio the detector has not seen (None while under `min_bytes`: tiny appends pile up)."""
+        if self.detector is None or len(self.unjudged) < max(min_bytes, 1):
+            return None
+        data, self.unjudged = bytes(self.unjudged), bytearray()
+        return data
+
+    def frame_bytes(self) -> int:
+        """Bytes of input audio in one detector frame (32 ms)."""
+        return int(self._rate() * 0.032) * 2
+
+    def on_speech(self, signals: list[SpeechEvent]) -> tuple[list[dict], list[tuple[str, object]]]:
+        """The detector's starts and stops as server events, and what the caller must do: ("started", ms) (maybe
+        interrupt the answer playing), ("committed", Message) (maybe transcribe it, respond to it)."""
+        events, actions = [], []
+        vad = self.vad
+        for signal in signals:
+            ms = int(self.vad_origin_ms + signal.ms)
+            if signal.kind == "start" and self.speech is None:
+                self.speech = (new_id("item"), ms)
+                self._keep_from(ms - vad.prefix_padding_ms)
+                events.append(server_event("input_audio_buffer.speech_started", audio_start_ms=ms,
+                                           item_id=self.speech[0]))
+                actions.append(("started", ms))
+            elif signal.kind == "stop" and self.speech is not None:
+                events += self._end_speech(ms, actions)
+        if self.speech is None:  # keep only what a start would keep (the prefix padding), with a frame's slack
+            self._keep_from(self.input_ms - vad.prefix_padding_ms - 100)
+        elif len(self.buffer) >= 0.95 * self._max_bytes():  # a turn as long as the caps allow: end it here
+            events += self._end_speech(int(self.input_ms), actions)
+            self.detector.reset()
+            self.vad_origin_ms = self.input_ms
+        return events, actions
+
+    def _end_speech(self, ms: int, actions: list) -> list[dict]:
+        item_id, _ = self.speech
+        self.speech = None
+        events = [server_event("input_audio_buffer.speech_stopped", audio_end_ms=ms, item_id=item_id)]
+        clip = Clip(bytes(self.buffer), self._rate())
+        self.buffer.clear()
+        if clip.seconds < MIN_COMMIT_SECONDS:
+            return events
+        message = Message(item_id, "user", clips=[clip])
+        previous = self.add(message)
+        actions.append(("committed", message))
+        return events + [server_event("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous),
+                         *self._item_events(message, previous)]
+
+    def _keep_from(self, ms: float) -> None:
+        """Drop the buffer's audio before session time `ms`."""
+        start_ms = self.input_ms - len(self.buffer) / 2 / self._rate() * 1000
+        drop = int((ms - start_ms) * self._rate() / 1000) * 2
+        if drop > 0:
+            del self.buffer[:drop]
 
     def _pcm16(self, b64: str, param: str) -> bytes:
         data = decode_base64(b64, param)
@@ -243,6 +380,50 @@ class Session:
             kept.insert(0, message)
         return kept
 
+    def item(self, item_id: str, param: str = "item_id") -> Message:
+        for message in self.messages:
+            if message.id == item_id:
+                return message
+        raise APIError(400, f"no item {item_id[:64]!r} in the conversation", param=param, code="item_not_found")
+
+    def retrieve(self, event: ItemRetrieve) -> list[dict]:
+        return [server_event("conversation.item.retrieved", item=self.item(event.item_id).describe())]
+
+    def truncate(self, event: ItemTruncate) -> list[dict]:
+        """The client's `conversation.item.truncate`: the user heard `audio_end_ms` of an assistant answer."""
+        message = self.item(event.item_id)
+        if message.role != "assistant" or not message.spoken:
+            raise APIError(400, f"item {message.id!r} is a {message.role} message without audio; only an assistant "
+                                "answer with audio can be truncated", param="item_id")
+        if message.status == "in_progress":
+            raise APIError(400, f"item {message.id!r} is still being answered; cancel the response first",
+                           param="item_id")
+        if event.content_index != 0:
+            raise APIError(400, f"content_index={event.content_index}: an answer has one content part (0)",
+                           param="content_index")
+        if event.audio_end_ms > message.sent_ms + 1:
+            raise APIError(400, f"audio_end_ms={event.audio_end_ms} is beyond the item's audio "
+                                f"({message.sent_ms:.0f} ms)", param="audio_end_ms")
+        message.truncate(event.audio_end_ms)
+        return [self.truncated(message, event.audio_end_ms)]
+
+    @staticmethod
+    def truncated(message: Message, audio_end_ms: float) -> dict:
+        return server_event("conversation.item.truncated", item_id=message.id, content_index=0,
+                            audio_end_ms=int(audio_end_ms))
+
+    # -- saved sessions (serve.state) ------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """The session as a JSON value: config, conversation (clips with their codes), audio clock. The input
+        buffer and a response in progress are not kept."""
+        return {"id": self.id, "config": self.config.model_dump(mode="json"), "input_ms": self.input_ms,
+                "messages": [m.to_json() for m in self.messages if m.status != "in_progress"]}
+
+    def restore(self, data: dict) -> None:
+        self.id, self.input_ms = data["id"], float(data["input_ms"])
+        self.config = SessionConfig.model_validate(data["config"], strict=False)
+        self.messages = [Message.from_json(m) for m in data["messages"]]
+
     @staticmethod
     def _item_events(message: Message, previous: str | None) -> list[dict]:
         item = message.describe()
@@ -268,7 +449,7 @@ class Session:
         if voice is not None and system is not None:
             raise APIError(400, "give either instructions (or system items) or a custom voice: the voice prompt is "
                                 "the system turn", param="response.audio.output.voice")
-        kept = self._newest(len(system or ""))
+        kept = [m for m in self._newest(len(system or "")) if m.texts or m.clips]  # (an answer cut to nothing)
         if len(system or "") + kept[-1].chars > self.caps["max_text_chars"]:
             raise APIError(400, f"the instructions, system items and last user message hold over max_text_chars="
                                 f"{self.caps['max_text_chars']} characters", param="response", code="max_text_chars")
@@ -324,9 +505,20 @@ class Response:
         self.session, self.plan = session, plan
         self.id, self.item = new_id("resp"), Message(new_id("item"), "assistant", spoken=plan.speak,
                                                        status="in_progress")
-        self.resampler: soxr.ResampleStream | None = None  # made at the first chunk, from the decoder's rate
+        self.pcm = PcmStream()  # 24 kHz through one soxr stream (serve.audio_formats)
         self.transcript = ""
         self.finished = False
+        self.first_audio_at: float | None = None  # time.monotonic() of the first audio delta
+
+    def played_ms(self, now: float | None = None) -> float:
+        """The server's estimate of what the user heard: the audio sent, up to the wall time since it began."""
+        if self.first_audio_at is None:
+            return 0.0
+        return min(self.item.sent_ms, ((now or time.monotonic()) - self.first_audio_at) * 1000)
+
+    def playing(self, now: float | None = None) -> bool:
+        """Still being made, or (by the estimate) still being heard."""
+        return not self.finished or self.played_ms(now) < self.item.sent_ms
 
     def _describe(self, status: str, **more) -> dict:
         return {"id": self.id, "object": "realtime.response", "status": status, "conversation_id": self.session.id,
@@ -364,17 +556,19 @@ class Response:
         return []
 
     def _audio(self, pcm: np.ndarray, rate: int, last: bool = False) -> list[dict]:
-        if self.resampler is None and not last:
-            self.resampler = soxr.ResampleStream(rate, OUTPUT_RATE, 1, dtype="float32")
-        if self.resampler is None:
+        data = self.pcm.end() if last else self.pcm.chunk(pcm, rate)
+        if not data:
             return []
-        out = self.resampler.resample_chunk(np.asarray(pcm, np.float32), last=last)
-        if not len(out):
-            return []
-        return [self._part("response.output_audio.delta", delta=base64.b64encode(to_int16(out)).decode())]
+        if self.first_audio_at is None:
+            self.first_audio_at = time.monotonic()
+        self.item.marks.append((self.item.sent_ms, len(self.transcript)))
+        self.item.sent_ms += len(data) / 2 / OUTPUT_RATE * 1000
+        self.item.audio_ms = self.item.sent_ms
+        return [self._part("response.output_audio.delta", delta=base64.b64encode(data).decode())]
 
-    def cancelled(self) -> list[dict]:
-        return self._finished("cancelled", {"type": "cancelled", "reason": "client_cancelled"}, None)
+    def cancelled(self, reason: str = "client_cancelled") -> list[dict]:
+        """OpenAI's reasons: client_cancelled (response.cancel), turn_detected (the user spoke over it)."""
+        return self._finished("cancelled", {"type": "cancelled", "reason": reason}, None)
 
     def failed(self, err: APIError) -> list[dict]:
         error = {"type": err.type, "code": err.code, "message": err.message}
@@ -385,6 +579,7 @@ class Response:
             return []
         self.finished = True
         self.item.texts = [self.transcript] if self.transcript else []
+        self.item.said = self.transcript
         self.item.status = "completed" if status == "completed" else "incomplete"
         if not self.item.texts and self.item in self.session.messages:  # nothing said: no turn in later prompts
             self.session.messages.remove(self.item)
@@ -411,6 +606,13 @@ class Response:
                 "input_token_details": {"audio_tokens": audio_in, "text_tokens": max(prompt - audio_in, 0),
                                         "cached_tokens": 0},
                 "output_token_details": {"audio_tokens": audio_out, "text_tokens": max(out - audio_out, 0)}}
+
+
+def _at(data, *keys):
+    """data[k1][k2]... where each level is a dict, else None."""
+    for key in keys:
+        data = data.get(key) if isinstance(data, dict) else None
+    return data
 
 
 def _merge(base: dict, update) -> dict:

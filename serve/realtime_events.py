@@ -16,6 +16,7 @@ from serve import chat_format
 from serve.api import DEFAULT_VOICE, MODEL_ID, APIError, VoiceRef, validation_message
 
 OUTPUT_RATE = 24000  # OpenAI's pcm rate
+MAX_PADDING_MS = 10_000
 
 
 def new_id(prefix: str) -> str:
@@ -46,10 +47,33 @@ class PCM(Strict):
     # rate the audio admission accepts (pipeline.audio.DEFAULT_LIMITS; a browser sends its device's rate)
 
 
+class ServerVad(Strict):
+    """OpenAI's server VAD (defaults as OpenAI's), run by actors.vad (Silero). Deviation: `idle_timeout_ms` ends
+    the session (an `input_audio_buffer.timeout_triggered` event, then an `error` with code `idle_timeout`)
+    instead of prompting the model, so that an abandoned socket does not hold an ingress slot."""
+
+    type: Literal["server_vad"] = "server_vad"
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    prefix_padding_ms: int = Field(300, ge=0, le=MAX_PADDING_MS)
+    silence_duration_ms: int = Field(500, ge=0, le=MAX_PADDING_MS)
+    create_response: bool = True
+    interrupt_response: bool = True
+    idle_timeout_ms: int | None = Field(None, ge=5000, le=30000)  # OpenAI's range
+
+
+class Transcription(Strict):
+    """`audio.input.transcription`: the user's turns transcribed by this model's ASR (`language` and `prompt` are
+    accepted as OpenAI's and not used: the model's ASR prompt is fixed, as on /v1/audio/transcriptions)."""
+
+    model: str = MODEL_ID
+    language: str | None = Field(None, max_length=16)
+    prompt: str | None = Field(None, max_length=1024)
+
+
 class AudioInput(Strict):
     format: PCM = PCM()
-    turn_detection: dict | None = None  # only null: checked by Session.update for a clear message
-    transcription: None = None
+    turn_detection: ServerVad | None = None  # null: push-to-talk (the client commits)
+    transcription: Transcription | None = None
     noise_reduction: None = None
 
 
@@ -152,10 +176,23 @@ class ResponseCancel(ClientEvent):
     response_id: str | None = None
 
 
+class ItemTruncate(ClientEvent):
+    """The client's word on how much of an assistant answer its user heard (OpenAI's conversation.item.truncate)."""
+
+    item_id: str = Field(max_length=64)
+    content_index: int = Field(ge=0)
+    audio_end_ms: int = Field(ge=0)
+
+
+class ItemRetrieve(ClientEvent):
+    item_id: str = Field(max_length=64)
+
+
 CLIENT_EVENTS = {"session.update": SessionUpdate, "input_audio_buffer.append": BufferAppend,
                  "input_audio_buffer.commit": ClientEvent, "input_audio_buffer.clear": ClientEvent,
                  "conversation.item.create": ItemCreate, "response.create": ResponseCreate,
-                 "response.cancel": ResponseCancel}
+                 "response.cancel": ResponseCancel, "conversation.item.truncate": ItemTruncate,
+                 "conversation.item.retrieve": ItemRetrieve}
 
 
 def decode(raw: str | bytes | None) -> tuple[object, str | None]:

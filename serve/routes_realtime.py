@@ -1,50 +1,338 @@
-"""Live voice chat: the `/v1/realtime` WebSocket (OpenAI's Realtime API, turn-based; event shapes in
-serve.realtime_events, session state in serve.realtime) and the web page at `/` (serve/web/index.html, a client
-of that WebSocket).
+"""Live voice chat: the `/v1/realtime` WebSocket (OpenAI's Realtime API; event shapes in serve.realtime_events,
+session state in serve.realtime) and the web page at `/` (serve/web/index.html, a client of that WebSocket).
 
-Auth, when the app has an api_key: `Authorization: Bearer KEY` (the openai SDK sends it), or, from a browser
-that cannot set headers, OpenAI's subprotocol `openai-insecure-api-key.KEY` beside `realtime`. A refused
-socket gets an `error` event and close code 1008. A bad event gets an `error` event and the session goes on;
-every response runs through `run_request` (`self._run`), and a client gone mid-response aborts it.
-Each open socket counts as one of the ingress replica's ongoing requests while it lasts.
+Auth, when the app has keys: `Authorization: Bearer KEY` (the openai SDK sends it), or, from a browser that
+cannot set headers, OpenAI's subprotocol `openai-insecure-api-key.KEY` beside `realtime`. A refused socket gets
+an `error` event and close code 1008. A bad event gets an `error` event and the session goes on; every
+response runs through `run_request` (`self._run`), and a client gone mid-response aborts it.
+
+Hands-free: with `server_vad` each append feeds the session's Silero detector (off the event loop); a speech
+stop commits the turn and starts the answer, a speech start while an answer plays cancels it (`turn_detected`)
+and truncates it to what the user heard by the server's estimate (audio sent, up to the wall time since it
+began), which the client may correct with `conversation.item.truncate`. With `audio.input.transcription` each
+committed turn is transcribed by the model's ASR beside the answer (never before it).
+
+Sessions survive the network: `session.created` carries a `resume_token`; a socket that drops leaves the session
+in the state store (serve.state, kind REALTIME, owned by the caller's key) for `realtime_resume_grace_s`, and a
+socket opened with `?resume=TOKEN` by the same key, on any ingress replica, continues it: the conversation, the
+config, and the events the dropped socket missed (a response in progress is cancelled at the drop, its end is
+among them). A session ends, with an `error` event naming why, at `realtime_max_session_s`, after
+`turn_detection.idle_timeout_ms` without speech (`idle_timeout`), and a key holds at most
+`realtime_sessions_per_key` sessions (open or resumable) at once.
 
 A mixin of the ingress class (its routes register on serve.http.app; Serve finds inherited route methods).
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
+import secrets
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import WebSocket, WebSocketDisconnect
 from fastapi.responses import HTMLResponse
 
-from actors.payloads import ErrorEvent
+import actors.requests as policy
+from actors.payloads import Done, ErrorEvent, TextDelta
 from serve.api import MODEL_ID, APIError
 from serve.http import app, logger, stage_error, encode_audio
-from serve.realtime import Plan, Response, Session
-from serve.realtime_events import ClientEvent, decode, error_event, parse
+from serve.realtime import Message, Plan, Response, Session
+from serve.realtime_events import ClientEvent, ResponseParams, decode, error_event, new_id, parse, server_event
+from serve.state import REALTIME, Full, NotFound, StateError, open_store
 from serve.uploads import admit_pcm16
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 KEY_PROTOCOL = "openai-insecure-api-key."  # OpenAI's browser auth: the key as a WebSocket subprotocol
-POLICY_VIOLATION = 1008
+POLICY_VIOLATION, NORMAL_CLOSE = 1008, 1000
+MAX_MISSED = 64  # events kept for a resume (a dropped socket misses at most the end of one response)
+TRANSCRIPTION_TOKENS = 256
+WATCH_S = 0.2
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """From the app's caps (serve.app: realtime_resume_grace_s, realtime_max_session_s, realtime_sessions_per_key)."""
+
+    resume_grace_s: float = 30.0
+    max_session_s: float = 3600.0
+    sessions_per_key: int = 16
+
+    @classmethod
+    def of(cls, caps: dict) -> "SessionLimits":
+        return cls(caps.get("realtime_resume_grace_s", cls.resume_grace_s),
+                   caps.get("realtime_max_session_s", cls.max_session_s),
+                   caps.get("realtime_sessions_per_key", cls.sessions_per_key))
 
 
 class Link:
-    """The socket's sending side: the receive loop and the response task both send, one event at a time."""
+    """The socket's sending side: the receive loop and the tasks all send, one event at a time. Events that
+    could not be sent (the socket is gone) are kept, the newest MAX_MISSED, for a resume."""
 
     def __init__(self, ws: WebSocket):
         self.ws, self.lock = ws, asyncio.Lock()
+        self.gone, self.missed = False, []
 
     async def send(self, *events: dict) -> None:
         async with self.lock:
             for event in events:
-                await self.ws.send_text(json.dumps(event))
+                if not self.gone:
+                    try:
+                        await self.ws.send_text(json.dumps(event))
+                        continue
+                    except Exception:  # closed under us (starlette, uvicorn and websockets raise differently)
+                        self.gone = True
+                self.missed = (self.missed + [event])[-MAX_MISSED:]
+            if self.gone:
+                raise WebSocketDisconnect(1006)
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class Live:
+    """One socket's conversation over time: the session, the response in progress and the last one (whose
+    audio may still be playing), input transcriptions, and the watch that ends a session (length, idle)."""
+
+    def __init__(self, routes: "RealtimeRoutes", ws: WebSocket, link: Link, session: Session, owner: str,
+                 record: dict):
+        self.routes, self.ws, self.link, self.session, self.owner = routes, ws, link, session, owner
+        self.record = record  # the store's data of this session: secret digest, started_at, ...
+        self.limits = SessionLimits.of(routes.caps)
+        self.active: tuple[Response, asyncio.Task] | None = None
+        self.last: Response | None = None
+        self.tasks: set[asyncio.Task] = set()
+        self.idle_since = time.monotonic()
+        self.ended = False  # by the server (not resumable)
+
+    # -- the socket ------------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        reader, watch = asyncio.create_task(self._receive()), asyncio.create_task(self._watch())
+        try:
+            await asyncio.wait([reader, watch], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (reader, watch):
+                task.cancel()
+            await asyncio.gather(reader, watch, return_exceptions=True)
+            await self._leave()
+
+    async def _receive(self) -> None:
+        ws = self.ws
+        try:
+            while True:
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                event_id = None
+                try:
+                    data, event_id = decode(message.get("text") or message.get("bytes"))
+                    event = parse(data)
+                    if self.active is not None and self.active[1].done():
+                        self.active = None
+                    await self.handle(event)
+                except APIError as err:
+                    await self.link.send(error_event(err, event_id))
+                except WebSocketDisconnect:
+                    return
+                except Exception as err:  # a bug: report it, keep the session (and the replica) going
+                    logger.error("realtime event failed", exc_info=err)
+                    await self.link.send(error_event(APIError(500, f"internal error: {type(err).__name__}",
+                                                              type="server_error"), event_id))
+        except (WebSocketDisconnect, RuntimeError):  # RuntimeError: receive after the socket closed
+            return
+
+    async def _watch(self) -> None:
+        """End the session at its maximum length, or after idle_timeout_ms without speech or answer."""
+        started = self.record["started_at"]
+        while True:
+            await asyncio.sleep(WATCH_S)
+            now = time.monotonic()
+            if time.time() - started >= self.limits.max_session_s:
+                return await self._end(APIError(400, f"the session reached its maximum length of "
+                                                     f"{self.limits.max_session_s:g} s", code="session_expired",
+                                                type="invalid_request_error"))
+            vad = self.session.vad
+            if self.session.speech is not None or self._answering(now) or vad is None:
+                self.idle_since = now
+                continue
+            if vad.idle_timeout_ms is not None and now - self.idle_since >= vad.idle_timeout_ms / 1000:
+                end_ms = int(self.session.input_ms)
+                start_ms = max(0, int(end_ms - (now - self.idle_since) * 1000))
+                await self.link.send(server_event("input_audio_buffer.timeout_triggered", audio_start_ms=start_ms,
+                                                  audio_end_ms=end_ms, item_id=new_id("item")))
+                return await self._end(APIError(400, f"no speech for idle_timeout_ms={vad.idle_timeout_ms}: the "
+                                                     "session is closed", code="idle_timeout"))
+
+    def _answering(self, now: float) -> bool:
+        return (self.active is not None and not self.active[1].done()) or (
+            self.last is not None and self.last.playing(now))
+
+    async def _end(self, why: APIError) -> None:
+        self.ended = True
+        try:
+            await self.link.send(error_event(why))
+            await self.ws.close(NORMAL_CLOSE, why.message[:120])
+        except Exception:  # gone already
+            pass
+
+    async def _leave(self) -> None:
+        """The socket is gone or ended: stop the work, keep the session for a resume (unless ended)."""
+        for task in list(self.tasks):
+            task.cancel()
+        await self._stop_active("client_cancelled")
+        store, sid = self.routes._sessions(), self.session.id
+        try:
+            if self.ended or self.limits.resume_grace_s <= 0:
+                await asyncio.to_thread(store.delete, REALTIME, self.owner, sid)
+            else:
+                data = {**self.record, "attached": False, "session": self.session.snapshot(),
+                        "missed": self.link.missed}
+                await asyncio.to_thread(store.put, REALTIME, self.owner, sid, data,
+                                        ttl_s=self.limits.resume_grace_s)
+        except StateError:
+            pass  # already gone (expired)
+        except Exception as err:
+            logger.error("realtime session could not be saved", exc_info=err)
+
+    async def _stop_active(self, reason: str) -> list[dict]:
+        """Cancel the response in progress (frees its LLM slot and decoder stream); its closing events."""
+        if self.active is None:
+            return []
+        response, task = self.active
+        self.active = None
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        events = response.cancelled(reason)
+        try:
+            await self.link.send(*events)
+        except WebSocketDisconnect:
+            pass  # kept in link.missed
+        return events
+
+    # -- events ----------------------------------------------------------------------------------------------
+    async def handle(self, event: ClientEvent) -> None:
+        session, kind = self.session, event.type
+        if kind == "response.create":
+            self._respond(session.plan(event.response))
+        elif kind == "response.cancel":
+            if self.active is None or event.response_id not in (None, self.active[0].id):
+                raise APIError(400, "no response in progress to cancel", param="response_id",
+                               code="response_cancel_not_active")
+            await self._stop_active("client_cancelled")
+        elif kind == "input_audio_buffer.append":
+            await self.link.send(*session.append(event))
+            await self._detect()
+        elif kind == "session.update":
+            events = session.update(event)
+            if session.vad_stale():
+                await asyncio.to_thread(session.prepare_vad)
+            await self.link.send(*events)
+        elif kind == "input_audio_buffer.commit":
+            await self.link.send(*session.commit(event))
+            self._transcribe(session.messages[-1])
+        else:
+            handlers = {"input_audio_buffer.clear": session.clear, "conversation.item.create": session.create_item,
+                        "conversation.item.truncate": session.truncate,
+                        "conversation.item.retrieve": session.retrieve}
+            await self.link.send(*handlers[kind](event))
+
+    def _respond(self, plan: Plan) -> None:
+        if self.active is not None:
+            raise APIError(400, f"response {self.active[0].id} is in progress; cancel it or wait for response.done",
+                           code="conversation_already_has_active_response")
+        response = Response(self.session, plan)
+        self.active = response, asyncio.create_task(self.routes._respond(self.link, response))
+        self.last = response
+
+    async def _detect(self) -> None:
+        """Server VAD over the audio appended since the last look (at least a frame's worth), off the loop."""
+        session = self.session
+        data = session.take_unjudged(session.frame_bytes())
+        if data is None:
+            return
+        signals = await asyncio.to_thread(session.detector.feed, data)
+        events, actions = session.on_speech(signals)
+        await self.link.send(*events)
+        vad = session.vad
+        for kind, value in actions:
+            self.idle_since = time.monotonic()
+            if kind == "started" and vad.interrupt_response:
+                await self._interrupt()
+            elif kind == "committed":
+                self._transcribe(value)
+                if vad.create_response:
+                    if self.active is not None and self.active[1].done():
+                        self.active = None
+                    try:
+                        self._respond(session.plan(ResponseParams()))
+                    except APIError as err:
+                        await self.link.send(error_event(err))
+
+    async def _interrupt(self) -> None:
+        """The user spoke over the answer: cancel it if still being made, keep what was heard of it."""
+        response = self.last
+        now = time.monotonic()
+        if response is None or not response.playing(now):
+            return
+        heard = response.played_ms(now)
+        running = self.active is not None and self.active[0] is response and not self.active[1].done()
+        if running:
+            await self._stop_active("turn_detected")
+        item = response.item
+        if item in self.session.messages and item.status != "in_progress" and heard < item.sent_ms:
+            item.truncate(heard)
+            await self.link.send(self.session.truncated(item, heard))
+        self.last = None
+
+    def _transcribe(self, message: Message) -> None:
+        """The turn's input transcription, beside the answer (`audio.input.transcription`)."""
+        if self.session.config.audio.input.transcription is None or not message.clips:
+            return
+        task = asyncio.create_task(self._transcription(message))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _transcription(self, message: Message) -> None:
+        clip, run = message.clips[-1], None
+        part = {"item_id": message.id, "content_index": 0}
+        try:
+            try:
+                audio = await admit_pcm16(clip.pcm16, clip.rate, clip.seconds + 1, "audio")
+                with_caps = self.routes.request_caps
+                with_tokens = min(TRANSCRIPTION_TOKENS, with_caps.max_new_tokens or TRANSCRIPTION_TOKENS)
+                options = policy.request_options(max_new_tokens=with_tokens, caps=with_caps)
+                run = self.routes._run("realtime", "asr", audio=audio, **options.run_args())
+                async for event in run:
+                    if isinstance(event, ErrorEvent):
+                        raise stage_error(event)
+                    if isinstance(event, TextDelta) and event.text:
+                        await self.link.send(server_event("conversation.item.input_audio_transcription.delta",
+                                                          **part, delta=event.text))
+                    elif isinstance(event, Done):
+                        clip.transcript = event.text
+                        await self.link.send(server_event(
+                            "conversation.item.input_audio_transcription.completed", **part,
+                            transcript=event.text, usage={"type": "duration", "seconds": round(clip.seconds, 3)}))
+                        return
+            except APIError as err:
+                await self.link.send(server_event("conversation.item.input_audio_transcription.failed", **part,
+                                                  error={"type": err.type, "code": err.code,
+                                                         "message": err.message, "param": err.param}))
+        except WebSocketDisconnect:
+            pass
+        except Exception as err:
+            logger.error("realtime transcription failed", exc_info=err)
+        finally:
+            if run is not None:
+                await run.aclose()
 
 
 class RealtimeRoutes:
-    """The page and the socket; expects the ingress' caps, api_key, voice_store, clients and _run."""
+    """The page and the socket; expects the ingress' caps, keys, state, voice_store, clients and _run."""
 
     @app.get("/", include_in_schema=False)
     async def web_page(self):
@@ -56,43 +344,75 @@ class RealtimeRoutes:
         await ws.accept(subprotocol="realtime" if "realtime" in offered else None)
         link = Link(ws)
         refusal = self._ws_refusal(ws, offered)
+        owner = self._ws_owner(ws, offered) if refusal is None else None
+        session = Session(self.caps, self.voice_store.owned(owner), self.request_caps) if owner is not None else None
+        if session is not None:
+            try:
+                record, missed = await self._attach(ws, session, owner)
+            except APIError as err:
+                refusal = err
         if refusal is not None:
             await link.send(error_event(refusal))
             await ws.close(POLICY_VIOLATION, refusal.message[:120])
             return
-        session = Session(self.caps, self.voice_store, self.request_caps)
-        await link.send(session.created())
-        active: tuple[Response, asyncio.Task] | None = None
+        live = Live(self, ws, link, session, owner, record)
         try:
-            while True:
-                message = await ws.receive()
-                if message["type"] == "websocket.disconnect":
-                    return
-                event_id = None
-                try:
-                    data, event_id = decode(message.get("text") or message.get("bytes"))
-                    event = parse(data)
-                    if active is not None and active[1].done():
-                        active = None
-                    active = await self._handle(link, session, event, active)
-                except APIError as err:
-                    await link.send(error_event(err, event_id))
-                except WebSocketDisconnect:  # the client went away while we answered
-                    return
-                except Exception as err:  # a bug: report it, keep the session (and the replica) going
-                    logger.error("realtime event failed", exc_info=err)
-                    await link.send(error_event(APIError(500, f"internal error: {type(err).__name__}",
-                                                         type="server_error"), event_id))
+            await link.send({**session.created(), "resume_token": record["token"]}, *missed)
+            if session.vad is not None:
+                await asyncio.to_thread(session.prepare_vad)
         except WebSocketDisconnect:
-            return
-        finally:
-            if active is not None:  # the client left mid-response: abort the run (frees the LLM slot)
-                active[1].cancel()
-                await asyncio.gather(active[1], return_exceptions=True)
+            pass
+        await live.run()
+
+    def _sessions(self):
+        """The state store sessions live in (the ingress' `state`; alone: one in this process)."""
+        store = getattr(self, "state", None)
+        if store is None:
+            store = self.__dict__.setdefault("_own_state", open_store("memory"))
+        return store
+
+    async def _attach(self, ws: WebSocket, session: Session, owner: str) -> tuple[dict, list[dict]]:
+        """A new session's record (within the per-key cap), or the saved session a `?resume=TOKEN` names."""
+        limits, store = SessionLimits.of(self.caps), self._sessions()
+        token = ws.query_params.get("resume")
+        if token is None:
+            secret = secrets.token_urlsafe(24)
+            record = {"secret": _digest(secret), "started_at": time.time(), "attached": True}
+            try:
+                await asyncio.to_thread(store.create, REALTIME, owner, record, id=session.id,
+                                        ttl_s=limits.max_session_s, max_items=limits.sessions_per_key)
+            except Full:
+                raise APIError(429, f"this key already holds {limits.sessions_per_key} realtime sessions (open, "
+                                    "or resumable within the grace period); close one first",
+                               code="session_limit", type="rate_limit_exceeded") from None
+            return {**record, "token": f"{session.id}.{secret}"}, []
+        sid, _, secret = token.partition(".")
+        gone = APIError(400, f"no session to resume: the resume token is unknown, of another key, or its grace "
+                             f"period ({limits.resume_grace_s:g} s) has passed", param="resume",
+                        code="session_not_found")
+        try:
+            saved = (await asyncio.to_thread(store.get, REALTIME, owner, sid)).data
+        except (NotFound, ValueError):
+            raise gone from None
+        if not hmac.compare_digest(saved.get("secret", ""), _digest(secret)):
+            raise gone
+        if saved.get("attached") or saved.get("session") is None:
+            raise APIError(409, "the session is open on another socket", param="resume", code="session_in_use")
+        session.restore(saved["session"])
+        left = limits.max_session_s - (time.time() - saved["started_at"])
+        record = {"secret": saved["secret"], "started_at": saved["started_at"], "attached": True}
+        await asyncio.to_thread(store.put, REALTIME, owner, sid, record, ttl_s=max(left, 1.0))
+        return {**record, "token": token}, list(saved.get("missed") or [])
+
+    def _ws_owner(self, ws: WebSocket, offered: list[str]) -> str:
+        """The caller's owner id (serve.keys) from the header or the key subprotocol, else APIError 401."""
+        return self.keys.check(ws.headers.get("authorization"),
+                               [p[len(KEY_PROTOCOL):] for p in offered if p.startswith(KEY_PROTOCOL)])
 
     def _ws_refusal(self, ws: WebSocket, offered: list[str]) -> APIError | None:
-        keys = [p[len(KEY_PROTOCOL):] for p in offered if p.startswith(KEY_PROTOCOL)]
-        if self.api_key and ws.headers.get("authorization") != f"Bearer {self.api_key}" and self.api_key not in keys:
+        try:
+            self._ws_owner(ws, offered)
+        except APIError:
             return APIError(401, "missing or wrong API key (Authorization: Bearer KEY, or the subprotocol "
                                  f"{KEY_PROTOCOL}KEY)", code="invalid_api_key", type="authentication_error")
         model = ws.query_params.get("model")
@@ -100,28 +420,6 @@ class RealtimeRoutes:
             return APIError(404, f"model {model!r} does not exist; available: {MODEL_ID!r}", param="model",
                             code="model_not_found")
         return None
-
-    async def _handle(self, link: Link, session: Session, event: ClientEvent, active):
-        """One client event; returns the (response, task) in progress."""
-        if event.type == "response.create":
-            if active is not None:
-                raise APIError(400, f"response {active[0].id} is in progress; cancel it or wait for response.done",
-                               code="conversation_already_has_active_response")
-            response = Response(session, session.plan(event.response))
-            return response, asyncio.create_task(self._respond(link, response))
-        if event.type == "response.cancel":
-            if active is None or event.response_id not in (None, active[0].id):
-                raise APIError(400, "no response in progress to cancel", param="response_id",
-                               code="response_cancel_not_active")
-            active[1].cancel()
-            await asyncio.gather(active[1], return_exceptions=True)
-            await link.send(*active[0].cancelled())
-            return None
-        handlers = {"session.update": session.update, "input_audio_buffer.append": session.append,
-                    "input_audio_buffer.commit": session.commit, "input_audio_buffer.clear": session.clear,
-                    "conversation.item.create": session.create_item}
-        await link.send(*handlers[event.type](event))
-        return active
 
     async def _respond(self, link: Link, response: Response) -> None:
         """Run one response through `run_request` and send its events; cancelling the task aborts the run."""
