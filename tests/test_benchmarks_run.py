@@ -51,8 +51,28 @@ def test_bench_encoder_batched_equals_one_by_one(shared_dir, tmp_path):
     (["encoder", "--sizes", "huge"], "--sizes"),
     (["serve", "--concurrency", "0,4"], "--concurrency"),
     (["serve", "--serve-mode", "throughput", "--address", "auto"], "read when Ray's processes start"),
+    (["soak", "--minutes", "0"], "--minutes"),
+    (["serve", "--ingress-clients", "-1"], "--ingress-clients"),
 ])
 def test_bench_refuses_bad_flags_in_one_line(tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "cli.main", "bench", *args, "--out", str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.slow
+def test_bench_soak_kills_replicas_and_reports_errors_rss_and_ttfa(tmp_path):
+    """A short soak: mixed load, an LLM and an ingress replica killed; the report has per-minute rows, the kills,
+    the RSS of every Serve process and the three criteria, and no server error outside the kills' in-flight
+    requests (a killed replica's own requests are the only ones allowed to fail)."""
+    result = bench("soak", tmp_path, "--minutes", "0.4", "--clients", "2", timeout=900)
+    assert [k["deployment"] for k in result["kills"]] == ["vita-llm", "vita-ingress"]
+    assert result["per_minute"][0]["requests"] > 0 and result["requests"] == sum(r["requests"] for r in result["per_kind"])
+    assert {r["kind"] for r in result["per_kind"]} == {"speech", "speech_stream", "transcription", "chat", "realtime",
+                                                       "voice"}
+    assert result["errors"]["unexplained"] == [], result["errors"]["unexplained"]
+    processes = {p["process"].rsplit(":", 1)[-1] for p in result["rss"]["processes"]}
+    assert {"ServeController", "ProxyActor", "vita-encoder", "vita-llm", "vita-decoder", "vita-ingress"} <= processes
+    assert set(result["criteria"]) == {"no_5xx_beyond_killed_in_flight", "rss_within_10pct",
+                                       "p99_ttfa_last_le_1.2x_first"}
+    assert (tmp_path / "soak.png").is_file() and "## RSS per Serve process" in (tmp_path / "soak.md").read_text()
