@@ -13,15 +13,17 @@ import sys
 from pathlib import Path
 
 from actors.errors import InputError
+from jobs.storage import location
 from cli import checks
 from cli.speech import FLAG_NAMES, add_sampling_arguments
 
 
 def add_arguments(p, name: str) -> None:
     p.add_argument("task", choices=["asr", "tts"])
-    p.add_argument("--input", required=True, help="asr: folder, .jsonl/.csv manifest (id, path, text) or .tar; "
-                                                  "tts: .jsonl/.csv (id, text) or .txt (one text a line)")
-    p.add_argument("--out", required=True, type=Path, help="results folder (rerun on it to resume)")
+    p.add_argument("--input", required=True, help="asr: folder, .jsonl/.csv manifest (id, path, text), .tar shards or "
+                                                  "a Parquet dataset (audio bytes in a column); tts: .jsonl/.csv "
+                                                  "(id, text) or .txt (one text a line); local or s3://, gs://, ...")
+    p.add_argument("--out", required=True, help="results folder or object-store prefix, e.g. s3://bucket/runs/asr (rerun on it to resume)")
     p.add_argument("--models", type=Path, default=None,
                    help="folder with llm/, encoder/, decoder/ (default: $VITA_AUDIO_MODELS, else the tiny set)")
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local Ray")
@@ -110,6 +112,6 @@ def run(args) -> dict:
         return {**err.summary, "exit_code": 1}
     done = summary["this_run"]["inputs"]
     print(f"vita-audio batch {args.task}: {summary['rows']}/{summary['inputs']} rows ({summary['errors']} errors); "
-          f"this run processed {done} input(s); report: {Path(args.out) / 'report.md'}", file=sys.stderr)
+          f"this run processed {done} input(s); report: {location(args.out) / 'report.md'}", file=sys.stderr)
     return summary
 

@@ -5,8 +5,10 @@
                        --source vita-jsonl:/data/sqa.jsonl --tasks asr,tts,sqa --out prepared/ --encoder-actors 4 \\
                        --gpus-per-actor 0.5 --address auto --json
 
-KIND is librispeech, libritts, ljspeech, commonvoice, vita-jsonl or lhotse; `@PART,...` names splits (default:
-every split found). Writes DIR/shards/*.parquet (schema: jobs/prepare/__init__.py), DIR/errors.parquet,
+KIND is librispeech, libritts, ljspeech, commonvoice, vita-jsonl, lhotse, parquet (audio bytes in a column, the
+Hugging Face layout) or webdataset (tar shards); `@PART,...` names splits (default: every split found). parquet:
+and webdataset: sources and --out may be object-store URLs (`s3://bucket/prefix`: the store's endpoint and
+credentials from the usual environment, e.g. AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID). Writes DIR/shards/*.parquet (schema: jobs/prepare/__init__.py), DIR/errors.parquet,
 DIR/manifest.json and DIR/report.md. Rerunning on the same --out resumes; a finished run rerun does nothing.
 Every flag and source is checked before Ray starts.
 """
@@ -16,16 +18,17 @@ import sys
 from pathlib import Path
 
 from actors.errors import InputError
+from jobs.storage import location
 from cli import checks
 
-KINDS = ("librispeech", "libritts", "ljspeech", "commonvoice", "vita-jsonl", "lhotse")
+KINDS = ("librispeech", "libritts", "ljspeech", "commonvoice", "vita-jsonl", "lhotse", "parquet", "webdataset")
 TASKS = ("asr", "tts", "sqa", "text")
 
 
 def add_arguments(p, name: str) -> None:
     p.add_argument("--source", action="append", required=True, metavar="KIND:PATH[@PART,...]",
                    help=f"a corpus to read (repeatable); KIND: {', '.join(KINDS)}")
-    p.add_argument("--out", required=True, type=Path, help="output folder (rerun on it to resume)")
+    p.add_argument("--out", required=True, help="output folder or object-store prefix, e.g. s3://bucket/prepared (rerun on it to resume)")
     p.add_argument("--tasks", default="asr,tts,sqa", help=f"comma list of {', '.join(TASKS)}")
     p.add_argument("--models", type=Path, default=None,
                    help="folder with llm/ (tokenizer) and encoder/ (default: $VITA_AUDIO_MODELS, else the tiny set)")
@@ -106,7 +109,7 @@ def run(args) -> dict:
         enumerate_inputs(config)  # every source readable and holding inputs, before Ray starts
     except (ValueError, FileNotFoundError) as err:
         raise InputError(str(err)) from None
-    runs_file = Path(args.out) / "runs.jsonl"
+    runs_file = location(config.out) / "runs.jsonl"
     runs_before = len(runs_file.read_text().splitlines()) if runs_file.exists() else 0
     manifest = run_prepare(config)
     c = manifest["counts"]
@@ -114,6 +117,6 @@ def run(args) -> dict:
     this_run = f"this run: {last['inputs']} input(s), {last.get('audio_s_per_s') or 0:.2f} audio s per wall s" \
         if last else "already complete, nothing to do"
     print(f"vita-audio prepare: {c['samples']} samples, {c['errors']} error rows from {c['inputs']} inputs; "
-          f"{c['hours']:.2f} h, {c['tokens']} tokens; {this_run}; report: {Path(args.out) / 'report.md'}",
+          f"{c['hours']:.2f} h, {c['tokens']} tokens; {this_run}; report: {location(args.out) / 'report.md'}",
           file=sys.stderr)
     return c

@@ -6,7 +6,8 @@
         for batch in stream:
             writer.add(batch)                            # writes a block once all its rows came
 
-- **One driver at a time:** an exclusive lock on `OUT/.lock` while the run is open.
+- **One driver at a time:** an exclusive lock on `OUT/.lock` while the run is open (a local `flock`; on an
+  object store a lease object, `LeaseLock`, whose limits its docstring states).
 - **The plan:** `OUT/plan.json` pins the settings that define the output (inputs, models, the recipe...). A
   rerun with another plan is refused in one line naming the first setting that differs; `restart=True` (the
   CLI's `--restart`) clears what the job wrote (`outputs`, never other files) and starts over.
@@ -14,9 +15,11 @@
   by the block writer before its first block); a run that fails before that removes the folders, the lock file
   and the folder itself it created, so the next run is not refused by a plan of a run that never ran.
 - **Blocks:** input k of the fixed input order belongs to block k // block_size; `block_file` names a block's
-  file; every file is written under a temporary name and renamed (`write_atomic`), so a file is always whole.
-- **Locations:** `local_path` refuses `s3://`, `gs://`, ... by name before anything starts (a plain `Path`
-  would make a local folder `s3:`); `file://` is a local path.
+  file; every file is written whole (`write_atomic`: a local file under a temporary name, then renamed; an
+  object as one PUT, which is atomic), so a block's file is there whole or not at all.
+- **Locations:** OUT is a local path or a URL of an object store or any filesystem pyarrow / fsspec knows
+  (`jobs.storage.location`: `s3://bucket/run`); an unknown scheme is refused by name before anything starts.
+  `local_path` (the training job's folders) still refuses every URL by name.
 """
 from __future__ import annotations
 
@@ -24,12 +27,19 @@ import json
 import os
 import re
 import shutil
+import socket
+import threading
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 from actors.errors import InputError
+from jobs.storage import ObjectPath, StorageError, location, write_atomic
+
+__all__ = ["BlockWriter", "LeaseLock", "RunFolder", "RunFolderError", "block_file", "clear_temporaries",
+           "local_path", "lock_run_folder", "write_atomic", "write_if_changed"]
 
 PLAN = "plan.json"
 LOCK = ".lock"
@@ -39,7 +49,15 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")
 
 class RunFolderError(InputError):
     """The run folder refuses this run: another driver holds it, it holds a run with other settings, or the
-    location is not a local path."""
+    location is not one the job can use."""
+
+
+def out_location(out, flag: str = "--out"):
+    """OUT as a local Path or an ObjectPath (`jobs.storage.location`), refused as a RunFolderError by name."""
+    try:
+        return location(out, flag)
+    except StorageError as err:
+        raise RunFolderError(str(err)) from None
 
 
 def local_path(location, flag: str = "--out") -> Path:
@@ -56,37 +74,24 @@ def local_path(location, flag: str = "--out") -> Path:
                          "shared-filesystem path")
 
 
-def block_file(folder: Path, block: int, stem: str = "part", suffix: str = ".parquet") -> Path:
+def block_file(folder, block: int, stem: str = "part", suffix: str = ".parquet"):
     """`folder/<stem>-<block, 6 digits><suffix>`: block b's file (one per block, so a rerun finds it)."""
-    return Path(folder) / f"{stem}-{block:06d}{suffix}"
+    return location(folder) / f"{stem}-{block:06d}{suffix}"
 
 
-def write_atomic(path: Path, data) -> None:
-    """Write text, bytes or a pyarrow Table (as Parquet) to `.name.tmp` beside `path`, then rename it."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp")
-    if isinstance(data, str):
-        temp.write_text(data)
-    elif isinstance(data, bytes):
-        temp.write_bytes(data)
-    else:
-        import pyarrow.parquet as pq
-
-        pq.write_table(data, temp)
-    os.replace(temp, path)
-
-
-def write_if_changed(path: Path, text: str) -> None:
+def write_if_changed(path, text: str) -> None:
     """Atomically write `text` unless the file already holds it (a finished rerun changes no file)."""
-    if Path(path).exists() and Path(path).read_text() == text:
+    path = location(path)
+    if path.exists() and path.read_text() == text:
         return
     write_atomic(path, text)
 
 
-def clear_temporaries(*folders: Path) -> None:
-    """Remove the temporary files (`.*.tmp`) a killed run left in `folders`."""
+def clear_temporaries(*folders) -> None:
+    """Remove the temporary files (`.*.tmp`) a killed run left in local `folders` (an object store has none:
+    its objects are written whole)."""
     for folder in folders:
-        for stale in Path(folder).glob(".*.tmp"):
+        for stale in location(folder).glob(".*.tmp"):
             stale.unlink(missing_ok=True)
 
 
@@ -111,7 +116,7 @@ class RunFolder:
     """One job's output folder: lock, plan, restart, commit, undo of a failed start (module docstring)."""
 
     def __init__(self, out, job: str, outputs: tuple[str, ...] = (), flag: str = "--out"):
-        self.out = local_path(out, flag)
+        self.out = out_location(out, flag)
         self.job, self.outputs, self.flag = job, tuple(outputs), flag
         self.plan: dict | None = None
         self.committed = False
@@ -170,8 +175,11 @@ class RunFolder:
         finally:
             handle.close()
 
-    def mkdir(self, path: Path) -> Path:
-        """Make a folder (and its parents), remembered so that a failed start removes it again."""
+    def mkdir(self, path):
+        """Make a folder (and its parents), remembered so that a failed start removes it again (an object
+        store has no folders to make)."""
+        if isinstance(path, ObjectPath):
+            return path
         path = Path(path)
         missing = []
         p = path
@@ -191,7 +199,9 @@ class RunFolder:
     def _clear(self) -> None:
         for pattern in (*self.outputs, PLAN):
             for path in self.out.glob(pattern):
-                if path.is_dir() and not path.is_symlink():
+                if isinstance(path, ObjectPath) and path.is_dir():
+                    path.rmtree()
+                elif path.is_dir() and not path.is_symlink():
                     shutil.rmtree(path)
                 else:
                     path.unlink(missing_ok=True)
@@ -208,10 +218,13 @@ class RunFolder:
                 pass
 
 
-def lock_run_folder(out: Path, job: str, flag: str = "--out"):
+def lock_run_folder(out, job: str, flag: str = "--out"):
     """An exclusive lock on OUT/.lock, held while the returned handle is open (or its process lives): two
-    drivers on one folder would each write the blocks they lack."""
+    drivers on one folder would each write the blocks they lack. On an object store: a `LeaseLock`."""
     import fcntl
+
+    if isinstance(out, ObjectPath):
+        return LeaseLock(out / LOCK, job, flag).acquire()
 
     handle = open(Path(out) / LOCK, "w")
     try:
@@ -221,6 +234,89 @@ def lock_run_folder(out: Path, job: str, flag: str = "--out"):
         raise RunFolderError(f"{flag} {out}: another {job} run is writing there (wait for it, or choose a new "
                              f"{flag})") from None
     return handle
+
+
+class LeaseLock:
+    """OUT/.lock on an object store: a lease object naming its holder (host, pid, a random token) and when it
+    expires; the holder renews it every `ttl_s / 3` seconds on a thread and deletes it when the run ends.
+
+    A run is refused while another holder's lease is live. A lease is taken over when it expired (its driver
+    died on another machine, or lost the store for `ttl_s`), or at once when its holder ran on this machine
+    and its process is gone (a killed driver rerun where it ran waits for nothing).
+
+    Limits, chosen over a conditional create (`If-None-Match: *`, which not every S3-compatible store honours
+    and pyarrow cannot send): two drivers that start within `settle_s` of each other both write the lease;
+    the read-back after `settle_s` lets only the last writer go on, which holds when the store's reads follow
+    its writes (S3 is strongly consistent) and neither write takes longer than `settle_s`. A driver whose
+    renewals fail for `ttl_s` (a partitioned network) can overlap with a driver that took the lease over; a
+    block then may be written twice, by two identical computations (greedy, same plan), each write whole.
+    """
+
+    def __init__(self, path: ObjectPath, job: str, flag: str = "--out", ttl_s: float = 60.0, settle_s: float = 0.5):
+        self.path, self.job, self.flag, self.ttl_s, self.settle_s = path, job, flag, ttl_s, settle_s
+        self.token = uuid.uuid4().hex
+        self.holder = {"token": self.token, "host": socket.gethostname(), "pid": os.getpid(), "job": job}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> "LeaseLock":
+        other = self._read()
+        if other is not None and other.get("token") != self.token and not self._stale(other):
+            raise self._refusal(other)
+        self._write()
+        time.sleep(self.settle_s)
+        other = self._read()
+        if other is None or other.get("token") != self.token:
+            raise self._refusal(other or {})
+        self._thread = threading.Thread(target=self._renew, name="run-folder-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if (self._read() or {}).get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                if (self._read() or {}).get("token") == self.token:
+                    self._write()
+            except OSError:  # the store is unreachable for now: the next renewal tries again
+                pass
+
+    def _write(self) -> None:
+        self.path.write_text(json.dumps({**self.holder, "expires_at": time.time() + self.ttl_s}))
+
+    def _read(self) -> dict | None:
+        try:
+            value = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}  # not a lease (a half-written one cannot exist): stale
+        return value if isinstance(value, dict) else {}
+
+    def _stale(self, holder: dict) -> bool:
+        if not isinstance(holder.get("expires_at"), (int, float)) or holder["expires_at"] < time.time():
+            return True
+        if holder.get("host") == self.holder["host"] and isinstance(holder.get("pid"), int):
+            try:
+                os.kill(holder["pid"], 0)
+            except ProcessLookupError:
+                return True  # its driver ran here and is gone
+            except PermissionError:
+                return False
+        return False
+
+    def _refusal(self, holder: dict) -> RunFolderError:
+        left = max(0.0, (holder.get("expires_at") or 0) - time.time())
+        who = f"{holder.get('host', '?')} pid {holder.get('pid', '?')}"
+        return RunFolderError(f"{self.flag} {self.path.parent}: another {self.job} run is writing there ({who}; its "
+                              f"lease {self.path} expires in {left:.0f} s unless renewed); wait for it, or choose a "
+                              f"new {self.flag}")
 
 
 class BlockWriter:

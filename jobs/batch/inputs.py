@@ -4,6 +4,8 @@
     enumerate_inputs("list.jsonl", "asr")     # JSONL / CSV manifest: id, path, optional text (the reference)
     enumerate_inputs("shard-000.tar", "asr")  # WebDataset-style tar: KEY.flac (+ KEY.txt reference) per item
     enumerate_inputs("shards/", "asr")        # a folder holding only *.tar shards: all of them, in name order
+    enumerate_inputs("ds/", "asr")            # Parquet files with audio bytes in a column (Hugging Face layout)
+    enumerate_inputs("s3://bucket/ds/", "asr")          # any of these on an object store (jobs.storage)
     enumerate_inputs("texts.jsonl", "tts")    # JSONL / CSV with id, text (or a .txt file, one text a line)
     enumerate_inputs("ljspeech:LJSpeech-1.1/", "asr")   # a corpus by the recipes of jobs.prepare (KIND:PATH[@PARTS]):
     enumerate_inputs("commonvoice:cv/en@test", "tts")   # asr: its audio, transcripts as references; tts: its texts
@@ -11,7 +13,9 @@
 The order and the ids are what makes a job exactly-once: the result files are keyed by blocks of this list,
 so the same source must give the same list on every run (sorted paths, manifest order). Duplicate ids are
 refused up front: two rows for one id could never both be "the" result. A tar member is addressed as
-`SHARD.tar::MEMBER`, read with `read_audio_bytes`. Corpus layouts (LibriSpeech / LibriTTS transcripts in a
+`SHARD.tar::MEMBER`, a Parquet row as `FILE.parquet::ROW`, both read in place with `read_audio_bytes`
+(`jobs.archives`: ranged reads, no copy of the archive). A Parquet dataset's ids are its `id` column (else
+`FILE_STEM-ROW`), its references a `text` / `transcription` / `sentence` column. Corpus layouts (LibriSpeech / LibriTTS transcripts in a
 folder, `KIND:PATH` sources) are read by the corpus preparation's recipes (`jobs.prepare.recipes`), so the two
 jobs agree on ids and texts.
 """
@@ -21,9 +25,12 @@ import csv
 import io
 import json
 import os
-import tarfile
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
+
+from jobs import archives
+from jobs.storage import ObjectPath, is_remote, location
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus")
 TAR_SEPARATOR = "::"
@@ -41,7 +48,9 @@ def enumerate_inputs(source: str | os.PathLike, task: str) -> list[BatchInput]:
     """Every input of `source` for `task`, in a deterministic order; ValueError names what is wrong."""
     if task not in TASKS:
         raise ValueError(f"task={task!r}; expected one of {TASKS}")
-    path = Path(os.fspath(source))
+    if is_remote(source):
+        return _remote_inputs(location(source, "--input"), task)
+    path = location(source, "--input")
     if not path.exists() and _is_corpus_source(str(source)):
         items = _read_corpus(str(source), task)
         _check_unique(items, path)
@@ -56,12 +65,52 @@ def enumerate_inputs(source: str | os.PathLike, task: str) -> list[BatchInput]:
         items = _read_folder(path)
         if not items:  # a folder of WebDataset shards
             items = [item for shard in sorted(path.glob("*.tar")) for item in _read_tar(shard)]
+        if not items:  # a Parquet dataset
+            items = _read_parquet(archives.parquet_files(path), task)
+    elif path.suffix == ".parquet":
+        items = _read_parquet([path], task)
     elif path.suffix == ".tar":
         items = _read_tar(path)
     elif path.suffix in (".jsonl", ".csv"):
         items = _read_manifest(path)
     else:
-        raise ValueError(f"--input {path}: expected a folder, a .jsonl / .csv manifest or a .tar shard")
+        raise ValueError(f"--input {path}: expected a folder, a .jsonl / .csv manifest, a .tar shard or a .parquet file")
+    _check_unique(items, path)
+    if not items:
+        raise ValueError(f"--input {path}: no inputs found")
+    return items
+
+
+def _remote_inputs(path: ObjectPath, task: str) -> list[BatchInput]:
+    """The same sources on an object store: a manifest / texts / .tar / .parquet object, or a prefix holding
+    Parquet files, else .tar shards, else audio files (ids: their paths below the prefix without suffix)."""
+    if path.is_file():
+        if path.suffix == ".parquet":
+            items = _read_parquet([path], task)
+        elif task == "tts":
+            items = _read_texts(path)
+        elif path.suffix == ".tar":
+            items = _read_tar(path)
+        elif path.suffix in (".jsonl", ".csv"):
+            items = _read_manifest(path)
+        else:
+            raise ValueError(f"--input {path}: expected a prefix, a .jsonl / .csv manifest, a .tar shard or a "
+                             ".parquet object")
+    elif path.exists():
+        files = path.files()
+        parquet = [f for f in files if f.name.endswith(".parquet")]
+        shards = [f for f in files if f.name.endswith(".tar")]
+        if parquet:
+            items = _read_parquet(parquet, task)
+        elif task == "tts":
+            raise ValueError(f"--input {path}: TTS reads a JSONL / CSV / TXT object or a Parquet dataset of texts")
+        elif shards:
+            items = [item for shard in shards for item in _read_tar(shard)]
+        else:
+            items = [BatchInput(posixpath.splitext(f.relative_to(path))[0], str(f)) for f in files
+                     if f.suffix.lower() in AUDIO_SUFFIXES]
+    else:
+        raise FileNotFoundError(f"--input {path}: no such object or prefix")
     _check_unique(items, path)
     if not items:
         raise ValueError(f"--input {path}: no inputs found")
@@ -142,7 +191,7 @@ def _read_manifest(path: Path) -> list[BatchInput]:
         file = str(row.get("path") or row.get("audio") or "")
         if not file and not row.get("id"):
             raise ValueError(f"{path}:{line}: a row needs a 'path' or at least an 'id' (got keys {sorted(row)})")
-        if file and not os.path.isabs(file):
+        if file and not os.path.isabs(file) and "://" not in file:
             file = str(path.parent / file)
         item_id = str(row.get("id") or Path(file).stem)
         items.append(BatchInput(item_id, file, _text(row.get("text"))))  # no path: an error row, not a crash
@@ -162,39 +211,35 @@ def _read_texts(path: Path) -> list[BatchInput]:
             for line, row in _rows(path)]
 
 
-def _read_tar(path: Path) -> list[BatchInput]:
+def _read_tar(path) -> list[BatchInput]:
     """WebDataset convention: members sharing a key (the name up to the first dot) form one sample; the
     audio member is the input, a `.txt` member its reference."""
-    audio, texts = {}, {}
-    with tarfile.open(path) as tar:
-        for member in tar.getmembers():
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            if ("." + ext.lower()) in AUDIO_SUFFIXES:
-                audio[key] = member.name
-            elif ext == "txt":
-                texts[key] = tar.extractfile(member).read().decode("utf-8").strip()
-    return [BatchInput(key, f"{path}{TAR_SEPARATOR}{name}", texts.get(key)) for key, name in sorted(audio.items())]
+    items = []
+    for key, members in archives.tar_items(path):
+        audio = next((name for ext, name in members.items() if "." + ext in AUDIO_SUFFIXES), None)
+        if audio is not None:
+            items.append(BatchInput(key, f"{path}{TAR_SEPARATOR}{audio}", _text(members.get("txt"))))
+    return items
+
+
+def _read_parquet(files: list, task: str) -> list[BatchInput]:
+    """A Parquet dataset's rows: ASR reads each row's audio bytes (`FILE::ROW`), TTS speaks its text."""
+    items = []
+    for file in files:
+        for row, values in archives.parquet_items(file):
+            item_id = next((str(values[c]) for c in archives.ID_COLUMNS if values.get(c) is not None),
+                           f"{file.stem}-{row:06d}")
+            text = next((_text(values[c]) for c in archives.TEXT_COLUMNS if values.get(c) is not None), None)
+            items.append(BatchInput(item_id, text=text or "") if task == "tts"
+                         else BatchInput(item_id, f"{file}{TAR_SEPARATOR}{row}", text))
+    return items
 
 
 def read_audio_bytes(path: str, max_bytes: int | None = None) -> bytes | str:
-    """A tar member's bytes for `SHARD.tar::MEMBER`, else the path itself (admit_audio reads both). A member
-    over `max_bytes` is refused before it is read (AudioTooLarge)."""
-    if TAR_SEPARATOR not in path:
-        return path
-    shard, member = path.split(TAR_SEPARATOR, 1)
-    with tarfile.open(shard) as tar:
-        try:
-            info = tar.getmember(member)
-        except KeyError:
-            raise FileNotFoundError(f"{shard} has no member {member!r}") from None
-        if max_bytes is not None and info.size > max_bytes:
-            from pipeline.audio import AudioTooLarge
-
-            raise AudioTooLarge(f"{path} is {info.size} bytes, over the limit of {{limit}}={max_bytes}",
-                                "max_decoded_bytes")
-        return tar.extractfile(info).read()
+    """The bytes of a tar member (`SHARD.tar::MEMBER`), a Parquet row's audio (`FILE.parquet::ROW`) or an
+    object (a URL); a local path is returned as it is (admit_audio reads both). Over `max_bytes` is refused
+    before it is read (AudioTooLarge)."""
+    return archives.read_audio(path, max_bytes)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,8 +13,15 @@ input of the block has its row, under a temporary name and renamed (a result fil
 - more than `max_error_share` of the rows in error ends the job with `TooManyErrors` (the report is written).
 `DIR/plan.json` pins what the blocks mean (task, the input ids, block size, models and decoding settings); a
 rerun with other settings is refused naming the setting rather than mixing two runs' results in one folder,
-unless `restart` (the CLI's `--restart`) clears the job's files first. Locations are local paths: `s3://`,
-`gs://`, ... are refused before start-up. Lock, plan, block writer: `jobs.run_folder`, shared with prepare/train.
+unless `restart` (the CLI's `--restart`) clears the job's files first. Lock, plan, block writer:
+`jobs.run_folder`, shared with prepare/train.
+
+Input and output may live on an object store (`s3://bucket/...`, any filesystem pyarrow / fsspec knows:
+`jobs.storage`): the inputs are read in place by the stage actors (tar members and Parquet rows by ranged
+reads, `jobs.archives`), each block's result file is one whole object (a PUT is atomic), the folder's lock is
+a lease object (`jobs.run_folder.LeaseLock`), and the actors get the driver's storage variables
+(`AWS_ENDPOINT_URL`, credentials, ...) in their runtime env. TTS writes its FLAC files from the decoder
+actors, so its --out must be a shared filesystem path (an object store is refused for TTS, by name).
 
 ASR: SpeechEncoder pool -> SpeechLLM pool. TTS: SpeechLLM pool -> AudioDecoder pool (FLAC under DIR/audio/).
 Ray Data streams batches between the pools; each pool's size, GPUs, CPUs and batch size come from `PoolConfig`.
@@ -31,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from actors.models import resolve_models_dir
 from jobs.batch.inputs import BatchInput, enumerate_inputs
@@ -40,7 +46,8 @@ from jobs.batch.results import OUTPUTS, RESULT_SCHEMA, block_path, read_results,
 from jobs.batch.segments import WindowConfig
 from jobs.batch.callables import DecodeOptions
 from jobs.pools import PoolConfig
-from jobs.run_folder import BlockWriter, RunFolder, clear_temporaries, local_path, write_atomic
+from jobs.run_folder import BlockWriter, RunFolder, RunFolderError, clear_temporaries, out_location, write_atomic
+from jobs.storage import append_line, is_remote, location, ray_remote_args, read_metadata, read_table
 
 PLAN_VERSION = 1
 __all__ = ["BatchConfig", "TooManyErrors", "block_path", "read_results", "run_batch"]
@@ -79,8 +86,11 @@ class BatchConfig:
     def __post_init__(self):
         if self.task not in ("asr", "tts"):
             raise ValueError(f"task={self.task!r}; expected 'asr' or 'tts'")
-        local_path(self.input, "--input")  # s3://, gs://, ... refused by name before anything starts
-        local_path(self.out, "--out")
+        out_location(self.input, "--input")  # an unknown scheme is refused by name before anything starts
+        out_location(self.out, "--out")
+        if self.task == "tts" and is_remote(self.out):
+            raise RunFolderError(f"--out {self.out}: batch tts writes its FLAC files from the decoder actors; give "
+                                 "a local or shared-filesystem path (an object store is supported for asr)")
         if not isinstance(self.block_size, int) or isinstance(self.block_size, bool) or self.block_size < 1:
             raise ValueError(f"block_size={self.block_size!r} must be an integer >= 1")
         share = self.max_error_share
@@ -95,9 +105,9 @@ class BatchConfig:
 def run_batch(config: BatchConfig) -> dict:
     """Run (or resume) the job; returns the summary (also written to DIR/summary.json with DIR/report.md).
     Raises TooManyErrors (after writing them) when more than `max_error_share` of the rows are errors."""
-    out = local_path(config.out, "--out")
+    out = out_location(config.out, "--out")
     models = resolve_models_dir(config.models)
-    items = enumerate_inputs(str(local_path(config.input, "--input")), config.task)
+    items = enumerate_inputs(config.input, config.task)
     blocks = [items[i : i + config.block_size] for i in range(0, len(items), config.block_size)]
     folder = RunFolder(out, "batch", OUTPUTS)
     with folder.open(_plan(config, models, items), restart=config.restart):  # locked until the run ends
@@ -110,8 +120,7 @@ def run_batch(config: BatchConfig) -> dict:
                "inputs": sum(map(len, redo.values())), "blocks": len(redo), **stream}
         folder.commit()
         if redo:
-            with open(out / "runs.jsonl", "a") as f:
-                f.write(json.dumps(run) + "\n")
+            append_line(out / "runs.jsonl", json.dumps(run))
         summary = write_report(out, config.task, len(items), this_run=run)
     if summary["inputs"] and summary["errors"] > config.max_error_share * summary["inputs"]:
         raise TooManyErrors(
@@ -120,7 +129,7 @@ def run_batch(config: BatchConfig) -> dict:
     return summary
 
 
-def _pending(out: Path, blocks: list[list[BatchInput]], retry_errors: bool) -> dict[int, list[str]]:
+def _pending(out, blocks: list[list[BatchInput]], retry_errors: bool) -> dict[int, list[str]]:
     """Block -> the ids this run processes: every id of a block without a whole result file, else the ids of
     its error rows to retry (transient ones; every error row with `retry_errors`)."""
     redo = {}
@@ -129,7 +138,7 @@ def _pending(out: Path, blocks: list[list[BatchInput]], retry_errors: bool) -> d
         if not _complete(path, len(block)):
             redo[b] = [item.id for item in block]
             continue
-        retry = [r["id"] for r in pq.read_table(path, columns=["id", "status", "error"]).to_pylist()
+        retry = [r["id"] for r in read_table(path, columns=["id", "status", "error"]).to_pylist()
                  if to_retry(r, retry_errors)]
         if retry:
             redo[b] = retry
@@ -157,7 +166,7 @@ def _run_pipeline(config: BatchConfig, models: Path, folder: RunFolder, blocks: 
         wanted = {b: set(ids) for b, ids in redo.items()}
         rows = [_input_row(item, config.task) for b in sorted(redo) for item in blocks[b] if item.id in wanted[b]]
         ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), max(len(redo), 1) * 2))
-        for stage in _stages(config, models, folder.out):
+        for stage in _stages(config, models, folder.out, ray_remote_args(config.input, config.out)):
             ds = stage(ds)
         writer = BlockWriter(folder, redo, key="id", write=lambda b, rows: write_block(folder.out, b, rows))
         audio_after_first = 0.0
@@ -178,8 +187,9 @@ def _run_pipeline(config: BatchConfig, models: Path, folder: RunFolder, blocks: 
             ray.shutdown()
 
 
-def _stages(config: BatchConfig, models: Path, out: Path) -> list:
-    """The map_batches steps of the task, each an actor pool over a stage class of jobs.batch.callables."""
+def _stages(config: BatchConfig, models: Path, out, remote_args: dict | None = None) -> list:
+    """The map_batches steps of the task, each an actor pool over a stage class of jobs.batch.callables
+    (`remote_args`: the storage variables' runtime env when an object store is read or written)."""
     from actors.config import PipelineConfig
     from jobs.batch.callables import AudioDecoder, SpeechEncoder, SpeechLLM, with_threads
 
@@ -192,7 +202,7 @@ def _stages(config: BatchConfig, models: Path, out: Path) -> list:
         return lambda ds: ds.map_batches(
             cls, fn_constructor_kwargs=kwargs, compute=ray.data.ActorPoolStrategy(size=pool_config.size),
             num_cpus=pool_config.num_cpus, num_gpus=pool_config.num_gpus, batch_size=pool_config.batch_size,
-            batch_format="pyarrow")
+            batch_format="pyarrow", **(remote_args or {}))
 
     threads = config.torch_threads
     llm = pool(SpeechLLM, config.llm, config=with_threads(stages.llm, threads), task=config.task,
@@ -210,13 +220,14 @@ def _input_row(item: BatchInput, task: str) -> dict:
     return {"id": item.id, "text": item.text}
 
 
-def write_block(out: Path, b: int, rows: list[dict]) -> None:
+def write_block(out, b: int, rows: list[dict]) -> None:
     """Block b's result file: the new rows, merged by id into the rows the file already holds (a retry
-    replaces only its own rows), in the file's order; written whole under a temporary name, then renamed."""
+    replaces only its own rows), in the file's order; written whole (a local file under a temporary name, then
+    renamed; an object in one PUT)."""
     path = block_path(out, b)
     if path.exists():
         new = {r["id"]: r for r in rows}
-        rows = [new.pop(r["id"], r) for r in pq.read_table(path, schema=RESULT_SCHEMA).to_pylist()] + list(new.values())
+        rows = [new.pop(r["id"], r) for r in read_table(path, schema=RESULT_SCHEMA).to_pylist()] + list(new.values())
     write_atomic(path, pa.Table.from_pylist([{k: r.get(k) for k in RESULT_SCHEMA.names} for r in rows],
                                             schema=RESULT_SCHEMA))
 
@@ -227,19 +238,20 @@ def write_block(out: Path, b: int, rows: list[dict]) -> None:
 
 def _plan(config: BatchConfig, models: Path, items: list[BatchInput]) -> dict:
     ids = hashlib.sha256("\n".join(item.id for item in items).encode()).hexdigest()
-    return {"version": PLAN_VERSION, "task": config.task, "input": str(local_path(config.input, "--input").resolve()),
+    source = location(config.input, "--input")
+    return {"version": PLAN_VERSION, "task": config.task, "input": str(source if is_remote(source) else source.resolve()),
             "inputs": len(items), "ids_sha256": ids, "block_size": config.block_size,
             "models": str(Path(models).resolve()), "decode": dataclasses.asdict(config.decode),
             "windows": dataclasses.asdict(config.windows), "max_audio_seconds": config.max_audio_seconds}
 
 
-def _complete(path: Path, n_rows: int) -> bool:
+def _complete(path, n_rows: int) -> bool:
     """A result file exists and holds its block's rows (renamed into place whole, so only a foreign or
     hand-edited file can fail this; it is then redone)."""
     if not path.exists():
         return False
     try:
-        if pq.read_metadata(path).num_rows == n_rows:
+        if read_metadata(path).num_rows == n_rows:
             return True
     except (OSError, pa.ArrowInvalid):
         pass

@@ -13,10 +13,9 @@ import json
 import os
 import re
 from collections import Counter
-from pathlib import Path
 
 from jobs.batch.results import read_results, transient
-from jobs.run_folder import write_atomic
+from jobs.storage import location, write_atomic
 
 _NOT_WORD = re.compile(r"[^\w' ]+")
 
@@ -40,7 +39,7 @@ def error_rates(references: list[str], hypotheses: list[str]) -> dict | None:
 def summarise(out: str | os.PathLike, task: str, n_inputs: int, this_run: dict | None = None) -> dict:
     """The job's summary from its result files. `complete`: one row per input and none of them a transient
     error (a stage crash or out of memory, which a rerun retries)."""
-    out = Path(out)
+    out = location(out)
     rows = read_results(out).to_pylist()
     ids = Counter(r["id"] for r in rows)
     ok = [r for r in rows if r["status"] == "ok"]
@@ -73,7 +72,7 @@ def summarise(out: str | os.PathLike, task: str, n_inputs: int, this_run: dict |
 
 
 def write_report(out: str | os.PathLike, task: str, n_inputs: int, this_run: dict | None = None) -> dict:
-    out = Path(out)
+    out = location(out)
     summary = summarise(out, task, n_inputs, this_run)
     write_atomic(out / "summary.json", json.dumps(summary, indent=1) + "\n")
     write_atomic(out / "report.md", markdown(summary))
@@ -109,7 +108,7 @@ def markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _runs(out: Path) -> list[dict]:
+def _runs(out) -> list[dict]:
     path = out / "runs.jsonl"
     if not path.exists():
         return []

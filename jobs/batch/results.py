@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from jobs.batch.callables import IN_FLIGHT, ROW_SCHEMA
 from jobs.run_folder import block_file
+from jobs.storage import location, read_table
 
 RESULT_SCHEMA = pa.schema([f for f in ROW_SCHEMA if f.name not in IN_FLIGHT])
 # everything the job writes in DIR (a restart clears these, and nothing else)
@@ -24,16 +23,17 @@ _TRANSIENT = re.compile(r"out of memory|OutOfMemoryError|MemoryError|can't alloc
                         r"ActorDiedError|ActorUnavailableError|WorkerCrashedError|ObjectLostError|NodeDiedError")
 
 
-def block_path(out, block: int) -> Path:
-    return block_file(Path(out) / "results", block)
+def block_path(out, block: int):
+    """Block b's result file (a Path, or an ObjectPath on an object store)."""
+    return block_file(location(out) / "results", block)
 
 
 def read_results(out: str | os.PathLike) -> pa.Table:
-    """Every result row of DIR, ordered by result file (= input order)."""
-    files = sorted((Path(out) / "results").glob("part-*.parquet"))
+    """Every result row of DIR (a local path or a URL), ordered by result file (= input order)."""
+    files = sorted((location(out) / "results").glob("part-*.parquet"), key=str)
     if not files:
         return RESULT_SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(f, schema=RESULT_SCHEMA) for f in files])
+    return pa.concat_tables([read_table(f, schema=RESULT_SCHEMA) for f in files])
 
 
 def transient(row: dict) -> bool:

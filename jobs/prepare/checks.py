@@ -1,5 +1,6 @@
 """Audio checks of corpus preparation: one audio reference -> a checked 16 kHz mono waveform, or a `Reject`.
 
+An audio may also be a tar member, a Parquet row or an object on a store (`jobs.archives`: read in place).
 Reading is the one audio admission, `pipeline.audio.admit_audio` (soundfile + soxr, the loader of the speech
 encoder, so a sample's codes are what the encoder gives for that file): the header is checked first (rate,
 channels, length: nothing decoded when it is refused), the file is decoded once, only the span a manifest asks
@@ -28,6 +29,9 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+
+from jobs import archives
+from jobs.storage import is_remote
 
 TARGET_RATE = 16000
 CHANNEL_POLICIES = ("first", "mix", "reject")
@@ -76,17 +80,25 @@ def read_checked(ref, checks: AudioChecks) -> tuple[np.ndarray, list[str]]:
     from pipeline.audio import AudioError, admit_audio, probe_audio
 
     path = ref.path
-    if not os.path.isfile(path):
+    source = path
+    if archives.split(path) is not None or is_remote(path):  # a tar member, a Parquet row, an object
+        try:
+            source = archives.read_audio(path)
+        except FileNotFoundError as err:
+            raise Reject("missing_file", str(err)) from None
+        except (OSError, ValueError) as err:
+            raise Reject("unreadable", f"{path}: {err}") from None
+    elif not os.path.isfile(path):
         raise Reject("missing_file", f"{path}: no such file")
     channel = ref.channel if ref.channel is not None else (None if checks.channels == "mix" else 0)
     try:
         if checks.channels == "reject" and ref.channel is None:
-            channels = probe_audio(path, limits=None).channels
+            channels = probe_audio(source, limits=None, name=path).channels
             if channels > 1:
                 raise Reject("multichannel", f"{path}: {channels} channels (--channels reject); --channels first "
                                              "keeps channel 0, --channels mix averages them")
-        audio = admit_audio(path, limits=checks.limits(), target_sample_rate=TARGET_RATE, channel=channel,
-                            start=ref.offset or 0.0, duration=ref.duration)
+        audio = admit_audio(source, limits=checks.limits(), target_sample_rate=TARGET_RATE, channel=channel,
+                            start=ref.offset or 0.0, duration=ref.duration, name=path)
     except AudioError as err:
         raise Reject("unreadable" if err.reason == "bad_audio" else err.reason, err.message(FLAGS)) from None
     _check_signal(audio.pcm, checks, path)

@@ -32,11 +32,12 @@ import pyarrow as pa
 from actors.models import resolve_models_dir
 from jobs.pools import PoolConfig
 from jobs.prepare.checks import AudioChecks
-from jobs.prepare.recipes import RECIPES
+from jobs.prepare.recipes import ARCHIVE_KINDS, RECIPES
 from jobs.prepare.report import finalize
 from jobs.prepare.samples import ERROR_SCHEMA, SAMPLE_SCHEMA, TASKS, PlannedInput, plan_inputs
 from jobs.prepare.shards import OUTPUTS, done_path, errors_path, shard_path
-from jobs.run_folder import BlockWriter, RunFolder, clear_temporaries, local_path, write_atomic
+from jobs.run_folder import BlockWriter, RunFolder, RunFolderError, clear_temporaries, out_location, write_atomic
+from jobs.storage import append_line, is_remote, ray_remote_args
 from pipeline.tokens.chat import BOOST_RATIO, check_ratio
 
 PLAN_VERSION = 1
@@ -62,7 +63,15 @@ class SourceSpec:
         names = tuple(p.strip() for p in parts.split(",") if p.strip()) if at else None
         if at and not names:
             raise ValueError(f"--source {text!r}: name parts after '@', e.g. {kind}:{path}@dev-clean")
-        path = str(local_path(path, "--source"))
+        if is_remote(path):
+            if kind not in ARCHIVE_KINDS:
+                raise RunFolderError(f"--source {text!r}: the {kind} recipe reads a local folder; an object store "
+                                     f"is read by {' and '.join(k + ':' for k in ARCHIVE_KINDS)} sources")
+            where = out_location(path, "--source")
+            if not where.exists():
+                raise FileNotFoundError(f"--source {text!r}: {where} does not exist")
+            return cls(kind, str(where), names)
+        path = str(out_location(path, "--source"))
         if not Path(path).exists():
             raise FileNotFoundError(f"--source {text!r}: {path} does not exist")
         return cls(kind, str(Path(path).resolve()), names)
@@ -87,7 +96,7 @@ class PrepareConfig:
     restart: bool = False  # clear the job's files in `out` and start over (else a rerun with other settings is refused)
 
     def __post_init__(self):
-        local_path(self.out, "--out")  # s3://, gs://, ... refused by name before anything starts
+        out_location(self.out, "--out")  # an unknown scheme is refused by name before anything starts
         self.sources = [s if isinstance(s, SourceSpec) else SourceSpec.parse(s) for s in self.sources]
         if not self.sources:
             raise ValueError("give at least one --source KIND:PATH")
@@ -128,7 +137,7 @@ def enumerate_inputs(config: PrepareConfig) -> tuple[list[PlannedInput], list[di
 
 def run_prepare(config: PrepareConfig) -> dict:
     """Run (or resume) the job; returns the manifest (also DIR/manifest.json, with DIR/report.md)."""
-    out = local_path(config.out, "--out")
+    out = out_location(config.out, "--out")
     models = resolve_models_dir(config.models)
     inputs, sources = enumerate_inputs(config)
     blocks = [inputs[i : i + config.block_size] for i in range(0, len(inputs), config.block_size)]
@@ -147,8 +156,7 @@ def run_prepare(config: PrepareConfig) -> dict:
             run = {"started_at": started, "wall_s": time.perf_counter() - t0, "blocks": len(pending),
                    "inputs": sum(len(blocks[b]) for b in pending), **stream}
             run["audio_s_per_s"] = run["audio_seconds"] / run["wall_s"] if run["wall_s"] > 0 else None
-            with open(out / "runs.jsonl", "a") as f:
-                f.write(json.dumps(run) + "\n")
+            append_line(out / "runs.jsonl", json.dumps(run))
         folder.commit()
         return finalize(out, config, len(blocks), len(inputs), sources, changed=bool(pending))
 
@@ -169,17 +177,19 @@ def _run_pipeline(config: PrepareConfig, models: Path, folder: RunFolder, blocks
         ctx.enable_progress_bars = config.progress
         ctx.enable_operator_progress_bars = config.progress
         rows = [dataclasses.asdict(item) for b in sorted(blocks) for item in blocks[b]]
+        remote = ray_remote_args(config.out, *(s.path for s in config.sources))  # the store's variables
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // config.read_rows, 4 * len(blocks))))
         if config.read_tasks:
             ds = ds.map_batches(read_and_check, fn_kwargs={"checks": config.checks}, batch_size=config.read_rows,
                                 num_cpus=config.read_cpus, compute=ray.data.TaskPoolStrategy(size=config.read_tasks),
-                                batch_format="pyarrow")
+                                batch_format="pyarrow", **remote)
         pool = config.encoder
         ds = ds.map_batches(SampleBuilder, fn_constructor_kwargs={
             "encoder_dir": str(models / "encoder"), "llm_dir": str(models / "llm"), "ratio": config.ratio,
             "torch_threads": config.torch_threads, "read": None if config.read_tasks else config.checks},
             compute=ray.data.ActorPoolStrategy(size=pool.size),
-            num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, batch_size=pool.batch_size, batch_format="pyarrow")
+            num_cpus=pool.num_cpus, num_gpus=pool.num_gpus, batch_size=pool.batch_size, batch_format="pyarrow",
+            **remote)
         writer = BlockWriter(folder, {b: [item.key for item in items] for b, items in blocks.items()}, key="key",
                              write=lambda b, rows: write_block(folder.out, b, rows))
         stats = _Stats()
@@ -194,7 +204,7 @@ def _run_pipeline(config: PrepareConfig, models: Path, folder: RunFolder, blocks
             ray.shutdown()
 
 
-def write_block(out: Path, b: int, rows: list[dict]) -> None:
+def write_block(out, b: int, rows: list[dict]) -> None:
     """Block b of the preparation: its samples (shard), its error rows, then its marker (each atomically)."""
     samples = [r for r in rows if r["status"] == "ok"]
     errors = [r for r in rows if r["status"] != "ok"]

@@ -6,6 +6,8 @@
     prepare_commonvoice("cv-corpus-17.0/en/")                   # train.tsv, dev.tsv, ... + clips/
     prepare_vita_jsonl("data/vita_jsonl/")                      # *.jsonl: {"messages": [...], "audios": [...]}
     prepare_lhotse("manifests/")                                # *_recordings_*/ *_supervisions_*/ *_cuts_*.jsonl[.gz]
+    prepare_parquet("s3://bucket/ds/")                          # Parquet audio dataset (Hugging Face layout)
+    prepare_webdataset("s3://bucket/shards/")                   # WebDataset tar shards: KEY.flac + KEY.txt
 
 In the manner of Lhotse's recipes (`prepare_<corpus>(corpus_dir, output_dir, parts)`): each is a pure parser
 that reads only the corpus's text files (transcripts, metadata, manifests) and never opens an audio file; the
@@ -13,6 +15,11 @@ audio is read later, in the Ray Data pipeline, where a bad file becomes an error
 line that cannot be parsed is an `Utterance` with `error` set, for the same reason. With `output_dir` the
 utterances of each part are also written to `output_dir/<corpus>_<part>.jsonl`. Split names are constants;
 when none are named every split found is read; a folder where nothing is found is a ValueError naming it.
+
+The archive recipes (`parquet`, `webdataset`) read a local folder or an object-store prefix (`s3://...`,
+`jobs.storage`) in place: their utterances' audio is `ARCHIVE::ROW` or `SHARD.tar::MEMBER`, read by
+`jobs.archives` when the pipeline checks it (ranged reads, never a copy of the archive). A file's split is
+its name up to the first `-` (Hugging Face names them `train-00000-of-00004.parquet`).
 """
 from __future__ import annotations
 
@@ -340,6 +347,79 @@ def _lhotse_utterance(utt, part, rec, start, duration, channel, supervisions, ba
 
 
 # ---------------------------------------------------------------------------------------------------------
+# archives: Parquet datasets with the audio in a column, WebDataset tar shards (local or on an object store)
+
+
+def prepare_parquet(corpus_dir, output_dir=None, parts=None) -> dict[str, list[Utterance]]:
+    """A Parquet audio dataset (a file or every `*.parquet` below a folder or prefix): one utterance per row,
+    its audio the row's audio column (`jobs.archives.audio_column`), its transcript a `text` /
+    `transcription` / `sentence` column, its id an `id` column (else `FILE_STEM-ROW`)."""
+    from jobs import archives
+
+    found: dict[str, list] = {}
+    for file in _archive_files(corpus_dir, ".parquet", "Parquet"):
+        found.setdefault(_split_of(file.name), []).append(file)
+    out = {}
+    for part, files in _choose(found, parts, corpus_dir, "Parquet files (*.parquet)").items():
+        items = []
+        for file in files:
+            for row, values in archives.parquet_items(file):
+                utt = next((str(values[c]) for c in archives.ID_COLUMNS if values.get(c) is not None),
+                           f"{file.stem}-{row:06d}")
+                text = next((str(values[c]).strip() for c in archives.TEXT_COLUMNS if values.get(c)), None)
+                items.append(Utterance(utt, part, (AudioRef(f"{file}{archives.SEPARATOR}{row}"),), text or None,
+                                       speaker=_maybe(values, "speaker_id", "speaker", "client_id"),
+                                       language=_maybe(values, "language", "locale"),
+                                       error=None if text else f"{file}{archives.SEPARATOR}{row}: no transcript"))
+        out[part] = items
+    return _written(out, output_dir, "parquet")
+
+
+def prepare_webdataset(corpus_dir, output_dir=None, parts=None) -> dict[str, list[Utterance]]:
+    """WebDataset tar shards (a `.tar` or every `*.tar` below a folder or prefix): members sharing a key form one
+    utterance, the audio member its audio (`KEY.flac`, `.wav`, ...), `KEY.txt` its transcript."""
+    from jobs import archives
+
+    found: dict[str, list] = {}
+    for shard in _archive_files(corpus_dir, ".tar", "WebDataset"):
+        found.setdefault(_split_of(shard.name), []).append(shard)
+    out = {}
+    for part, shards in _choose(found, parts, corpus_dir, "tar shards (*.tar)").items():
+        items = []
+        for shard in shards:
+            for key, members in archives.tar_items(shard):
+                audio = next((m for ext, m in members.items() if "." + ext in AUDIO_SUFFIXES), None)
+                text = (members.get("txt") or "").strip()
+                if audio is None:
+                    items.append(Utterance(key, part, text=text or None, error=f"{shard}: {key} has no audio member"))
+                    continue
+                items.append(Utterance(key, part, (AudioRef(f"{shard}{archives.SEPARATOR}{audio}"),), text or None,
+                                       error=None if text else f"{shard}: {key} has no .txt transcript"))
+        out[part] = items
+    return _written(out, output_dir, "webdataset")
+
+
+def _archive_files(corpus_dir, suffix: str, what: str) -> list:
+    from jobs.storage import ObjectPath, location
+
+    root = location(corpus_dir, "--source")
+    if not root.exists():
+        raise FileNotFoundError(f"{what} corpus {root}: no such file, folder or prefix")
+    if root.is_file():
+        return [root]
+    files = root.files() if isinstance(root, ObjectPath) else sorted(p for p in root.rglob(f"*{suffix}") if p.is_file())
+    return [f for f in files if f.name.endswith(suffix)]
+
+
+def _split_of(name: str) -> str:
+    return name.split(".")[0].split("-")[0] or "all"
+
+
+def _maybe(values: dict, *columns: str) -> str | None:
+    return next((str(values[c]) for c in columns if values.get(c) is not None), None)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # helpers
 
 
@@ -408,4 +488,7 @@ RECIPES = {
     "commonvoice": prepare_commonvoice,
     "vita-jsonl": prepare_vita_jsonl,
     "lhotse": prepare_lhotse,
+    "parquet": prepare_parquet,
+    "webdataset": prepare_webdataset,
 }
+ARCHIVE_KINDS = ("parquet", "webdataset")  # the recipes that read an object store as well as a local path

@@ -9,29 +9,28 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import Counter, defaultdict
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from jobs.prepare.samples import ERROR_SCHEMA, SAMPLE_SCHEMA, SCHEMA_VERSION
 from jobs.prepare.shards import done_path, errors_path, shard_path
 from jobs.run_folder import write_atomic, write_if_changed
+from jobs.storage import read_table
 
 STAT_COLUMNS = ["id", "source", "task", "audio_seconds", "num_tokens", "num_scored", "audio_sha1", "converted",
                 "audio_codes"]
 
 
-def finalize(out: Path, config, n_blocks: int, n_inputs: int, sources: list[dict], changed: bool) -> dict:
+def finalize(out, config, n_blocks: int, n_inputs: int, sources: list[dict], changed: bool) -> dict:
     """Dedup, then errors.parquet, manifest.json and report.md from the written blocks; returns the manifest."""
     if not all(done_path(out, b).exists() for b in range(n_blocks)):
         raise RuntimeError(f"{out}: not every block is written; rerun to finish")
     moved = _dedup(out, n_blocks)
-    errors = pa.concat_tables([pq.read_table(errors_path(out, b), schema=ERROR_SCHEMA) for b in range(n_blocks)])
+    errors = pa.concat_tables([read_table(errors_path(out, b), schema=ERROR_SCHEMA) for b in range(n_blocks)])
     if changed or moved or not (out / "errors.parquet").exists():
         write_atomic(out / "errors.parquet", errors)
-    stats = [pq.read_table(shard_path(out, b), columns=STAT_COLUMNS) for b in range(n_blocks)
+    stats = [read_table(shard_path(out, b), columns=STAT_COLUMNS) for b in range(n_blocks)
              if shard_path(out, b).exists()]
     samples = pa.concat_tables(stats) if stats else SAMPLE_SCHEMA.empty_table().select(STAT_COLUMNS)
     manifest = _manifest(out, config, n_inputs, sources, samples, errors)
@@ -40,7 +39,7 @@ def finalize(out: Path, config, n_blocks: int, n_inputs: int, sources: list[dict
     return manifest
 
 
-def _dedup(out: Path, n_blocks: int) -> int:
+def _dedup(out, n_blocks: int) -> int:
     """Keep the first sample of each (task, audio content) in input order; later ones become error rows."""
     first: dict[tuple[str, str], str] = {}
     moved = 0
@@ -48,7 +47,7 @@ def _dedup(out: Path, n_blocks: int) -> int:
         path = shard_path(out, b)
         if not path.exists():
             continue
-        keys = pq.read_table(path, columns=["id", "source", "task", "audio_sha1", "paths", "utterance"]).to_pylist()
+        keys = read_table(path, columns=["id", "source", "task", "audio_sha1", "paths", "utterance"]).to_pylist()
         dups = []
         for row in keys:
             key = (row["task"], row["audio_sha1"])
@@ -60,12 +59,12 @@ def _dedup(out: Path, n_blocks: int) -> int:
                 first[key] = row["id"]
         if not dups:
             continue
-        errors = pq.read_table(errors_path(out, b), schema=ERROR_SCHEMA)
+        errors = read_table(errors_path(out, b), schema=ERROR_SCHEMA)
         have = set(errors.column("id").to_pylist())
         new = [d for d in dups if d["id"] not in have]
         if new:  # first the error rows, then the shard without them: a crash between is finished by a rerun
             write_atomic(errors_path(out, b), pa.concat_tables([errors, pa.Table.from_pylist(new, schema=ERROR_SCHEMA)]))
-        table = pq.read_table(path, schema=SAMPLE_SCHEMA)
+        table = read_table(path, schema=SAMPLE_SCHEMA)
         drop = {d["id"] for d in dups}
         kept = table.filter(pc.invert(pc.is_in(table.column("id"), pa.array(sorted(drop)))))
         if kept.num_rows:
@@ -76,7 +75,7 @@ def _dedup(out: Path, n_blocks: int) -> int:
     return moved
 
 
-def _manifest(out: Path, config, n_inputs: int, sources: list[dict], samples: pa.Table, errors: pa.Table) -> dict:
+def _manifest(out, config, n_inputs: int, sources: list[dict], samples: pa.Table, errors: pa.Table) -> dict:
     rows = samples.drop_columns(["audio_codes"]).to_pylist()
     code_counts = pc.list_value_length(pc.list_flatten(samples.column("audio_codes"))).to_pylist() \
         if samples.num_rows else []
