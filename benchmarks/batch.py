@@ -9,6 +9,10 @@ Three measurements in one run, on the tiny set unless --models is given:
    loads included, Ray itself already up): RTFx = audio seconds per wall second.
 3. The in-process pipeline (`actors.local.LocalPipeline`) looping over the same ASR files one at a time,
    its model loads timed too: the job with one actor per stage should reach >= 0.9x its RTFx.
+4. Object storage: the ASR job (1 actor per stage) on the same inputs as a Parquet audio dataset and as
+   WebDataset tar shards, each read from local disk and from an S3-compatible server on loopback (moto,
+   started here; results written to the store too), rounds alternating local / store. Target: the store's
+   RTFx >= 0.9x local disk's, per format (the median of the rounds' ratios).
 Writes batch.json, batch.md and batch.png. On a shared machine the numbers move with the neighbours' load.
 """
 from __future__ import annotations
@@ -45,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--tts-texts", type=int, default=8, help="TTS job inputs")
     parser.add_argument("--asr-tokens", type=int, default=32, help="max new tokens per ASR request")
     parser.add_argument("--tts-tokens", type=int, default=96, help="max new tokens per TTS request")
+    parser.add_argument("--store-rounds", type=int, default=2,
+                        help="rounds of the local-disk vs object-store comparison (0: skip it)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -66,16 +72,19 @@ def run(args: argparse.Namespace) -> dict:
 
     llm_rows = _llm_sweep(stages, files, batch_sizes, args)
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
-        job_rows, baseline = _job_sweep(models, files, pool_sizes, args, Path(tmp))
-    results = {"llm_batch": llm_rows, "jobs": job_rows, "in_process_asr": baseline,
-               "targets": _targets(llm_rows, job_rows, baseline)}
+        job_rows, baseline, store_rows = _job_sweep(models, files, pool_sizes, args, Path(tmp))
+    results = {"llm_batch": llm_rows, "jobs": job_rows, "in_process_asr": baseline, "object_store": store_rows,
+               "targets": _targets(llm_rows, job_rows, baseline) + _store_targets(store_rows)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _plot(results, out / "batch.png")
     md = ("## LLM stage vs engine batch size\n\n" + markdown_table(llm_rows) +
           "\n## Ray Data job vs actors per stage\n\n" + markdown_table(job_rows) +
           f"\nIn-process pipeline, ASR one file at a time: RTFx {baseline['rtfx']:.3g} "
-          f"({baseline['files']} files, {baseline['wall_s']:.3g} s)\n\n## Targets\n\n" +
+          f"({baseline['files']} files, {baseline['wall_s']:.3g} s)\n\n"
+          "## Object store vs local disk (ASR job, 1 actor per stage; S3-compatible server on loopback)\n\n" +
+          (markdown_table(store_rows) if store_rows else "skipped (--store-rounds 0, or moto not installed)\n") +
+          "\n## Targets\n\n" +
           markdown_table(results["targets"]) + "\n![throughput](batch.png)\n")
     write_report("batch", results, md, out)
     return results
@@ -152,10 +161,128 @@ def _job_sweep(models, files, pool_sizes, args, tmp: Path) -> tuple[list[dict], 
                              "wall_s": wall, "rtfx": summary["audio_hours"] * 3600 / wall,
                              "startup_s": run.get("startup_s"), "rtfx_after_startup": run.get("steady_audio_s_per_s")})
                 shutil.rmtree(out, ignore_errors=True)
+        store_rows = _store_sweep(models, files, args, tmp)
     finally:
         if started:
             ray.shutdown()
-    return rows, _in_process(models, files * args.copies, args.asr_tokens)
+    return rows, _in_process(models, files * args.copies, args.asr_tokens), store_rows
+
+
+def _store_sweep(models, files, args, tmp: Path) -> list[dict]:
+    """The ASR job over a Parquet dataset and tar shards of the corpus (--copies times), local vs on a moto S3
+    server on loopback; rounds alternate which goes first."""
+    import importlib.util
+
+    if args.store_rounds < 1 or importlib.util.find_spec("moto") is None:
+        return []
+    from jobs.batch.callables import DecodeOptions
+    from jobs.batch.job import BatchConfig, run_batch
+    from jobs.pools import PoolConfig
+    from jobs.storage import location
+
+    items = [(f"c{k}-{f.stem}", f.read_bytes()) for k in range(args.copies) for f in files]
+    local = {"parquet": tmp / "ds", "tar": tmp / "shards"}
+    _write_archives(items, local["parquet"], local["tar"])
+    rows = []
+    with _moto_server() as bucket:
+        remote = {fmt: f"s3://{bucket}/{path.name}" for fmt, path in local.items()}
+        for fmt, path in local.items():
+            for file in sorted(path.iterdir()):
+                (location(remote[fmt]) / file.name).write_bytes(file.read_bytes())
+        cpus = max(0.1, round(os.cpu_count() / 2, 2))
+        pools = {s: PoolConfig(size=1, num_cpus=cpus, batch_size=8 if s == "llm" else 4) for s in ("encoder", "llm")}
+        for round_ in range(args.store_rounds):
+            for fmt in local:
+                order = ("local", "s3") if round_ % 2 == 0 else ("s3", "local")
+                for where in order:
+                    source = str(local[fmt]) if where == "local" else remote[fmt]
+                    out = str(tmp / f"store-{fmt}-{round_}") if where == "local" else \
+                        f"s3://{bucket}/runs/{fmt}-{round_}"
+                    start = time.perf_counter()
+                    summary = run_batch(BatchConfig(task="asr", input=source, out=out, models=str(models),
+                                                    decode=DecodeOptions(max_new_tokens=args.asr_tokens),
+                                                    progress=False, block_size=16, **pools))
+                    wall = time.perf_counter() - start
+                    audio = summary["audio_hours"] * 3600
+                    rows.append({"format": fmt, "input": where, "round": round_, "inputs": summary["rows"],
+                                 "errors": summary["errors"], "audio_s": audio, "wall_s": wall, "rtfx": audio / wall,
+                                 "rtfx_after_startup": summary["this_run"].get("steady_audio_s_per_s")})
+    return rows
+
+
+def _write_archives(items: list[tuple[str, bytes]], parquet_dir: Path, tar_dir: Path) -> None:
+    """The items as a Hugging Face-layout Parquet dataset (`id`, `audio` {bytes, path}; 4 files) and as 4
+    WebDataset tar shards."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet_dir.mkdir()
+    tar_dir.mkdir()
+    schema = pa.schema([("id", pa.string()), ("audio", pa.struct([("bytes", pa.binary()), ("path", pa.string())]))])
+    per = -(-len(items) // 4)
+    for k in range(4):
+        part = items[k * per:(k + 1) * per]
+        pq.write_table(pa.Table.from_pylist([{"id": i, "audio": {"bytes": b, "path": f"{i}.flac"}} for i, b in part],
+                                            schema=schema), parquet_dir / f"train-{k:05d}-of-00004.parquet",
+                       row_group_size=16)
+        with tarfile.open(tar_dir / f"train-{k:03d}.tar", "w") as tar:
+            for i, data in part:
+                info = tarfile.TarInfo(f"{i}.flac")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+class _moto_server:
+    """A moto S3 server on a free loopback port for the bench (a subprocess, stopped on exit), the AWS
+    variables pointing at it meanwhile; enters as the bucket's name."""
+
+    def __enter__(self) -> str:
+        import socket
+        import subprocess
+        import sys
+
+        import pyarrow.fs as pafs
+
+        from jobs.storage import reset_filesystems
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+               "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        self.saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        reset_filesystems()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if self.server.poll() is not None or time.monotonic() > deadline:
+                    self.__exit__()
+                    raise RuntimeError("the moto S3 server did not start")
+                time.sleep(0.2)
+        pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="bench",
+                          secret_key="bench", region="us-east-1", allow_bucket_creation=True).create_dir("bench")
+        return "bench"
+
+    def __exit__(self, *exc) -> None:
+        from jobs.storage import reset_filesystems
+
+        self.server.terminate()
+        self.server.wait(timeout=30)
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reset_filesystems()
 
 
 def _in_process(models, files, tokens: int) -> dict:
@@ -196,6 +323,22 @@ def _targets(llm_rows, job_rows, baseline) -> list[dict]:
             rows.append({"target": "the same, after start-up (job: from its first rows; loop: after model loads)",
                          "measured": ratio, "met": ratio >= 0.9})
     return rows
+
+
+def _store_targets(rows: list[dict]) -> list[dict]:
+    """Per format: the median over rounds of the store's RTFx / local disk's."""
+    import statistics
+
+    out = []
+    for fmt in sorted({r["format"] for r in rows}):
+        ratios = []
+        for round_ in sorted({r["round"] for r in rows}):
+            by = {r["input"]: r for r in rows if r["format"] == fmt and r["round"] == round_}
+            ratios.append(by["s3"]["rtfx"] / by["local"]["rtfx"])
+        ratio = statistics.median(ratios)
+        out.append({"target": f"asr job, {fmt} input on the object store >= 0.9x local disk (RTFx, end to end)",
+                    "measured": ratio, "met": ratio >= 0.9})
+    return out
 
 
 def _plot(results: dict, path: Path) -> None:

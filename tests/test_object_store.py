@@ -176,25 +176,25 @@ def test_the_lease_lock_on_an_object_store(s3):
 
 @pytest.mark.slow
 def test_batch_asr_over_an_s3_parquet_dataset_killed_and_rerun(ray_session, tiny_models, s3, utterances):
-    """The driver (a subprocess on the test's Ray) is killed once 3 result objects exist; the rerun writes the
+    """The driver (a subprocess on the test's Ray) is killed once 2 result objects exist; the rerun writes the
     rest: one row per input in s3://.../results, the corrupt row an error row, every other row ok."""
     from jobs.batch.callables import DecodeOptions
     from jobs.batch.job import BatchConfig, read_results, run_batch
 
-    items = utterances + [("corrupt-0", CORRUPT, "NOT AUDIO")]
+    items = utterances[:24] + [("corrupt-0", CORRUPT, "NOT AUDIO")]
     dataset = _parquet_dataset(s3, "batch/parquet", items)
     out = f"s3://{BUCKET}/runs/asr-parquet"
     address = ray_session.get_runtime_context().gcs_address
     argv = ["batch", "asr", "--input", dataset, "--out", out, "--models", str(tiny_models), "--address", address,
             "--block-size", "4", "--max-new-tokens", "24", "--encoder-rows", "4", "--llm-rows", "4", "--no-progress"]
-    written = kill_driver_when(argv, lambda: _objects(s3, "runs/asr-parquet/results", "part-*.parquet"), at=3,
+    written = kill_driver_when(argv, lambda: _objects(s3, "runs/asr-parquet/results", "part-*.parquet"), at=2,
                                timeout_s=240)
-    assert 3 <= written < 11, f"{written} of 11 blocks written when killed"
+    assert 2 <= written < 7, f"{written} of 7 blocks written when killed"
 
     config = BatchConfig(task="asr", input=dataset, out=out, models=str(tiny_models), block_size=4,
                          decode=DecodeOptions(max_new_tokens=24), progress=False)
     resumed = run_batch(config)
-    assert resumed["this_run"]["blocks"] == 11 - written
+    assert resumed["this_run"]["blocks"] == 7 - written
     rows = read_results(out).to_pylist()
     assert sorted(r["id"] for r in rows) == sorted(i for i, _, _ in items) and resumed["complete"]
     bad = [r for r in rows if r["status"] != "ok"]
@@ -227,28 +227,28 @@ def test_batch_asr_over_s3_tar_shards_equals_the_local_run(ray_session, tiny_mod
 
 @pytest.mark.slow
 def test_prepare_over_s3_tar_shards_killed_and_rerun(ray_session, tiny_models, s3, utterances):
-    """`vita-audio prepare --source webdataset:s3://...` to `--out s3://...`, killed once 4 blocks are done and
+    """`vita-audio prepare --source webdataset:s3://...` to `--out s3://...`, killed once 3 blocks are done and
     rerun: every input one sample or one error row (the corrupt member: `unreadable`), shards in s3."""
     from jobs.pools import PoolConfig
     from jobs.prepare import PrepareConfig, read_shards, run_prepare
 
-    items = utterances[:20] + [("corrupt-0", CORRUPT, "NOT AUDIO")]
+    items = utterances[:12] + [("corrupt-0", CORRUPT, "NOT AUDIO")]
     shards = _tar_shards(s3, "prepare/tar", items)
     out = f"s3://{BUCKET}/prepared"
     source = f"webdataset:{shards}"
     address = ray_session.get_runtime_context().gcs_address
     argv = ["prepare", "--source", source, "--out", out, "--tasks", "asr,tts", "--models", str(tiny_models),
             "--address", address, "--block-size", "2", "--encoder-rows", "2", "--no-progress"]
-    written = kill_driver_when(argv, lambda: _objects(s3, "prepared/.blocks", "done-*.json"), at=4, timeout_s=240)
-    assert 4 <= written < 21, f"{written} of 21 blocks written when killed"
+    written = kill_driver_when(argv, lambda: _objects(s3, "prepared/.blocks", "done-*.json"), at=3, timeout_s=240)
+    assert 3 <= written < 13, f"{written} of 13 blocks written when killed"
     assert _objects(s3, "prepared", "manifest.json") == 0
 
     manifest = run_prepare(PrepareConfig(sources=[source], out=out, tasks=("asr", "tts"), models=str(tiny_models),
                                          block_size=2, encoder=PoolConfig(size=1, batch_size=2), progress=False))
-    assert manifest["runs"][-1]["blocks"] == 21 - written
+    assert manifest["runs"][-1]["blocks"] == 13 - written
     counts = manifest["counts"]
-    assert counts["inputs"] == 42 and counts["samples"] + counts["errors"] == 42
+    assert counts["inputs"] == 26 and counts["samples"] + counts["errors"] == 26
     assert counts["rejects"] == {"unreadable": 2}  # the corrupt member's asr and tts inputs
     ids = read_shards(out).column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == 40
-    assert _objects(s3, "prepared", "manifest.json") == 1 and _objects(s3, "prepared/shards", "part-*.parquet") == 20
+    assert len(ids) == len(set(ids)) == 24
+    assert _objects(s3, "prepared", "manifest.json") == 1 and _objects(s3, "prepared/shards", "part-*.parquet") == 12

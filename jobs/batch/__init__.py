@@ -1,6 +1,7 @@
 """Batch ASR / TTS over audio archives on Ray Data: exactly once, resumable (`vita-audio batch`).
 
-    inputs    folder / JSONL-CSV manifest / WebDataset tar / texts -> BatchInput list (fixed order, unique ids)
+    inputs    folder / JSONL-CSV manifest / WebDataset tar / Parquet audio dataset / texts, local or on an object
+              store (s3://...) -> BatchInput list (fixed order, unique ids)
     segments  long recordings: windows with overlap, transcripts stitched (per-segment timestamps kept)
     stages    Ray Data callable classes over the actors/ stage classes (encoder, LLM+MCTP, decoder)
     job       BatchConfig, run_batch: the pipeline, block-keyed result files, resume, retries, TooManyErrors

@@ -5,7 +5,8 @@
     from jobs.prepare import PrepareConfig, run_prepare
     manifest = run_prepare(PrepareConfig(sources=["librispeech:/data/LibriSpeech@dev-clean"], out="prepared/"))
 
-recipes  corpus folder -> Utterances (LibriSpeech, LibriTTS, LJSpeech, Common Voice, VITA JSONL, Lhotse)
+recipes  corpus folder -> Utterances (LibriSpeech, LibriTTS, LJSpeech, Common Voice, VITA JSONL, Lhotse; Parquet
+         audio datasets and WebDataset shards, also on an object store: `parquet:s3://...`, `webdataset:s3://...`)
 checks   read + resample (pipeline.audio) + duration / silence / clipping checks; what is rejected or converted
 samples  inputs (utterance x task), the chat layout of each task, the schemas below
 stages   the Ray Data steps: read_and_check tasks, SampleBuilder actor pool (speech encoder + tokenizer)
@@ -53,10 +54,11 @@ from jobs.prepare.checks import AudioChecks
 from jobs.pools import PoolConfig
 from jobs.prepare.job import PrepareConfig, SourceSpec, run_prepare
 from jobs.prepare.recipes import (AudioRef, Utterance, prepare_commonvoice, prepare_lhotse, prepare_librispeech,
-                                  prepare_libritts, prepare_ljspeech, prepare_vita_jsonl)
+                                  prepare_libritts, prepare_ljspeech, prepare_parquet, prepare_vita_jsonl,
+                                  prepare_webdataset)
 from jobs.prepare.samples import ERROR_SCHEMA, SAMPLE_SCHEMA, SCHEMA_VERSION
 
 from jobs.prepare.shards import read_shards
 __all__ = ["AudioChecks", "AudioRef", "ERROR_SCHEMA", "PoolConfig", "PrepareConfig", "SAMPLE_SCHEMA", "SCHEMA_VERSION",
            "SourceSpec", "Utterance", "prepare_commonvoice", "prepare_lhotse", "prepare_librispeech", "prepare_libritts",
-           "prepare_ljspeech", "prepare_vita_jsonl", "read_shards", "run_prepare"]
+           "prepare_ljspeech", "prepare_parquet", "prepare_vita_jsonl", "prepare_webdataset", "read_shards", "run_prepare"]

@@ -15,7 +15,9 @@ is rewritten). Then `errors.parquet`, `manifest.json` and `report.md` are writte
 run rerun only rereads the folder: nothing is processed or rewritten. `plan.json` pins what the keys mean
 (sources, tasks, input ids, block size, models, ratio, checks); a rerun with other settings is refused naming
 the setting, unless `restart` (the CLI's `--restart`) clears the job's files first. The lock, the plan, the
-block writer and the atomic writes are `jobs.run_folder`'s, shared with the batch and training jobs.
+block writer and the atomic writes are `jobs.run_folder`'s, shared with the batch and training jobs. `--out`
+may be an object-store prefix (`s3://...`: each block file one whole object, the lock a lease object), and
+`parquet:` / `webdataset:` sources may live there too (read in place by the read tasks, `jobs.archives`).
 """
 from __future__ import annotations
 
