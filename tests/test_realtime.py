@@ -138,7 +138,7 @@ BAD_EVENTS = [  # (raw message, expected error code or param)
     (json.dumps({"type": "input_audio_buffer.commit"}), "input_audio_buffer_commit_empty"),
     (json.dumps({"type": "response.create"}), "conversation_empty"),
     (json.dumps({"type": "response.cancel"}), "response_cancel_not_active"),
-    (json.dumps({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {"type": "server_vad"}}}}}),
+    (json.dumps({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}}}),
      "unsupported_turn_detection"),
     (json.dumps({"type": "session.update", "session": {"output_modalities": "audio"}}), "session.output_modalities"),
     (json.dumps({"type": "session.update", "session": {"max_output_tokens": 100_000}}), "max_tokens"),
@@ -292,7 +292,8 @@ def test_a_user_item_with_text_and_audio_is_split_as_chat_completions_does():
     request = session.plan(ResponseParams()).request()
     assert request["history"] == [{"role": "user", "content": "Listen:", "audios": []}]
     assert soundfile.info(__import__("io").BytesIO(request["audio"])).samplerate == RATE
-    assert request["constraint"] != "text" and request["max_new_tokens"] == 256 and "text" not in request
+    assert request["constraint"] != "text" and "text" not in request
+    assert request["max_new_tokens"] == 512  # max_output_tokens "inf" (the default): up to the caps' max_tokens
 
 
 def test_old_items_beyond_the_caps_leave_the_prompt_and_the_session():
