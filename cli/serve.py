@@ -3,9 +3,13 @@
     vita-audio serve                                   # tiny models, http://127.0.0.1:8000/v1
     vita-audio serve --models /models --port 8080 --api-key KEY
     vita-audio serve --config serve/config.yaml --address auto
+    vita-audio serve --api-keys-file keys.txt --state-dir /var/lib/vita-audio/state
 
 The app is the one of the Serve config (default: the project's serve/config.yaml), the same that
-`serve run serve/config.yaml` and the RayService start; the flags override its args (`--models`, `--api-key`).
+`serve run serve/config.yaml` and the RayService start; the flags override its args (`--models`, `--api-key`,
+`--api-keys-file`, `--state-dir` / `--state`). What the endpoint remembers (uploaded voices, chat answers' audio
+ids) is kept in the state store (serve.state): by default an SQLite file in a state folder, so a restart on the
+same folder keeps it; the store and the keys file are checked before Ray starts.
 Without --address a local Ray is started; on a machine without CUDA it declares as many logical GPUs as the
 config's stages ask for (they then run on CPU).
 """
@@ -37,6 +41,15 @@ def add_arguments(p, name: str) -> None:
                         "the encoder/ and decoder/ of --models")
     p.add_argument("--config", type=Path, default=None, help=f"Serve config YAML (default: {DEFAULT_CONFIG.relative_to(REPO)})")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every API request")
+    p.add_argument("--api-keys-file", type=Path, default=None,
+                   help="more keys, one a line (`KEY [label]`, `sha256:HEX`, `!KEY` revokes; re-read when it "
+                        "changes): each key owns its voices and audio ids")
+    state = p.add_mutually_exclusive_group()
+    state.add_argument("--state-dir", type=Path, default=None,
+                       help="folder of the embedded state store (uploaded voices, audio ids; kept across restarts; "
+                            "default: the config's state, $VITA_AUDIO_STATE, else $VITA_AUDIO_CACHE/state)")
+    state.add_argument("--state", default=None, metavar="URL",
+                       help="the state store: redis://host:port/db (shared by a cluster), sqlite:///folder, memory")
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local Ray")
     p.add_argument("--ready-timeout", type=checks.positive_float, default=600.0, help="seconds to wait for the app to be up")
 
@@ -53,6 +66,8 @@ def load_app_config(path: Path | None) -> dict:
     except yaml.YAMLError as err:
         raise InputError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
     apps = doc.get("applications") if isinstance(doc, dict) else None
+    if isinstance(apps, list):  # the /health application beside it (serve.health) is deployed by `run` itself
+        apps = [a for a in apps if not (isinstance(a, dict) and a.get("import_path") == "serve.health:build_health")]
     if not isinstance(apps, list) or len(apps) != 1 or not isinstance(apps[0], dict):
         raise InputError(f"--config {path}: expected a Serve config with one entry under `applications:`")
     app = apps[0]
@@ -78,12 +93,51 @@ def app_args(args, app: dict):
         if not args.api_key.strip():
             raise InputError("--api-key must not be empty")
         values["api_key"] = args.api_key
+    if getattr(args, "api_keys_file", None) is not None:
+        values["api_keys_file"] = str(args.api_keys_file.expanduser().resolve())
+    if getattr(args, "state_dir", None) is not None:
+        values["state"] = str(args.state_dir.expanduser().resolve())
+    elif getattr(args, "state", None) is not None:
+        values["state"] = args.state
     try:
-        return Args.model_validate(values)
+        config_args = Args.model_validate(values)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "args"
         raise InputError(f"{app['path']}: args.{where}: {first['msg']}") from None
+    check_keys(config_args)
+    check_state(config_args)
+    return config_args
+
+
+def check_keys(config_args) -> None:
+    """The keys file reads, and some key is accepted when keys are asked for (else every request is a 401)."""
+    from serve.keys import KeyFileError, KeySet
+
+    path = config_args.api_keys_file
+    if path is not None and not Path(path).is_file():
+        raise InputError(f"--api-keys-file {path}: no such file")
+    try:
+        keys = KeySet(config_args.api_key, keys_file=path)
+    except (KeyFileError, OSError, UnicodeDecodeError) as err:
+        raise InputError(f"--api-keys-file: {err}") from None
+    if not keys.open and not keys.accepts_any():
+        raise InputError(f"--api-keys-file {path}: no key is accepted (every request would be a 401)")
+
+
+def check_state(config_args) -> None:
+    """The state store opens and answers (a folder that can be written, a Redis that answers) before Ray starts."""
+    from serve.state import StateError, open_store
+
+    url = config_args.state_url()
+    try:
+        with open_store(url) as store:
+            store.check()
+    except (StateError, ValueError) as err:
+        flag = "--state-dir" if "://" not in url and url != "memory" else "--state"
+        raise InputError(f"{flag} {url}: {err}") from None
+    except ImportError as err:
+        raise InputError(f"--state {url}: {err} (pip install redis)") from None
 
 
 def logical_gpus(config_args) -> int:
@@ -113,6 +167,7 @@ def run(args) -> dict:
 
     from actors.ray_runtime import start_ray
     from serve.app import build_app
+    from serve.health import APP_NAME as HEALTH_APP, ROUTE_PREFIX as HEALTH_PREFIX, build_health
     from serve.proxy_errors import use_in_local_ray
 
     stop = threading.Event()
@@ -126,6 +181,7 @@ def run(args) -> dict:
         _progress(f"Ray ready in {time.perf_counter() - t0:.1f} s; starting the app of {app['path']}"
                   + (f" ({gpus} logical GPUs: no CUDA, the stages run on CPU)" if gpus else ""))
         serve.run(build_app(config_args), name=app["name"], route_prefix=app["route_prefix"], blocking=False)
+        serve.run(build_health({"app": app["name"]}), name=HEALTH_APP, route_prefix=HEALTH_PREFIX, blocking=False)
         _wait_running(app["name"], args.ready_timeout, stop)
         url = f"http://{args.host}:{args.port}{app['route_prefix'].rstrip('/')}"
         print(f"vita-audio serve: ready in {time.perf_counter() - t0:.1f} s at {url}/v1 "

@@ -140,7 +140,6 @@ class AudioAnswers:
     def __init__(self, size: int = 1024, ttl_s: float = 3600.0, state=None):
         self.size, self.ttl_s = size, ttl_s  # size: kept for callers; the store drops answers by expiry
         self.state = open_store("memory") if state is None else open_store(state) if isinstance(state, str) else state
-        self.items = _AnswerItems(self)  # `items[audio_id] = (transcript, expires_at)`: the same as `finish`
 
     def add(self, transcript: str, owner: str = "") -> tuple[str, int]:
         audio_id, expires = f"audio_{uuid.uuid4().hex[:16]}", int(time.time() + self.ttl_s)
@@ -159,16 +158,6 @@ class AudioAnswers:
             return self.state.get(AUDIO, owner, audio_id).data
         except (NotFound, ValueError):
             raise APIError(400, f"{param}: audio {audio_id!r} is unknown or expired", param=param) from None
-
-
-class _AnswerItems:
-    """`answers.items[audio_id] = (transcript, expires_at)` as the chat route writes it (owner "")."""
-
-    def __init__(self, answers: AudioAnswers):
-        self.answers = answers
-
-    def __setitem__(self, audio_id: str, value: tuple[str, int]) -> None:
-        self.answers.finish(audio_id, value[0], value[1])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -148,6 +148,11 @@ class KeySet:
         accepted = {**self._fixed.accepted, **self._file.accepted}
         return accepted, self._fixed.revoked | self._file.revoked
 
+    def accepts_any(self) -> bool:
+        """Some key is accepted now (keys given but every one revoked, or an empty file: every request is a 401)."""
+        accepted, revoked = self._entries()
+        return bool(set(accepted) - revoked)
+
     def owner(self, key: str | None) -> str | None:
         """The owner id of `key`, or None where it is missing, unknown or revoked (open endpoint: always "")."""
         if self.open:

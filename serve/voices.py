@@ -113,6 +113,10 @@ class VoiceStore:
                 continue
         raise APIError(400, f"unknown voice {key!r}; see GET /v1/audio/voices", param=param)
 
+    def owned(self, owner: str) -> "OwnedVoices":
+        """One key's view: `resolve(voice, param)` for that owner (what a realtime session holds)."""
+        return OwnedVoices(self, owner)
+
     @staticmethod
     def _taken(name: str) -> APIError:
         return APIError(400, f"a voice named {name!r} already exists", param="name")
@@ -120,3 +124,12 @@ class VoiceStore:
     @staticmethod
     def _full() -> APIError:
         return APIError(400, f"the voice store is full ({MAX_VOICES} voices); delete one first", param="name")
+
+
+@dataclass(frozen=True)
+class OwnedVoices:
+    store: VoiceStore
+    owner: str
+
+    def resolve(self, voice, param: str = "voice") -> list[int] | None:
+        return self.store.resolve(voice, param, self.owner)

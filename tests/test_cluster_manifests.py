@@ -27,6 +27,19 @@ def test_manifest_is_valid(path, shared_dir):
         jsonschema.validate(doc, crd_schema(shared_dir, doc["kind"]))
         cluster = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or {}  # RayJob / RayService
         assert doc["spec"].get("rayVersion", cluster.get("rayVersion")) == "2.60.0"
+    elif doc.get("kind") == "List":  # plain Kubernetes objects (no CRD schema here): names and references agree
+        items = {(item["kind"], item["metadata"]["name"]): item for item in doc["items"]}
+        assert len(items) == len(doc["items"]) and all(item.get("apiVersion") for item in doc["items"])
+        for (kind, name), item in items.items():
+            if kind == "Deployment":
+                labels = item["spec"]["template"]["metadata"]["labels"]
+                assert item["spec"]["selector"]["matchLabels"].items() <= labels.items(), name
+                for volume in item["spec"]["template"]["spec"].get("volumes", []):
+                    claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+                    assert claim is None or ("PersistentVolumeClaim", claim) in items, claim
+            if kind == "Service":
+                assert any(other["kind"] == "Deployment" and item["spec"]["selector"].items()
+                           <= other["spec"]["template"]["metadata"]["labels"].items() for other in doc["items"]), name
     else:  # Ray cluster launcher
         assert doc["head_node_type"] in doc["available_node_types"]
 
@@ -86,3 +99,32 @@ def test_prepare_rayjob_runs_vita_audio_prepare_on_its_gpus():
     gpus = sum(g["replicas"] * g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
                for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"])
     assert 0 < args.encoder_actors * args.gpus_per_actor <= gpus and args.out.is_absolute() and args.address == "auto"
+
+
+def test_rayservice_keeps_gcs_and_the_state_store_in_one_redis(shared_dir):
+    """GCS fault tolerance and the endpoint's state store use the same Redis (the Service of redis.yaml), the
+    state store in its own database; every pod points the config's `state: null` at it; the ingress autoscales."""
+    from urllib.parse import urlsplit
+
+    from serve.app import Args
+
+    doc = yaml.safe_load((REPO / "cluster" / "kuberay" / "rayservice.yaml").read_text())
+    cluster = doc["spec"]["rayClusterConfig"]
+    gcs = cluster["gcsFaultToleranceOptions"]
+    host, port = gcs["redisAddress"].rsplit(":", 1)
+    redis = yaml.safe_load((REPO / "cluster" / "kuberay" / "redis.yaml").read_text())
+    service = next(i for i in redis["items"] if i["kind"] == "Service")
+    assert service["metadata"]["name"] == host and int(port) in [p["port"] for p in service["spec"]["ports"]]
+    secret = gcs["redisPassword"]["valueFrom"]["secretKeyRef"]
+    pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+    for pod in pods:
+        env = {e["name"]: e for e in pod["template"]["spec"]["containers"][0]["env"]}
+        assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == secret
+        names = list(env)  # Kubernetes expands $(REDIS_PASSWORD) only from a variable defined before it
+        assert names.index("REDIS_PASSWORD") < names.index("VITA_AUDIO_STATE")
+        url = urlsplit(env["VITA_AUDIO_STATE"]["value"])
+        assert url.scheme == "redis" and (url.hostname, url.port) == (host, int(port))
+        assert url.password == "$(REDIS_PASSWORD)" and url.path == "/1"  # database 0 is the GCS'
+    args = Args.model_validate(yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"][0]["args"])
+    assert args.state is None  # so $VITA_AUDIO_STATE decides
+    assert args.ingress.max_replicas > args.ingress.min_replicas >= 1

@@ -12,22 +12,21 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from actors.ray_runtime import free_port
 from serve.api import APIError
 from serve.keys import ENV_KEYS, ENV_KEYS_FILE, KeySet, KeyFileError, key_digest, owner_id
 from serve.state import AUDIO, GLOBAL, REALTIME, VOICE, Conflict, Full, NotFound, Record, open_store
 from serve.state.redis_store import split_url
 from serve.state.sqlite_store import SqliteStore
+
+from redis_testing import RedisServer, need_redis_server
 
 A, B = owner_id("sk-key-a"), owner_id("sk-key-b")
 N_CONCURRENT = 32
@@ -36,63 +35,6 @@ TTL_S = 1.5  # short-lived items: long enough that a loaded machine reads them b
 
 def sleep_past(expires_at: float) -> None:
     time.sleep(max(0.0, expires_at - time.time()) + 0.2)
-
-
-# -- a real redis-server -------------------------------------------------------------------------------------------
-class RedisServer:
-    """`redis-server` on 127.0.0.1:`port`, persistence off; start() / stop() (by its own pid only)."""
-
-    def __init__(self, workdir: Path, port: int | None = None):
-        self.workdir, self.port, self.proc = workdir, port or free_port(), None
-
-    def start(self) -> "RedisServer":
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        log = self.workdir / "redis.log"
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", str(self.workdir), "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning"],
-                stdout=out, stderr=subprocess.STDOUT)
-        import redis
-
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited: {log.read_text()[-500:]}") from None
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"redis-server did not answer PING within 20 s: "
-                                       f"{log.read_text()[-500:]}") from None
-                time.sleep(0.05)
-        client.close()
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-    def url(self, prefix: str | None = None) -> str:
-        prefix = prefix or f"t{uuid.uuid4().hex[:8]}:"
-        return f"redis://127.0.0.1:{self.port}/0?prefix={prefix}"
-
-
-def need_redis_server() -> None:
-    if shutil.which("redis-server") is None:
-        reason = "redis-server not installed (Debian: apt-get install redis-server; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(reason + " — CI must run the Redis backend's tests")
-        pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
@@ -393,6 +335,19 @@ def test_open_store_urls(tmp_path):
             open_store(bad)
 
 
+def test_check_reaches_the_store_or_says_why_not(store, tmp_path):
+    """What `vita-audio serve` runs before Ray starts: the store answers, or a StateError naming it."""
+    from serve.state import StateError
+
+    store.check()
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    for url in (str(blocked / "state"), "redis://127.0.0.1:1/0"):  # a folder under a file; nothing listens on :1
+        with open_store(url) as bad, pytest.raises(StateError) as err:
+            bad.check()
+        assert "state store" in str(err.value)
+
+
 def test_default_state():
     from serve.state import default_state
 
@@ -532,9 +487,6 @@ def test_chat_audio_ids_on_the_store(store_url):
     assert one.transcript(streamed, "m", owner=A) == "the whole answer"
     one.finish(streamed, "stolen", expires, owner=B)  # ignored: not B's
     assert one.transcript(streamed, "m", owner=A) == "the whole answer"
-    legacy, expires = one.add("")
-    one.items[legacy] = ("set as the chat route does", expires)
-    assert two.transcript(legacy, "m") == "set as the chat route does"
     short = AudioAnswers(ttl_s=1.5, state=store_url)
     gone, expires = short.add("brief", owner=A)
     sleep_past(expires + 1)
@@ -542,8 +494,8 @@ def test_chat_audio_ids_on_the_store(store_url):
         short.transcript(gone, "m", owner=A)
 
 
-def test_voice_calls_as_the_ingress_makes_them_today():
-    """Until the routes pass the key's owner, everything is owner "" (one shared set, as before the store)."""
+def test_voice_calls_of_an_endpoint_without_keys():
+    """Without keys every caller is owner "" (one shared set); `owned` is one key's view (a realtime session's)."""
     from serve.api import VoiceRef
     from serve.voices import VoiceStore
 
@@ -553,6 +505,10 @@ def test_voice_calls_as_the_ingress_makes_them_today():
     assert described["name"] == "me" and described["type"] == "audio_sample" and described["seconds"] == 1.5
     assert voices.listing()["voices"] == ["default", "me"]
     assert voices.resolve(VoiceRef(id=described["id"])) == [1, 2] == voices.resolve("me", "audio.voice")
+    assert voices.owned("").resolve("me") == [1, 2]
+    with pytest.raises(APIError) as err:
+        voices.owned(A).resolve("me", "session.voice")
+    assert err.value.status == 400 and err.value.param == "session.voice"
     voices.delete(described["id"])
     with pytest.raises(APIError) as err:
         voices.delete(described["id"])

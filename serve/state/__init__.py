@@ -174,6 +174,11 @@ class StateStore:
         """Delete expired items now (they are never returned either way); how many went."""
         return 0
 
+    def check(self) -> None:
+        """Reach the store now (what a start-up checks before serving): a write transaction on SQLite, a PING
+        on Redis. Raises `StateError` saying why not (a folder that cannot be written, a Redis that does not
+        answer)."""
+
     def close(self) -> None:
         pass
 

@@ -18,8 +18,8 @@ import time
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from serve.state import (OWNER, Conflict, Full, NotFound, Record, StateStore, check_id, check_kind, check_name,
-                         check_owner, encode_data, expiry, new_id, scope_key)
+from serve.state import (OWNER, Conflict, Full, NotFound, Record, StateError, StateStore, check_id, check_kind,
+                         check_name, check_owner, encode_data, expiry, new_id, scope_key)
 
 DEFAULT_PREFIX = "vita-audio:"
 
@@ -221,6 +221,14 @@ class RedisStore(StateStore):
         check_kind(kind), check_id(id)
         if not self._script("delete", [self._item_key(kind, id), self._index_key(kind, owner)], [owner, id]):
             raise NotFound(f"{kind} {id!r} does not exist")
+
+    def check(self) -> None:
+        import redis
+
+        try:
+            self._redis().ping()
+        except redis.RedisError as err:
+            raise StateError(f"state store {self.client_url}: {err}") from None
 
     def close(self) -> None:
         if self._client is not None and self._pid == os.getpid():

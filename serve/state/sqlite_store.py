@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serve.state import (OWNER, Conflict, Full, NotFound, Record, StateStore, check_id, check_kind,
+from serve.state import (OWNER, Conflict, Full, NotFound, Record, StateError, StateStore, check_id, check_kind,
                          check_name, check_owner, encode_data, expiry, new_id, scope_key)
 
 SCHEMA = """
@@ -179,6 +179,12 @@ class SqliteStore(StateStore):
             before = self._db().total_changes
             self._write(lambda conn, now: None)
             return self._db().total_changes - before
+
+    def check(self) -> None:
+        try:
+            self.purge()
+        except (sqlite3.Error, OSError) as err:
+            raise StateError(f"state store {self.path}: {err}") from None
 
     def close(self) -> None:
         with self._lock:
