@@ -61,6 +61,7 @@ MAX_FILE_BYTES = 200 * 2**20  # OpenAI's cap on a batch input file
 FINAL = ("completed", "failed", "cancelled", "expired")
 CHAT_AUDIO_OUT = {"wav": "wav", "flac": "flac", "pcm16": "pcm", "mp3": "mp3", "opus": "opus"}
 REFUSED = "refused.jsonl"
+VALIDATION_S = 600  # a batch still `validating` after this long lost its replica: failed
 
 
 def not_found(kind: str, item_id: str) -> APIError:
@@ -440,9 +441,15 @@ class BatchRoutes:
     def _refresh(self, owner: str, record: dict) -> dict:
         """The batch as it stands: counts from the job, a dead driver restarted, an ended job finalized."""
         batch, folder = record["batch"], Path(record["folder"])
+        state = self._batch_state()
+        if batch["status"] == "validating" and time.time() > batch["created_at"] + VALIDATION_S:
+            # the replica that validated it went away before it started the job (validation is synchronous)
+            batch.update(status="failed", failed_at=int(time.time()), errors={"object": "list", "data": [
+                {"code": "validation_interrupted", "message": "the endpoint restarted while validating the input; "
+                 "create the batch again", "param": None, "line": None}]})
+            state.put(BATCH, owner, batch["id"], record)
         if batch["status"] in FINAL or batch["status"] == "validating":
             return record
-        state = self._batch_state()
         end = drivers.ended(folder)
         if end is None:
             if time.time() > batch["expires_at"] and not cancel_requested(folder):
