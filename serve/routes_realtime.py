@@ -12,8 +12,9 @@ and truncates it to what the user heard by the server's estimate (audio sent, up
 began), which the client may correct with `conversation.item.truncate`. With `audio.input.transcription` each
 committed turn is transcribed by the model's ASR beside the answer (never before it).
 
-Sessions survive the network: `session.created` carries a `resume_token`; a socket that drops leaves the session
-in the state store (serve.state, kind REALTIME, owned by the caller's key) for `realtime_resume_grace_s`, and a
+Sessions survive the network: `session.created` carries a `resume_token`; the session of a socket that drops
+(closed without a close frame, or with a code other than 1000 / 1001, which end the session) waits in the
+state store (serve.state, kind REALTIME, owned by the caller's key) for `realtime_resume_grace_s`, and a
 socket opened with `?resume=TOKEN` by the same key, on any ingress replica, continues it: the conversation, the
 config, and the events the dropped socket missed (a response in progress is cancelled at the drop, its end is
 among them). A session ends, with an `error` event naming why, at `realtime_max_session_s`, after
@@ -48,6 +49,7 @@ from serve.uploads import admit_pcm16
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 KEY_PROTOCOL = "openai-insecure-api-key."  # OpenAI's browser auth: the key as a WebSocket subprotocol
 POLICY_VIOLATION, NORMAL_CLOSE = 1008, 1000
+CLIENT_CLOSE = (1000, 1001)  # the client closed (done, or the page went away): the session ends with the socket
 MAX_MISSED = 64  # events kept for a resume (a dropped socket misses at most the end of one response)
 TRANSCRIPTION_TOKENS = 256
 WATCH_S = 0.2
@@ -107,7 +109,7 @@ class Live:
         self.last: Response | None = None
         self.tasks: set[asyncio.Task] = set()
         self.idle_since = time.monotonic()
-        self.ended = False  # by the server (not resumable)
+        self.ended = False  # by the server, or closed by the client (not resumable: only a dropped socket is)
 
     # -- the socket ------------------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -126,6 +128,7 @@ class Live:
             while True:
                 message = await ws.receive()
                 if message["type"] == "websocket.disconnect":
+                    self.ended = message.get("code") in CLIENT_CLOSE  # a close, not a drop
                     return
                 event_id = None
                 try:
@@ -440,6 +443,11 @@ class RealtimeRoutes:
             pass  # the client went away: the receive loop ends the session
         except Exception as err:
             logger.error("realtime response failed", exc_info=err)
+            try:  # the client still learns that the response failed (an `error` event), never a silent stop
+                await link.send(*response.failed(APIError(500, f"internal error: {type(err).__name__}",
+                                                          type="server_error")))
+            except Exception:
+                pass  # the socket itself is gone
         finally:
             if run is not None:
                 await run.aclose()

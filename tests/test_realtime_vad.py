@@ -54,11 +54,12 @@ def utterances(shared_dir) -> list[np.ndarray]:
     return out
 
 
-def connect(url: str, key: str = API_KEY, **query):
+def connect(url: str, key: str = API_KEY, on_reconnecting=None, **query):
     import openai
 
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
-    return client.realtime.connect(model="vita-audio", extra_query=query)
+    return client.realtime.connect(model="vita-audio", extra_query=query, on_reconnecting=on_reconnecting,
+                                   max_retries=2)
 
 
 async def until(conn, last: str, timeout: float = WAIT_S, into: list | None = None) -> list:
@@ -223,21 +224,42 @@ async def text_turn(conn, text: str, tokens: int = 8) -> list:
 
 
 async def drop_and_resume(url: str) -> dict:
-    async with connect(url) as conn:
+    """The SDK's own reconnection (`on_reconnecting`) with the resume token: the socket drops (no close frame,
+    as when the network goes) in the middle of a spoken answer, the SDK reconnects and the session goes on."""
+    token = {}
+    reconnects = []
+
+    def resume(event):
+        reconnects.append(event.close_code)
+        return {"extra_query": {"resume": token["value"]}}
+
+    async with connect(url, on_reconnecting=resume) as conn:
         created = (await until(conn, "session.created"))[-1]
+        token["value"] = created.resume_token
         first = await text_turn(conn, "Hello there.")
         # a long spoken answer, then the socket drops in the middle of it
         await conn.conversation.item.create(item={"type": "message", "role": "user",
                                                   "content": [{"type": "input_text", "text": "Tell me more."}]})
         await conn.response.create(response={"max_output_tokens": 512})
         await until(conn, "response.output_audio.delta")
-    async with connect(url, resume=created.resume_token) as conn:
-        resumed = await until(conn, "response.done", 30)  # session.created, then the events it missed
+        conn._connection.transport.abort()  # the network drops
+        events = []
+
+        async def through_the_drop():  # the SDK reconnects while iterated
+            async for event in conn:
+                events.append(event)
+                if event.type == "response.done" and any(e.type == "session.created" for e in events):
+                    return
+
+        await asyncio.wait_for(through_the_drop(), 60)
+        # what was already on its way, then the new socket: session.created and the events it missed
+        resumed = events[max(i for i, e in enumerate(events) if e.type == "session.created"):]
         item_id = first[-1].response.output[0].id
         await conn.conversation.item.retrieve(item_id=item_id)
         retrieved = (await until(conn, "conversation.item.retrieved"))[-1]
         later = await text_turn(conn, "And now?")
-    return {"created": created, "first": first, "resumed": resumed, "retrieved": retrieved, "later": later}
+    return {"created": created, "first": first, "resumed": resumed, "retrieved": retrieved, "later": later,
+            "reconnects": reconnects}
 
 
 async def refused(url: str, key: str = API_KEY, **query) -> tuple[object, int | None]:
@@ -256,6 +278,7 @@ def test_a_dropped_session_resumes_within_the_grace_period(app_url):
     run = asyncio.run(drop_and_resume(app_url))
     created, resumed = run["created"], run["resumed"]
     assert created.resume_token.startswith(created.session.id + ".")
+    assert run["reconnects"] == [1006]
     assert resumed[0].type == "session.created" and resumed[0].session.id == created.session.id
     missed = resumed[1:]  # the answer that was cut off: cancelled at the drop, its end replayed
     assert missed and missed[-1].type == "response.done" and missed[-1].response.status == "cancelled"
@@ -266,6 +289,7 @@ def test_a_dropped_session_resumes_within_the_grace_period(app_url):
 async def resume_after(url: str, wait_s: float):
     async with connect(url) as conn:
         token = (await until(conn, "session.created"))[-1].resume_token
+        conn._connection.transport.abort()  # dropped: resumable for GRACE_S
     other = await refused(url, OTHER_KEY, resume=token)  # another key's token: refused at once
     await asyncio.sleep(wait_s)
     return other, await refused(url, resume=token)
