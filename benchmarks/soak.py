@@ -60,7 +60,8 @@ class Sample:
     kind: str
     start_s: float  # since the load started
     end_s: float
-    status: str  # the HTTP status, "stream_error" (an error event after 200), "ws_error", or the exception's name
+    status: str  # the HTTP status, "stream_error" (an error event after 200), "ws_error" (the server's error event),
+    # "ws_refused:CODE" (an error event refusing the client), or the exception's name (a dropped connection)
     ttfa_s: float | None = None
     underrun_s: float | None = None
     audio_s: float = 0.0
@@ -261,8 +262,11 @@ async def _realtime(soak: Soak, http, sample: Sample, n: int) -> None:
             event = json.loads(await asyncio.wait_for(ws.recv(), 600))
             if event["type"] == "response.output_audio.delta":
                 _audio(soak, sample, clock, len(base64.b64decode(event["delta"])) / 2 / REALTIME_RATE)
-            elif event["type"] == "error":
-                sample.status, sample.error = "ws_error", event["error"]["message"][:200]
+            elif event["type"] == "error":  # the server's failure, or a refusal of this client (a 4xx in kind)
+                error = event["error"]
+                server = error.get("type") == "server_error"
+                sample.status = "ws_error" if server else f"ws_refused:{error.get('code') or error.get('type')}"
+                sample.error = error["message"][:200]
                 return
             elif event["type"] == "response.done":
                 if event["response"]["status"] not in ("completed", "incomplete"):
@@ -371,10 +375,10 @@ def _errors(samples: list[Sample], kills: list[dict]) -> dict:
     """Server-side failures (5xx, an error after a 200, a dropped connection), split by whether the request was in
     flight when a replica was killed (started before, ended after)."""
     failed = [s for s in samples if s.status.startswith("5") or s.status in ("stream_error", "ws_error")
-              or not s.status[:1].isdigit()]
+              or not (s.status[:1].isdigit() or s.status.startswith("ws_refused"))]
     in_flight = [s for s in failed if any(s.start_s <= k["t_s"] <= s.end_s for k in kills)]
     unexplained = [s for s in failed if s not in in_flight]
-    client = [s for s in samples if s.status.startswith("4")]
+    client = [s for s in samples if s.status.startswith(("4", "ws_refused"))]
     return {"server_errors": len(failed), "in_flight_at_kill": len(in_flight),
             "unexplained": [asdict(s) for s in unexplained], "client_errors_4xx": [asdict(s) for s in client],
             "in_flight_messages": sorted({f"{s.status}: {s.error[:120]}" for s in in_flight})}
