@@ -91,7 +91,9 @@ class DecoderStageConfig:
     seed: int = 42  # noise seed of each stream (same seed -> same audio)
     stream_kind: str = "incremental"  # incremental | glm4voice | vita_prefix (pipeline.decoder streams)
     idle_timeout_s: float = 300.0  # a stream nobody pushes to for this long is freed
-    chunk_wait_s: float = 10.0  # a chunk waiting this long for the stream's earlier ones fails (a lost stream)
+    # a chunk waiting this long for the stream's earlier ones fails (a lost stream; senders never let a chunk pass
+    # an earlier one that is only queued or refused at capacity: actors.orchestration.ChunkGate)
+    chunk_wait_s: float = 10.0
 
 
 @dataclass
@@ -103,7 +105,8 @@ class PipelineConfig:
     placement_timeout_s: float = 60.0  # waiting for the placement group (too few GPUs -> a clear error)
     request_timeout_s: float = 600.0  # a whole request (all stages) must finish within this
     stage_timeout_s: float = 60.0  # no progress from a stage for this long ends the request with an error
-    max_inflight_chunks: int = 2  # audio chunks sent to the decoder and not yet returned, per request
+    # audio chunks sent to the decoder and not yet taken, per request (exactly: the decoder's caps are sized on it)
+    max_inflight_chunks: int = 2
     name_prefix: str = ""  # actor names ("" = anonymous actors)
 
     def __post_init__(self):

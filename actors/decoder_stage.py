@@ -1,7 +1,10 @@
 """DecoderStage: audio codes -> 22.05 kHz PCM, one incremental stream per request, concurrent chunks batched.
 
-Each request's chunks arrive in order (`push`); the stage keeps that request's decoder stream (its
-flow-matching / vocoder state) until the final chunk, `close`, or `idle_timeout_s` without a push.
+Each request's chunks arrive in order (`push`; calls in flight may be reordered, `seq` restores the order); the
+stage keeps that request's decoder stream (its flow-matching / vocoder state) until the final chunk, `close`, or
+`idle_timeout_s` without a push. A stream starts on chunk 0, which every sender awaits before sending the rest: a
+later chunk without its stream fails at once (the stream was lost), and one whose earlier chunk never comes fails
+after `chunk_wait_s`.
 Chunks of different requests that arrive while a forward runs go together into the next
 `decode_batch` call (one forward for all of them).
 """
@@ -72,6 +75,11 @@ class DecoderStage:
         if state is None and chunk.request_id in self.closed:
             # Ray does not keep call order: a chunk sent before `close` may arrive after it
             raise ValueError(f"request {chunk.request_id!r} was closed; chunk {chunk.seq} is dropped")
+        if state is None and chunk.seq > 0:
+            # every sender waits for a stream's first chunk before it sends the next (actors.orchestration), so the
+            # stream was here and is gone: the replica holding it was replaced, or the stream failed or idled out
+            raise ValueError(f"request {chunk.request_id!r}: chunk {chunk.seq} reached a decoder replica without its "
+                             "stream; the stream was lost (the replica holding it was replaced, or it failed)")
         if state is None:
             stream = self.decoder.stream(kind=self.config.stream_kind, n_steps=self.config.n_steps, seed=self.config.seed)
             state = self.streams[chunk.request_id] = _Stream(stream, time.monotonic())
@@ -96,9 +104,11 @@ class DecoderStage:
                         seconds)
 
     async def _wait_turn(self, state: _Stream, chunk: CodesChunk) -> None:
-        """Wait until the stream's earlier chunks were taken. They arrive within moments (Ray only reorders calls
-        in flight); one that never comes means the stream is lost (the replica holding it was replaced, or its
-        chunks were routed elsewhere), and the request fails now instead of at the caller's stage timeout."""
+        """Wait until the stream's earlier chunks were taken. They arrive within moments: Ray only reorders calls
+        in flight, and a sender whose calls can be refused at capacity or queued (Ray Serve) sends a chunk only once
+        the one before was accepted (`actors.orchestration.ChunkGate`), so no capacity refusal or queue starts this
+        clock. One that never comes means the stream is lost (the replica holding it was replaced, or its chunks
+        were routed elsewhere), and the request fails now instead of at the caller's stage timeout."""
         try:
             await within(state.turn.wait_for(lambda: state.closed or state.next_seq == chunk.seq),
                          self.config.chunk_wait_s)

@@ -11,7 +11,10 @@ can import the protocol, the failure types and the function.
 Per request two tasks cooperate: one reads the LLM stream and sends each audio chunk to the decoder as
 soon as it arrives (the decoder starts on chunk 1 while the LLM goes on), the other awaits the PCM of
 those chunks in order. At most `limits.max_inflight_chunks` chunks wait for the decoder, so a slow
-decoder or client slows the LLM down instead of piling up memory.
+decoder or client slows the LLM down instead of piling up memory (and the decoder's capacity can hold every
+LLM slot's chunks: serve.app.Args derives it). A transport whose calls can be refused at capacity or reordered
+on the way (Ray Serve) sends a request's chunks through a `ChunkGate`: in order of acceptance, a refused chunk
+resent, so the decoder never waits for a chunk that is only queued (its `chunk_wait_s` is for lost ones).
 
 Failures end a request with one `ErrorEvent` naming the stage. A client raises `StageRestarting` for a
 call that never ran because its stage is restarting: calls that are safe to resend (the encoding, the
@@ -242,7 +245,10 @@ async def _encode(clients: StageClients, limits: Limits, trace: _Trace, audio: A
 async def _stream(clients: StageClients, limits: Limits, request: SpeechRequest, trace: _Trace,
                   out: asyncio.Queue) -> None:
     """LLM stream -> text events + decoder pushes (bounded), decoder PCM -> audio events, in order."""
-    pending_pcm: asyncio.Queue = asyncio.Queue(maxsize=limits.max_inflight_chunks)
+    pending_pcm: asyncio.Queue = asyncio.Queue()
+    # decoder calls of this request not yet taken by read_pcm: exactly max_inflight_chunks at most (the chunk read_pcm
+    # awaits counts too), so the decoder's capacity can be sized to hold every LLM slot's chunks (serve.app.Args)
+    inflight = asyncio.Semaphore(limits.max_inflight_chunks)
     feed = DecoderFeed(clients, request.request_id)  # the decoder's chunk protocol (actors.streams)
     decoder_usage = {"chunks": 0, "forwards": 0}
     trace.usage["decoder"] = decoder_usage
@@ -265,6 +271,7 @@ async def _stream(clients: StageClients, limits: Limits, request: SpeechRequest,
                     out.put_nowait(TextDelta(item.text, list(item.text_ids)))
                 for codes in item.audio_chunks:
                     trace.mark("first_audio_codes")
+                    await inflight.acquire()
                     if not feed.sent:  # the decoder may still be restarting: its stream starts on this chunk,
                         # and later chunks are sent only once that stream exists (on the restarted stage)
                         chunk = feed.chunk(codes)
@@ -280,12 +287,14 @@ async def _stream(clients: StageClients, limits: Limits, request: SpeechRequest,
         finally:
             await _aclose(stream)
         if feed.sent:  # flush the decoder stream's tail (and free it)
+            await inflight.acquire()
             await pending_pcm.put(asyncio.ensure_future(feed.flush()))
         await pending_pcm.put(None)
 
     async def read_pcm() -> None:
         while (pushed := await pending_pcm.get()) is not None:
             chunk = await _guard("decoder", pushed, timeout)
+            inflight.release()
             decoder_usage["chunks"] += 1
             decoder_usage["forwards"] = chunk.forwards
             decoder_usage["compute_s"] = decoder_usage.get("compute_s", 0.0) + chunk.compute_s
@@ -350,6 +359,75 @@ async def retry_restarting(stage: str, call: Callable[[], Awaitable[T]], timeout
                 raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+async def retry_busy(call: Callable[[], Awaitable[T]], timeout_s: float) -> T:
+    """Await `call()`, resending it (backing off) while the stage refuses it at capacity, until `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.05
+    while True:
+        try:
+            return await call()
+        except StageBusy:
+            if time.monotonic() + delay >= deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+class ChunkGate:
+    """A transport's side of the decoder's chunk order, for transports that accept a call in a step of its own and
+    may refuse it there at capacity (Ray Serve: a caller's queue beyond max_queued_requests, a replica at
+    max_ongoing_requests). Each request's chunks go out in `seq` order, the next one only once a decoder replica
+    accepted the one before; a chunk refused at capacity (`StageBusy`) is resent, backing off, for up to
+    `busy_timeout_s`. So no chunk reaches the decoder before an earlier one that is merely queued or refused: the
+    decoder's `chunk_wait_s` clock runs only for chunks that really went missing.
+
+        response = await gate.send(chunk, submit)   # submit(): the call, once accepted (raises StageBusy if refused)
+        pcm = await response
+    """
+
+    def __init__(self, busy_timeout_s: float = 60.0):
+        self.busy_timeout_s = busy_timeout_s
+        self.accepted: dict[str, int] = {}  # request id -> how many of its chunks a replica accepted
+        self.changed: dict[str, asyncio.Event] = {}  # set when that count changes or the request is forgotten
+        self.refused = 0  # refusals at capacity, each followed by a resend unless busy_timeout_s ran out
+
+    async def send(self, chunk: CodesChunk, submit: Callable[[], Awaitable[T]]) -> T:
+        request_id = chunk.request_id
+        if chunk.seq and request_id not in self.accepted:
+            raise StageFailure("decoder", f"request {request_id!r} was closed; chunk {chunk.seq} is not sent")
+        self.accepted.setdefault(request_id, 0)
+        while self.accepted.get(request_id, -1) < chunk.seq:  # an earlier chunk is not accepted yet
+            if request_id not in self.accepted:
+                raise StageFailure("decoder", f"request {request_id!r} was closed; chunk {chunk.seq} is not sent")
+            await self.changed.setdefault(request_id, asyncio.Event()).wait()
+
+        async def attempt() -> T:
+            try:
+                return await submit()
+            except StageBusy:
+                self.refused += 1
+                raise
+
+        response = await retry_busy(attempt, self.busy_timeout_s)
+        if request_id in self.accepted:
+            self.accepted[request_id] = max(self.accepted[request_id], chunk.seq + 1)
+            self._wake(request_id)
+        if chunk.final:
+            self.forget(request_id)
+        return response
+
+    def forget(self, request_id: str) -> None:
+        """The request ended (its final chunk was accepted, or it was closed): chunks still waiting give up."""
+        self.accepted.pop(request_id, None)
+        self._wake(request_id)
+        self.changed.pop(request_id, None)
+
+    def _wake(self, request_id: str) -> None:
+        event = self.changed.pop(request_id, None)
+        if event is not None:
+            event.set()
 
 
 async def _next(stream: AsyncIterator[T]) -> T:

@@ -6,7 +6,9 @@ replicas without its stream. `DecoderStreamRouter` keeps request id -> replica f
 final chunk or `close`, and sends every call of the request to that replica alone (waiting while it is busy).
 A new stream goes to the replica with the fewest open streams pinned by this router (ties at random). A call
 may be routed more than once (a replica at max_ongoing_requests refuses it and the router tries again), so an
-ended stream's pin lingers a minute.
+ended stream's pin lingers a minute. Such a retry never lets a later chunk of the stream overtake it: the caller
+(`serve.deployments.ServeStageClients`, through `actors.orchestration.ChunkGate`) sends a request's next chunk
+only once this one was accepted, and the decoder's caps hold every LLM slot's chunks (`serve.app.Args`).
 
 The router runs in each caller (the ingress replicas) and sees only that caller's requests, which is enough:
 all chunks of a request come from the one ingress replica that runs it. If the owner replica dies, its

@@ -294,8 +294,9 @@ def test_text_detokenizer_pieces_add_up_to_the_whole_decode_in_linear_time(tiny_
 
 
 def test_decoder_stage_fails_a_chunk_whose_stream_was_lost(config):
-    """A chunk whose earlier chunks never arrive (their stream lived on a replaced replica) fails by name after
-    chunk_wait_s instead of waiting for the caller's stage timeout; the replica keeps serving other streams."""
+    """A later chunk reaching a replica without its stream (it lived on a replaced replica) fails at once; one whose
+    earlier chunk never arrives fails by name after chunk_wait_s instead of waiting for the caller's stage timeout;
+    the replica keeps serving other streams."""
     import dataclasses
 
     from actors.decoder_stage import DecoderStage
@@ -303,8 +304,11 @@ def test_decoder_stage_fails_a_chunk_whose_stream_was_lost(config):
     stage = DecoderStage(dataclasses.replace(config.decoder, chunk_wait_s=0.3))
 
     async def main():
-        with pytest.raises(ValueError, match="chunk 2 waited 0.3 s for chunk 0 .*stream was lost"):
+        with pytest.raises(ValueError, match="chunk 2 reached a decoder replica without its stream"):
             await stage.push(CodesChunk("lost", [1, 2, 3], seq=2))
+        await stage.push(CodesChunk("gap", [1, 2, 3], seq=0))
+        with pytest.raises(ValueError, match="chunk 2 waited 0.3 s for chunk 1 .*stream was lost"):
+            await stage.push(CodesChunk("gap", [1, 2, 3], seq=2))
         return await stage.push(CodesChunk("fresh", [1, 2, 3], seq=0, final=True))
 
     assert len(asyncio.run(main()).pcm) > 0 and not stage.streams
@@ -331,12 +335,13 @@ def test_decoder_stage_batches_streams_and_matches_plain_stream_pushes(config):
         reference = np.concatenate([stream.push(c) for c in chunks[rid]] + [stream.finish()])
         assert_same_audio(pcm, reference)
 
-    async def out_of_order(rid):  # Ray may run calls to an async actor in any order: seq restores it
-        calls = [stage.push(CodesChunk(rid, codes, seq=i)) for i, codes in enumerate(chunks[rid])]
+    async def out_of_order(rid):  # Ray may run calls in flight to an async actor in any order: seq restores it
+        first = await stage.push(CodesChunk(rid, chunks[rid][0], seq=0))  # senders await a stream's first chunk
+        calls = [stage.push(CodesChunk(rid, codes, seq=i)) for i, codes in enumerate(chunks[rid]) if i]
         calls.append(stage.push(CodesChunk(rid, [], final=True, seq=len(chunks[rid]))))
-        tasks = [asyncio.ensure_future(c) for c in reversed(calls)]  # final first, first chunk last
+        tasks = [asyncio.ensure_future(c) for c in reversed(calls)]  # final first, second chunk last
         out = await asyncio.gather(*tasks)
-        return np.concatenate([c.pcm for c in reversed(out)])
+        return np.concatenate([first.pcm] + [c.pcm for c in reversed(out)])
 
     assert_same_audio(asyncio.run(out_of_order("s1")), batched[1])
     assert not stage.streams
