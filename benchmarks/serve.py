@@ -220,15 +220,10 @@ def _summary(clients: int, samples: list[dict], wall_s: float) -> dict:
 
 
 def bench_app(args: dict, ingress_replicas: int = 1):
-    """The Serve app of `args` with `ingress_replicas` ingress replicas (fixed: min = max)."""
-    from ray.serve import Application
+    """The Serve app of `args` with `ingress_replicas` ingress replicas (the app's ingress scaling, min = max)."""
+    from serve.app import build_app
 
-    from serve.app import Args, build_app
-
-    if "ingress" in Args.model_fields:  # the app's own ingress scaling
-        return build_app({**args, "ingress": {"min_replicas": ingress_replicas, "max_replicas": ingress_replicas}})
-    app = build_app(args)  # (an app without ingress scaling args: the bound ingress deployment with num_replicas)
-    return Application(app._bound_deployment.options(num_replicas=ingress_replicas))
+    return build_app({**args, "ingress": {"min_replicas": ingress_replicas, "max_replicas": ingress_replicas}})
 
 
 def _ingress_comparison(rows: list[dict]) -> dict:
