@@ -1,11 +1,16 @@
 """The live voice chat page at / in a real headless Chromium (driven by playwright, the system's
 /usr/bin/chromium): its fake microphone plays a mini-speech utterance, the test clicks Talk, then Stop & send,
 and waits (bounded) for the answer's transcript and audio, counted by the page in window.vitaStats. A
-screenshot of the page goes to the test's tmp folder."""
+screenshot of the page goes to the test's tmp folder. Also: a message typed during an answer waits for it and
+is answered; opened from a non-secure origin (http:// at a non-loopback address, reached through a loopback
+proxy) the page says the microphone needs https or localhost, and typed messages still work."""
 from __future__ import annotations
 
+import asyncio
 import shutil
+import threading
 import time
+from urllib.parse import urlsplit
 
 import pytest
 import soundfile
@@ -21,36 +26,102 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
                                  reason=f"{CHROMIUM} is missing (apt-get install -y chromium)")]
 
 
+INSECURE_HOST = "10.254.0.1"  # a non-loopback address: a page there is not a secure context
+
+
+class LoopbackProxy:
+    """An HTTP proxy on loopback that sends every request to one local port (plain requests rewritten, CONNECT
+    tunnels for the WebSocket): Chromium opens the page at a non-loopback address, which browsers treat as an
+    insecure origin, and still reaches the test's server. Runs on its own thread; stops with the block."""
+
+    def __init__(self, target_port: int):
+        self.target_port, self.port = target_port, None
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        server = asyncio.run_coroutine_threadsafe(asyncio.start_server(self._client, "127.0.0.1", 0), self.loop)
+        self.server = server.result(timeout=10)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    def __exit__(self, *exc):
+        async def stop():
+            self.server.close()
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+    async def _client(self, reader, writer):
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            line, _, headers = head[:-4].partition(b"\r\n")
+            method, target, version = line.split(b" ", 2)
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except (OSError, ValueError, asyncio.IncompleteReadError):
+            writer.close()
+            return
+        if method == b"CONNECT":
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        else:  # absolute-form to origin-form, one request per connection
+            parts = urlsplit(target.decode())
+            path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            kept = [h for h in headers.split(b"\r\n") if not h.lower().startswith((b"connection:", b"proxy-"))]
+            up_writer.write(b"\r\n".join([f"{method.decode()} {path} ".encode() + version, *kept,
+                                           b"Connection: close"]) + b"\r\n\r\n")
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+
+async def _pipe(reader, writer) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
+
+
 @pytest.fixture(scope="module")
-def page(serve_url, shared_dir, tmp_path_factory):
+def browser(serve_url, shared_dir, tmp_path_factory):
+    """Chromium with a fake microphone; addresses outside loopback go through a LoopbackProxy to the server."""
     from playwright.sync_api import sync_playwright
 
     tmp = tmp_path_factory.mktemp("chromium")
     pcm, rate = soundfile.read(shared_dir / UTTERANCE, dtype="int16")
     soundfile.write(tmp / "mic.wav", pcm, rate, subtype="PCM_16")
-    flags = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-             f"--use-file-for-fake-audio-capture={tmp / 'mic.wav'}", "--autoplay-policy=no-user-gesture-required",
-             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch_persistent_context(str(tmp / "profile"), executable_path=CHROMIUM, headless=True,
+    with LoopbackProxy(urlsplit(serve_url).port) as proxy, sync_playwright() as p:
+        flags = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                 f"--use-file-for-fake-audio-capture={tmp / 'mic.wav'}", "--autoplay-policy=no-user-gesture-required",
+                 "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--proxy-server=http://127.0.0.1:{proxy.port}"]  # loopback pages bypass it
+        context = p.chromium.launch_persistent_context(str(tmp / "profile"), executable_path=CHROMIUM, headless=True,
                                                        args=flags, timeout=60_000)
         try:
-            tab = browser.new_page()
-            tab.goto(serve_url + "/", timeout=30_000)
-            yield tab
+            yield context
         finally:
-            browser.close()
+            context.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser, serve_url):
+    tab = browser.new_page()
+    tab.goto(serve_url + "/", timeout=30_000)
+    return tab
 
 
 def stats(page) -> dict:
     return page.evaluate("window.vitaStats")
 
 
-def wait_for(page, condition, what: str, timeout: float) -> dict:
+def wait_for(page, condition, what: str, timeout: float, errors: int = 0) -> dict:
+    """Poll the page's stats (bounded) until `condition`; more than `errors` errors on the page fail at once."""
     deadline = time.monotonic() + timeout
     while not condition(current := stats(page)):
-        assert not current["errors"], current["errors"]
+        assert len(current["errors"]) <= errors, current["errors"]
         assert time.monotonic() < deadline, f"no {what} after {timeout:g} s: {current}"
         time.sleep(0.2)
     return current
@@ -79,3 +150,38 @@ def test_typed_message_gets_a_text_answer(page):
     page.click("#typed button")
     done = wait_for(page, lambda s: s["responsesDone"] > before, "typed answer", 120)
     assert page.locator("#log .assistant").count() == 2 and not done["errors"]
+
+
+def test_a_message_typed_during_an_answer_waits_for_it_and_is_answered(page):
+    page.uncheck("#speak")
+    before, answers = stats(page), page.locator("#log .assistant").count()
+    page.fill("#text", "Tell me a story.")
+    page.click("#typed button")
+    wait_for(page, lambda s: s["turns"] > before["turns"], "first turn sent", 30)
+    page.fill("#text", "And then?")
+    page.click("#typed button")  # while the first answer runs
+    done = wait_for(page, lambda s: s["responsesDone"] >= before["responsesDone"] + 2, "both answers", 240)
+    assert done["queued"] == before["queued"] + 1 and done["turns"] == before["turns"] + 2
+    assert page.locator("#log .assistant").count() == answers + 2 and page.locator("#log .queued").count() == 0
+    assert [t.strip() for t in page.locator("#log .user .text").all_inner_texts()[-2:]] == ["Tell me a story.",
+                                                                                             "And then?"]
+
+
+def test_an_insecure_origin_says_the_mic_needs_https_and_typed_messages_work(browser, serve_url):
+    tab = browser.new_page()
+    tab.goto(f"http://{INSECURE_HOST}:{urlsplit(serve_url).port}/", timeout=30_000)
+    assert tab.evaluate("window.isSecureContext") is False
+    notice = tab.inner_text("#notice")
+    assert "https://" in notice and "localhost" in notice and "Typed messages work" in notice
+    tab.click("summary")
+    tab.fill("#key", API_KEY)
+    tab.click("#talk")
+    error = tab.inner_text("#error")
+    assert "microphone needs a secure page" in error and "addModule" not in error
+    tab.uncheck("#speak")
+    tab.fill("#text", "Hello there")
+    tab.click("#typed button")
+    wait_for(tab, lambda s: s["responsesDone"] >= 1, "typed answer on an insecure origin", 120, errors=1)
+    assert tab.locator("#log .assistant").count() == 1
+    assert tab.inner_text("#error") == ""  # the new turn cleared the old error
+    tab.close()
