@@ -1,4 +1,4 @@
-"""OpenAI's Realtime API (GA event names), turn-based: one session's state; no HTTP or WebSocket here
+"""OpenAI's Realtime API (GA event names), push-to-talk or hands-free: one session's state; no HTTP or WebSocket here
 (serve.routes_realtime carries the events, serve.realtime_events gives their shapes).
 
 A session holds its config (`session.update`), the input audio buffer (`input_audio_buffer.append / commit /

@@ -129,7 +129,8 @@ class Live:
                 message = await ws.receive()
                 if message["type"] == "websocket.disconnect":
                     self.ended = message.get("code") in CLIENT_CLOSE  # a close, not a drop
-                    return
+                    self.link.gone = True  # what is sent from now on is kept for a resume (behind Serve's proxy
+                    return                 # a send to a gone socket need not fail)
                 event_id = None
                 try:
                     data, event_id = decode(message.get("text") or message.get("bytes"))
