@@ -48,7 +48,7 @@ from serve.uploads import admit_pcm16
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
 KEY_PROTOCOL = "openai-insecure-api-key."  # OpenAI's browser auth: the key as a WebSocket subprotocol
-POLICY_VIOLATION, NORMAL_CLOSE = 1008, 1000
+POLICY_VIOLATION, NORMAL_CLOSE, TRY_AGAIN_LATER = 1008, 1000, 1013
 CLIENT_CLOSE = (1000, 1001)  # the client closed (done, or the page went away): the session ends with the socket
 MAX_MISSED = 64  # events kept for a resume (a dropped socket misses at most the end of one response)
 TRANSCRIPTION_TOKENS = 256
@@ -357,7 +357,9 @@ class RealtimeRoutes:
                 refusal = err
         if refusal is not None:
             await link.send(error_event(refusal))
-            await ws.close(POLICY_VIOLATION, refusal.message[:120])
+            # a session still open on the dropped socket (its replica has not seen the drop yet): the SDK retries
+            await ws.close(TRY_AGAIN_LATER if refusal.code == "session_in_use" else POLICY_VIOLATION,
+                           refusal.message[:120])
             return
         live = Live(self, ws, link, session, owner, record)
         try:
