@@ -28,7 +28,7 @@ from pathlib import Path
 from benchmarks.report import int_list, markdown_table, write_report
 from actors.ray_runtime import close_local_ray
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = (Path(os.environ.get("VITA_AUDIO_SHARED", REPO.parent / "shared")) / "corpora" / "mini-speech"
                   / "LibriSpeech" / "dev-clean-mini")
 CODES_PER_SECOND = 12.5
@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument("--tts-tokens", type=int, default=96, help="max new tokens per TTS request")
     parser.add_argument("--store-rounds", type=int, default=2,
                         help="rounds of the local-disk vs object-store comparison (0: skip it)")
+    parser.add_argument("--only-store", action="store_true",
+                        help="only the local-disk vs object-store comparison (report: batch-object-store.*)")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -69,6 +71,8 @@ def run(args: argparse.Namespace) -> dict:
     models = resolve_models_dir(args.models)
     stages = PipelineConfig.from_models_dir(models).with_resources(num_gpus=0)
     torch.set_num_threads(1)
+    if args.only_store:
+        return _store_only(models, files, args)
 
     llm_rows = _llm_sweep(stages, files, batch_sizes, args)
     with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
@@ -120,6 +124,30 @@ def _llm_sweep(stages, files, batch_sizes, args) -> list[dict]:
         one = next(r for r in rows if r["task"] == row["task"] and r["llm_batch"] == min(batch_sizes))
         row["speedup_vs_smallest"] = row["audio_s_per_s"] / one["audio_s_per_s"]
     return rows
+
+
+def _store_only(models, files, args) -> dict:
+    """Section 4 alone, on its own Ray, to batch-object-store.json / .md."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        close_local_ray()
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=256 * 2**20,
+                 log_to_driver=False, _temp_dir=tempfile.mkdtemp(prefix="vb", dir="/tmp"),
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-batch-") as tmp:
+            rows = _store_sweep(models, files, args, Path(tmp))
+    finally:
+        if started:
+            ray.shutdown()
+    results = {"object_store": rows, "targets": _store_targets(rows),
+               "settings": {"copies": args.copies, "rounds": args.store_rounds, "asr_tokens": args.asr_tokens}}
+    md = ("## Object store vs local disk (ASR job, 1 actor per stage; S3-compatible server on loopback)\n\n"
+          + markdown_table(rows) + "\n## Targets\n\n" + markdown_table(results["targets"]))
+    write_report("batch-object-store", results, md, Path(args.out))
+    return results
 
 
 def _job_sweep(models, files, pool_sizes, args, tmp: Path) -> tuple[list[dict], dict]:
