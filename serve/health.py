@@ -12,6 +12,8 @@ slot). Readiness: this /health (200 ok / 503 unavailable + Retry-After). Livenes
 """
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -22,7 +24,7 @@ from serve.deployments import ServeStageClients
 IMPORT_PATH = "serve.health:build_health"
 APP_NAME, ROUTE_PREFIX = "vita-health", "/health"
 RETRY_AFTER_S = "1"
-health_app = FastAPI(title="VITA-Audio health")
+health_app = FastAPI(title="VITA-Audio health", redirect_slashes=False)  # /health itself, not a redirect to /health/
 
 
 def health_response(states: dict[str, str]) -> JSONResponse:
@@ -42,6 +44,7 @@ class Health:
         self.app_name = app
         self.clients: ServeStageClients | None = None
 
+    @health_app.get("")
     @health_app.get("/")
     async def health(self):
         if self.clients is None:
@@ -51,7 +54,7 @@ class Health:
             except Exception as err:  # the app is not deployed (yet)
                 return health_response({s: f"down: {type(err).__name__}" for s in (*STAGES, "ingress")})
         states = await self.clients.check_health()
-        states["ingress"] = self._ingress_state()
+        states["ingress"] = await asyncio.to_thread(self._ingress_state)  # a blocking controller call
         return health_response(states)
 
     def _ingress_state(self) -> str:

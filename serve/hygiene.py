@@ -223,7 +223,8 @@ class ConnectionGuard:
 async def _refuse_http(send, err: APIError) -> None:
     from fastapi.responses import JSONResponse
 
-    response = JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    # the body (if any) is never read: the connection cannot carry another request
+    response = JSONResponse(err.body(), status_code=err.status, headers={**err.headers, "Connection": "close"})
     await response({"type": "http"}, None, send)
 
 

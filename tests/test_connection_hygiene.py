@@ -2,7 +2,7 @@
 
 Without Serve: the media-type, Host and Origin rules, and the middleware's body deadline, WebSocket timeouts and
 per-client cap driven as raw ASGI. With this module's own Serve app (an ingress of 4 slots, 2 connections per
-key, 4 s timeouts) and the /health application beside it, over raw loopback sockets: twice the ingress' capacity
+key, 8 s timeouts) and the /health application beside it, over raw loopback sockets: twice the ingress' capacity
 in half-sent bodies and idle sockets, /health answering while they are all held, a new speech request of
 another key succeeding, every held connection closed by its timeout (408, or an `error` event and a close code);
 Host/Origin and content-type refusals through the proxy.
@@ -235,13 +235,13 @@ def test_cross_origin_socket_and_foreign_host_are_refused_before_accept():
 # -- through Serve: this module's own app ------------------------------------------------------------------
 
 CAPACITY = 4
-TIMEOUT_S = 4.0
+TIMEOUT_S = 8.0
 KEYS = ["key-a", "key-b", "key-c", "key-d"]
 
 
 @pytest.fixture(scope="module")
 def served(ray_session, tiny_models, tmp_path_factory):
-    """The app with a small ingress (4 slots, 16 waiting), 2 connections per key, 4 s timeouts, and /health
+    """The app with a small ingress (4 slots, 16 waiting), 2 connections per key, 8 s timeouts, and /health
     beside it; yields its port."""
     from ray import serve
 
@@ -289,17 +289,25 @@ def _send_text(sock: socket.socket, text: str) -> None:
     sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
 
 
-def _read_all(sock: socket.socket, limit_s: float = 60.0) -> bytes:
-    """Everything until the server closes (bounded: a hang fails the test instead of stalling it)."""
+def _read_all(sock: socket.socket, limit_s: float = 60.0, until=None) -> bytes:
+    """Everything until the server closes, or until `until(data)` holds (bounded: a hang fails the test instead
+    of stalling it)."""
     sock.settimeout(limit_s)
     data = b""
     try:
         while chunk := sock.recv(65536):
             data += chunk
+            if until is not None and until(data):
+                break
     except (ConnectionResetError, socket.timeout):
         pass
     sock.close()
     return data
+
+
+def _read_ws(sock: socket.socket) -> tuple[int, list[dict], int | None]:
+    """A raw WebSocket exchange up to the server's close frame (the client never answers it)."""
+    return _ws_answer(_read_all(sock, until=lambda data: _ws_answer(data, partial=True)[2] is not None))
 
 
 def _http_answer(data: bytes) -> tuple[int, dict]:
@@ -308,16 +316,22 @@ def _http_answer(data: bytes) -> tuple[int, dict]:
     return int(head.split()[1]), json.loads(body) if body.strip() else {}
 
 
-def _ws_answer(data: bytes) -> tuple[int, list[dict], int | None]:
-    """(handshake status, server text events, close code) of a raw WebSocket exchange."""
-    head, _, rest = data.partition(b"\r\n\r\n")
+def _ws_answer(data: bytes, partial: bool = False) -> tuple[int, list[dict], int | None]:
+    """(handshake status, server text events, close code) of a raw WebSocket exchange (`partial`: data so far)."""
+    head, sep, rest = data.partition(b"\r\n\r\n")
+    if partial and not sep:
+        return 0, [], None
     status, events, code = int(head.split()[1]), [], None
+    if status != 101:
+        return status, events, status
     while len(rest) >= 2:
         opcode, size, at = rest[0] & 0x0F, rest[1] & 0x7F, 2
         if size == 126:
             size, at = struct.unpack(">H", rest[2:4])[0], 4
         elif size == 127:
             size, at = struct.unpack(">Q", rest[2:10])[0], 10
+        if len(rest) < at + size:
+            break
         payload, rest = rest[at:at + size], rest[at + size:]
         if opcode == 1:
             events.append(json.loads(payload))
@@ -377,16 +391,16 @@ def test_health_answers_with_the_ingress_full_and_every_held_connection_is_close
     assert select.select(bodies, [], [], 0)[0] == [], f"/health waited for a slot ({took:.2f} s)"
     print(f"/health with {2 * CAPACITY} connections held: {took:.3f} s")
 
-    status, events, code = _ws_answer(_read_all(silent))
+    status, events, code = _read_ws(silent)
     assert status == 101 and events[0]["type"] == "session.created" and code == 1008
     assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "ws_first_event_timeout"
-    status, events, code = _ws_answer(_read_all(talker))
+    status, events, code = _read_ws(talker)
     assert status == 101 and code == 1000 and events[-1]["error"]["code"] == "ws_idle_timeout"
     for sock in bodies + queued[:2]:
         status, body = _http_answer(_read_all(sock))
         assert status == 408 and body["error"]["code"] == "body_timeout"
     for sock in queued[2:]:  # the queued sockets got their slot once the first ones were closed, then timed out
-        status, events, code = _ws_answer(_read_all(sock))
+        status, events, code = _read_ws(sock)
         assert status == 101 and code == 1008 and events[-1]["error"]["code"] == "ws_first_event_timeout"
     after = _speech(port, KEYS[3])
     assert after.status_code == 200
