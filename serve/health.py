@@ -24,7 +24,23 @@ from serve.deployments import ServeStageClients
 IMPORT_PATH = "serve.health:build_health"
 APP_NAME, ROUTE_PREFIX = "vita-health", "/health"
 RETRY_AFTER_S = "1"
-health_app = FastAPI(title="VITA-Audio health", redirect_slashes=False)  # /health itself, not a redirect to /health/
+health_app = FastAPI(title="VITA-Audio health")
+
+
+class _PrefixIsRoot:
+    """ASGI middleware: the prefix itself (/health) is the app's root route "/", not a redirect to /health/."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        root = scope.get("root_path", "").rstrip("/")
+        if scope["type"] == "http" and scope.get("path", "").rstrip("/") == root:
+            scope = {**scope, "path": root + "/", "raw_path": (root + "/").encode()}
+        await self.app(scope, receive, send)
+
+
+health_app.add_middleware(_PrefixIsRoot)
 
 
 def health_response(states: dict[str, str]) -> JSONResponse:
@@ -44,7 +60,6 @@ class Health:
         self.app_name = app
         self.clients: ServeStageClients | None = None
 
-    @health_app.get("")
     @health_app.get("/")
     async def health(self):
         if self.clients is None:
