@@ -31,6 +31,7 @@ ID_COLUMNS = ("id", "key", "utt_id", "audio_id", "file", "file_id")
 _LOCK = threading.Lock()
 _TAR_INDEX: dict[str, dict[str, tuple[int, int]]] = {}  # shard -> member -> (data offset, size)
 _ROW_GROUPS: OrderedDict = OrderedDict()  # (file, row group) -> list of audio values
+_LAYOUTS: dict[str, tuple[list[int], str]] = {}  # file -> row group starts, audio column
 _KEEP_ROW_GROUPS = 4
 
 
@@ -209,6 +210,22 @@ def parquet_items(file) -> list[tuple[int, dict]]:
     return list(enumerate(rows))
 
 
+def _parquet_layout(file: str, key: str) -> tuple[list[int], str]:
+    """(the first row of each row group, and the total at the end; the audio column) of a file, read from its
+    footer once per process."""
+    with _LOCK:
+        layout = _LAYOUTS.get(key)
+    if layout is None:
+        meta = _metadata(location(file, "--input"))
+        starts = [0]
+        for g in range(meta.num_row_groups):
+            starts.append(starts[-1] + meta.row_group(g).num_rows)
+        layout = (starts, audio_column(meta.schema.to_arrow_schema()))
+        with _LOCK:
+            _LAYOUTS[key] = layout
+    return layout
+
+
 def _schema(path):
     return _metadata(path).schema.to_arrow_schema()
 
@@ -220,36 +237,31 @@ def _metadata(path):
 
 
 def _parquet_audio(file: str, member: str, max_bytes: int | None) -> bytes:
-    import pyarrow.parquet as pq
-
     try:
         row = int(member)
     except ValueError:
         raise ArchiveItemMissing(f"{file}: {member!r} is not a row number") from None
-    path = location(file, "--input")
-    f = path.open_input() if isinstance(path, ObjectPath) else open(path, "rb")
-    with f:
-        reader = pq.ParquetFile(f)
-        meta = reader.metadata
-        if not 0 <= row < meta.num_rows:
-            raise ArchiveItemMissing(f"{file} has {meta.num_rows} rows, no row {row}")
-        start = 0
-        for g in range(meta.num_row_groups):
-            if row < start + meta.row_group(g).num_rows:
-                break
-            start += meta.row_group(g).num_rows
-        key = (_key(file), g)
+    key = _key(file)
+    layout = _parquet_layout(file, key)
+    starts, column = layout
+    if not 0 <= row < starts[-1]:
+        raise ArchiveItemMissing(f"{file} has {starts[-1]} rows, no row {row}")
+    g = next(i for i in range(len(starts) - 1) if row < starts[i + 1])
+    start = starts[g]
+    with _LOCK:
+        values = _ROW_GROUPS.get((key, g))
+        if values is not None:
+            _ROW_GROUPS.move_to_end((key, g))
+    if values is None:  # one ranged read of the row group's audio column
+        import pyarrow.parquet as pq
+
+        path = location(file, "--input")
+        with (path.open_input() if isinstance(path, ObjectPath) else open(path, "rb")) as f:
+            values = pq.ParquetFile(f).read_row_group(g, columns=[column]).column(0).to_pylist()
         with _LOCK:
-            values = _ROW_GROUPS.get(key)
-            if values is not None:
-                _ROW_GROUPS.move_to_end(key)
-        if values is None:
-            column = audio_column(reader.schema_arrow)
-            values = reader.read_row_group(g, columns=[column]).column(0).to_pylist()
-            with _LOCK:
-                _ROW_GROUPS[key] = values
-                while len(_ROW_GROUPS) > _KEEP_ROW_GROUPS:
-                    _ROW_GROUPS.popitem(last=False)
+            _ROW_GROUPS[(key, g)] = values
+            while len(_ROW_GROUPS) > _KEEP_ROW_GROUPS:
+                _ROW_GROUPS.popitem(last=False)
     value = values[row - start]
     data = value.get("bytes") if isinstance(value, dict) else value
     if not data:
