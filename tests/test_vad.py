@@ -21,7 +21,7 @@ def recording(shared_dir) -> tuple[np.ndarray, list[tuple[float, float]]]:
     folder = shared_dir / "corpora" / "mini-speech" / "qa_wavs"
     first, _ = soundfile.read(folder / "q01.wav", dtype="int16")
     second, _ = soundfile.read(folder / "q02.wav", dtype="int16")
-    silence = lambda s: np.zeros(int(s * 16000), np.int16)  # noqa: E731
+    silence = lambda s: np.zeros(int(s * 16000), np.int16)
     audio = np.concatenate([silence(LEAD_S), first, silence(GAP_S), second, silence(GAP_S)])
     t1 = LEAD_S + len(first) / 16000
     return audio, [(LEAD_S, t1), (t1 + GAP_S, t1 + GAP_S + len(second) / 16000)]
