@@ -24,8 +24,9 @@ from ray import serve
 
 from actors.builder import STAGE_CLASSES
 from actors.config import STAGES, PipelineConfig
-from actors.handles import HandleStageClients
-from actors.payloads import LLMOutput, SpeechRequest
+from actors.handles import HandleStageClients, stage_failure
+from actors.orchestration import ChunkGate
+from actors.payloads import CodesChunk, LLMOutput, PCMChunk, SpeechRequest
 from serve import metrics
 
 HEALTH_TIMEOUT_S = 3.0  # a stage whose replica is gone (calls wait for a new one) counts as down after this
@@ -84,9 +85,33 @@ class StageScaling:
                     graceful_shutdown_timeout_s=self.graceful_shutdown_timeout_s, graceful_shutdown_wait_loop_s=0.5)
 
 
+@pydantic_dataclass(config=ConfigDict(extra="forbid"))
+class IngressReplicas:
+    """How many ingress replicas, scaled by Serve on the requests each holds (like the stages). Replicas keep
+    nothing a later request needs (state: serve.state, shared by all), so any replica serves any request."""
+
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(64.0, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)
+    downscale_delay_s: float = Field(600.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0)
+    metrics_interval_s: float = Field(10.0, gt=0)
+
+    def __post_init__(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} > max_replicas={self.max_replicas}")
+
+    def autoscaling_config(self) -> dict:
+        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                "initial_replicas": self.min_replicas, "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+                "look_back_period_s": self.look_back_period_s, "metrics_interval_s": self.metrics_interval_s}
+
+
 @dataclass
 class IngressScaling:
-    """The ingress: requests per replica, the proxy's wait queue and the Retry-After of its 503s."""
+    """The ingress: its replicas, requests per replica, the proxy's wait queue and the Retry-After of its 503s."""
 
     max_ongoing_requests: int = 256
     max_queued_requests: int = 64
@@ -94,6 +119,7 @@ class IngressScaling:
     num_cpus: float = 0.0
     graceful_shutdown_timeout_s: float = 5.0
     env_vars: dict = field(default_factory=dict)
+    replicas: IngressReplicas = field(default_factory=IngressReplicas)
 
 
 def ingress_options(scaling: IngressScaling) -> dict:
@@ -101,7 +127,8 @@ def ingress_options(scaling: IngressScaling) -> dict:
     actor = {"num_cpus": scaling.num_cpus}
     if scaling.env_vars:
         actor["runtime_env"] = {"env_vars": dict(scaling.env_vars)}
-    return dict(name="vita-ingress", ray_actor_options=actor, max_ongoing_requests=scaling.max_ongoing_requests,
+    return dict(name="vita-ingress", ray_actor_options=actor, autoscaling_config=scaling.replicas.autoscaling_config(),
+                max_ongoing_requests=scaling.max_ongoing_requests,
                 max_queued_requests=scaling.max_queued_requests,
                 backpressure_config={"status_code": 503, "retry_after_s": scaling.retry_after_s},
                 graceful_shutdown_timeout_s=scaling.graceful_shutdown_timeout_s, graceful_shutdown_wait_loop_s=0.5)
@@ -136,6 +163,39 @@ class ServeStageClients(HandleStageClients):
     def __init__(self, encoder, llm, decoder):
         super().__init__(encoder, llm, decoder)
         self.in_flight = {stage: 0 for stage in STAGES}
+        self.chunk_gate = ChunkGate()  # a request's chunks accepted in order, a refused one resent
+
+    async def push(self, chunk: CodesChunk) -> PCMChunk:
+        """A decoder chunk sent once the request's earlier ones were accepted by a replica, resent if refused at
+        capacity (`actors.orchestration.ChunkGate`): the decoder never waits for a chunk that is only queued."""
+
+        async def submit():
+            response = self.decoder.push.remote(chunk)
+            try:
+                await _assigned(response)
+            except BaseException as err:
+                _cancel(response)
+                raise stage_failure("decoder", err) if isinstance(err, Exception) else err
+            return response
+
+        self._enter("decoder")
+        start = time.perf_counter()
+        try:
+            response = await self.chunk_gate.send(chunk, submit)
+            metrics.stage_queued("decoder", time.perf_counter() - start)
+            try:
+                return await response
+            except asyncio.CancelledError:
+                _cancel(response)
+                raise
+        except Exception as err:
+            raise stage_failure("decoder", err) from None
+        finally:
+            self._leave("decoder")
+
+    def close(self, request_id: str) -> None:
+        self.chunk_gate.forget(request_id)
+        super().close(request_id)
 
     async def _await(self, stage: str, response):
         self._enter(stage)

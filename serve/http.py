@@ -15,16 +15,44 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from ray.exceptions import TaskCancelledError
 from pydantic import ValidationError
 
 from actors.errors import InputError
 from actors.orchestration import StageFailure, error_event, run_request
 import actors.requests as policy
 from actors.payloads import AudioChunk, AudioPayload, Done, ErrorEvent, TextDelta
-from serve.api import APIError, TranscriptionForm, validation_message
-from serve.metrics import observed
+from serve.api import LANGUAGES, APIError, TranscriptionForm, validation_message
+from serve.hygiene import ConnectionGuard
+from serve.metrics import StreamClock, observed
 
 app = FastAPI(title="VITA-Audio speech API")
+app.add_middleware(ConnectionGuard)  # Host/Origin lists, per-client cap, body and socket timeouts
+
+
+class ClientGone:
+    """ASGI middleware: a `receive` that fails because the client went away (a Serve replica's receive raises
+    TaskCancelledError once the proxy dropped the request) reads as `http.disconnect`, so a body cut off or a
+    stream dropped ends as a disconnect, not as an unhandled error with a traceback in the replica log."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def receive_or_gone():
+            try:
+                return await receive()
+            except TaskCancelledError:
+                return {"type": "http.disconnect"}
+
+        await self.app(scope, receive_or_gone, send)
+
+
+app.add_middleware(ClientGone)
 logger = logging.getLogger("ray.serve")
 RETRY_AFTER_S = "1"
 ENCODER_RATE = 16000
@@ -42,6 +70,13 @@ async def _input_error(request: Request, err: InputError):
 
 def _api_error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+@app.exception_handler(ClientDisconnect)
+async def _client_gone(request: Request, err: ClientDisconnect):
+    """A client that went away in the middle of its body: not a server error (no traceback); nobody reads this."""
+    logger.info("%s %s: the client went away before its body ended", request.method, request.url.path)
+    return JSONResponse(APIError(400, "the request body ended early (the client went away)").body(), status_code=400)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -92,7 +127,8 @@ class Run:
 
     def __init__(self, clients, limits, route: str, task: str, **options):
         self.source = run_request(clients, limits, task, **options)
-        self.events = observed(route, self.source)
+        self.clock = StreamClock()  # the client's playback, when the response streams (`streamed` marks it)
+        self.events = observed(route, self.source, self.clock)
 
     def __aiter__(self):
         return self
@@ -113,10 +149,33 @@ class Run:
         await self.source.aclose()
 
 
+class StreamAborted(Exception):
+    """Raised inside a streamed body whose run failed after the status was sent: the server then ends the
+    connection without the body's terminating chunk, so the client sees an error instead of a clean, short body."""
+
+
+class AbortableStream(StreamingResponse):
+    """Starlette's streamed response, except that a `StreamAborted` from the body ends it without the terminating
+    chunk (the server closes the connection: the client's read fails), logged in one line instead of a traceback."""
+
+    async def stream_response(self, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        try:
+            async for chunk in self.body_iterator:
+                if not isinstance(chunk, (bytes, memoryview)):
+                    chunk = chunk.encode(self.charset)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except StreamAborted as err:
+            logger.warning("streamed body aborted: %s", err)
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 def streamed(run: Run, body, media_type: str) -> StreamingResponse:
     """A streamed response whose run is closed however it ends: `body`'s own finally closes it, and the
     background task does when the client went away before the body was ever iterated."""
-    return StreamingResponse(body, media_type=media_type, background=BackgroundTask(run.aclose))
+    run.clock.streaming = True  # serve.metrics: chunk intervals, playback underrun, continuity
+    return AbortableStream(body, media_type=media_type, background=BackgroundTask(run.aclose))
 
 
 async def gather(run: Run, first):
@@ -172,7 +231,7 @@ def verbose_transcription(text: str, ids: list[int], seconds: float, body: Trans
     segment = {"id": 0, "seek": 0, "start": 0.0, "end": round(seconds, 3), "text": text, "tokens": ids,
                "temperature": body.temperature, "avg_logprob": 0.0, "compression_ratio": round(ratio, 4),
                "no_speech_prob": 0.0}
-    return {"task": "transcribe", "language": body.language or "unknown", "duration": round(seconds, 3),
+    return {"task": "transcribe", "language": LANGUAGES.get((body.language or "").lower(), "unknown"), "duration": round(seconds, 3),
             "text": text, "segments": [segment], "usage": {"type": "duration", "seconds": round(seconds, 3)},
             "token_ids": list(done.token_ids)}
 

@@ -2,10 +2,11 @@
 them through `actors.orchestration.run_request` over the stage DeploymentHandles (`ServeStageClients`) and
 maps every refusal to OpenAI's error JSON with a 4xx status (stage failures are 503 with Retry-After).
 
-Routes here: /v1/audio/speech, /v1/audio/transcriptions, /v1/audio/voices, /v1/models, /health; the chat
+Routes here: /v1/audio/speech, /v1/audio/transcriptions, /v1/audio/voices, /v1/models[/{id}], /health; the chat
 route is in serve.routes_chat, the /v1/realtime WebSocket and the page at / in serve.routes_realtime. The app
 and shared helpers are in serve.http, checks in serve.api / serve.uploads, chat shapes in serve.chat_format.
 """
+import asyncio
 import json
 
 from fastapi import Request
@@ -17,15 +18,20 @@ from actors.orchestration import Limits
 from actors.requests import Caps, model_caps
 from actors.payloads import AudioChunk, AudioPayload, Done, ErrorEvent, TextDelta
 from serve import chat_format
-from serve.api import MODEL_ID, APIError, SpeechBody, TranscriptionForm
-from serve.audio_formats import CONTENT_TYPES, encode, to_int16
+from serve.api import MODEL_ID, APIError, SpeechBody, TranscriptionForm, subtitles
+from serve.audio_formats import CONTENT_TYPES, PcmStream, encode
 from serve.deployments import ServeStageClients
-from serve.http import (RETRY_AFTER_S, Run, app, b64, check_text, gather, joined_pcm, refused,
+from serve.health import health_response
+from serve.hygiene import is_json, is_multipart_form
+from serve.http import (StreamAborted, RETRY_AFTER_S, Run, app, b64, check_text, gather, joined_pcm, refused,
                         request_options, speech_usage, sse, stage_error, streamed, encode_audio, transcription_usage,
                         usage_headers, verbose_transcription)
+from serve.routes_batch import BatchRoutes
 from serve.routes_chat import ChatRoutes
 from serve.routes_realtime import RealtimeRoutes
 from serve.uploads import admit_upload
+from serve.keys import KeySet
+from serve.state import open_store
 from serve.voices import MAX_VOICE_SECONDS, VoiceStore
 
 # Helpers live in serve.http (imported modules reach the replica whole; names defined below the decorated
@@ -33,21 +39,27 @@ from serve.voices import MAX_VOICE_SECONDS, VoiceStore
 
 
 @serve.ingress(app)
-class Ingress(ChatRoutes, RealtimeRoutes):
+class Ingress(ChatRoutes, RealtimeRoutes, BatchRoutes):
     """Holds the stage handles, the caps, the voice store; one method per route."""
 
     def __init__(self, encoder, llm, decoder, caps: dict, api_key: str | None = None, limits: Limits = Limits(),
-                 llm_path: str | None = None):
+                 llm_path: str | None = None, *, api_keys_file: str | None = None, state: str | None = None,
+                 batch: dict | None = None):
         """`limits`: the pipeline config's (`serve.app` builds them from its args); `llm_path`: the model's
-        folder, whose caps (positions, tokenizer) the request policy checks requests against."""
+        folder, whose caps (positions, tokenizer) the request policy checks requests against; `api_key` +
+        `api_keys_file` (+ the env: serve.keys) the accepted keys; `state`: the state store's URL (serve.state;
+        None: this process only). Every replica opens the same store: no replica keeps what another needs."""
         self.clients = ServeStageClients(encoder, llm, decoder)
         self.limits = limits
         self.caps = caps
         operator_caps = dict(max_new_tokens=caps["max_tokens"], max_text_chars=caps["max_text_chars"])
         self.request_caps = model_caps(llm_path, **operator_caps) if llm_path else Caps(**operator_caps)
         self.api_key = api_key
-        self.voice_store = VoiceStore()
-        self.answers = chat_format.AudioAnswers()
+        self.keys = KeySet(api_key, keys_file=api_keys_file)
+        self.state = open_store(state or "memory")
+        self.voice_store = VoiceStore(self.state)
+        self.answers = chat_format.AudioAnswers(state=self.state)
+        self.batch_settings = batch or {}  # the batch API's files folder, models, job settings (serve.routes_batch)
 
     def _run(self, route: str, task: str, **options) -> Run:
         return Run(self.clients, self.limits, route, task, caps=self.request_caps, **options)
@@ -55,9 +67,9 @@ class Ingress(ChatRoutes, RealtimeRoutes):
     # -- shared checks -----------------------------------------------------------------------------------
     async def _json(self, request: Request) -> dict:
         self._auth(request)
+        if not is_json(request.headers.get("content-type")):  # the media type, parsed: text/plain;json is not JSON
+            raise APIError(415, "Content-Type must be application/json", code="unsupported_media_type")
         body = await self._body(request)
-        if "json" not in request.headers.get("content-type", ""):
-            raise APIError(415, "Content-Type must be application/json")
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as err:
@@ -71,9 +83,9 @@ class Ingress(ChatRoutes, RealtimeRoutes):
     async def _form(self, request: Request, file_field: str) -> tuple[dict, bytes]:
         """A multipart/form-data body: its text fields (lists for `name[]`) and the bytes of `file_field`."""
         self._auth(request)
+        if not is_multipart_form(request.headers.get("content-type")):
+            raise APIError(415, "Content-Type must be multipart/form-data (a file upload)", code="unsupported_media_type")
         await self._body(request)  # the cap first; request.form() then parses the kept body
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raise APIError(415, "Content-Type must be multipart/form-data (a file upload)")
         try:
             form = await request.form()
         except Exception as err:
@@ -93,10 +105,9 @@ class Ingress(ChatRoutes, RealtimeRoutes):
             raise APIError(400, f"{file_field} is required (an audio file)", param=file_field)
         return fields, data
 
-    def _auth(self, request: Request) -> None:
-        if self.api_key and request.headers.get("authorization", "") != f"Bearer {self.api_key}":
-            raise APIError(401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key",
-                           type="authentication_error")
+    def _auth(self, request: Request) -> str:
+        """The caller's owner id (serve.keys.owner_id; "" on an endpoint without keys), else 401."""
+        return self.keys.check(request.headers.get("authorization"))
 
     async def _body(self, request: Request) -> bytes:
         cap = self.caps["max_body_bytes"]
@@ -121,25 +132,31 @@ class Ingress(ChatRoutes, RealtimeRoutes):
     # -- routes --------------------------------------------------------------------------------------------
     @app.get("/health")
     async def health(self):
-        states = await self.clients.check_health()
-        ok = all(v == "ok" for v in states.values())
-        return JSONResponse({"status": "ok" if ok else "unavailable", "stages": states}, status_code=200 if ok else 503,
-                            headers=None if ok else {"Retry-After": RETRY_AFTER_S})
+        """The stages' health, in this replica's request slots; serve.health answers it outside them (readiness)."""
+        return health_response(await self.clients.check_health())
 
     @app.get("/v1/models")
     async def models(self, request: Request):
         self._auth(request)
         return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "vita-audio"}]}
 
+    @app.get("/v1/models/{model:path}")
+    async def model(self, model: str, request: Request):
+        """OpenAI's models.retrieve; an unknown id is a 404 model_not_found."""
+        self._auth(request)
+        self._model(model)
+        return {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "vita-audio"}
+
     @app.get("/v1/audio/voices")
     async def voices(self, request: Request):
-        self._auth(request)
-        return self.voice_store.listing()
+        owner = self._auth(request)
+        return await asyncio.to_thread(self.voice_store.listing, owner)
 
     @app.post("/v1/audio/voices")
     async def upload_voice(self, request: Request):
         """A voice prompt from a short clip (OpenAI's voices.create: audio_sample + name [+ consent, type])."""
         fields, data = await self._form(request, "audio_sample")
+        owner = self._auth(request)
         unknown = set(fields) - {"name", "consent", "type"}
         if unknown:
             raise APIError(400, f"unknown field(s) {sorted(unknown)}", param=sorted(unknown)[0])
@@ -148,16 +165,22 @@ class Ingress(ChatRoutes, RealtimeRoutes):
             raise APIError(400, "name must be a non-empty text of at most 64 characters", param="name")
         if fields.get("type", "audio_sample") != "audio_sample":
             raise APIError(400, f"type={fields['type']!r}: only audio_sample voices are supported", param="type")
-        self.voice_store.check_new(name)
+        await asyncio.to_thread(self.voice_store.check_new, name, owner)
         payload = await self._audio(data, "audio_sample", MAX_VOICE_SECONDS)
         payload.name = f"voice {name}"
         codes = await encode_audio(self.clients, payload)
-        return self.voice_store.add(name, codes, payload.seconds).describe()
+        voice = await asyncio.to_thread(self.voice_store.add, name, codes, payload.seconds, owner, fields.get("consent"))
+        return voice.describe()
+
+    @app.get("/v1/audio/voices/{voice_id}")
+    async def get_voice(self, voice_id: str, request: Request):
+        owner = self._auth(request)
+        return (await asyncio.to_thread(self.voice_store.get, voice_id, owner)).describe()
 
     @app.delete("/v1/audio/voices/{voice_id}")
     async def delete_voice(self, voice_id: str, request: Request):
-        self._auth(request)
-        self.voice_store.delete(voice_id)
+        owner = self._auth(request)
+        await asyncio.to_thread(self.voice_store.delete, voice_id, owner)
         return {"id": voice_id, "object": "audio.voice.deleted", "deleted": True}
 
     @app.post("/v1/audio/speech")
@@ -168,10 +191,9 @@ class Ingress(ChatRoutes, RealtimeRoutes):
         except ValidationError as err:
             raise refused(err) from None
         self._model(body.model)
-        voice = self.voice_store.resolve(body.voice)
+        voice = await asyncio.to_thread(self.voice_store.resolve, body.voice, "voice", self._auth(request))
+        body.check_supported()
         options = request_options(body, self.request_caps, body.max_new_tokens)
-        if body.speed != 1.0:
-            raise APIError(400, f"speed={body.speed}: only 1.0 is supported", param="speed")
         check_text(body.input, self.request_caps, "input", options.max_new_tokens)
         run = self._run("speech", "tts", text=body.input, voice=voice, **options.run_args())
         first = await run.first()  # input / first-stage errors still get a status code
@@ -184,25 +206,33 @@ class Ingress(ChatRoutes, RealtimeRoutes):
                         headers=usage_headers(done))
 
     async def _raw_pcm(self, run: Run, first):
-        event = first
+        event, pcm = first, PcmStream()  # 24 kHz through one soxr stream (serve.audio_formats)
         try:
             while True:
-                if isinstance(event, AudioChunk):
-                    yield to_int16(event.pcm)
-                if isinstance(event, (Done, ErrorEvent)):
-                    return  # an error mid-stream truncates the body (the status is already sent)
+                if isinstance(event, AudioChunk) and (data := pcm.chunk(event.pcm, event.sample_rate)):
+                    yield data
+                if isinstance(event, Done) and (data := pcm.end()):
+                    yield data
+                if isinstance(event, ErrorEvent):  # the status is sent: abort the body (no terminating chunk)
+                    raise StreamAborted(stage_error(event).message)  # so the client sees an error, not a short EOF
+                if isinstance(event, Done):
+                    return
                 event = await anext(run)
         finally:
             await run.aclose()
 
     async def _sse_speech(self, run: Run, first, fmt: str):
-        event = first
+        event, pcm = first, PcmStream()
         try:
             while True:
                 if isinstance(event, AudioChunk):
-                    audio = to_int16(event.pcm) if fmt == "pcm" else encode(event.pcm, event.sample_rate, fmt)
-                    yield sse({"type": "speech.audio.delta", "audio": b64(audio)})
+                    audio = pcm.chunk(event.pcm, event.sample_rate) if fmt == "pcm" else encode(event.pcm,
+                                                                                               event.sample_rate, fmt)
+                    if audio:
+                        yield sse({"type": "speech.audio.delta", "audio": b64(audio)})
                 elif isinstance(event, Done):
+                    if fmt == "pcm" and (tail := pcm.end()):
+                        yield sse({"type": "speech.audio.delta", "audio": b64(tail)})
                     yield sse({"type": "speech.audio.done", "usage": speech_usage(event)})
                     return
                 elif isinstance(event, ErrorEvent):
@@ -220,9 +250,8 @@ class Ingress(ChatRoutes, RealtimeRoutes):
         except ValidationError as err:
             raise refused(err) from None
         self._model(body.model)
+        body.check_supported()
         options = request_options(body, self.request_caps, body.max_new_tokens)
-        if body.include:
-            raise APIError(400, "include[]=logprobs is not supported", param="include[]")
         audio = await self._audio(data, "file")  # decoded once: run_request takes the admitted clip
         seconds = audio.seconds
         run = self._run("transcriptions", "asr", audio=audio, **options.run_args())
@@ -234,6 +263,9 @@ class Ingress(ChatRoutes, RealtimeRoutes):
             return PlainTextResponse(done.text)
         if body.response_format == "verbose_json":
             return verbose_transcription(done.text, ids, seconds, body, done)
+        if body.response_format in ("srt", "vtt"):  # the verbose_json segments' timing as subtitles
+            segments = verbose_transcription(done.text, ids, seconds, body, done)["segments"]
+            return PlainTextResponse(subtitles(segments, body.response_format))
         return {"text": done.text, "usage": transcription_usage(done)}
 
     async def _sse_transcript(self, run: Run, first):

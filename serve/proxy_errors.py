@@ -35,6 +35,8 @@ class OpenAIErrorBodies:
         self.app = app
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":
+            return await self.app(scope, receive, _quiet_when_gone(send))
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         held, body = None, b""
@@ -56,6 +58,24 @@ class OpenAIErrorBodies:
             await send({"type": "http.response.body", "body": data})
 
         await self.app(scope, receive, rewrite)
+
+
+def _quiet_when_gone(send):
+    """A socket's `send` that drops what its client can no longer get: a client that went away mid-answer is not
+    an error (Serve's proxy would log the failed send as an unexpected error, with a traceback); the proxy still
+    hears the disconnect on `receive` and passes it to the ingress."""
+    gone = False
+
+    async def quiet(message):
+        nonlocal gone
+        if gone:
+            return
+        try:
+            await send(message)
+        except OSError:  # uvicorn's ClientDisconnected
+            gone = True
+
+    return quiet
 
 
 def error_body(status: int, text: str) -> dict:

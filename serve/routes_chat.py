@@ -1,10 +1,12 @@
 """POST /v1/chat/completions: OpenAI chat with `input_audio` parts and text in, text or text + audio out,
 multi-turn, non-streamed (`message.audio` with id, data, expires_at, transcript) or streamed (SSE chunks;
-the transcript and base64 16-bit PCM in `choices[0].delta.audio`, as OpenAI streams audio).
+the transcript and base64 16-bit PCM at 24 kHz in `choices[0].delta.audio`, as OpenAI streams audio).
 
 A mixin of the ingress class (its routes register on serve.http.app; Serve finds inherited route methods).
 """
 from __future__ import annotations
+
+import asyncio
 
 from fastapi import Request
 from pydantic import ValidationError
@@ -12,8 +14,8 @@ from pydantic import ValidationError
 from actors.payloads import LAYOUT_AUTO, AudioChunk, AudioPayload, Done, ErrorEvent, TextDelta
 from serve import chat_format
 from serve.api import APIError, AudioOut, ChatBody
-from serve.audio_formats import encode, to_int16
-from serve.http import (app, b64, check_text, gather, joined_pcm, refused, request_options, sse,
+from serve.audio_formats import PcmStream, encode
+from serve.http import (app, b64, logger, check_text, gather, joined_pcm, refused, request_options, sse,
                         stage_error, streamed, encode_audio)
 from serve.uploads import admit_upload
 
@@ -27,11 +29,13 @@ class ChatRoutes:
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         data = await self._json(request)
+        owner = self._auth(request)  # the key's answers and voices (serve.keys.owner_id)
         try:
             body = ChatBody.model_validate(data)
         except ValidationError as err:
             raise refused(err) from None
         self._model(body.model)
+        body.check_supported()
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_new_tokens = next((n for n in (body.max_completion_tokens, body.max_tokens) if n is not None),
                               DEFAULT_MAX_TOKENS)
@@ -42,35 +46,40 @@ class ChatRoutes:
         if body.stream and speak and audio_out.format != "pcm16":
             raise APIError(400, f"audio.format={audio_out.format!r}: streamed audio is pcm16", param="audio.format")
         conversation = chat_format.parse_messages(body.messages)
-        voice = self.voice_store.resolve(audio_out.voice, "audio.voice") if body.audio else None
+        voice = await asyncio.to_thread(self.voice_store.resolve, audio_out.voice, "audio.voice", owner) \
+            if body.audio else None
         if voice is not None and conversation.system is not None:
             raise APIError(400, "give either a system message or a custom voice: the voice prompt is the system turn",
                            param="audio.voice")
-        history, turn, audio_tokens = await self._chat_inputs(conversation, voice)
+        history, turn, audio_tokens = await self._chat_inputs(conversation, voice, owner)
         run = self._run("chat", "chat", history=history, voice=voice, system=conversation.system,
                         **options.run_args(), **turn)
         first = await run.first()
         completion_id = chat_format.new_completion_id()
+        if body.user:  # OpenAI's end-user id, for the operator's abuse monitoring: the log names it
+            logger.info("chat completion %s for user %r", completion_id, body.user)
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return streamed(run, self._chat_chunks(run, first, completion_id, speak, audio_tokens, usage),
+            return streamed(run, self._chat_chunks(run, first, completion_id, speak, audio_tokens, usage, owner),
                             "text/event-stream")
         _, chunks, rate, done = await gather(run, first)
         message = {"role": "assistant", "content": done.text, "refusal": None}
         if speak:
-            audio_id, expires_at = self.answers.add(done.text)
+            audio_id, expires_at = await asyncio.to_thread(self.answers.add, done.text, owner)
             data = encode(joined_pcm(chunks), rate, AUDIO_FORMATS[audio_out.format])
             message.update(content=None, audio={"id": audio_id, "data": b64(data), "expires_at": expires_at,
                                                 "transcript": done.text})
         usage = chat_format.chat_usage(done, audio_tokens + _encoded(done))
         return chat_format.completion(completion_id, message, done, usage)
 
-    async def _chat_chunks(self, run, first, completion_id: str, speak: bool, audio_tokens: int, include_usage: bool):
+    async def _chat_chunks(self, run, first, completion_id: str, speak: bool, audio_tokens: int, include_usage: bool,
+                           owner: str):
         audio_id = expires_at = None
         if speak:
-            audio_id, expires_at = self.answers.add("")
+            audio_id, expires_at = await asyncio.to_thread(self.answers.add, "", owner)
         yield sse(chat_format.chunk(completion_id, {"role": "assistant", "content": None if speak else "",
                                                     "refusal": None}))
+        pcm = PcmStream()  # one soxr stream for the answer: chunks join without clicks
         event = first
         try:
             while True:
@@ -78,11 +87,14 @@ class ChatRoutes:
                     delta = {"audio": {"id": audio_id, "transcript": event.text}} if speak else {"content": event.text}
                     yield sse(chat_format.chunk(completion_id, delta))
                 elif isinstance(event, AudioChunk):
-                    yield sse(chat_format.chunk(completion_id, {"audio": {"id": audio_id,
-                                                                          "data": b64(to_int16(event.pcm))}}))
+                    data = pcm.chunk(event.pcm, event.sample_rate)  # 24 kHz, as OpenAI's pcm16
+                    if data:
+                        yield sse(chat_format.chunk(completion_id, {"audio": {"id": audio_id, "data": b64(data)}}))
                 elif isinstance(event, Done):
                     if speak:
-                        self.answers.items[audio_id] = (event.text, expires_at)
+                        if tail := pcm.end():
+                            yield sse(chat_format.chunk(completion_id, {"audio": {"id": audio_id, "data": b64(tail)}}))
+                        await asyncio.to_thread(self.answers.finish, audio_id, event.text, expires_at, owner)
                         yield sse(chat_format.chunk(completion_id, {"audio": {"expires_at": expires_at}}))
                     yield sse(chat_format.chunk(completion_id, {}, chat_format.finish_reason(event)))
                     if include_usage:
@@ -97,12 +109,12 @@ class ChatRoutes:
         finally:
             await run.aclose()
 
-    async def _chat_inputs(self, conversation, voice):
+    async def _chat_inputs(self, conversation, voice, owner: str):
         """Check every cap, then encode the earlier turns' clips: (history, the new turn's run_request argument,
         audio tokens of the prompt known here)."""
         self._chat_text_cap(conversation)
-        transcripts = [self.answers.transcript(t.audio_id, f"messages[{i}].audio") if t.audio_id else None
-                       for i, t in enumerate(conversation.history)]
+        transcripts = [await asyncio.to_thread(self.answers.transcript, t.audio_id, f"messages[{i}].audio", owner)
+                       if t.audio_id else None for i, t in enumerate(conversation.history)]
         last = conversation.last
         if not last.audios:
             check_text("\n".join(last.texts), self.request_caps, "messages.content")

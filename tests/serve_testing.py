@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import tempfile
 
 import numpy as np
 import soundfile
@@ -23,12 +24,14 @@ def serve_app(tiny_models, **args):
     from serve.app import build_app
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app({"models": str(tiny_models), **CAPS, **args}), name="vita", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
+    with tempfile.TemporaryDirectory(prefix="vita-state-") as state:  # a fresh state store per module
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:
+            serve.run(build_app({"models": str(tiny_models), **CAPS, "state": state, **args}), name="vita",
+                      route_prefix="/")
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            serve.shutdown()
 
 
 @contextlib.contextmanager
@@ -65,7 +68,10 @@ def local_ingress(models, pipe=None, **args):
     from serve.http import app
     from serve.ingress import Ingress
 
-    args = Args.model_validate({"models": str(models), **CAPS, **args})
+    # TestClient's Host; and no resumable realtime sessions: the TestClient cancels a socket's task right after its
+    # close frame, so a closed socket could read as a dropped one and be kept for the grace period
+    args = Args.model_validate({"models": str(models), **CAPS, "allowed_hosts": ["testserver"],
+                                "realtime_resume_grace_s": 0, **args})
     with contextlib.ExitStack() as stack:
         if pipe is None:
             pipe = stack.enter_context(local_pipeline(models))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from serve.audio_formats import pcm_24k
 from serve_testing import API_KEY, clip, int16 as _int16, text_ids
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -70,7 +71,7 @@ def test_speech_streamed_pcm_matches_pipeline(client, local_tts):
             extra_body={"max_new_tokens": 64}) as response:
         assert response.headers["content-type"].startswith("audio/pcm")
         data = b"".join(response.iter_bytes())
-    np.testing.assert_array_equal(np.frombuffer(data, "<i2"), _int16(local_tts.pcm))
+    assert data == pcm_24k(local_tts.pcm, local_tts.sample_rate)  # OpenAI's pcm rate, one soxr stream
 
 
 def test_speech_sse_events(serve_url, local_tts):
@@ -86,7 +87,7 @@ def test_speech_sse_events(serve_url, local_tts):
     events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
     assert events[-1]["type"] == "speech.audio.done" and events[-1]["usage"]["output_tokens"] > 0
     audio = b"".join(base64.b64decode(e["audio"]) for e in events if e["type"] == "speech.audio.delta")
-    np.testing.assert_array_equal(np.frombuffer(audio, "<i2"), _int16(local_tts.pcm))
+    assert audio == pcm_24k(local_tts.pcm, local_tts.sample_rate)
 
 
 def test_models_and_health(client, serve_url):
@@ -265,7 +266,8 @@ HOSTILE = [
     ("asr unknown model", "POST", "/v1/audio/transcriptions",
      {"data": _form(model="whisper-1"), "files": {"file": ("a.wav", GOOD, "audio/wav")}}, 404, "whisper-1"),
     ("asr bad format", "POST", "/v1/audio/transcriptions",
-     {"data": _form(response_format="srt"), "files": {"file": ("a.wav", GOOD, "audio/wav")}}, 400, "response_format"),
+     {"data": _form(response_format="diarized_json"), "files": {"file": ("a.wav", GOOD, "audio/wav")}}, 400,
+     "response_format"),
     ("asr json body", "POST", "/v1/audio/transcriptions", {"json": {"model": "vita-audio"}}, 415, "multipart"),
     ("asr negative temperature", "POST", "/v1/audio/transcriptions",
      {"data": _form(temperature="-1"), "files": {"file": ("a.wav", GOOD, "audio/wav")}}, 400, "temperature"),

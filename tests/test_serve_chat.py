@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from serve.audio_formats import pcm_24k
 from serve_testing import API_KEY, clip, int16
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -85,7 +86,7 @@ def test_streamed_audio_chunks_match_pipeline(client, spoken):
     transcript = "".join(a.transcript or "" for a in audios)
     pcm = b"".join(base64.b64decode(a.data) for a in audios if a.data)
     assert transcript == spoken.text
-    np.testing.assert_array_equal(np.frombuffer(pcm, "<i2"), int16(spoken.pcm))
+    assert pcm == pcm_24k(spoken.pcm, spoken.sample_rate)  # OpenAI's pcm16 rate, one soxr stream
     finished = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     assert len(finished) == 1 and chunks[-1].choices == []
     assert chunks[-1].usage.completion_tokens == len(spoken.token_ids)

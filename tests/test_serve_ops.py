@@ -20,7 +20,10 @@ CONFIG = REPO / "serve" / "config.yaml"
 
 
 def _app_entry() -> dict:
-    (app,) = yaml.safe_load(CONFIG.read_text())["applications"]
+    """The speech app's entry (beside it: the /health application, serve.health)."""
+    apps = yaml.safe_load(CONFIG.read_text())["applications"]
+    (app,) = [a for a in apps if a["import_path"] == "serve.app:build_app"]
+    assert [a["import_path"] for a in apps if a is not app] == ["serve.health:build_health"]
     return app
 
 
