@@ -303,10 +303,15 @@ class SocketWatch:
         if self.pending is None:
             self.pending = asyncio.ensure_future(self.raw_receive())
         while True:
-            if self.deadline is None:
-                await asyncio.wait({self.pending})
-            else:
-                await asyncio.wait({self.pending}, timeout=max(self.deadline - self.loop.time(), 0.0))
+            try:
+                if self.deadline is None:
+                    await asyncio.wait({self.pending})
+                else:
+                    await asyncio.wait({self.pending}, timeout=max(self.deadline - self.loop.time(), 0.0))
+            except asyncio.CancelledError:  # the app's task is cancelled: no receive is left behind
+                self.pending.cancel()
+                self.pending = None
+                raise
             if self.pending.done():
                 message, self.pending = self.pending.result(), None
                 if message["type"] == "websocket.receive" and self.deadline is not None:

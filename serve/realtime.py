@@ -199,8 +199,10 @@ class Session:
         as many as the caps allow)."""
         names = {f: f"{where}.{f}" for f in (*DECODING_FIELDS, "layout")}
         names["max_new_tokens"] = f"{where}.max_output_tokens"
-        if max_tokens == "inf":  # up to the model's cap: the operator's max_tokens within the model's positions
-            max_tokens = min(n for n in (self.caps["max_tokens"], self.request_caps.positions) if n)
+        if max_tokens == "inf":  # up to the model's cap: the operator's max_tokens, leaving at least half the
+            # model's positions to the conversation (an answer as long as the positions would leave none)
+            positions = self.request_caps.positions
+            max_tokens = min(n for n in (self.caps["max_tokens"], positions and positions // 2) if n)
         with refusals():
             return policy.request_options(**decoding, max_new_tokens=max_tokens,
                                           layout=LAYOUT_AUTO if speak else "text", caps=self.request_caps,

@@ -98,7 +98,7 @@ def test_prepare_rayjob_runs_vita_audio_prepare_on_its_gpus():
         assert kind in cmd_prepare.KINDS and path.startswith("/data/")
     gpus = sum(g["replicas"] * g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
                for g in doc["spec"]["rayClusterSpec"]["workerGroupSpecs"])
-    assert 0 < args.encoder_actors * args.gpus_per_actor <= gpus and args.out.is_absolute() and args.address == "auto"
+    assert 0 < args.encoder_actors * args.gpus_per_actor <= gpus and Path(args.out).is_absolute() and args.address == "auto"
 
 
 def test_rayservice_keeps_gcs_and_the_state_store_in_one_redis(shared_dir):
