@@ -32,6 +32,7 @@ BENCHMARKS = {
     "train": "benchmarks.train",        # Ray Train + DeepSpeed vs a plain PyTorch loop, 2 workers vs 1
     "train-acceptance": "benchmarks.train_acceptance",  # small model trained on mini-speech: CER, exact vs vanilla, served
     "serve": "benchmarks.serve",        # HTTP time to first audio and RTF vs concurrency, vs in-process
+    "soak": "benchmarks.soak",          # minutes of mixed load, replicas killed: errors, RSS, TTFA drift
     "prefill": "benchmarks.prefill",    # another client's time to first token while a max-length prompt prefills
     "gpu": "benchmarks.gpu",            # one CUDA GPU, 7B shapes built on the device: tokens/s, roofline, RTF, TTFA
 }
