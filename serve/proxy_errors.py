@@ -81,9 +81,12 @@ def _quiet_when_gone(send):
 def error_body(status: int, text: str) -> dict:
     """OpenAI's error JSON for a proxy's plain-text reply."""
     overloaded = status == 503
-    return {"error": {"message": text.strip() or f"HTTP {status}",
-                      "type": "server_error" if status >= 500 else "invalid_request_error", "param": None,
-                      "code": "overloaded" if overloaded else None}}
+    message, code = text.strip() or f"HTTP {status}", "overloaded" if overloaded else None
+    if status == 500:  # the ingress answers its own failures in JSON: a plain 500 is its replica lost mid-request
+        message, code = (f"the ingress replica serving this request failed or was lost ({message}); the request "
+                         "did not complete: retry it"), "ingress_failed"
+    return {"error": {"message": message, "type": "server_error" if status >= 500 else "invalid_request_error",
+                      "param": None, "code": code}}
 
 
 def _plain_text(start: dict) -> bool:

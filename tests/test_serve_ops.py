@@ -224,11 +224,14 @@ def test_the_proxys_plain_text_errors_become_openai_errors():
     async def text(request):
         return PlainTextResponse("a transcript")
 
+    async def lost(request):  # what the proxy answers when the ingress replica dies under a request
+        return PlainTextResponse("Internal Server Error", status_code=500)
+
     async def stream(request):
         return StreamingResponse(iter([b"ab", b"cd"]), media_type="audio/pcm")
 
     app = Starlette(routes=[Route(p, f) for p, f in [("/full", full), ("/refused", refused), ("/text", text),
-                                                     ("/stream", stream)]])
+                                                     ("/stream", stream), ("/lost", lost)]])
     client = TestClient(OpenAIErrorBodies(app))
     r = client.get("/full")
     assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.headers["content-type"] == "application/json"
@@ -237,6 +240,8 @@ def test_the_proxys_plain_text_errors_become_openai_errors():
     assert client.get("/refused").json()["error"]["param"] == "x"
     assert client.get("/text").text == "a transcript" and client.get("/stream").content == b"abcd"
     assert client.get("/nowhere").json()["error"]["message"] == "Not Found"  # Starlette's own plain 404
+    r = client.get("/lost")  # names the stage that failed: the ingress
+    assert r.status_code == 500 and r.json()["error"]["code"] == "ingress_failed" and "ingress" in r.json()["error"]["message"]
     assert CALLBACK == "serve.proxy_errors:proxy_middlewares" and proxy_middlewares()[0].cls is OpenAIErrorBodies
 
 
