@@ -14,26 +14,18 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
-    import json, socket, time, urllib.request, urllib.error
+    import json, time, urllib.request, urllib.error
     import psutil, ray
-    from ray._private.ray_constants import DEFAULT_DASHBOARD_AGENT_LISTEN_PORT as AGENT_PORT
+    import ray._private.parameter as parameter
     from actors.ray_runtime import start_ray
 
-    # Ray's dashboard agent serves the job route on a fixed port and runs without it when the port is taken; a Ray
-    # of an earlier test module may still be ending, so wait (bounded) until the port is free, else name the holder.
-    deadline = time.monotonic() + 60
-    while True:
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(("127.0.0.1", AGENT_PORT))
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    holders = [(c.pid, psutil.Process(c.pid).cmdline()[:3]) for c in psutil.net_connections("inet")
-                               if c.laddr and c.laddr.port == AGENT_PORT and c.pid]
-                    raise SystemExit(f"port {AGENT_PORT} is still held after 60 s by {holders}")
-                time.sleep(1)
+    # Ray's dashboard agent serves the job route on a fixed port (52365) and runs without HTTP when that port is
+    # taken, as it is by the test session's own Ray: this Ray's agent takes a free port instead (0: self-bound)
+    ray_params_init = parameter.RayParams.__init__
+    def with_free_agent_port(self, *args, **kwargs):
+        kwargs.setdefault("dashboard_agent_listen_port", 0)
+        ray_params_init(self, *args, **kwargs)
+    parameter.RayParams.__init__ = with_free_agent_port
 
     assert start_ray(num_cpus=1)
 
