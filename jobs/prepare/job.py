@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -76,7 +77,7 @@ class SourceSpec:
         path = str(out_location(path, "--source"))
         if not Path(path).exists():
             raise FileNotFoundError(f"--source {text!r}: {path} does not exist")
-        return cls(kind, str(Path(path).resolve()), names)
+        return cls(kind, os.path.abspath(path), names)  # absolute, links kept: the same path as a bare one reads
 
 
 @dataclass
