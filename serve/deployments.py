@@ -42,13 +42,10 @@ QueueCap = Annotated[int, AfterValidator(_queue_cap)]  # Serve's max_queued_requ
 
 
 @pydantic_dataclass(config=ConfigDict(extra="forbid"))
-class StageScaling:
-    """One stage deployment's resources and autoscaling: typed once, for the app args (`serve.app.Args`, the Serve
-    config's `args:`), `vita-audio serve` and `vita-audio plan --write-config`."""
+class Autoscaling:
+    """Serve's autoscaling of one deployment's replicas on the requests each holds: typed once for the stages and
+    the ingress."""
 
-    num_gpus: float = Field(0.0, ge=0)
-    num_cpus: float = Field(0.0, ge=0)
-    accelerator_type: str | None = None  # e.g. "L40S": pin the stage to that GPU type (a cluster-only setting)
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(2.0, gt=0)
@@ -56,6 +53,26 @@ class StageScaling:
     downscale_delay_s: float = Field(600.0, ge=0)
     look_back_period_s: float = Field(30.0, gt=0)
     metrics_interval_s: float = Field(10.0, gt=0)  # how often callers push the load metrics autoscaling uses
+
+    def __post_init__(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} > max_replicas={self.max_replicas}")
+
+    def autoscaling_config(self) -> dict:
+        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                "initial_replicas": max(self.min_replicas, 1), "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
+                "look_back_period_s": self.look_back_period_s, "metrics_interval_s": self.metrics_interval_s}
+
+
+@pydantic_dataclass(config=ConfigDict(extra="forbid"))
+class StageScaling(Autoscaling):
+    """One stage deployment's resources and autoscaling: typed once, for the app args (`serve.app.Args`, the Serve
+    config's `args:`), `vita-audio serve` and `vita-audio plan --write-config`."""
+
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(0.0, ge=0)
+    accelerator_type: str | None = None  # e.g. "L40S": pin the stage to that GPU type (a cluster-only setting)
     max_ongoing_requests: int = Field(64, ge=1)
     max_queued_requests: QueueCap = 64  # per caller (the ingress); beyond it: BackPressureError, -1 = no cap
     health_check_period_s: float = Field(2.0, gt=0)
@@ -63,16 +80,8 @@ class StageScaling:
     graceful_shutdown_timeout_s: float = Field(5.0, ge=0)  # a stopping replica's requests get this long to finish
     env_vars: dict[str, str] = Field(default_factory=dict)  # the app's env_vars (set by serve.app.Args)
 
-    def __post_init__(self):
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas={self.min_replicas} > max_replicas={self.max_replicas}")
-
     def options(self, name: str) -> dict:
-        autoscaling = {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
-                       "initial_replicas": max(self.min_replicas, 1),
-                       "target_ongoing_requests": self.target_ongoing_requests,
-                       "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
-                       "look_back_period_s": self.look_back_period_s, "metrics_interval_s": self.metrics_interval_s}
+        autoscaling = self.autoscaling_config()
         actor = {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus}
         if self.accelerator_type:
             actor["accelerator_type"] = self.accelerator_type
@@ -86,27 +95,12 @@ class StageScaling:
 
 
 @pydantic_dataclass(config=ConfigDict(extra="forbid"))
-class IngressReplicas:
+class IngressReplicas(Autoscaling):
     """How many ingress replicas, scaled by Serve on the requests each holds (like the stages). Replicas keep
     nothing a later request needs (state: serve.state, shared by all), so any replica serves any request."""
 
     min_replicas: int = Field(1, ge=1)
-    max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(64.0, gt=0)
-    upscale_delay_s: float = Field(30.0, ge=0)
-    downscale_delay_s: float = Field(600.0, ge=0)
-    look_back_period_s: float = Field(30.0, gt=0)
-    metrics_interval_s: float = Field(10.0, gt=0)
-
-    def __post_init__(self):
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas={self.min_replicas} > max_replicas={self.max_replicas}")
-
-    def autoscaling_config(self) -> dict:
-        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
-                "initial_replicas": self.min_replicas, "target_ongoing_requests": self.target_ongoing_requests,
-                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s,
-                "look_back_period_s": self.look_back_period_s, "metrics_interval_s": self.metrics_interval_s}
 
 
 @dataclass
