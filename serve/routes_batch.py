@@ -30,13 +30,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import io
 import json
 import time
 import uuid
 from pathlib import Path
 
 from fastapi import Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import ValidationError
 
 from actors.payloads import LAYOUT_AUTO, Done
@@ -44,6 +45,7 @@ from jobs.batch import driver as drivers
 from jobs.batch.openai_batch import (OpenAIBatchConfig, cancel_requested, read_progress, read_results, read_specs,
                                      request_cancel, write_specs)
 from jobs.pools import PoolConfig
+from jobs.storage import location, write_atomic
 from serve import chat_format
 import serve.api as api
 from serve.api import MODEL_ID, APIError, AudioOut, ChatBody, SpeechBody, TranscriptionForm
@@ -107,12 +109,14 @@ class BatchRoutes:
             raise APIError(400, "file is required (an uploaded file)", param="file")
         if purpose not in UPLOAD_PURPOSES:
             raise APIError(400, f"purpose={purpose!r}; expected one of {UPLOAD_PURPOSES}", param="purpose")
-        data = await upload.read()
-        if len(data) > MAX_FILE_BYTES:
-            raise APIError(413, f"file of {len(data)} bytes exceeds {MAX_FILE_BYTES}", param="file",
+        size = upload.size if upload.size is not None else len(await upload.read())
+        if size > MAX_FILE_BYTES:
+            raise APIError(413, f"file of {size} bytes exceeds {MAX_FILE_BYTES}", param="file",
                            code="max_file_bytes")
+        await upload.seek(0)
         filename = Path(upload.filename or "upload").name[:256] or "upload"
-        return await asyncio.to_thread(self._file_store().create, owner, data, filename, purpose)
+        # the spooled upload copied in chunks: one file, or one object on an object store
+        return await asyncio.to_thread(self._file_store().create, owner, upload.file, filename, purpose)
 
     @app.get("/v1/files")
     async def list_files(self, request: Request, purpose: str | None = None, limit: int = 10000,
@@ -134,10 +138,14 @@ class BatchRoutes:
         owner = self._owner(request)
         try:
             files = self._file_store()
-            obj, path = files.get(owner, file_id), files.path(owner, file_id)
+            obj, path = files.get(owner, file_id), files.location(owner, file_id)
         except NotFound:
             raise not_found("File", file_id) from None
-        return FileResponse(path, media_type=_media_type(obj["filename"]), filename=obj["filename"])
+        media_type = _media_type(obj["filename"])
+        if isinstance(path, Path):
+            return FileResponse(path, media_type=media_type, filename=obj["filename"])
+        return StreamingResponse(files.chunks(owner, file_id), media_type=media_type, headers={
+            "content-length": str(obj["bytes"]), "content-disposition": f'attachment; filename="{obj["filename"]}"'})
 
     @app.delete("/v1/files/{file_id}")
     async def delete_file(self, file_id: str, request: Request):
@@ -185,7 +193,7 @@ class BatchRoutes:
         record = {"batch": batch, "folder": str(folder)}
         state = self._batch_state()
         state.create(BATCH, owner, record, id=batch_id)
-        record = await asyncio.to_thread(self._validate_and_start, owner, record, files.path(owner, input_id))
+        record = await asyncio.to_thread(self._validate_and_start, owner, record, files.location(owner, input_id))
         return record["batch"]
 
     @app.get("/v1/batches/{batch_id}")
@@ -227,8 +235,8 @@ class BatchRoutes:
             raise not_found("Batch", batch_id) from None
 
     # -- validation and start --------------------------------------------------------------------------------
-    def _validate_and_start(self, owner: str, record: dict, input_path: Path) -> dict:
-        batch, folder = record["batch"], Path(record["folder"])
+    def _validate_and_start(self, owner: str, record: dict, input_path) -> dict:
+        batch, folder = record["batch"], location(record["folder"], "files")
         state = self._batch_state()
         try:
             specs, refusals = self._check_lines(owner, input_path.read_bytes())
@@ -241,17 +249,17 @@ class BatchRoutes:
             return record
         folder.mkdir(parents=True, exist_ok=True)
         write_specs(folder, specs)
-        (folder / REFUSED).write_text("".join(json.dumps(r) + "\n" for r in refusals))
+        write_atomic(folder / REFUSED, "".join(json.dumps(r) + "\n" for r in refusals))
         batch["request_counts"] = {"total": len(specs) + len(refusals), "completed": 0, "failed": len(refusals)}
         batch.update(status="in_progress", in_progress_at=int(time.time()))
         state.put(BATCH, owner, batch["id"], record)
         if specs:
             self._start_driver(batch["id"], folder)
         else:  # nothing to run: the job has ended already
-            (folder / drivers.STATE).write_text(json.dumps({"state": "completed", "ended_at": time.time()}))
+            write_atomic(folder / drivers.STATE, json.dumps({"state": "completed", "ended_at": time.time()}))
         return record
 
-    def _job_config(self, folder: Path) -> OpenAIBatchConfig:
+    def _job_config(self, folder) -> OpenAIBatchConfig:
         settings = getattr(self, "batch_settings", None) or {}
         return OpenAIBatchConfig(folder=str(folder), models=settings.get("models"),
                                  max_new_tokens_cap=self.caps["max_tokens"], max_text_chars=self.caps["max_text_chars"],
@@ -259,7 +267,7 @@ class BatchRoutes:
                                  block_size=int(settings.get("block_size") or 16),
                                  pool=PoolConfig(**(settings.get("pool") or {})))
 
-    def _start_driver(self, batch_id: str, folder: Path) -> None:
+    def _start_driver(self, batch_id: str, folder) -> None:
         drivers.start_driver(batch_id, self._job_config(folder))
 
     def _check_lines(self, owner: str, data: bytes) -> tuple[list[dict], list[dict]]:
@@ -425,9 +433,11 @@ class BatchRoutes:
             return {"b64": source}
         if isinstance(source, dict) and isinstance(source.get("file_id"), str):
             try:
-                return {"path": str(self._file_store().path(owner, source["file_id"]))}
+                blob = self._file_store().location(owner, source["file_id"])
             except NotFound:
                 raise APIError(400, f"{param}: no such file {source['file_id']!r}", param=param) from None
+            # a file of the files store: a local path, or its URL on the object store (trusted: ours)
+            return {"path": str(blob)} if isinstance(blob, Path) else {"url": str(blob)}
         if isinstance(source, dict) and isinstance(source.get("url"), str):
             url = source["url"]
             prefixes = (getattr(self, "batch_settings", None) or {}).get("url_prefixes") or ()
@@ -440,7 +450,7 @@ class BatchRoutes:
     # -- progress and finalizing -----------------------------------------------------------------------------
     def _refresh(self, owner: str, record: dict) -> dict:
         """The batch as it stands: counts from the job, a dead driver restarted, an ended job finalized."""
-        batch, folder = record["batch"], Path(record["folder"])
+        batch, folder = record["batch"], location(record["folder"], "files")
         state = self._batch_state()
         if batch["status"] == "validating" and time.time() > batch["created_at"] + VALIDATION_S:
             # the replica that validated it went away before it started the job (validation is synchronous)
@@ -485,7 +495,7 @@ class BatchRoutes:
 
     def _finalize(self, owner: str, record: dict) -> None:
         """The output and error files: one line per custom_id the batch ran (or refused), in input order."""
-        batch, folder = record["batch"], Path(record["folder"])
+        batch, folder = record["batch"], location(record["folder"], "files")
         files = self._file_store()
         specs = {s["custom_id"]: s for s in read_specs(folder)}
         lines = []  # (input line, output?, line)
@@ -546,7 +556,8 @@ class BatchRoutes:
     def _audio_file(self, owner, batch_id, custom_id, row, fmt: str, suffix: str, files: FileStore) -> dict:
         import numpy as np
 
-        pcm = np.load(row["audio"]) if row["audio"] else np.zeros(0, np.float32)
+        # the job's float32 PCM (.npy), a local file or an object (a driver on another node)
+        pcm = np.load(io.BytesIO(location(row["audio"]).read_bytes())) if row["audio"] else np.zeros(0, np.float32)
         data = encode(pcm, int(row["sample_rate"] or 22050), fmt)
         name = f"{custom_id}.{'pcm' if fmt == 'pcm' else suffix}"
         obj = files.create(owner, data, name, "batch_output", file_id=_derived_id(batch_id, f"audio/{custom_id}"))
@@ -598,7 +609,7 @@ def _derived_id(batch_id: str, what: str) -> str:
     return "file-" + hashlib.sha256(f"{batch_id}/{what}".encode()).hexdigest()[:24]
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path) -> list[dict]:
     try:
         return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
     except OSError:
