@@ -1,17 +1,24 @@
 """The live voice chat page at / in a real headless Chromium (driven by playwright, the system's
-/usr/bin/chromium): its fake microphone plays a mini-speech utterance, the test clicks Talk, then Stop & send,
-and waits (bounded) for the answer's transcript and audio, counted by the page in window.vitaStats. A
-screenshot of the page goes to the test's tmp folder. Also: a message typed during an answer waits for it and
-is answered; opened from a non-secure origin (http:// at a non-loopback address, reached through a loopback
+/usr/bin/chromium), counted by the page itself in window.vitaStats; every wait is bounded.
+
+Hands-free (the default): a fake microphone plays a recording of three mini-speech questions (A, 1.5 s of
+silence, B, then C while B's answer plays): the server's VAD finds the turns, both answers play, C interrupts
+B's answer (the page stops it, marks it in the transcript pane and truncates it to what it played), the user's
+turns are transcribed; a screenshot is kept in test-artifacts/. Push-to-talk (the toggle): Talk, then Stop &
+send, and the answer's transcript and audio. Also: a message typed during an answer waits for it and is
+answered; opened from a non-secure origin (http:// at a non-loopback address, reached through a loopback
 proxy) the page says the microphone needs https or localhost, and typed messages still work."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
 import soundfile
 
@@ -20,6 +27,17 @@ from serve_testing import API_KEY
 CHROMIUM = "/usr/bin/chromium"
 UTTERANCE = "corpora/mini-speech/LibriSpeech/dev-clean-mini/1000/5000/1000-5000-0000.flac"
 SPEAK_S = 2.0  # seconds of the utterance to send (under the tests' max_audio_seconds)
+QUESTIONS = "corpora/mini-speech/qa_wavs/q0{}.wav"
+# Fixed times in a file, on a machine whose speed varies: the pauses leave room for slow answers. Between A and
+# B: the VAD's 500 ms pause and A's answer's time to first audio (0.6-2.6 s measured on a 2-core machine at load
+# 10-30, none in 3.5 s at load 80) must fit, else B's speech cancels A's answer before any of it is heard (the
+# 1.5 s of the SDK test, tests/test_realtime_vad.py, is stretched there while the answer plays; a file cannot).
+PAUSE_S = 8.0
+# from the end of B to the start of C: the same room for B's answer to be heard; that answer (the session's
+# default max tokens: over 20 s of audio, made slower than real time on a loaded machine) is still playing or
+# being made then, so C speaks over it
+INTERRUPT_AFTER_S = 8.0
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.skipif(shutil.which(CHROMIUM) is None,
@@ -84,26 +102,36 @@ async def _pipe(reader, writer) -> None:
         writer.close()
 
 
-@pytest.fixture(scope="module")
-def browser(serve_url, shared_dir, tmp_path_factory):
-    """Chromium with a fake microphone; addresses outside loopback go through a LoopbackProxy to the server."""
+@contextlib.contextmanager
+def chromium(folder: Path, microphone: str, proxy_port: int | None = None):
+    """Chromium whose fake microphone plays `microphone` (a wav; `FILE%noloop` plays it once, then silence);
+    with `proxy_port`, addresses outside loopback go through that proxy."""
     from playwright.sync_api import sync_playwright
 
-    tmp = tmp_path_factory.mktemp("chromium")
-    pcm, rate = soundfile.read(shared_dir / UTTERANCE, dtype="int16")
-    soundfile.write(tmp / "mic.wav", pcm, rate, subtype="PCM_16")
-    with LoopbackProxy(urlsplit(serve_url).port) as proxy, sync_playwright() as p:
-        flags = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                 f"--use-file-for-fake-audio-capture={tmp / 'mic.wav'}", "--autoplay-policy=no-user-gesture-required",
-                 "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--proxy-server=http://127.0.0.1:{proxy.port}"]  # loopback pages bypass it
-        context = p.chromium.launch_persistent_context(str(tmp / "profile"), executable_path=CHROMIUM, headless=True,
-                                                       args=flags, timeout=60_000)
+    flags = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+             f"--use-file-for-fake-audio-capture={microphone}", "--autoplay-policy=no-user-gesture-required",
+             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    if proxy_port is not None:
+        flags.append(f"--proxy-server=http://127.0.0.1:{proxy_port}")  # loopback pages bypass it
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(str(folder / "profile"), executable_path=CHROMIUM,
+                                                       headless=True, args=flags, timeout=60_000)
         try:
             yield context
         finally:
             context.close()
+
+
+@pytest.fixture(scope="module")
+def browser(serve_url, shared_dir, tmp_path_factory):
+    """Chromium with a fake microphone playing one utterance in a loop; addresses outside loopback go through a
+    LoopbackProxy to the server."""
+    tmp = tmp_path_factory.mktemp("chromium")
+    pcm, rate = soundfile.read(shared_dir / UTTERANCE, dtype="int16")
+    soundfile.write(tmp / "mic.wav", pcm, rate, subtype="PCM_16")
+    with LoopbackProxy(urlsplit(serve_url).port) as proxy, chromium(tmp, str(tmp / "mic.wav"), proxy.port) as context:
+        yield context
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +155,58 @@ def wait_for(page, condition, what: str, timeout: float, errors: int = 0) -> dic
     return current
 
 
+def recording(shared_dir: Path, path: Path) -> Path:
+    """A, PAUSE_S of silence, B, INTERRUPT_AFTER_S of silence, C, then silence: one 16 kHz wav."""
+    questions = []
+    for n in (1, 2, 3):
+        audio, rate = soundfile.read(shared_dir / QUESTIONS.format(n), dtype="int16")
+        assert rate == 16000
+        questions.append(audio)
+    gap = lambda seconds: np.zeros(int(seconds * 16000), np.int16)  # noqa: E731
+    first, second, third = questions
+    soundfile.write(path, np.concatenate([gap(1.0), first, gap(PAUSE_S), second, gap(INTERRUPT_AFTER_S), third,
+                                          gap(2.0)]), 16000, subtype="PCM_16")
+    return path
+
+
+@pytest.mark.slow
+def test_hands_free_answers_each_pause_and_speech_interrupts_the_answer(serve_url, shared_dir, tmp_path):
+    mic = recording(shared_dir, tmp_path / "hands-free.wav")
+    with chromium(tmp_path, f"{mic}%noloop") as context:
+        tab = context.new_page()
+        tab.goto(serve_url + "/", timeout=30_000)
+        assert not tab.is_checked("#ptt") and tab.inner_text("#talk") == "Start talking"  # hands-free by default
+        tab.click("summary")
+        tab.fill("#key", API_KEY)
+        tab.click("#talk")
+        wait_for(tab, lambda s: s["speechStarted"] >= 3 and s["responsesDone"] >= 2, "C over B's answer", 180)
+        done = wait_for(tab, lambda s: s["userTranscripts"] >= 3, "the user's transcripts", 120)
+        print("page stats:", {k: v for k, v in done.items() if k != "errors"})
+        assert done["handsFree"] and done["speechStopped"] >= 3 and done["turns"] >= 2
+        first, second = done["answers"][:2]
+        # A's answer was heard (whole, or until B began); C spoke over B's answer while it played, and the page
+        # told the server what it played of it
+        assert first["heardMs"] > 0 and first["status"] in ("completed", "incomplete", "cancelled"), first
+        assert second["heardMs"] > 0 and (second["status"], second["reason"]) == ("cancelled", "turn_detected")
+        assert done["answersPlayed"] >= 2 and done["interrupted"] >= 1 and done["truncates"] >= 1, done
+        rows = tab.locator("#log .assistant")
+        assert "interrupted" in (rows.nth(1).get_attribute("class") or "")
+        assert "interrupted" in rows.nth(1).inner_text()
+        said = [t.strip() for t in tab.locator("#log .user .text").all_inner_texts()]
+        assert len(said) >= 3 and all(said) and "(speaking…)" not in said, said
+        # the readout: end of speech -> first answer audio, for each answer heard
+        assert len(done["latencyMs"]) >= 2 and "first answer audio" in tab.inner_text("#latency")
+        ARTIFACTS.mkdir(exist_ok=True)
+        for path in (ARTIFACTS / "web-page-hands-free.png", tmp_path / "web-page-hands-free.png"):
+            tab.screenshot(path=str(path), full_page=True)
+        print(f"screenshot: {ARTIFACTS / 'web-page-hands-free.png'}")
+
+
 def test_talk_button_sends_speech_and_plays_the_answer(page, tmp_path):
     page.click("summary")
     page.fill("#key", API_KEY)
+    page.check("#ptt")  # push-to-talk
+    assert page.inner_text("#talk") == "Talk"
     page.click("#talk")
     wait_for(page, lambda s: s["connected"] and s["sentSeconds"] >= SPEAK_S, "microphone audio sent", 30)
     page.click("#talk")
@@ -138,7 +215,10 @@ def test_talk_button_sends_speech_and_plays_the_answer(page, tmp_path):
     wait_for(page, lambda s: s["played"] >= 1, "audio played", 30)
     transcript = page.inner_text("#log .assistant .text")
     assert transcript.strip() and page.inner_text("#error") == ""
-    assert page.inner_text("#log .user .text").startswith("(spoke for")
+    turn = page.locator("#log .user .text").first
+    assert turn.inner_text().startswith("(spoke for") or done["userTranscripts"] >= 1  # then its transcript
+    wait_for(page, lambda s: s["userTranscripts"] >= 1, "the turn's transcript", 60)
+    assert turn.inner_text().strip() and not turn.inner_text().startswith("(spoke for")
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
     print(f"screenshot: {tmp_path / 'page.png'}")
 
