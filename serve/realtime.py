@@ -421,6 +421,13 @@ class Session:
         return {"id": self.id, "config": self.config.model_dump(mode="json"), "input_ms": self.input_ms,
                 "messages": [m.to_json() for m in self.messages if m.status != "in_progress"]}
 
+    def fingerprint(self) -> tuple:
+        """What the snapshot holds, without the audio: it differs whenever the snapshot would (a turn, an answer,
+        a transcript, audio codes, a truncation, the config), so a caller saves the snapshot only then."""
+        return (self.config.model_dump_json(), tuple(
+            (m.id, m.status, m.chars, m.audio_ms, tuple((c.codes is not None, c.transcript) for c in m.clips))
+            for m in self.messages if m.status != "in_progress"))
+
     def restore(self, data: dict) -> None:
         self.id, self.input_ms = data["id"], float(data["input_ms"])
         self.config = SessionConfig.model_validate(data["config"], strict=False)
@@ -571,6 +578,15 @@ class Response:
     def cancelled(self, reason: str = "client_cancelled") -> list[dict]:
         """OpenAI's reasons: client_cancelled (response.cancel), turn_detected (the user spoke over it)."""
         return self._finished("cancelled", {"type": "cancelled", "reason": reason}, None)
+
+    def lost(self, err: APIError) -> list[dict]:
+        """The events that end this response if the process making it is lost (rendered ahead, changing nothing):
+        the error, the answer's item gone from the conversation (a snapshot never holds an answer in progress),
+        and `response.done` failed."""
+        error = {"type": err.type, "code": err.code, "message": err.message}
+        return [error_event(err), server_event("conversation.item.deleted", item_id=self.item.id),
+                server_event("response.done", response=self._describe("failed", output=[], usage=None, status_details={
+                    "type": "failed", "error": error}))]
 
     def failed(self, err: APIError) -> list[dict]:
         error = {"type": err.type, "code": err.code, "message": err.message}

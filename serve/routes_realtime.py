@@ -14,10 +14,14 @@ committed turn is transcribed by the model's ASR beside the answer (never before
 
 Sessions survive the network: `session.created` carries a `resume_token`; the session of a socket that drops
 (closed without a close frame, or with a code other than 1000 / 1001, which end the session) waits in the
-state store (serve.state, kind REALTIME, owned by the caller's key) for `realtime_resume_grace_s`, and a
-socket opened with `?resume=TOKEN` by the same key, on any ingress replica, continues it: the conversation, the
+state store (serve.state, owned by the caller's key: `Saved`) for `realtime_resume_grace_s`, and a socket
+opened with `?resume=TOKEN` by the same key, on any ingress replica, continues it: the conversation, the
 config, and the events the dropped socket missed (a response in progress is cancelled at the drop, its end is
-among them). A session ends, with an `error` event naming why, at `realtime_max_session_s`, after
+among them). While a socket holds it, the session is kept in the store as it goes (the conversation when it
+changes, and a lease renewed every HEARTBEAT_S), so that it survives its ingress replica too: a replica lost
+without a word (killed, its node gone) stops renewing the lease, and LEASE_S later the session is resumable
+elsewhere for the grace period; the response it was making ends there as `failed` (code `ingress_lost`).
+A session ends, with an `error` event naming why, at `realtime_max_session_s`, after
 `turn_detection.idle_timeout_ms` without speech (`idle_timeout`), and a key holds at most
 `realtime_sessions_per_key` sessions (open or resumable) at once.
 
@@ -53,6 +57,11 @@ CLIENT_CLOSE = (1000, 1001)  # the client closed (done, or the page went away): 
 MAX_MISSED = 64  # events kept for a resume (a dropped socket misses at most the end of one response)
 TRANSCRIPTION_TOKENS = 256
 WATCH_S = 0.2
+HEARTBEAT_S = 2.0  # a held session's lease is renewed this often
+LEASE_S = 10.0  # a lease not renewed for this long: its replica is lost, the session is free to resume
+CONVERSATION = "realtime_conversation"  # the state store's kind of a session's snapshot (beside its REALTIME record)
+INGRESS_LOST = APIError(500, "the ingress replica that was making this response was lost; the session resumed on "
+                             "another one, without this answer", type="server_error", code="ingress_lost")
 
 
 @dataclass(frozen=True)
@@ -96,15 +105,105 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def _replica() -> str | None:
+    """The Serve replica this runs in (its actor's name), kept in the session's record: which one holds it."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.to_full_id_str()
+    except Exception:  # not in a Serve replica (an in-process app)
+        return None
+
+
+class TakenOver(StateError):
+    """The session was resumed on another socket (this one's lease had lapsed)."""
+
+
+class Saved:
+    """One session in the state store, owned by its key: a small REALTIME record (the resume secret's digest,
+    started_at, whether a socket holds it, by which lease, seen when; the events to replay) that counts towards
+    the key's session cap, and its conversation (`Session.snapshot`, kind CONVERSATION), written only when it
+    changed. Blocking calls (the caller runs them off its event loop)."""
+
+    def __init__(self, store, owner: str, sid: str, limits: SessionLimits):
+        self.store, self.owner, self.sid, self.limits = store, owner, sid, limits
+
+    def expires_at(self, record: dict, now: float) -> float:
+        """A held session's record outlives its last renewal by the lease and the grace period (a lost replica's
+        session stays resumable that long), never the session's maximum length."""
+        last = record["seen_at"] + LEASE_S if record["attached"] else now
+        end = record["started_at"] + self.limits.max_session_s
+        return max(min(end, last + self.limits.resume_grace_s), now + 1.0)
+
+    def create(self, record: dict, snapshot: dict) -> None:
+        now = time.time()
+        self.store.create(REALTIME, self.owner, record, id=self.sid, expires_at=self.expires_at(record, now),
+                          max_items=self.limits.sessions_per_key)
+        self.put_conversation(snapshot, record)
+
+    def put_conversation(self, snapshot: dict, record: dict) -> None:
+        """Held: kept up to the session's end (its record decides whether it can be resumed); dropped: as long
+        as its record."""
+        now = time.time()
+        end = max(record["started_at"] + self.limits.max_session_s, now + 1.0)
+        self.store.put(CONVERSATION, self.owner, self.sid, snapshot,
+                       expires_at=end if record["attached"] else self.expires_at(record, now))
+
+    def keep(self, record: dict, snapshot: dict | None) -> None:
+        """Renew the lease (and save the conversation, when given), unless another socket took the session."""
+        if self.store.get(REALTIME, self.owner, self.sid).data.get("lease") != record["lease"]:
+            raise TakenOver(self.sid)
+        if snapshot is not None:
+            self.put_conversation(snapshot, record)
+        self.store.put(REALTIME, self.owner, self.sid, record, expires_at=self.expires_at(record, time.time()))
+
+    def delete(self) -> None:
+        for kind in (REALTIME, CONVERSATION):
+            try:
+                self.store.delete(kind, self.owner, self.sid)
+            except NotFound:
+                pass
+
+    def take(self, secret: str, lease: str) -> tuple[dict, dict, list[dict]]:
+        """Resume: the record (now held by `lease`), the conversation, the events to replay. APIError when
+        the token does not name a live session of this key, or a socket still holds it."""
+        gone = APIError(400, f"no session to resume: the resume token is unknown, of another key, or its grace "
+                             f"period ({self.limits.resume_grace_s:g} s) has passed", param="resume",
+                        code="session_not_found")
+        try:
+            saved = self.store.get(REALTIME, self.owner, self.sid).data
+            snapshot = self.store.get(CONVERSATION, self.owner, self.sid).data
+        except (NotFound, ValueError):
+            raise gone from None
+        if not hmac.compare_digest(saved.get("secret", ""), _digest(secret)):
+            raise gone
+        now = time.time()
+        if saved.get("attached") and now - saved.get("seen_at", 0.0) < LEASE_S:
+            raise APIError(409, "the session is open on another socket", param="resume", code="session_in_use")
+        if self.limits.resume_grace_s <= 0:
+            raise gone
+        # dropped: what its socket missed; held by a lost replica: the end of the response it was making
+        replay = saved.get("lost") if saved.get("attached") else saved.get("missed")
+        record = {"secret": saved["secret"], "started_at": saved["started_at"], "attached": True, "lease": lease,
+                  "seen_at": now, "holder": _replica()}
+        self.store.put(REALTIME, self.owner, self.sid, record, expires_at=self.expires_at(record, now))
+        return record, snapshot, list(replay or [])
+
+
 class Live:
     """One socket's conversation over time: the session, the response in progress and the last one (whose
-    audio may still be playing), input transcriptions, and the watch that ends a session (length, idle)."""
+    audio may still be playing), input transcriptions, and the watch that keeps the session in the store and
+    ends it (length, idle)."""
 
-    def __init__(self, routes: "RealtimeRoutes", ws: WebSocket, link: Link, session: Session, owner: str,
+    def __init__(self, routes: "RealtimeRoutes", ws: WebSocket, link: Link, session: Session, saved: Saved,
                  record: dict):
-        self.routes, self.ws, self.link, self.session, self.owner = routes, ws, link, session, owner
-        self.record = record  # the store's data of this session: secret digest, started_at, ...
-        self.limits = SessionLimits.of(routes.caps)
+        self.routes, self.ws, self.link, self.session, self.saved = routes, ws, link, session, saved
+        self.record = record  # the store's record of this session: secret digest, started_at, lease, seen_at, ...
+        self.limits = saved.limits
+        self.kept: tuple | None = None  # what the store holds: (conversation fingerprint, response in progress)
+        self.keeping: asyncio.Future | None = None
+        self.taken = False  # resumed on another socket: this one leaves the store alone
+        self.wake = asyncio.Event()  # keep the session now (a response began), not at the next tick
         self.active: tuple[Response, asyncio.Task] | None = None
         self.last: Response | None = None
         self.tasks: set[asyncio.Task] = set()
@@ -150,10 +249,23 @@ class Live:
             return
 
     async def _watch(self) -> None:
-        """End the session at its maximum length, or after idle_timeout_ms without speech or answer."""
+        """Keep the session in the store; end it at its maximum length, or after idle_timeout_ms without speech
+        or answer."""
         started = self.record["started_at"]
         while True:
-            await asyncio.sleep(WATCH_S)
+            try:
+                await asyncio.wait_for(self.wake.wait(), WATCH_S)
+            except asyncio.TimeoutError:
+                pass
+            self.wake.clear()
+            try:
+                await self._keep()
+            except TakenOver:
+                self.taken = True
+                return await self._end(APIError(409, "the session was resumed on another socket",
+                                                code="session_in_use"))
+            except Exception as err:  # the store is unreachable for now: the socket goes on, the next tick retries
+                logger.warning("realtime session not kept: %s", err)
             now = time.monotonic()
             if time.time() - started >= self.limits.max_session_s:
                 return await self._end(APIError(400, f"the session reached its maximum length of "
@@ -170,6 +282,20 @@ class Live:
                                                   audio_end_ms=end_ms, item_id=new_id("item")))
                 return await self._end(APIError(400, f"no speech for idle_timeout_ms={vad.idle_timeout_ms}: the "
                                                      "session is closed", code="idle_timeout"))
+
+    async def _keep(self) -> None:
+        """The lease renewed every HEARTBEAT_S, the conversation saved when it changed, and the end of the
+        response in progress rendered ahead (replayed by the replica that resumes the session if this one is
+        lost)."""
+        response = self.active[0] if self.active is not None and not self.active[1].done() else None
+        state, now = (self.session.fingerprint(), response and response.id), time.time()
+        if state == self.kept and now - self.record["seen_at"] < HEARTBEAT_S:
+            return
+        snapshot = self.session.snapshot() if self.kept is None or state[0] != self.kept[0] else None
+        self.record = {**self.record, "seen_at": now, "lost": response.lost(INGRESS_LOST) if response else []}
+        self.kept = state
+        self.keeping = asyncio.ensure_future(asyncio.to_thread(self.saved.keep, self.record, snapshot))
+        await asyncio.shield(self.keeping)  # a cancelled watch leaves the write to finish (`_leave` awaits it)
 
     def _answering(self, now: float) -> bool:
         return (self.active is not None and not self.active[1].done()) or (
@@ -188,34 +314,38 @@ class Live:
         for task in list(self.tasks):
             task.cancel()
         await self._stop_active("client_cancelled")
-        store, sid = self.routes._sessions(), self.session.id
+        if self.keeping is not None:
+            await asyncio.gather(self.keeping, return_exceptions=True)
+        if self.taken:
+            return
         try:
             if self.ended or self.limits.resume_grace_s <= 0:
-                await asyncio.to_thread(store.delete, REALTIME, self.owner, sid)
+                await asyncio.to_thread(self.saved.delete)
             else:
-                data = {**self.record, "attached": False, "session": self.session.snapshot(),
-                        "missed": self.link.missed}
-                await asyncio.to_thread(store.put, REALTIME, self.owner, sid, data,
-                                        ttl_s=self.limits.resume_grace_s)
+                record = {**self.record, "attached": False, "missed": self.link.missed, "lost": []}
+                await asyncio.to_thread(self.saved.keep, record, self.session.snapshot())
         except StateError:
-            pass  # already gone (expired)
+            pass  # already gone (expired), or resumed elsewhere
         except Exception as err:
             logger.error("realtime session could not be saved", exc_info=err)
 
-    async def _stop_active(self, reason: str) -> list[dict]:
-        """Cancel the response in progress (frees its LLM slot and decoder stream); its closing events."""
+    async def _stop_active(self, reason: str) -> None:
+        """Cancel the response in progress and send its closing events."""
+        try:
+            await self.link.send(*await self._halt(reason))
+        except WebSocketDisconnect:
+            pass  # kept in link.missed
+
+    async def _halt(self, reason: str) -> list[dict]:
+        """Cancel the response in progress: its task has ended when this returns (nothing more of it is sent;
+        its LLM slot and decoder stream are freed); its closing events, for the caller to send."""
         if self.active is None:
             return []
         response, task = self.active
         self.active = None
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        events = response.cancelled(reason)
-        try:
-            await self.link.send(*events)
-        except WebSocketDisconnect:
-            pass  # kept in link.missed
-        return events
+        return response.cancelled(reason)
 
     # -- events ----------------------------------------------------------------------------------------------
     async def handle(self, event: ClientEvent) -> None:
@@ -251,6 +381,7 @@ class Live:
         response = Response(self.session, plan)
         self.active = response, asyncio.create_task(self.routes._respond(self.link, response))
         self.last = response
+        self.wake.set()  # the store learns of it at once (its end is replayed if this replica is lost)
 
     async def _detect(self) -> None:
         """Server VAD over the audio appended since the last look (at least a frame's worth), off the loop."""
@@ -260,13 +391,15 @@ class Live:
             return
         signals = await asyncio.to_thread(session.detector.feed, data)
         events, actions = session.on_speech(signals)
-        await self.link.send(*events)
         vad = session.vad
+        if vad.interrupt_response and any(kind == "started" for kind, _ in actions):
+            # the answer is stopped before the speech start is sent: no audio of it follows that event
+            after = 1 + next(i for i, e in enumerate(events) if e["type"] == "input_audio_buffer.speech_started")
+            events[after:after] = await self._interrupt()
+        await self.link.send(*events)
         for kind, value in actions:
             self.idle_since = time.monotonic()
-            if kind == "started" and vad.interrupt_response:
-                await self._interrupt()
-            elif kind == "committed":
+            if kind == "committed":
                 self._transcribe(value)
                 if vad.create_response:
                     if self.active is not None and self.active[1].done():
@@ -276,21 +409,22 @@ class Live:
                     except APIError as err:
                         await self.link.send(error_event(err))
 
-    async def _interrupt(self) -> None:
-        """The user spoke over the answer: cancel it if still being made, keep what was heard of it."""
+    async def _interrupt(self) -> list[dict]:
+        """The user spoke over the answer: stop it if still being made, keep what was heard of it; the events
+        that say so."""
         response = self.last
         now = time.monotonic()
         if response is None or not response.playing(now):
-            return
+            return []
         heard = response.played_ms(now)
         running = self.active is not None and self.active[0] is response and not self.active[1].done()
-        if running:
-            await self._stop_active("turn_detected")
+        events = await self._halt("turn_detected") if running else []
         item = response.item
         if item in self.session.messages and item.status != "in_progress" and heard < item.sent_ms:
             item.truncate(heard)
-            await self.link.send(self.session.truncated(item, heard))
+            events.append(self.session.truncated(item, heard))
         self.last = None
+        return events
 
     def _transcribe(self, message: Message) -> None:
         """The turn's input transcription, beside the answer (`audio.input.transcription`)."""
@@ -352,7 +486,7 @@ class RealtimeRoutes:
         session = Session(self.caps, self.voice_store.owned(owner), self.request_caps) if owner is not None else None
         if session is not None:
             try:
-                record, missed = await self._attach(ws, session, owner)
+                saved, record, token, missed = await self._attach(ws, session, owner)
             except APIError as err:
                 refusal = err
         if refusal is not None:
@@ -361,9 +495,9 @@ class RealtimeRoutes:
             await ws.close(TRY_AGAIN_LATER if refusal.code == "session_in_use" else POLICY_VIOLATION,
                            refusal.message[:120])
             return
-        live = Live(self, ws, link, session, owner, record)
+        live = Live(self, ws, link, session, saved, record)
         try:
-            await link.send({**session.created(), "resume_token": record["token"]}, *missed)
+            await link.send({**session.created(), "resume_token": token}, *missed)
             if session.vad is not None:
                 await asyncio.to_thread(session.prepare_vad)
         except WebSocketDisconnect:
@@ -377,38 +511,28 @@ class RealtimeRoutes:
             store = self.__dict__.setdefault("_own_state", open_store("memory"))
         return store
 
-    async def _attach(self, ws: WebSocket, session: Session, owner: str) -> tuple[dict, list[dict]]:
-        """A new session's record (within the per-key cap), or the saved session a `?resume=TOKEN` names."""
-        limits, store = SessionLimits.of(self.caps), self._sessions()
+    async def _attach(self, ws: WebSocket, session: Session, owner: str) -> tuple[Saved, dict, str, list[dict]]:
+        """A new session (within the per-key cap), or the saved session a `?resume=TOKEN` names: its place in
+        the store, its record, its resume token and the events to replay."""
+        limits, lease, now = SessionLimits.of(self.caps), secrets.token_hex(8), time.time()
         token = ws.query_params.get("resume")
         if token is None:
             secret = secrets.token_urlsafe(24)
-            record = {"secret": _digest(secret), "started_at": time.time(), "attached": True}
+            saved = Saved(self._sessions(), owner, session.id, limits)
+            record = {"secret": _digest(secret), "started_at": now, "attached": True, "lease": lease, "seen_at": now,
+                      "holder": _replica()}
             try:
-                await asyncio.to_thread(store.create, REALTIME, owner, record, id=session.id,
-                                        ttl_s=limits.max_session_s, max_items=limits.sessions_per_key)
+                await asyncio.to_thread(saved.create, record, session.snapshot())
             except Full:
                 raise APIError(429, f"this key already holds {limits.sessions_per_key} realtime sessions (open, "
                                     "or resumable within the grace period); close one first",
                                code="session_limit", type="rate_limit_exceeded") from None
-            return {**record, "token": f"{session.id}.{secret}"}, []
+            return saved, record, f"{session.id}.{secret}", []
         sid, _, secret = token.partition(".")
-        gone = APIError(400, f"no session to resume: the resume token is unknown, of another key, or its grace "
-                             f"period ({limits.resume_grace_s:g} s) has passed", param="resume",
-                        code="session_not_found")
-        try:
-            saved = (await asyncio.to_thread(store.get, REALTIME, owner, sid)).data
-        except (NotFound, ValueError):
-            raise gone from None
-        if not hmac.compare_digest(saved.get("secret", ""), _digest(secret)):
-            raise gone
-        if saved.get("attached") or saved.get("session") is None:
-            raise APIError(409, "the session is open on another socket", param="resume", code="session_in_use")
-        session.restore(saved["session"])
-        left = limits.max_session_s - (time.time() - saved["started_at"])
-        record = {"secret": saved["secret"], "started_at": saved["started_at"], "attached": True}
-        await asyncio.to_thread(store.put, REALTIME, owner, sid, record, ttl_s=max(left, 1.0))
-        return {**record, "token": token}, list(saved.get("missed") or [])
+        saved = Saved(self._sessions(), owner, sid, limits)
+        record, snapshot, replay = await asyncio.to_thread(saved.take, secret, lease)
+        session.restore(snapshot)
+        return saved, record, token, replay
 
     def _ws_owner(self, ws: WebSocket, offered: list[str]) -> str:
         """The caller's owner id (serve.keys) from the header or the key subprotocol, else APIError 401."""

@@ -1,11 +1,12 @@
 """Hands-free /v1/realtime through the unchanged openai SDK (`AsyncOpenAI().realtime.connect`) on its own Serve
-app (two ingress replicas on one SQLite state store): server VAD over a recording paced in real time (two
-utterances 1.5 s apart, or more while the first answer still plays on a loaded machine, then a third that starts
-during the second answer and cancels it), input
-transcriptions, the truncated answer in the history; sessions that resume within the grace period (the earlier
-turns, the events the dropped socket missed) and not after it, nor with another key's token; an idle session
-closed after idle_timeout_ms; the per-key session cap; and a battery of bad or hostile inputs, each an `error`
-event in OpenAI's shape on a session and a server that go on. Every wait is bounded."""
+app (one ingress replica on a SQLite state store; tests/test_realtime_replicas.py resumes on another replica):
+server VAD over a microphone paced in real time (two utterances 1.5 s apart, longer only while a loaded machine
+still makes the first answer; then a third that starts during the second answer and cancels it, no audio of it
+after the speech start), input transcriptions, the truncated answer in the history; sessions that resume within
+the grace period (the earlier turns, the events the dropped socket missed) and not after it, nor with another
+key's token; an idle session closed after idle_timeout_ms; the per-key session cap; and a battery of bad or
+hostile inputs, each an `error` event in OpenAI's shape on a session and a server that go on. Every wait is
+bounded."""
 from __future__ import annotations
 
 import asyncio
@@ -38,7 +39,7 @@ def app_url(ray_session, tiny_models, tmp_path_factory):
 
     keys = tmp_path_factory.mktemp("realtime-vad") / "keys.txt"
     keys.write_text(f"{OTHER_KEY} other\n")
-    with serve_app(tiny_models, api_keys_file=str(keys), ingress={"min_replicas": 2, "max_replicas": 2},
+    with serve_app(tiny_models, api_keys_file=str(keys), ingress={"min_replicas": 1, "max_replicas": 1},
                    realtime_resume_grace_s=GRACE_S, realtime_sessions_per_key=SESSIONS_PER_KEY) as url:
         yield url
 
@@ -92,6 +93,12 @@ async def paced(conn, audio: np.ndarray) -> None:
 
 
 async def conversation(url: str, utterances: list[np.ndarray]) -> dict:
+    """A microphone paced in real time: the first utterance, 1.5 s of silence, the second (on a machine too loaded
+    to make the short first answer within those 1.5 s, the silence goes on until it is made: else the second
+    utterance would rightly cancel it), silence until the second answer's audio comes, then the third utterance
+    over it. Each answer's length is set while the one before is made (a response takes the session's
+    max_output_tokens when it is created): the first short, the second long (still playing at the third), the
+    third short."""
     async with connect(url) as conn:
         await until(conn, "session.created")
         await conn.session.update(session={"type": "realtime", "max_output_tokens": SHORT, "audio": {"input": {
@@ -99,26 +106,22 @@ async def conversation(url: str, utterances: list[np.ndarray]) -> dict:
             "transcription": {"model": "vita-audio"}}}})
         setup = await until(conn, "session.updated")
         events: list = []
-        first_heard, second_answer_audio, done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        first_made, second_answer_audio, done = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
         async def receive():
-            responses, first_audio, audio_s = 0, None, 0.0
+            responses = 0
             while True:
                 event = await asyncio.wait_for(conn.recv(), WAIT_S)
                 events.append(event)
                 if event.type == "response.created":
                     responses += 1
-                elif event.type == "response.output_audio.delta" and responses == 1:
-                    first_audio = first_audio or time.monotonic()
-                    audio_s += len(base64.b64decode(event.delta)) / 2 / RATE
-                elif event.type == "response.done" and responses == 1:  # the second answer runs long
-                    await conn.session.update(session={"type": "realtime", "max_output_tokens": "inf"})
-                    await asyncio.sleep(max(0.0, (first_audio or 0) + audio_s - time.monotonic()))
-                    first_heard.set()  # the user has heard the first answer
+                    tokens = {1: "inf", 2: SHORT}.get(responses)
+                    if tokens is not None:
+                        await conn.session.update(session={"type": "realtime", "max_output_tokens": tokens})
+                elif event.type == "response.done" and responses == 1:
+                    first_made.set()
                 elif event.type == "response.output_audio.delta" and responses == 2:
                     second_answer_audio.set()
-                elif event.type == "response.done" and responses == 2:  # the third answer is short again
-                    await conn.session.update(session={"type": "realtime", "max_output_tokens": SHORT})
                 elif event.type == "response.done" and responses == 3:
                     done.set()
                     return
@@ -131,7 +134,7 @@ async def conversation(url: str, utterances: list[np.ndarray]) -> dict:
         receiver = asyncio.create_task(receive())
         first, second, third = utterances
         await paced(conn, np.concatenate([silence(0.5), first, silence(1.5)]))
-        await asyncio.wait_for(quiet_until(first_heard), WAIT_S)  # on a loaded machine the answer may take longer
+        await asyncio.wait_for(quiet_until(first_made), WAIT_S)
         await paced(conn, second)
         await asyncio.wait_for(quiet_until(second_answer_audio), WAIT_S)  # the third starts during the 2nd answer
         await paced(conn, np.concatenate([third, silence(1.0)]))
@@ -200,7 +203,8 @@ def test_speech_during_the_second_answer_cancels_it_and_keeps_what_was_heard(han
     third_start = [e for e in events if e.type == "input_audio_buffer.speech_started"][2]
     assert events.index(third_start) < done_at  # the third utterance's start is what cancelled it
     deltas = [i for i, e in enumerate(events) if e.type == "response.output_audio.delta" and e.response_id == rid]
-    assert deltas and max(deltas) < done_at  # no audio of it after the cancel
+    # the answer is stopped before the speech start is sent: no audio of it after that event, nor after its end
+    assert deltas and max(deltas) < events.index(third_start) < done_at
     sent_ms = sum(len(base64.b64decode(events[i].delta)) for i in deltas) / 2 / RATE * 1000
     truncated = [e for e in events if e.type == "conversation.item.truncated" and e.item_id == item_id]
     assert len(truncated) == 1 and 0 <= truncated[0].audio_end_ms <= sent_ms + 1
