@@ -121,8 +121,8 @@ class TakenOver(StateError):
 
 class Saved:
     """One session in the state store, owned by its key: a small REALTIME record (the resume secret's digest,
-    started_at, whether a socket holds it, by which lease, seen when; the events to replay) that counts towards
-    the key's session cap, and its conversation (`Session.snapshot`, kind CONVERSATION), written only when it
+    started_at, whether a socket holds it: by which lease, on which replica, seen when; the events to replay)
+    that counts towards the key's session cap, and its conversation (`Session.snapshot`, kind CONVERSATION), written only when it
     changed. Blocking calls (the caller runs them off its event loop)."""
 
     def __init__(self, store, owner: str, sid: str, limits: SessionLimits):
@@ -381,7 +381,8 @@ class Live:
         response = Response(self.session, plan)
         self.active = response, asyncio.create_task(self.routes._respond(self.link, response))
         self.last = response
-        self.wake.set()  # the store learns of it at once (its end is replayed if this replica is lost)
+        self.wake.set()  # the store learns of it at once (its end is replayed if this replica is lost), and of
+        self.active[1].add_done_callback(lambda _: self.wake.set())  # its end (then not to be replayed)
 
     async def _detect(self) -> None:
         """Server VAD over the audio appended since the last look (at least a frame's worth), off the loop."""
