@@ -529,3 +529,29 @@ def test_a_session_ends_at_its_maximum_length(tiny_models):
             error = ws.receive_json()  # nothing sent: the session ends by itself
             assert error["type"] == "error" and error["error"]["code"] == "session_expired"
             assert ws.receive()["type"] == "websocket.close"
+
+
+def test_a_held_session_resumes_only_once_its_lease_lapsed():
+    """A socket holds its session by a lease in the store: a resume is refused while the lease is renewed
+    (`session_in_use`: the SDK retries), taken once it lapsed (a lost replica), with the end of the answer that
+    replica was making to replay; the old holder then finds the session taken."""
+    import hashlib
+
+    from serve.api import APIError
+    from serve.routes_realtime import LEASE_S, Saved, SessionLimits, TakenOver
+    from serve.state import open_store
+
+    saved = Saved(open_store("memory"), "k_owner", "sess_held", SessionLimits(30.0, 3600.0, 4))
+    now, lost = time.time(), [{"type": "response.done", "response": {"status": "failed"}}]
+    record = {"secret": hashlib.sha256(b"secret").hexdigest(), "started_at": now, "attached": True, "lease": "a",
+              "seen_at": now, "lost": lost}
+    saved.create(record, new_session().snapshot())
+    for secret, code in (("secret", "session_in_use"), ("wrong", "session_not_found")):
+        with pytest.raises(APIError) as refused:
+            saved.take(secret, "b")
+        assert refused.value.code == code
+    saved.keep({**record, "seen_at": now - LEASE_S - 1}, None)  # the holder stopped renewing its lease
+    taken, snapshot, replay = saved.take("secret", "b")
+    assert taken["lease"] == "b" and taken["attached"] and replay == lost and snapshot["messages"] == []
+    with pytest.raises(TakenOver):
+        saved.keep(record, None)
