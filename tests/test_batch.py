@@ -374,8 +374,7 @@ def test_locations_with_an_unknown_scheme_are_refused_by_name(tmp_path, monkeypa
     texts = tmp_path / "texts.txt"
     texts.write_text("hello\n")
     for kwargs, words in ((dict(input=str(texts), out="nosuch://bucket/run"), "--out nosuch://bucket/run: no filesystem for nosuch://"),
-                          (dict(input="nosuch://bucket/texts.txt", out="run"), "--input nosuch://bucket/texts.txt: no filesystem"),
-                          (dict(input=str(texts), out="s3://bucket/run"), "batch tts writes its FLAC files from the decoder")):
+                          (dict(input="nosuch://bucket/texts.txt", out="run"), "--input nosuch://bucket/texts.txt: no filesystem")):
         with pytest.raises(InputError, match=words):
             _config(Path("unused"), "tts", kwargs.pop("input"), kwargs.pop("out"))
     with pytest.raises(InputError, match="--out nosuch://b/x: no filesystem for nosuch://"):
@@ -383,6 +382,7 @@ def test_locations_with_an_unknown_scheme_are_refused_by_name(tmp_path, monkeypa
     with pytest.raises(InputError, match="the librispeech recipe reads a local folder"):
         SourceSpec.parse("librispeech:s3://corpus")
     assert _config(Path("unused"), "tts", f"file://{texts}", f"file://{tmp_path}/run").out == f"file://{tmp_path}/run"
+    assert _config(Path("unused"), "tts", str(texts), "s3://bucket/run").out == "s3://bucket/run"  # audio as objects
     assert sorted(p.name for p in tmp_path.iterdir()) == ["texts.txt"]  # no folder named nosuch: or s3:
 
 

@@ -3,7 +3,7 @@
     start_driver("batch_ab12", config)    # idempotent: the running driver if there is one
     driver_state("batch_ab12", folder)     # "running" | "completed" | "cancelled" | "failed" | "absent"
 
-The endpoint starts it and never waits for it: the job's Ray Data pool is its own (it takes no slot of the
+The endpoint starts it and never waits for it: the job's Ray Data pools are its own (it takes no slot of the
 online replicas), and the actor outlives the ingress replica that started it (detached). The actor takes no
 CPU of its own (it only drives the pool). It writes `FOLDER/driver.json` when the job ends; a driver that died
 part-way (killed, its node lost) leaves no such file and no actor, so `driver_state` says "absent" and the
@@ -16,10 +16,9 @@ import json
 import threading
 import time
 import traceback
-from pathlib import Path
 
 from jobs.batch.openai_batch import OpenAIBatchConfig, run_openai_batch
-from jobs.run_folder import write_atomic
+from jobs.storage import location, write_atomic
 
 NAMESPACE = "vita-audio-batches"
 STATE = "driver.json"
@@ -39,7 +38,7 @@ class BatchDriver:
         self.thread.start()
 
     def _run(self) -> None:
-        folder = Path(self.config.folder)
+        folder = location(self.config.folder)
         try:
             summary = run_openai_batch(self.config)
             record = {**summary, "ended_at": time.time()}
@@ -65,7 +64,7 @@ def start_driver(batch_id: str, config: OpenAIBatchConfig):
 def ended(folder) -> dict | None:
     """The job's end record (`driver.json`), or None while it has not ended."""
     try:
-        return json.loads((Path(folder) / STATE).read_text())
+        return json.loads((location(folder) / STATE).read_text())
     except (OSError, ValueError):
         return None
 

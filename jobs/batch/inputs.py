@@ -9,6 +9,7 @@
     enumerate_inputs("texts.jsonl", "tts")    # JSONL / CSV with id, text (or a .txt file, one text a line)
     enumerate_inputs("ljspeech:LJSpeech-1.1/", "asr")   # a corpus by the recipes of jobs.prepare (KIND:PATH[@PARTS]):
     enumerate_inputs("commonvoice:cv/en@test", "tts")   # asr: its audio, transcripts as references; tts: its texts
+    enumerate_inputs("batch/requests.jsonl", "requests")  # the OpenAI Batch API's checked lines (jobs.batch.lines)
 
 The order and the ids are what makes a job exactly-once: the result files are keyed by blocks of this list,
 so the same source must give the same list on every run (sorted paths, manifest order). Duplicate ids are
@@ -30,11 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs import archives
+from jobs.batch.lines import load_specs
 from jobs.storage import ObjectPath, is_remote, location
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus")
 TAR_SEPARATOR = "::"
-TASKS = ("asr", "tts")
+TASKS = ("asr", "tts", "requests")
 
 
 @dataclass(frozen=True)
@@ -42,12 +44,17 @@ class BatchInput:
     id: str
     path: str = ""  # asr: an audio file, or SHARD.tar::MEMBER
     text: str | None = None  # asr: the reference transcript (optional); tts: the text to speak
+    spec: str | None = None  # requests: the line's spec (JSON; id: its custom_id)
 
 
 def enumerate_inputs(source: str | os.PathLike, task: str) -> list[BatchInput]:
     """Every input of `source` for `task`, in a deterministic order; ValueError names what is wrong."""
     if task not in TASKS:
         raise ValueError(f"task={task!r}; expected one of {TASKS}")
+    if task == "requests":
+        items = [BatchInput(spec["custom_id"], spec=json.dumps(spec)) for spec in load_specs(source)]
+        _check_unique(items, location(source, "--input"))
+        return items
     if is_remote(source):
         return _remote_inputs(location(source, "--input"), task)
     path = location(source, "--input")

@@ -40,7 +40,7 @@ def summarise(out: str | os.PathLike, task: str, n_inputs: int, this_run: dict |
     """The job's summary from its result files. `complete`: one row per input and none of them a transient
     error (a stage crash or out of memory, which a rerun retries)."""
     out = location(out)
-    rows = read_results(out).to_pylist()
+    rows = read_results(out, task).to_pylist()
     ids = Counter(r["id"] for r in rows)
     ok = [r for r in rows if r["status"] == "ok"]
     audio_s = sum(r["audio_seconds"] or 0.0 for r in (rows if task == "asr" else ok))

@@ -7,13 +7,16 @@ import re
 
 import pyarrow as pa
 
-from jobs.batch.callables import IN_FLIGHT, ROW_SCHEMA
+from jobs.batch.callables import IN_FLIGHT, REQUEST_COLUMNS, ROW_SCHEMA
 from jobs.run_folder import block_file
 from jobs.storage import location, read_table
 
-RESULT_SCHEMA = pa.schema([f for f in ROW_SCHEMA if f.name not in IN_FLIGHT])
+RESULT_SCHEMA = pa.schema([f for f in ROW_SCHEMA if f.name not in IN_FLIGHT + REQUEST_COLUMNS])  # asr, tts
+REQUESTS_SCHEMA = pa.schema([f for f in ROW_SCHEMA if f.name not in IN_FLIGHT])  # request lines: + REQUEST_COLUMNS
+PROGRESS = "progress.json"  # the rows written so far: {"completed": ok rows, "failed": error rows}
+CANCEL = "cancel"  # present: the job stops at its next block boundary (written by whoever cancels)
 # everything the job writes in DIR (a restart clears these, and nothing else)
-OUTPUTS = ("results", "audio", "summary.json", "report.md", "runs.jsonl")
+OUTPUTS = ("results", "audio", "summary.json", "report.md", "runs.jsonl", PROGRESS)
 STAGES = ("encoder", "llm", "decoder")
 # A stage that crashed or ran out of memory on a row: not the row's fault, so the job is not complete and a
 # rerun retries the row. Other error rows (unreadable audio, too long, empty text, ...) stay unless
@@ -28,12 +31,17 @@ def block_path(out, block: int):
     return block_file(location(out) / "results", block)
 
 
-def read_results(out: str | os.PathLike) -> pa.Table:
+def result_schema(task: str) -> pa.Schema:
+    return REQUESTS_SCHEMA if task == "requests" else RESULT_SCHEMA
+
+
+def read_results(out: str | os.PathLike, task: str = "asr") -> pa.Table:
     """Every result row of DIR (a local path or a URL), ordered by result file (= input order)."""
+    schema = result_schema(task)
     files = sorted((location(out) / "results").glob("part-*.parquet"), key=str)
     if not files:
-        return RESULT_SCHEMA.empty_table()
-    return pa.concat_tables([read_table(f, schema=RESULT_SCHEMA) for f in files])
+        return schema.empty_table()
+    return pa.concat_tables([read_table(f, schema=schema) for f in files])
 
 
 def transient(row: dict) -> bool:
