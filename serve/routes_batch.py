@@ -21,6 +21,9 @@
 - **Cancel** (`cancelling`): the job stops at its next block boundary; the lines finished by then are in the
   output file.
 Batches (kind BATCH) and files (kind FILE) belong to the API key that created them: another key gets 404.
+The files store, and with it each batch's run folder (`FILES/batches/BATCH_ID`), may be on object storage
+(`Args.files = s3://...`, serve.files): every path here is a `jobs.storage` location, so a driver on any node
+reads and writes the same folder, and a restarted endpoint finds its batches where they stand.
 
 A mixin of the ingress class (routes register on serve.http.app); expects the ingress' caps, request_caps,
 voice_store, answers, api_key, batch settings and its _auth / _body / _json / _model / _chat_text_cap.
