@@ -332,16 +332,29 @@ def write_tiny_shard(out_dir, tokenizer, n: int = 12) -> None:
     pq.write_table(pa.table(rows), out_dir / "part-00000.parquet")
 
 
+# Stage 1 as the killed-worker test trains it (a checkpoint every step, one micro-batch per step, steps left after
+# the kill at step 2), stages 2-4 two steps each: the four-stage run is also that test's uninterrupted stage 1.
+STEPS = {1: 4, 2: 2, 3: 2, 4: 2}
+OVERRIDES = ["max_steps=2", "save_every=1", "max_length=128", f"stage1.max_steps={STEPS[1]}", "stage1.grad_accum=1"]
+
+
+@pytest.fixture(scope="module")
+def four_stages(prepare_out, tiny_llm, tmp_path_factory):
+    """The tiny 4-stage run on Ray Train (2 workers), once for the module: its folder and manifest."""
+    run_dir = tmp_path_factory.mktemp("four-stages") / "run"
+    manifest = train_run.run("tiny", str(prepare_out), str(tiny_llm), str(run_dir), stages="1-4", workers=2,
+                             overrides=OVERRIDES)
+    return run_dir, manifest
+
+
 @pytest.mark.slow
-def test_tiny_four_stage_run_on_ray_train(prepare_out, tiny_llm, tmp_path, capsys):
+def test_tiny_four_stage_run_on_ray_train(four_stages, prepare_out, tiny_llm, capsys):
     from transformers import AutoModelForCausalLM
 
     from jobs.train.train_func import build_model
 
-    run_dir = tmp_path / "run"
-    overrides = ["max_steps=2", "save_every=1", "max_length=128"]
-    manifest = train_run.run("tiny", str(prepare_out), str(tiny_llm), str(run_dir), stages="1-4", workers=2,
-                             overrides=overrides)
+    run_dir, manifest = four_stages
+    overrides = OVERRIDES
     stages = manifest["stages"]
     assert [stages[str(n)]["status"] for n in range(1, 5)] == ["done"] * 4
     assert json.loads((run_dir / "run.json").read_text())["stages"] == json.loads(json.dumps(stages))
@@ -381,7 +394,8 @@ def test_tiny_four_stage_run_on_ray_train(prepare_out, tiny_llm, tmp_path, capsy
 
     for n in range(1, 5):
         metrics = [json.loads(line) for line in (run_dir / f"stage{n}.metrics.jsonl").read_text().splitlines()]
-        assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
+        assert [m["step"] for m in metrics] == list(range(1, STEPS[n] + 1))
+        assert all(np.isfinite(m["loss"]) for m in metrics)
         assert all(m["tokens_per_s"] > 0 and m["lr"] > 0 for m in metrics)
         assert all(len(m["mtp_losses"]) == models[n].num_mtp_modules for m in metrics)
 
@@ -399,9 +413,9 @@ def test_tiny_four_stage_run_on_ray_train(prepare_out, tiny_llm, tmp_path, capsy
     # the same run given the shards folder itself is the same run; other recipe values are refused, naming them
     train_run.run("tiny", str(prepare_out / "shards"), str(tiny_llm), str(run_dir), stages="1-4", workers=2,
                   overrides=overrides)
-    with pytest.raises(InputError, match="stage1.max_steps was 2, now 3"):
+    with pytest.raises(InputError, match="stage1.max_steps was 4, now 3"):
         train_run.run("tiny", str(prepare_out), str(tiny_llm), str(run_dir), stages="1-4", workers=2,
-                      overrides=["max_steps=3", "save_every=1", "max_length=128"])
+                      overrides=[*overrides, "stage1.max_steps=3"])
     assert (run_dir / "stage4" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
@@ -472,16 +486,15 @@ def test_train_cli_refuses_a_bad_config_in_one_line_before_ray(case, tiny_shards
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_stage_resumes_from_its_last_checkpoint(prepare_out, tiny_llm, tmp_path):
+def test_a_worker_killed_mid_stage_resumes_from_its_last_checkpoint(four_stages, prepare_out, tiny_llm, tmp_path):
     """Rank 1 is SIGKILLed (by the PID it writes) once step 2's checkpoint is complete; Ray Train restarts the
     worker group (FailureConfig), the stage resumes from that checkpoint and ends with the same step count and
-    weights as an uninterrupted run of the same stage."""
+    weights as an uninterrupted run of the same stage (the module's four-stage run: the same stage 1 settings)."""
     import os
     import signal
     import threading
     import time
 
-    overrides = ["max_steps=6", "save_every=1", "max_length=128", "grad_accum=1"]
     killed: dict = {}
     run_dir = tmp_path / "killed"
 
@@ -497,16 +510,16 @@ def test_a_worker_killed_mid_stage_resumes_from_its_last_checkpoint(prepare_out,
     killer = threading.Thread(target=kill_rank1_mid_stage, daemon=True)
     killer.start()
     resumed = train_run.run("tiny", str(prepare_out), str(tiny_llm), str(run_dir), stages="1", workers=2,
-                            overrides=overrides, max_failures=1)
+                            overrides=OVERRIDES, max_failures=1)
     killer.join(timeout=5)
     assert killed, "the stage finished before the worker could be killed"
     assert int((run_dir / "checkpoints" / "stage1" / "rank1.pid").read_text()) != killed["pid"]  # a new worker
     steps = [json.loads(line)["step"] for line in (run_dir / "stage1.metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6] and resumed["stages"]["1"]["metrics"]["step"] == 6
+    assert steps == [1, 2, 3, 4] and resumed["stages"]["1"]["metrics"]["step"] == 4
 
-    plain_dir = tmp_path / "plain"
-    train_run.run("tiny", str(prepare_out), str(tiny_llm), str(plain_dir), stages="1", workers=2,
-                  overrides=overrides)
+    plain_dir, plain = four_stages
+    settings = lambda entry: {k: v for k, v in entry["config"].items() if not k.endswith(("_dir", "_root", "_path"))}
+    assert settings(plain["stages"]["1"]) == settings(resumed["stages"]["1"])  # the same stage, uninterrupted
     a = load_llm(run_dir / "stage1", dtype=torch.float32).state_dict()
     b = load_llm(plain_dir / "stage1", dtype=torch.float32).state_dict()
     assert a.keys() == b.keys()
