@@ -32,18 +32,18 @@ machine's drift falls on both; the first turn of every session has no history, l
 Barge-in: after --turns, the session asks for an unbounded answer (max_output_tokens "inf"), speaks the turn
 again and, --barge-in-after-s after the answer's first audio delta, speaks q02. Reaction = the first voiced sample
 of q02 sent -> the last audio delta of the cancelled answer received (the summaries count a reaction <= 0,
-no delta after the speech began, as 0); also -> its `response.done` (status cancelled, reason turn_detected) and the number of its deltas
-received after that `response.done` (must be 0).
+no delta after the speech began, as 0); also -> its `response.done` (status cancelled, reason turn_detected)
+and the number of its deltas received after that `response.done` (must be 0).
 
 The VAD's own cost: actors.vad.SpeechDetector over the recording in --chunk-ms pieces, in this process (CPU
 and wall ms per 32 ms frame, resampling included), on one torch thread (as in the ingress replica: Ray sets
 OMP_NUM_THREADS=1 in a num_cpus=0 actor) and on torch's default threads.
 
-If the 1-session target is missed, where the time goes is measured once: the latency split at the server's
-events (end of speech -> speech_stopped received: the VAD window and its detection; speech_stopped ->
-response.created: commit and plan; response.created -> first delta: admission, encoder, LLM, decoder, Serve's
-hops, anything queued before them), beside the in-process request's own split (encoded, first audio codes,
-first PCM); and one more 1-session phase with input transcription off (what the concurrent ASR costs).
+Where the time goes at 1 session: the latency split at the server's events (end of speech -> speech_stopped
+received: the VAD window and its detection; speech_stopped -> response.created: commit and plan;
+response.created -> first delta: admission, encoder, LLM, decoder, Serve's hops, anything queued before them),
+beside the in-process request's own split (encoded, first audio codes, first PCM); and after each 1-session
+session (and its in-process requests) one more with input transcription off (what the concurrent ASR costs).
 Writes realtime.json, realtime.md and realtime.png.
 """
 from __future__ import annotations
@@ -127,18 +127,14 @@ def run(args: argparse.Namespace) -> dict:
                 _local_ttfa(pipe, plan)  # warm-ups (first-call costs of every stage)
                 asyncio.run(_level(url, plan, 1, 1, warm_up=True))
                 for sessions in levels:
-                    if sessions == 1:  # alternating with the in-process requests
+                    if sessions == 1:  # alternating with the in-process requests and with the ASR off
                         for _ in range(args.rounds):
                             _collect(asyncio.run(_level(url, plan, 1, 1)), 1, turns, barge)
                             local += [_local_ttfa(pipe, plan) for _ in range(args.turns)]
+                            _collect(asyncio.run(_level(url, plan, 1, 1, transcription=False)), 1, quiet, [])
                     else:
                         _collect(asyncio.run(_level(url, plan, sessions, args.rounds)), sessions, turns, barge)
                 target = _target(turns, local, args.silence_ms)
-                if not target["met"]:  # why: the same 1-session phase with the concurrent ASR off
-                    for _ in range(args.rounds):
-                        _collect(asyncio.run(_level(url, plan, 1, 1, transcription=False)), 1, quiet, [])
-                        local += [_local_ttfa(pipe, plan) for _ in range(args.turns)]
-                    target = _target(turns, local, args.silence_ms)
             finally:
                 serve.shutdown()
     finally:
@@ -568,7 +564,7 @@ def _findings(results: dict) -> str:
     if on and off and local:
         lines.append(f"- Input transcription beside the answer: `response.created` -> first audio "
                      f"{on['created_to_first_audio_s']:.3f} s with it, {off['created_to_first_audio_s']:.3f} s without "
-                     f"(+{on['created_to_first_audio_s'] - off['created_to_first_audio_s']:.3f} s).")
+                     f"({on['created_to_first_audio_s'] - off['created_to_first_audio_s']:+.3f} s).")
         lines.append(f"- Without it, {off['created_to_first_audio_s'] - local['created_to_first_audio_s']:.3f} s above "
                      f"the in-process TTFA ({local['created_to_first_audio_s']:.3f} s, of which decoder compute "
                      f"{local['decoder_compute_s']:.3f} s): Ray's stage hops, the Serve proxy and ingress, the "
