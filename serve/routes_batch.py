@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import io
 import json
 import time
 import uuid
@@ -45,8 +44,8 @@ from pydantic import ValidationError
 
 from actors.payloads import LAYOUT_AUTO, Done
 from jobs.batch import driver as drivers
-from jobs.batch.openai_batch import (OpenAIBatchConfig, cancel_requested, read_progress, read_results, read_specs,
-                                     request_cancel, write_specs)
+from jobs.batch.openai_batch import (OpenAIBatchConfig, cancel_requested, read_pcm, read_progress, read_results,
+                                     read_specs, request_cancel, write_specs)
 from jobs.pools import PoolConfig
 from jobs.storage import location, write_atomic
 from serve import chat_format
@@ -559,8 +558,8 @@ class BatchRoutes:
     def _audio_file(self, owner, batch_id, custom_id, row, fmt: str, suffix: str, files: FileStore) -> dict:
         import numpy as np
 
-        # the job's float32 PCM (.npy), a local file or an object (a driver on another node)
-        pcm = np.load(io.BytesIO(location(row["audio"]).read_bytes())) if row["audio"] else np.zeros(0, np.float32)
+        # the job's float32 PCM, a local file or an object (a driver on another node)
+        pcm = read_pcm(row["audio"]) if row["audio"] else np.zeros(0, np.float32)
         data = encode(pcm, int(row["sample_rate"] or 22050), fmt)
         name = f"{custom_id}.{'pcm' if fmt == 'pcm' else suffix}"
         obj = files.create(owner, data, name, "batch_output", file_id=_derived_id(batch_id, f"audio/{custom_id}"))
