@@ -34,7 +34,7 @@ PUSH = {"RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
         "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5"}
 # one GPU on the head: one LLM replica; a second needs the worker node
 LLM = {"num_gpus": 1, "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 0,
-       "downscale_delay_s": 10, "look_back_period_s": 5, "metrics_interval_s": 0.5, "max_ongoing_requests": 8,
+       "downscale_delay_s": 6, "look_back_period_s": 5, "metrics_interval_s": 0.5, "max_ongoing_requests": 8,
        "max_queued_requests": -1, "health_check_period_s": 1, "graceful_shutdown_timeout_s": 1}
 HEAD = {"CPU": 2, "GPU": 1}
 WORKER_TYPE = "gpu.worker"
@@ -144,7 +144,8 @@ def test_a_burst_adds_a_gpu_node_whose_replica_serves_then_both_go_away(tmp_path
         proc = subprocess.run([sys.executable, __file__, address, str(tiny_models), temp], cwd=REPO,
                               capture_output=True, text=True, timeout=3 * WAIT_S, env={**os.environ, **TOKEN})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the result's line (Ray's own log lines may still come after it, at the driver's exit)
+    result = json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith('{"timeline"')))
     timeline = result["timeline"]
     print("\n  t (s)  nodes  LLM replicas running (starting)  phase      [sampled each second; changes shown]")
     key = lambda row: (row["nodes"], row["running"], row["starting"], row["phase"])
@@ -200,7 +201,7 @@ def scenario(address: str, models: str, temp: str) -> dict:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    time.sleep(3)
+    time.sleep(1.5)  # a steady sample or two first
     phase[0], errors, gpus_at_peak = "burst", [], []
 
     def client() -> None:
@@ -220,7 +221,9 @@ def scenario(address: str, models: str, temp: str) -> dict:
         two = _wait(lambda: next((c for c in [counts()] if c["running"] == 2 and c["nodes"] == 2), None), WAIT_S,
                     "a second node and replica")
         gpus_at_peak.append(ray.cluster_resources().get("GPU", 0))
-        time.sleep(15)  # the burst goes on over both replicas
+        # the burst goes on over both replicas until each has answered LLM calls
+        _wait(lambda: sum(n > 0 for n in _llm_calls_per_replica(Path(temp)).values()) >= 2, WAIT_S,
+              "calls answered by both LLM replicas")
     finally:
         phase[0] = "quiet"
         for thread in clients:
