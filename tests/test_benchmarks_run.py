@@ -65,7 +65,9 @@ def test_bench_soak_kills_replicas_and_reports_errors_rss_and_ttfa(tmp_path):
     """A short soak: mixed load, an LLM and an ingress replica killed; the report has per-minute rows, the kills,
     the RSS of every Serve process and the three criteria, and no server error outside the kills' in-flight
     requests (a killed replica's own requests are the only ones allowed to fail)."""
-    result = bench("soak", tmp_path, "--minutes", "0.4", "--clients", "2", timeout=900)
+    # 20 s of load: the kills at 8 s and 12 s, the RSS sampled at 0, 10 and 20 s (every 10 s: a longer run that
+    # stops between two samples still waits for the next); the two clients go through all six kinds
+    result = bench("soak", tmp_path, "--minutes", "0.33", "--clients", "2", timeout=900)
     assert [k["deployment"] for k in result["kills"]] == ["vita-llm", "vita-ingress"]
     assert result["per_minute"][0]["requests"] > 0 and result["requests"] == sum(r["requests"] for r in result["per_kind"])
     assert {r["kind"] for r in result["per_kind"]} == {"speech", "speech_stream", "transcription", "chat", "realtime",
