@@ -51,8 +51,8 @@ def _specs(tmp_path) -> list[dict]:
 def _config(folder, models, **kw):
     from jobs.batch.openai_batch import OpenAIBatchConfig
 
-    return OpenAIBatchConfig(folder=str(folder), models=str(models), max_audio_seconds=2.8, block_size=3,
-                             pool={"size": 1, "num_cpus": 0.6, "batch_size": 4}, **kw)
+    settings = {"max_audio_seconds": 2.8, "block_size": 3, "pool": {"size": 1, "num_cpus": 0.6, "batch_size": 4}}
+    return OpenAIBatchConfig(folder=str(folder), models=str(models), **{**settings, **kw})
 
 
 @pytest.fixture(scope="module")
