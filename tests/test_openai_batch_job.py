@@ -134,6 +134,7 @@ def test_greedy_lines_equal_run_request_in_process(mixed, tiny_models):
     assert rows["tts"]["audio"] and rows["chat-history"]["audio"]  # the set exercises spoken answers
 
 
+@pytest.mark.slow  # three runs of the job, each starting its pools
 def test_cancel_stops_at_a_block_boundary_and_a_rerun_resumes(ray_session, tiny_models, tmp_path, monkeypatch):
     """Cancel seen after the first block: that block stays, nothing else is written, a rerun while cancelled
     runs nothing; once the cancel is gone the rerun writes only the other blocks (the first one untouched)."""
@@ -213,6 +214,7 @@ def test_a_killed_driver_actor_resumes_without_running_a_written_line(ray_sessio
 # object storage
 
 
+@pytest.mark.slow  # two runs of the job, each starting its pools
 def test_spoken_answers_and_batch_tts_write_their_audio_to_s3(ray_session, tiny_models, tmp_path, s3):  # noqa: F811
     """An s3:// batch folder: specs, result blocks, progress and each spoken answer as one object (read_pcm opens
     it by its URL); `batch tts --out s3://...`: one FLAC object per text."""
