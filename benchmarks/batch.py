@@ -626,12 +626,14 @@ def _plot(results: dict, path: Path) -> None:
     (llm, jobs), (store, api) = axes
     for task in ("asr", "tts"):
         rows = [r for r in results.get("llm_batch", []) if r["task"] == task]
-        llm.plot([r["llm_batch"] for r in rows], [r["audio_s_per_s"] for r in rows], marker="o", label=task)
+        if rows:
+            llm.plot([r["llm_batch"] for r in rows], [r["audio_s_per_s"] for r in rows], marker="o", label=task)
         rows = [r for r in results.get("jobs", []) if r["task"] == task]
-        jobs.plot([r["actors_per_stage"] for r in rows], [r["rtfx"] for r in rows], marker="o", label=f"{task} job")
+        if rows:
+            jobs.plot([r["actors_per_stage"] for r in rows], [r["rtfx"] for r in rows], marker="o", label=f"{task} job")
     if "in_process_asr" in results:
         jobs.axhline(results["in_process_asr"]["rtfx"], color="gray", linestyle="--", label="asr in-process loop")
-    llm.set(xscale="log", xlabel="LLM engine batch size", ylabel="audio s per wall s", title="LLM stage")
+    llm.set(xscale="log" if results.get("llm_batch") else "linear", xlabel="LLM engine batch size", ylabel="audio s per wall s", title="LLM stage")
     jobs.set(xlabel="actors per stage", ylabel="RTFx (audio s per wall s)", title="Ray Data job")
     rows = results.get("object_store", [])
     for k, fmt in enumerate(sorted({r["format"] for r in rows})):
