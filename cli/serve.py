@@ -50,6 +50,10 @@ def add_arguments(p, name: str) -> None:
                             "default: the config's state, $VITA_AUDIO_STATE, else $VITA_AUDIO_CACHE/state)")
     state.add_argument("--state", default=None, metavar="URL",
                        help="the state store: redis://host:port/db (shared by a cluster), sqlite:///folder, memory")
+    p.add_argument("--files", default=None, metavar="DIR_OR_URL",
+                   help="where the batch API keeps its files and batch run folders: a folder, or s3://bucket/prefix "
+                        "(any store pyarrow/fsspec knows) that every node running a batch driver reaches (default: "
+                        "the config's files, else $VITA_AUDIO_CACHE/files)")
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local Ray")
     p.add_argument("--ready-timeout", type=checks.positive_float, default=600.0, help="seconds to wait for the app to be up")
 
@@ -99,6 +103,11 @@ def app_args(args, app: dict):
         values["state"] = str(args.state_dir.expanduser().resolve())
     elif getattr(args, "state", None) is not None:
         values["state"] = args.state
+    if getattr(args, "files", None) is not None:
+        from jobs.storage import is_remote, location
+
+        where = location(args.files, "--files")  # an unknown scheme is refused here, by name
+        values["files"] = args.files if is_remote(args.files) else str(where.expanduser().resolve())
     try:
         config_args = Args.model_validate(values)
     except ValidationError as err:

@@ -88,6 +88,8 @@ def _filesystem(scheme: str, bucket: str, url: str, flag: str):
                 _FILESYSTEMS[key] = pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
             else:
                 _FILESYSTEMS[key] = _fsspec_filesystem(scheme, url, flag)
+        except StorageError:  # named already
+            raise
         except (ValueError, OSError) as err:  # ArrowInvalid is a ValueError
             raise StorageError(f"{flag} {url}: {err}") from None
     return _FILESYSTEMS[key]
@@ -287,20 +289,33 @@ class ObjectPath:
 
 
 def write_atomic(path, data) -> None:
-    """Write text, bytes or a pyarrow Table (as Parquet) so that a reader never sees a part of it: locally to
-    `.name.tmp` beside `path`, then renamed; on an object store as one whole object."""
+    """Write text, bytes, a binary file object (copied in chunks, never whole in memory: an upload) or a pyarrow
+    Table (as Parquet) so that a reader never sees a part of it: locally to `.name.tmp` beside `path`, then
+    renamed; on an object store as one whole object (a multipart upload, completed at close)."""
     if isinstance(path, ObjectPath):
-        path.write_bytes(_encode(data))
+        if hasattr(data, "read"):
+            with path.fs.open_output_stream(path.path) as out:
+                _copy(data, out)
+        else:
+            path.write_bytes(_encode(data))
         return
     path = Path(path)
     temp = path.with_name(f".{path.name}.tmp")
-    if isinstance(data, (str, bytes)):
+    if hasattr(data, "read"):
+        with open(temp, "wb") as out:
+            _copy(data, out)
+    elif isinstance(data, (str, bytes)):
         temp.write_bytes(_encode(data))
     else:
         import pyarrow.parquet as pq
 
         pq.write_table(data, temp)
     os.replace(temp, path)
+
+
+def _copy(source, out, chunk: int = 1 << 20) -> None:
+    while block := source.read(chunk):
+        out.write(block)
 
 
 def _encode(data) -> bytes:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actors.config import STAGES, PipelineConfig
 from serve.hygiene import ConnectionLimits
@@ -26,9 +26,10 @@ class Args(BaseModel):
     # the state store (serve.state): a folder or sqlite:///folder (embedded, one machine), redis://host:port/db
     # (clusters), memory (one process); None: $VITA_AUDIO_STATE, else $VITA_AUDIO_CACHE/state
     state: str | None = None
-    # the batch API (serve.routes_batch): where files and batch run folders live (None: $VITA_AUDIO_CACHE/files; a
-    # folder every node running a batch driver reads), URL prefixes a batch line may read audio from (s3://bucket/
-    # ...), lines per result block (the unit of resume and cancel) and the job's pool of request runners
+    # the batch API (serve.routes_batch): where files and batch run folders live (None: $VITA_AUDIO_CACHE/files; on
+    # a cluster a store every node running a batch driver reaches: s3://bucket/prefix or any URL jobs.storage knows,
+    # its credentials in the nodes' environment or env_vars), URL prefixes a batch line may read audio from
+    # (s3://bucket/...), lines per result block (the unit of resume and cancel) and the job's pool of request runners
     files: str | None = None
     batch_url_prefixes: list[str] = []
     batch_block_size: int = Field(16, ge=1)
@@ -72,6 +73,16 @@ class Args(BaseModel):
     llm: StageScaling = Field(default_factory=StageScaling)
     decoder: StageScaling = Field(default_factory=StageScaling)
     ingress: IngressReplicas = Field(default_factory=IngressReplicas)
+
+    @field_validator("files")
+    @classmethod
+    def _files_store_known(cls, value: str | None) -> str | None:
+        """An unknown scheme is refused when the app is built, by name (not at the first upload)."""
+        if value is not None:
+            from jobs.storage import location
+
+            location(value, "files")
+        return value
 
     @model_validator(mode="after")
     def _decoder_holds_llm_chunks(self) -> "Args":
