@@ -34,6 +34,7 @@ BENCHMARKS = {
     "serve": "benchmarks.serve",        # HTTP time to first audio and RTF vs concurrency, vs in-process
     "soak": "benchmarks.soak",          # minutes of mixed load, replicas killed: errors, RSS, TTFA drift
     "prefill": "benchmarks.prefill",    # another client's time to first token while a max-length prompt prefills
+    "realtime": "benchmarks.realtime",  # hands-free /v1/realtime: end of speech -> first audio, barge-in
     "gpu": "benchmarks.gpu",            # one CUDA GPU, 7B shapes built on the device: tokens/s, roofline, RTF, TTFA
 }
 
