@@ -401,7 +401,6 @@ class Live:
         for kind, value in actions:
             self.idle_since = time.monotonic()
             if kind == "committed":
-                self._transcribe(value)
                 if vad.create_response:
                     if self.active is not None and self.active[1].done():
                         self.active = None
@@ -409,6 +408,7 @@ class Live:
                         self._respond(session.plan(ResponseParams()))
                     except APIError as err:
                         await self.link.send(error_event(err))
+                self._transcribe(value, after=self.active)
 
     async def _interrupt(self) -> list[dict]:
         """The user spoke over the answer: stop it if still being made, keep what was heard of it; the events
@@ -427,17 +427,27 @@ class Live:
         self.last = None
         return events
 
-    def _transcribe(self, message: Message) -> None:
-        """The turn's input transcription, beside the answer (`audio.input.transcription`)."""
+    def _transcribe(self, message: Message, after: tuple | None = None) -> None:
+        """The turn's input transcription, beside the answer (`audio.input.transcription`). With `after` (the
+        turn's answer, response and task) it starts once the answer's first audio is out: the user waits for
+        that audio, not for the transcript, and an ASR request started with it would share its first forwards."""
         if self.session.config.audio.input.transcription is None or not message.clips:
             return
-        task = asyncio.create_task(self._transcription(message))
+        task = asyncio.create_task(self._transcription(message, after))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _transcription(self, message: Message) -> None:
+    async def _transcription(self, message: Message, after: tuple | None = None) -> None:
         clip, run = message.clips[-1], None
         part = {"item_id": message.id, "content_index": 0}
+        if after is not None:
+            response, answer = after
+
+            def begun() -> bool:  # its first audio (a spoken answer) or its first text is out
+                return response.first_audio_at is not None if response.plan.speak else bool(response.transcript)
+
+            while not begun() and not answer.done():  # bounded by the answer's own end
+                await asyncio.sleep(0.02)
         try:
             try:
                 audio = await admit_pcm16(clip.pcm16, clip.rate, clip.seconds + 1, "audio")
