@@ -216,7 +216,7 @@ def _run_pipeline(config: BatchConfig, models: Path, folder: RunFolder, blocks: 
         wanted = {b: set(ids) for b, ids in redo.items()}
         rows = [_input_row(item, config.task) for b in sorted(redo) for item in blocks[b] if item.id in wanted[b]]
         ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), max(len(redo), 1) * 2))
-        for stage in _stages(config, models, folder.out, ray_remote_args(config.input, config.out)):
+        for stage in _stages(config, models, folder.out, ray_remote_args(config.input, config.out), _needs(rows)):
             ds = stage(ds)
         schema = result_schema(config.task)
 
@@ -247,9 +247,26 @@ def _run_pipeline(config: BatchConfig, models: Path, folder: RunFolder, blocks: 
             ray.shutdown()
 
 
-def _stages(config: BatchConfig, models: Path, out, remote_args: dict | None = None) -> list:
+def _needs(rows: list[dict]) -> set[str] | None:
+    """The stages request lines need (None: every stage of the task): the encoder only if a line holds audio,
+    the decoder only if a line's answer may speak, so a batch of transcriptions loads no decoder and one of speech
+    no encoder."""
+    specs = [json.loads(row["spec"]) for row in rows if row.get("spec")]
+    if not specs:
+        return None
+    needs = {"llm"}
+    if any(s.get("audio") or any(h.get("audios") for h in s.get("history") or []) for s in specs):
+        needs.add("encoder")
+    if any(s["task"] == "tts" or (s["task"] == "chat" and s["options"].get("layout") != "text") for s in specs):
+        needs.add("decoder")
+    return needs
+
+
+def _stages(config: BatchConfig, models: Path, out, remote_args: dict | None = None,
+            needs: set[str] | None = None) -> list:
     """The map_batches steps of the task, each an actor pool over a stage class of jobs.batch.callables
-    (`remote_args`: the storage variables' runtime env when an object store is read or written)."""
+    (`remote_args`: the storage variables' runtime env when an object store is read or written; `needs`: the
+    stages to keep, None: all of the task's)."""
     from actors.config import PipelineConfig
     from jobs.batch.callables import (
         AudioDecoder,
@@ -276,7 +293,9 @@ def _stages(config: BatchConfig, models: Path, out, remote_args: dict | None = N
                options=config.decode, caps=_caps(config))
     decoder = pool(AudioDecoder, config.decoder, config=with_threads(stages.decoder, threads),
                    audio_dir=str(out / "audio"))
-    return {"asr": [encoder, llm], "tts": [llm, decoder], "requests": [encoder, llm, decoder]}[config.task]
+    steps = {"asr": [("encoder", encoder), ("llm", llm)], "tts": [("llm", llm), ("decoder", decoder)],
+             "requests": [("encoder", encoder), ("llm", llm), ("decoder", decoder)]}[config.task]
+    return [step for name, step in steps if needs is None or name in needs]
 
 
 def _caps(config: BatchConfig) -> dict:
