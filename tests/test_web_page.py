@@ -1,8 +1,8 @@
 """The live voice chat page at / in a real headless Chromium (driven by playwright, the system's
 /usr/bin/chromium), counted by the page itself in window.vitaStats; every wait is bounded.
 
-Hands-free (the default): a fake microphone plays a recording of three mini-speech questions (A, 1.5 s of
-silence, B, then C while B's answer plays): the server's VAD finds the turns, both answers play, C interrupts
+Hands-free (the default): a fake microphone plays a recording of three mini-speech questions (A, a pause
+(PAUSE_S), B, then C while B's answer plays): the server's VAD finds the turns, both answers play, C interrupts
 B's answer (the page stops it, marks it in the transcript pane and truncates it to what it played), the user's
 turns are transcribed; a screenshot is kept in test-artifacts/. Push-to-talk (the toggle): Talk, then Stop &
 send, and the answer's transcript and audio. Also: a message typed during an answer waits for it and is
@@ -33,10 +33,9 @@ QUESTIONS = "corpora/mini-speech/qa_wavs/q0{}.wav"
 # 10-30, none in 3.5 s at load 80) must fit, else B's speech cancels A's answer before any of it is heard (the
 # 1.5 s of the SDK test, tests/test_realtime_vad.py, is stretched there while the answer plays; a file cannot).
 PAUSE_S = 8.0
-# from the end of B to the start of C: the same room for B's answer to be heard; that answer (the session's
-# default max tokens: over 20 s of audio, made slower than real time on a loaded machine) is still playing or
-# being made then, so C speaks over it
-INTERRUPT_AFTER_S = 8.0
+# from the end of B to the start of C: room for B's answer's first audio (as above), and short enough that the
+# answer (the tests' max tokens: about 7 s of audio) is still being made or played then, so C speaks over it
+INTERRUPT_AFTER_S = 4.0
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
@@ -188,7 +187,11 @@ def test_hands_free_answers_each_pause_and_speech_interrupts_the_answer(serve_ur
         # A's answer was heard (whole, or until B began); C spoke over B's answer while it played, and the page
         # told the server what it played of it
         assert first["heardMs"] > 0 and first["status"] in ("completed", "incomplete", "cancelled"), first
-        assert second["heardMs"] > 0 and (second["status"], second["reason"]) == ("cancelled", "turn_detected")
+        # C came while B's answer was being made (the server cancels it) or, made already, still played (the page
+        # stops it; the truncate keeps what was heard)
+        being_made = (second["status"], second["reason"]) == ("cancelled", "turn_detected")
+        still_playing = second["status"] in ("completed", "incomplete") and second["heardMs"] < second["receivedMs"]
+        assert second["heardMs"] > 0 and (being_made or still_playing), second
         assert done["answersPlayed"] >= 2 and done["interrupted"] >= 1 and done["truncates"] >= 1, done
         rows = tab.locator("#log .assistant")
         assert "interrupted" in (rows.nth(1).get_attribute("class") or "")
