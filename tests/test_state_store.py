@@ -3,7 +3,8 @@ state folder and a real Redis (Debian's `redis-server`, started here on a free l
 stopped in teardown). Also the API key set (serve.keys): several keys, a keys file, revocation, owner ids.
 
 Concurrency: 32 creates of one name at once, from threads (each with its own connection) and from separate
-processes, give exactly one success and 31 name conflicts. Restart: the SQLite store reopened on its folder keeps
+processes, give exactly one success and 31 name conflicts; two compare-and-sets of one item at the version
+both read, 40 rounds, give exactly one winner each round. A renewed item outlives one left to expire. Restart: the SQLite store reopened on its folder keeps
 everything unexpired; a Redis restarted with persistence off starts empty (on clusters the store is the GCS
 fault-tolerance Redis, whose persistence is its own) and the store reconnects to it by itself.
 """
@@ -22,7 +23,7 @@ import pytest
 
 from serve.api import APIError
 from serve.keys import ENV_KEYS, ENV_KEYS_FILE, KeySet, KeyFileError, key_digest, owner_id
-from serve.state import AUDIO, GLOBAL, REALTIME, VOICE, Conflict, Full, NotFound, Record, open_store
+from serve.state import AUDIO, GLOBAL, REALTIME, VOICE, Conflict, Full, NotFound, Record, Stale, open_store
 from serve.state.redis_store import split_url
 from serve.state.sqlite_store import SqliteStore
 
@@ -260,6 +261,143 @@ def test_concurrent_creates_from_processes(store_url):
     with open_store(store_url) as s:
         (winner,) = s.list(VOICE, A)
         assert results[winner.data["by"]] == "ok"
+
+
+# -- versions: compare-and-set, renewal --------------------------------------------------------------------------
+CAS_ROUNDS = 40
+RENEWED_TTL_S = 3.0  # the renewed item is renewed every 0.1 s: only a 3 s stall of this process would lose it
+
+
+def test_versions_and_compare_and_set(store):
+    item = store.create(REALTIME, A, {"n": 0}, ttl_s=600)
+    assert item.version == 1 and store.get(REALTIME, A, item.id).version == 1
+    moved = store.put(REALTIME, A, item.id, {"n": 1}, ttl_s=600, if_version=1)
+    assert moved.version == 2 and store.get(REALTIME, A, item.id) == moved
+    with pytest.raises(Stale):  # read at 1, changed since: nothing written
+        store.put(REALTIME, A, item.id, {"n": "lost"}, ttl_s=600, if_version=1)
+    assert store.get(REALTIME, A, item.id) == moved
+    assert store.touch(REALTIME, A, item.id, ttl_s=900, if_version=2) == 3
+    renewed = store.get(REALTIME, A, item.id)
+    assert (renewed.data, renewed.version) == ({"n": 1}, 3) and renewed.expires_at > moved.expires_at
+    with pytest.raises(Stale):
+        store.touch(REALTIME, A, item.id, ttl_s=900, if_version=2)
+    assert store.put(REALTIME, A, item.id, {"n": 2}).version == 4  # a plain put still bumps the version
+    for write in (lambda: store.put(REALTIME, B, item.id, {}, if_version=4),  # another key's: absent to it
+                  lambda: store.touch(REALTIME, B, item.id, ttl_s=60),
+                  lambda: store.put(REALTIME, A, "sess_absent", {}, if_version=1),  # no create by a CAS
+                  lambda: store.touch(REALTIME, A, "sess_absent", ttl_s=60)):
+        with pytest.raises(NotFound):
+            write()
+    assert store.get(REALTIME, A, item.id).data == {"n": 2}
+    for bad in (0, -1, True, "1"):
+        with pytest.raises(ValueError):
+            store.put(REALTIME, A, item.id, {}, if_version=bad)
+    assert store.put(REALTIME, A, "sess_new", {}).version == 1  # a put that creates starts at 1
+
+
+def test_concurrent_compare_and_set_exactly_one_wins(store_url):
+    """Two writers, each on its own connection, read the item and write it back at the version read, at once,
+    CAS_ROUNDS times: each round exactly one wins, so no increment is ever lost."""
+    with open_store(store_url) as s:
+        item = s.create(REALTIME, A, {"n": 0, "by": None}, ttl_s=600)
+    barrier, won = threading.Barrier(2), [[], []]
+    errors = []
+
+    def writer(w: int) -> None:
+        try:
+            with open_store(store_url) as mine:
+                for r in range(CAS_ROUNDS):
+                    seen = mine.get(REALTIME, A, item.id)
+                    barrier.wait(60)  # both have read this round's version
+                    try:
+                        mine.put(REALTIME, A, item.id, {"n": seen.data["n"] + 1, "by": w}, ttl_s=600,
+                                 if_version=seen.version)
+                        won[w].append(r)
+                    except Stale:
+                        pass
+                    barrier.wait(60)  # both have written (or lost) before the next read
+        except BaseException as err:  # reported, not hung
+            errors.append(err)
+            barrier.abort()
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert sorted(won[0] + won[1]) == list(range(CAS_ROUNDS))  # one winner per round, never two, never none
+    with open_store(store_url) as s:
+        final = s.get(REALTIME, A, item.id)
+    assert final.data["n"] == CAS_ROUNDS and final.version == CAS_ROUNDS + 1
+
+
+def wait_gone(read, timeout_s: float = 60.0) -> None:
+    """Until `read()` raises NotFound (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            read()
+        except NotFound:
+            return
+        assert time.monotonic() < deadline, "the item never expired"
+        time.sleep(0.1)
+
+
+def raw_exists(store, kind: str, item_id: str) -> bool:
+    """Whether the backend still holds the item at all (the SQLite row; the Redis key), expired or not."""
+    if isinstance(store, SqliteStore):
+        import sqlite3
+
+        with sqlite3.connect(store.path) as conn:
+            return conn.execute("SELECT COUNT(*) FROM records WHERE kind = ? AND id = ?",
+                                (kind, item_id)).fetchone()[0] > 0
+    import redis
+
+    client_url, prefix = split_url(store.url)
+    with redis.Redis.from_url(client_url) as client:
+        return bool(client.exists(f"{prefix}r:{kind}:{item_id}"))
+
+
+def test_a_renewed_item_outlives_one_left_to_expire(store):
+    """A session's record renewed with its lease stays; one no longer renewed goes once its expiry passes: it
+    reads as absent and is gone from the backend (the SQLite row swept by the next write, the Redis key by its
+    TTL)."""
+    renewed = store.create(REALTIME, A, {"held": True}, ttl_s=RENEWED_TTL_S)
+    dropped = store.create(REALTIME, A, {"held": False}, ttl_s=RENEWED_TTL_S)
+    version, renewals = renewed.version, 0
+    deadline = time.monotonic() + 60
+
+    def renew_then_read() -> None:
+        nonlocal version, renewals
+        version = store.touch(REALTIME, A, renewed.id, ttl_s=RENEWED_TTL_S, if_version=version)
+        renewals += 1
+        store.get(REALTIME, A, dropped.id)
+
+    wait_gone(renew_then_read, deadline - time.monotonic())
+    assert renewals > 1 and time.time() >= dropped.expires_at
+    still = store.get(REALTIME, A, renewed.id)
+    assert still.data == {"held": True} and still.version == renewed.version + renewals
+    store.put(AUDIO, A, "audio_later", "a later write")  # SQLite sweeps expired rows on writes
+    assert not raw_exists(store, REALTIME, dropped.id) and raw_exists(store, REALTIME, renewed.id)
+    assert [r.id for r in store.list(REALTIME, A)] == [renewed.id]
+    wait_gone(lambda: store.get(REALTIME, A, renewed.id))  # no longer renewed: it goes too
+
+
+def test_sqlite_gives_versions_to_an_older_database(tmp_path):
+    """A state folder written before records had versions opens with every row at version 1."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.executescript("CREATE TABLE records (kind TEXT NOT NULL, id TEXT NOT NULL, owner TEXT NOT NULL, "
+                           "name TEXT, scope TEXT, data TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL, "
+                           "PRIMARY KEY (kind, id));")
+        conn.execute("INSERT INTO records VALUES ('voice', 'voice_old', ?, 'anna', ?, '{}', 1.0, NULL)", (A, A))
+    with open_store(path) as s:
+        assert s.get(VOICE, A, "voice_old").version == 1
+        assert s.put(VOICE, A, "voice_old", {"v": 2}, if_version=1).version == 2
+        assert s.find(VOICE, A, "anna").data == {"v": 2}
 
 
 # -- restarts -------------------------------------------------------------------------------------------------------

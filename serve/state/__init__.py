@@ -1,6 +1,6 @@
 """The endpoint's state store: everything the endpoint remembers, behind one small interface, on two backends.
 
-What it holds, as typed records by kind (`Record`: kind, id, owner, name, data, created_at, expires_at):
+What it holds, as typed records by kind (`Record`: kind, id, owner, name, data, created_at, expires_at, version):
 uploaded voices (`VOICE`: clip codes, name, seconds, consent text), chat answers' audio ids (`AUDIO`: transcript,
 with OpenAI's `expires_at`), realtime conversations (`REALTIME`: an opaque JSON blob with an expiry), and later
 batch jobs and files (`BATCH`, `FILE`). `data` is any JSON value; the store never looks inside it.
@@ -10,8 +10,14 @@ Operations (every one takes the owner: the API key's hash, `serve.keys.owner_id`
   `Conflict` when the id, or the name in its scope, is taken (scope `OWNER`: unique per owner, the default;
   `GLOBAL`: unique across owners), with `Full` when the owner already holds `max_items` of that kind. Under
   concurrent creates of one name from threads, processes or replicas exactly one succeeds.
-- `put(kind, owner, id, data, expires_at=/ttl_s=)`: create or replace the data and expiry of the owner's item
-  (keeps its name and created_at); an id owned by another key is `NotFound`.
+- `put(kind, owner, id, data, expires_at=/ttl_s=, if_version=)`: create or replace the data and expiry of the
+  owner's item (keeps its name and created_at); an id owned by another key is `NotFound`.
+- `touch(kind, owner, id, expires_at=/ttl_s=, if_version=)`: move the expiry of the owner's live item (its data
+  untouched, never sent: a large item is renewed cheaply), else `NotFound`; its new version back.
+- Versions: every record carries `version`, 1 at its create, one more at each put or touch. With `if_version=N`
+  a put or touch is a compare-and-set: it writes only while the live item is still at version N, atomically on
+  the server (one SQLite write transaction, one Redis script), else `Stale` (`NotFound` when it is gone): of
+  two writers that read version N and both write, exactly one wins. A realtime session's takeover is one.
 - `get(kind, owner, id)`, `find(kind, owner, name)`: the owner's live item, else `NotFound`.
 - `list(kind, owner)`: the owner's live items of a kind, oldest first. Another owner's items never appear.
 - `delete(kind, owner, id)`: else `NotFound`.
@@ -70,6 +76,10 @@ class Full(StateError):
     """The owner already holds `max_items` items of this kind."""
 
 
+class Stale(StateError):
+    """A compare-and-set lost: the item is no longer at the version given (another writer changed it)."""
+
+
 @dataclass(frozen=True)
 class Record:
     kind: str
@@ -79,6 +89,7 @@ class Record:
     name: str | None = None
     created_at: float = 0.0
     expires_at: float | None = None
+    version: int = 1
 
     def live(self, now: float | None = None) -> bool:
         return self.expires_at is None or self.expires_at > (time.time() if now is None else now)
@@ -140,6 +151,12 @@ def expiry(expires_at: float | None, ttl_s: float | None, now: float) -> float |
     return None
 
 
+def check_version(version: int | None) -> int | None:
+    if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
+        raise ValueError(f"if_version={version!r}: a record's version (an integer >= 1)")
+    return version
+
+
 def encode_data(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
@@ -155,7 +172,11 @@ class StateStore:
         raise NotImplementedError
 
     def put(self, kind: str, owner: str, id: str, data: Any, *, expires_at: float | None = None,
-            ttl_s: float | None = None) -> Record:
+            ttl_s: float | None = None, if_version: int | None = None) -> Record:
+        raise NotImplementedError
+
+    def touch(self, kind: str, owner: str, id: str, *, expires_at: float | None = None, ttl_s: float | None = None,
+              if_version: int | None = None) -> int:
         raise NotImplementedError
 
     def get(self, kind: str, owner: str, id: str) -> Record:

@@ -1,8 +1,9 @@
 """The shared state store for clusters: Redis (redis-py), every write one Lua script (atomic on the server).
 
 Keys (under the prefix, default `vita-audio:`):
-- `r:<kind>:<id>`: the item, a hash (kind, id, owner, name, name_key, data (JSON text), created_at, expires_at);
-  its Redis TTL (`PEXPIREAT`) is the item's expiry, so an expired item is gone for every reader at once.
+- `r:<kind>:<id>`: the item, a hash (kind, id, owner, name, name_key, data (JSON text), created_at, expires_at,
+  version); its Redis TTL (`PEXPIREAT`) is the item's expiry, so an expired item is gone for every reader at once.
+  A compare-and-set (`if_version`) compares and bumps `version` inside the put or touch script.
 - `n:<kind>:<scope>:<name>`: the id holding a name (scope: the owner id, or `*` for global names), created only
   where absent inside the create script, with the item's TTL: of concurrent creates of one name exactly one wins.
 - `i:<kind>:<owner>`: the owner's ids of a kind, a sorted set scored by expiry (ms; +inf: none), for listing and
@@ -18,8 +19,8 @@ import time
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from serve.state import (OWNER, Conflict, Full, NotFound, Record, StateError, StateStore, check_id, check_kind,
-                         check_name, check_owner, encode_data, expiry, new_id, scope_key)
+from serve.state import (OWNER, Conflict, Full, NotFound, Record, Stale, StateError, StateStore, check_id,
+                         check_kind, check_name, check_owner, check_version, encode_data, expiry, new_id, scope_key)
 
 DEFAULT_PREFIX = "vita-audio:"
 
@@ -43,7 +44,7 @@ if cap > 0 and redis.call('ZCARD', KEYS[2]) >= cap then return 'full' end
 local name_key = ''
 if named then name_key = KEYS[3] end
 redis.call('HSET', KEYS[1], 'kind', ARGV[1], 'id', ARGV[2], 'owner', ARGV[3], 'name', ARGV[4], 'data', ARGV[5],
-           'created_at', ARGV[6], 'expires_at', ARGV[9], 'name_key', name_key)
+           'created_at', ARGV[6], 'expires_at', ARGV[9], 'name_key', name_key, 'version', 1)
 if named then redis.call('SET', KEYS[3], ARGV[2]) end
 if exp > 0 then
   redis.call('PEXPIREAT', KEYS[1], exp)
@@ -55,30 +56,64 @@ end
 return 'ok'
 """
 
-# KEYS: item, index.  ARGV: kind, id, owner, data, created_at, exp_ms (0: none), expires_at text
-PUT = NOW_MS + """
+# the item's new expiry (exp, ms; 0: none) on its key, its name key and its owner's index, and its version
+# bumped to `version`; ARGV[2] is the id
+SET_EXPIRY = """
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('HSET', KEYS[1], 'version', version)
+local name_key = redis.call('HGET', KEYS[1], 'name_key')
+if exp > 0 then
+  redis.call('PEXPIREAT', KEYS[1], exp)
+  if name_key and name_key ~= '' then redis.call('PEXPIREAT', name_key, exp) end
+  redis.call('ZADD', KEYS[2], exp, ARGV[2])
+else
+  redis.call('PERSIST', KEYS[1])
+  if name_key and name_key ~= '' then redis.call('PERSIST', name_key) end
+  redis.call('ZADD', KEYS[2], '+inf', ARGV[2])
+end
+"""
+
+# the owned item's next version, or a refusal: {'notfound'} / {'stale', current}.  owner_arg, want (0: any)
+NEXT_VERSION = """
+local function next_version(owner_arg, want)
+  local owner = redis.call('HGET', KEYS[1], 'owner')
+  if not owner then
+    if want > 0 then return nil, {'notfound'} end
+    return 1, nil
+  end
+  if owner ~= owner_arg then return nil, {'notfound'} end
+  local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '1')
+  if want > 0 and current ~= want then return nil, {'stale', tostring(current)} end
+  return current + 1, nil
+end
+"""
+
+# KEYS: item, index.  ARGV: kind, id, owner, data, created_at, exp_ms (0: none), expires_at text, if_version (0: any)
+PUT = NOW_MS + NEXT_VERSION + """
 local exp = tonumber(ARGV[6])
 if exp > 0 and exp <= now then return {'past'} end
-local old = redis.call('HGET', KEYS[1], 'owner')
-if old and old ~= ARGV[3] then return {'notfound'} end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if not old then
+local version, refused = next_version(ARGV[3], tonumber(ARGV[8]))
+if refused then return refused end
+if version == 1 then
   redis.call('HSET', KEYS[1], 'kind', ARGV[1], 'id', ARGV[2], 'owner', ARGV[3], 'name', '', 'name_key', '',
              'created_at', ARGV[5])
 end
 redis.call('HSET', KEYS[1], 'data', ARGV[4], 'expires_at', ARGV[7])
-local fields = redis.call('HMGET', KEYS[1], 'name', 'name_key', 'created_at')
-local name_key = fields[2]
-if exp > 0 then
-  redis.call('PEXPIREAT', KEYS[1], exp)
-  if name_key ~= '' then redis.call('PEXPIREAT', name_key, exp) end
-  redis.call('ZADD', KEYS[2], exp, ARGV[2])
-else
-  redis.call('PERSIST', KEYS[1])
-  if name_key ~= '' then redis.call('PERSIST', name_key) end
-  redis.call('ZADD', KEYS[2], '+inf', ARGV[2])
-end
-return {'ok', fields[1], fields[3]}
+""" + SET_EXPIRY + """
+local fields = redis.call('HMGET', KEYS[1], 'name', 'created_at')
+return {'ok', fields[1], fields[2], version}
+"""
+
+# KEYS: item, index.  ARGV: owner, id, exp_ms (0: none), expires_at text, if_version (0: any)
+TOUCH = NOW_MS + NEXT_VERSION + """
+local exp = tonumber(ARGV[3])
+if exp > 0 and exp <= now then return {'past'} end
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'notfound'} end
+local version, refused = next_version(ARGV[1], tonumber(ARGV[5]))
+if refused then return refused end
+redis.call('HSET', KEYS[1], 'expires_at', ARGV[4])
+""" + SET_EXPIRY + """
+return {'ok', version}
 """
 
 # KEYS: item, index.  ARGV: owner, id
@@ -125,7 +160,8 @@ class RedisStore(StateStore):
                                                 socket_connect_timeout=self.socket_timeout_s,
                                                 health_check_interval=30)
             self._scripts = {name: self._client.register_script(src)
-                             for name, src in (("create", CREATE), ("put", PUT), ("delete", DELETE))}
+                             for name, src in (("create", CREATE), ("put", PUT), ("touch", TOUCH),
+                                               ("delete", DELETE))}
             self._pid = os.getpid()
         return self._client
 
@@ -146,7 +182,7 @@ class RedisStore(StateStore):
     def _record(h: dict) -> Record:
         expires = h.get("expires_at") or None
         return Record(h["kind"], h["id"], h["owner"], json.loads(h["data"]), h.get("name") or None,
-                      float(h["created_at"]), float(expires) if expires else None)
+                      float(h["created_at"]), float(expires) if expires else None, int(h.get("version") or 1))
 
     # -- operations -----------------------------------------------------------------------------------------
     def create(self, kind: str, owner: str, data: Any, *, id: str | None = None, name: str | None = None,
@@ -172,18 +208,34 @@ class RedisStore(StateStore):
         return Record(kind, item_id, owner, data, name, now, expires)
 
     def put(self, kind: str, owner: str, id: str, data: Any, *, expires_at: float | None = None,
-            ttl_s: float | None = None) -> Record:
-        check_kind(kind), check_owner(owner), check_id(id)
+            ttl_s: float | None = None, if_version: int | None = None) -> Record:
+        check_kind(kind), check_owner(owner), check_id(id), check_version(if_version)
         now = time.time()
         expires = expiry(expires_at, ttl_s, now)
         out = self._script("put", [self._item_key(kind, id), self._index_key(kind, owner)],
                            [kind, id, owner, encode_data(data), repr(now), _ms(expires),
-                            "" if expires is None else repr(expires)])
+                            "" if expires is None else repr(expires), if_version or 0])
+        self._refused(out, kind, id, expires, if_version)
+        return Record(kind, id, owner, data, out[1] or None, float(out[2]), expires, int(out[3]))
+
+    def touch(self, kind: str, owner: str, id: str, *, expires_at: float | None = None, ttl_s: float | None = None,
+              if_version: int | None = None) -> int:
+        check_kind(kind), check_owner(owner), check_id(id), check_version(if_version)
+        expires = expiry(expires_at, ttl_s, time.time())
+        out = self._script("touch", [self._item_key(kind, id), self._index_key(kind, owner)],
+                           [owner, id, _ms(expires), "" if expires is None else repr(expires), if_version or 0])
+        self._refused(out, kind, id, expires, if_version)
+        return int(out[1])
+
+    @staticmethod
+    def _refused(out: list, kind: str, id: str, expires: float | None, if_version: int | None) -> None:
+        """A put or touch script's refusal, raised."""
         if out[0] == "notfound":
             raise NotFound(f"{kind} {id!r} does not exist")
+        if out[0] == "stale":
+            raise Stale(f"{kind} {id!r} is at version {out[1]}, not {if_version}")
         if out[0] == "past":
             raise ValueError(f"expires_at={expires} is not in the future (by the Redis server's clock)")
-        return Record(kind, id, owner, data, out[1] or None, float(out[2]), expires)
 
     def get(self, kind: str, owner: str, id: str) -> Record:
         check_kind(kind), check_id(id)

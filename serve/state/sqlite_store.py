@@ -2,8 +2,10 @@
 
 Atomicity across threads and processes of one machine: every write is one `BEGIN IMMEDIATE` transaction (SQLite's
 write lock, waited for up to `busy_timeout_s`), and names are unique by a UNIQUE index on (kind, scope, name),
-so of any number of concurrent creates of one name exactly one commits. Expired rows never read back (every
-query filters on `expires_at`) and are deleted by later writes. The database survives a restart of the process.
+so of any number of concurrent creates of one name exactly one commits; a compare-and-set (`if_version`) reads
+and writes the row's version in one such transaction. Expired rows never read back (every query filters on
+`expires_at`) and are deleted by every write. The database survives a restart of the process (a database made
+before rows had versions gains the column, every row at version 1).
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serve.state import (OWNER, Conflict, Full, NotFound, Record, StateError, StateStore, check_id, check_kind,
-                         check_name, check_owner, encode_data, expiry, new_id, scope_key)
+from serve.state import (OWNER, Conflict, Full, NotFound, Record, Stale, StateError, StateStore, check_id,
+                         check_kind, check_name, check_owner, check_version, encode_data, expiry, new_id, scope_key)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -28,13 +30,14 @@ CREATE TABLE IF NOT EXISTS records (
     data TEXT NOT NULL,
     created_at REAL NOT NULL,
     expires_at REAL,
+    version INTEGER NOT NULL DEFAULT 1,
     PRIMARY KEY (kind, id)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS records_name ON records (kind, scope, name) WHERE name IS NOT NULL;
 CREATE INDEX IF NOT EXISTS records_owner ON records (kind, owner, created_at);
 CREATE INDEX IF NOT EXISTS records_expiry ON records (expires_at) WHERE expires_at IS NOT NULL;
 """
-COLUMNS = "kind, id, owner, name, data, created_at, expires_at"
+COLUMNS = "kind, id, owner, name, data, created_at, expires_at, version"
 LIVE = "(expires_at IS NULL OR expires_at > ?)"
 
 
@@ -63,6 +66,8 @@ class SqliteStore(StateStore):
                     conn.execute("PRAGMA journal_mode = WAL")
                     conn.execute("PRAGMA synchronous = NORMAL")
                 conn.executescript(SCHEMA)
+                if "version" not in {row[1] for row in conn.execute("PRAGMA table_info(records)")}:
+                    conn.execute("ALTER TABLE records ADD COLUMN version INTEGER NOT NULL DEFAULT 1")
                 break
             except sqlite3.OperationalError as err:
                 if "locked" not in str(err) or time.monotonic() > deadline:
@@ -94,8 +99,8 @@ class SqliteStore(StateStore):
 
     @staticmethod
     def _record(row: tuple) -> Record:
-        kind, item_id, owner, name, data, created_at, expires_at = row
-        return Record(kind, item_id, owner, json.loads(data), name, created_at, expires_at)
+        kind, item_id, owner, name, data, created_at, expires_at, version = row
+        return Record(kind, item_id, owner, json.loads(data), name, created_at, expires_at, version)
 
     # -- operations -----------------------------------------------------------------------------------------
     def create(self, kind: str, owner: str, data: Any, *, id: str | None = None, name: str | None = None,
@@ -118,7 +123,7 @@ class SqliteStore(StateStore):
                                        (kind, owner)).fetchone()
                 if held >= max_items:
                     raise Full(f"the {kind} store is full ({max_items} per key); delete one first")
-            conn.execute(f"INSERT INTO records ({COLUMNS}, scope) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            conn.execute(f"INSERT INTO records ({COLUMNS}, scope) VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?)",
                          (kind, item_id, owner, name, blob, now, expires, scope_k))
             return Record(kind, item_id, owner, data, name, now, expires)
 
@@ -128,24 +133,48 @@ class SqliteStore(StateStore):
             raise Conflict(f"{kind} {item_id!r} or name {name!r} already exists ({err})", "name") from None
 
     def put(self, kind: str, owner: str, id: str, data: Any, *, expires_at: float | None = None,
-            ttl_s: float | None = None) -> Record:
-        check_kind(kind), check_owner(owner), check_id(id)
+            ttl_s: float | None = None, if_version: int | None = None) -> Record:
+        check_kind(kind), check_owner(owner), check_id(id), check_version(if_version)
         blob = encode_data(data)
 
         def work(conn, now):
             expires = expiry(expires_at, ttl_s, now)
-            row = conn.execute(f"SELECT {COLUMNS} FROM records WHERE kind = ? AND id = ?", (kind, id)).fetchone()
-            if row is None:
-                conn.execute(f"INSERT INTO records ({COLUMNS}) VALUES (?, ?, ?, NULL, ?, ?, ?)",
+            row = conn.execute("SELECT owner, version, name, created_at FROM records WHERE kind = ? AND id = ?",
+                               (kind, id)).fetchone()
+            if row is None and if_version is None:
+                conn.execute(f"INSERT INTO records ({COLUMNS}) VALUES (?, ?, ?, NULL, ?, ?, ?, 1)",
                              (kind, id, owner, blob, now, expires))
-                return Record(kind, id, owner, data, None, now, expires)
-            if row[2] != owner:
-                raise NotFound(f"{kind} {id!r} does not exist")
-            conn.execute("UPDATE records SET data = ?, expires_at = ? WHERE kind = ? AND id = ?",
-                         (blob, expires, kind, id))
-            return Record(kind, id, owner, data, row[3], row[5], expires)
+                return Record(kind, id, owner, data, None, now, expires, 1)
+            version = self._next_version(kind, id, row, owner, if_version)
+            conn.execute("UPDATE records SET data = ?, expires_at = ?, version = ? WHERE kind = ? AND id = ?",
+                         (blob, expires, version, kind, id))
+            return Record(kind, id, owner, data, row[2], row[3], expires, version)
 
         return self._write(work)
+
+    def touch(self, kind: str, owner: str, id: str, *, expires_at: float | None = None, ttl_s: float | None = None,
+              if_version: int | None = None) -> int:
+        check_kind(kind), check_owner(owner), check_id(id), check_version(if_version)
+
+        def work(conn, now):
+            expires = expiry(expires_at, ttl_s, now)
+            row = conn.execute("SELECT owner, version FROM records WHERE kind = ? AND id = ?", (kind, id)).fetchone()
+            version = self._next_version(kind, id, row, owner, if_version)
+            conn.execute("UPDATE records SET expires_at = ?, version = ? WHERE kind = ? AND id = ?",
+                         (expires, version, kind, id))
+            return version
+
+        return self._write(work)
+
+    @staticmethod
+    def _next_version(kind: str, id: str, found: tuple | None, owner: str, if_version: int | None) -> int:
+        """The version a write of the row found (owner, version, ...; expired rows are gone inside a write) gives
+        it: the owner's live row, at `if_version` when given, else NotFound / Stale."""
+        if found is None or found[0] != owner:  # another owner's reads as absent
+            raise NotFound(f"{kind} {id!r} does not exist")
+        if if_version is not None and found[1] != if_version:
+            raise Stale(f"{kind} {id!r} is at version {found[1]}, not {if_version}")
+        return found[1] + 1
 
     def get(self, kind: str, owner: str, id: str) -> Record:
         rows = self._read(f"SELECT {COLUMNS} FROM records WHERE kind = ? AND id = ? AND owner = ? AND {LIVE}",
