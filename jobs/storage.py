@@ -12,9 +12,9 @@ naming the flag, before anything starts (a plain `Path` would make a local folde
 
 `ObjectPath` is the small part of `pathlib.Path` the jobs use (`/`, name, parent, exists, glob, read, unlink),
 so the run folder and both jobs take either. What differs on an object store:
-- **Writes are whole objects.** An object PUT (or a multipart upload, completed at close) is atomic: a reader
-  sees the old object or the new one, never a part, so `write_atomic` writes the object directly where a local
-  file is written under a temporary name and renamed.
+- **Writes are moved into place.** `write_atomic` writes a temporary object beside the final key and moves it
+  there (a copy and a delete) once whole, as a local file is written under a temporary name and renamed: a
+  reader sees the old object or the new one, never a part, even when the data's reader fails part-way.
 - **Folders are prefixes.** `mkdir` does nothing; a folder exists while an object lies under it.
 - **Appends are rewrites** (`append_line` reads the object and writes it whole again).
 - **Workers see the driver's store:** `forwarded_env()` are the storage variables of the driver's environment,
@@ -28,6 +28,7 @@ import json
 import os
 import posixpath
 import re
+import uuid
 from pathlib import Path
 
 from actors.errors import InputError
@@ -290,45 +291,46 @@ class ObjectPath:
 
 def write_atomic(path, data) -> None:
     """Write text, bytes, a binary file object (copied in chunks, never whole in memory: an upload) or a pyarrow
-    Table (as Parquet) so that a reader never sees a part of it: locally to `.name.tmp` beside `path`, then
-    renamed; on an object store as one whole object (a multipart upload, completed at close)."""
+    Table (as Parquet) so that `path` is never seen part-written: the data goes to a temporary file beside it
+    (`.NAME.tmp` locally, `.NAME.<token>.tmp` on an object store), moved into place once whole and deleted if the
+    write fails (a reader that raises part-way, a store that refuses). Locally the move is a rename; on an object
+    store a copy and a delete, so the final key appears whole or not at all (pyarrow's output stream cannot abort:
+    closing it completes what was uploaded, which must not happen at the final key). A killed writer can leave a
+    temporary file (`jobs.run_folder.clear_temporaries` removes them)."""
     if isinstance(path, ObjectPath):
-        if hasattr(data, "read"):
-            with path.fs.open_output_stream(path.path) as out:
-                _copy(data, out)
-        else:
-            path.write_bytes(_encode(data))
-        return
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp")
-    if hasattr(data, "read"):
-        with open(temp, "wb") as out:
-            _copy(data, out)
-    elif isinstance(data, (str, bytes)):
-        temp.write_bytes(_encode(data))
+        temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # two writers never share one
     else:
-        import pyarrow.parquet as pq
+        path = Path(path)
+        temp = path.with_name(f".{path.name}.tmp")
+    try:
+        with _open_output(temp) as out:
+            if hasattr(data, "read"):
+                _copy(data, out)
+            elif isinstance(data, (str, bytes)):
+                out.write(data.encode("utf-8") if isinstance(data, str) else data)
+            else:
+                import pyarrow.parquet as pq
 
-        pq.write_table(data, temp)
-    os.replace(temp, path)
+                pq.write_table(data, out)
+        if isinstance(path, ObjectPath):
+            path.fs.move(temp.path, path.path)
+        else:
+            os.replace(temp, path)
+    except BaseException:
+        try:
+            temp.unlink(missing_ok=True)
+        except OSError:  # the store is unreachable: the write's own error is the one to raise
+            pass
+        raise
+
+
+def _open_output(path):
+    return path.fs.open_output_stream(path.path) if isinstance(path, ObjectPath) else open(path, "wb")
 
 
 def _copy(source, out, chunk: int = 1 << 20) -> None:
     while block := source.read(chunk):
         out.write(block)
-
-
-def _encode(data) -> bytes:
-    if isinstance(data, str):
-        return data.encode("utf-8")
-    if isinstance(data, bytes):
-        return data
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    sink = pa.BufferOutputStream()
-    pq.write_table(data, sink)
-    return sink.getvalue().to_pybytes()
 
 
 def append_line(path, line: str) -> None:

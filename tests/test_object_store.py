@@ -170,6 +170,45 @@ def test_the_lease_lock_on_an_object_store(s3):
     lock_run_folder(out, "batch").close()  # expired: taken over
 
 
+class _FailingUpload(io.RawIOBase):
+    """A client's upload that goes away after `chunks` MiB (its reader raises)."""
+
+    def __init__(self, chunks: int):
+        self.left = chunks
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self.left == 0:
+            raise ConnectionResetError("the client went away mid-upload")
+        self.left -= 1
+        return b"u" * (1 << 20)
+
+
+def test_an_upload_that_fails_part_way_leaves_nothing_at_its_key(s3, tmp_path):
+    """`write_atomic` from a reader that raises after some MiB (more than one multipart part, and less): on s3 no
+    object at the final key, an older object there stays whole, no temporary object is left; on local disk the
+    same with no temporary file. A whole upload (the Files API's path) and a Parquet table land whole."""
+    from jobs.storage import location, read_table, write_atomic
+
+    prefix = location(f"s3://{BUCKET}/uploads")
+    for root in (prefix, tmp_path):
+        for chunks in (2, 12):
+            with pytest.raises(ConnectionResetError):
+                write_atomic(root / f"new-{chunks}", _FailingUpload(chunks))
+        (root / "old").write_bytes(b"the old object")
+        with pytest.raises(ConnectionResetError):
+            write_atomic(root / "old", _FailingUpload(12))
+        assert sorted(p.name for p in root.iterdir()) == ["old"] and (root / "old").read_bytes() == b"the old object"
+
+        write_atomic(root / "whole", io.BytesIO(b"w" * (6 << 20) + b"end"))
+        write_atomic(root / "table.parquet", pa.table({"id": ["a", "b"]}))
+        assert (root / "whole").read_bytes() == b"w" * (6 << 20) + b"end"
+        assert read_table(root / "table.parquet").column("id").to_pylist() == ["a", "b"]
+        assert sorted(p.name for p in root.iterdir()) == ["old", "table.parquet", "whole"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the jobs, killed and rerun
 
