@@ -20,7 +20,11 @@ config, and the events the dropped socket missed (a response in progress is canc
 among them). While a socket holds it, the session is kept in the store as it goes (the conversation when it
 changes, and a lease renewed every HEARTBEAT_S), so that it survives its ingress replica too: a replica lost
 without a word (killed, its node gone) stops renewing the lease, and LEASE_S later the session is resumable
-elsewhere for the grace period; the response it was making ends there as `failed` (code `ingress_lost`).
+elsewhere for the grace period; the response it was making ends there as `failed` (code `ingress_lost`). Its
+saved conversation expires with the lease too (LEASE_S + the grace period after the last renewal), so a session
+nobody resumes leaves the store soon after its grace period. A resume takes the session by a compare-and-set in
+the store: of two sockets resuming one session at once exactly one continues it, the other is refused
+(`session_in_use`, close 1013).
 A session ends, with an `error` event naming why, at `realtime_max_session_s`, after
 `turn_detection.idle_timeout_ms` without speech (`idle_timeout`), and a key holds at most
 `realtime_sessions_per_key` sessions (open or resumable) at once.
@@ -47,7 +51,7 @@ from serve.api import MODEL_ID, APIError
 from serve.http import app, logger, stage_error, encode_audio
 from serve.realtime import Message, Plan, Response, Session
 from serve.realtime_events import ClientEvent, ResponseParams, decode, error_event, new_id, parse, server_event
-from serve.state import REALTIME, Full, NotFound, StateError, open_store
+from serve.state import REALTIME, Full, NotFound, Stale, StateError, open_store
 from serve.uploads import admit_pcm16
 
 WEB_PAGE = Path(__file__).parent / "web" / "index.html"
@@ -122,40 +126,50 @@ class TakenOver(StateError):
 class Saved:
     """One session in the state store, owned by its key: a small REALTIME record (the resume secret's digest,
     started_at, whether a socket holds it: by which lease, on which replica, seen when; the events to replay)
-    that counts towards the key's session cap, and its conversation (`Session.snapshot`, kind CONVERSATION), written only when it
-    changed. Blocking calls (the caller runs them off its event loop)."""
+    that counts towards the key's session cap, and its conversation (`Session.snapshot`, kind CONVERSATION),
+    written only when it changed. Both expire together (`expires_at`), renewed with the lease. Every write of a
+    held session is a compare-and-set (the store's `if_version`): of two sockets resuming it at once exactly one
+    takes it, and a socket it was taken from writes nothing more. Blocking calls (the caller runs them off its
+    event loop)."""
 
     def __init__(self, store, owner: str, sid: str, limits: SessionLimits):
         self.store, self.owner, self.sid, self.limits = store, owner, sid, limits
+        self.conversation_version: int | None = None  # the conversation as this socket last wrote it
 
     def expires_at(self, record: dict, now: float) -> float:
-        """A held session's record outlives its last renewal by the lease and the grace period (a lost replica's
-        session stays resumable that long), never the session's maximum length."""
+        """A held session (its record and conversation) outlives its last renewal by the lease and the grace
+        period: a lost replica's session stays resumable that long, then goes; never past the session's maximum
+        length."""
         last = record["seen_at"] + LEASE_S if record["attached"] else now
         end = record["started_at"] + self.limits.max_session_s
         return max(min(end, last + self.limits.resume_grace_s), now + 1.0)
 
     def create(self, record: dict, snapshot: dict) -> None:
-        now = time.time()
-        self.store.create(REALTIME, self.owner, record, id=self.sid, expires_at=self.expires_at(record, now),
+        expires = self.expires_at(record, time.time())
+        self.store.create(REALTIME, self.owner, record, id=self.sid, expires_at=expires,
                           max_items=self.limits.sessions_per_key)
-        self.put_conversation(snapshot, record)
-
-    def put_conversation(self, snapshot: dict, record: dict) -> None:
-        """Held: kept up to the session's end (its record decides whether it can be resumed); dropped: as long
-        as its record."""
-        now = time.time()
-        end = max(record["started_at"] + self.limits.max_session_s, now + 1.0)
-        self.store.put(CONVERSATION, self.owner, self.sid, snapshot,
-                       expires_at=end if record["attached"] else self.expires_at(record, now))
+        self.conversation_version = self.store.put(CONVERSATION, self.owner, self.sid, snapshot,
+                                                   expires_at=expires).version
 
     def keep(self, record: dict, snapshot: dict | None) -> None:
-        """Renew the lease (and save the conversation, when given), unless another socket took the session."""
-        if self.store.get(REALTIME, self.owner, self.sid).data.get("lease") != record["lease"]:
+        """Renew the lease and the conversation's expiry with it (saving the conversation, when given), unless
+        another socket took the session (`TakenOver`). The conversation is written before the record, so a
+        socket that finds the record released (a drop) finds the conversation complete."""
+        held = self.store.get(REALTIME, self.owner, self.sid)
+        if held.data.get("lease") != record["lease"]:
             raise TakenOver(self.sid)
-        if snapshot is not None:
-            self.put_conversation(snapshot, record)
-        self.store.put(REALTIME, self.owner, self.sid, record, expires_at=self.expires_at(record, time.time()))
+        expires = self.expires_at(record, time.time())
+        try:
+            if snapshot is not None:
+                self.conversation_version = self.store.put(CONVERSATION, self.owner, self.sid, snapshot,
+                                                           expires_at=expires,
+                                                           if_version=self.conversation_version).version
+            else:
+                self.conversation_version = self.store.touch(CONVERSATION, self.owner, self.sid, expires_at=expires,
+                                                             if_version=self.conversation_version)
+            self.store.put(REALTIME, self.owner, self.sid, record, expires_at=expires, if_version=held.version)
+        except Stale:  # taken between the read and the writes
+            raise TakenOver(self.sid) from None
 
     def delete(self) -> None:
         for kind in (REALTIME, CONVERSATION):
@@ -170,23 +184,34 @@ class Saved:
         gone = APIError(400, f"no session to resume: the resume token is unknown, of another key, or its grace "
                              f"period ({self.limits.resume_grace_s:g} s) has passed", param="resume",
                         code="session_not_found")
+        in_use = APIError(409, "the session is open on another socket", param="resume", code="session_in_use")
         try:
-            saved = self.store.get(REALTIME, self.owner, self.sid).data
-            snapshot = self.store.get(CONVERSATION, self.owner, self.sid).data
+            held = self.store.get(REALTIME, self.owner, self.sid)
         except (NotFound, ValueError):
             raise gone from None
+        saved, now = held.data, time.time()
         if not hmac.compare_digest(saved.get("secret", ""), _digest(secret)):
             raise gone
-        now = time.time()
         if saved.get("attached") and now - saved.get("seen_at", 0.0) < LEASE_S:
-            raise APIError(409, "the session is open on another socket", param="resume", code="session_in_use")
+            raise in_use
         if self.limits.resume_grace_s <= 0:
             raise gone
         # dropped: what its socket missed; held by a lost replica: the end of the response it was making
         replay = saved.get("lost") if saved.get("attached") else saved.get("missed")
         record = {"secret": saved["secret"], "started_at": saved["started_at"], "attached": True, "lease": lease,
                   "seen_at": now, "holder": _replica()}
-        self.store.put(REALTIME, self.owner, self.sid, record, expires_at=self.expires_at(record, now))
+        expires = self.expires_at(record, now)
+        try:  # taken only if still as read: of two resumes at once, one wins, the other is in use
+            self.store.put(REALTIME, self.owner, self.sid, record, expires_at=expires, if_version=held.version)
+        except Stale:
+            raise in_use from None
+        except NotFound:
+            raise gone from None
+        try:  # the touch fences off the socket it was taken from (its next write of the conversation is Stale)
+            self.conversation_version = self.store.touch(CONVERSATION, self.owner, self.sid, expires_at=expires)
+            snapshot = self.store.get(CONVERSATION, self.owner, self.sid).data
+        except NotFound:
+            raise gone from None
         return record, snapshot, list(replay or [])
 
 

@@ -3,7 +3,12 @@ embedded state store (a SQLite folder): a session answers a turn, and while its 
 holding the socket (named by the session's record in the store) is killed with ray.kill: no close frame, nothing
 saved at the drop. The client resumes with its resume token on another replica process (the killed actor is dead)
 and finds the conversation: the earlier turn is retrievable and in the next answer's prompt, and the lost answer's
-end is replayed (failed, `ingress_lost`), so no response is left hanging. Every wait is bounded."""
+end is replayed (failed, `ingress_lost`), so no response is left hanging. Every wait is bounded.
+
+Without Ray (fast; `Saved` objects standing for the replicas, on a SQLite folder and on a real Redis): two resumes of
+one dropped session at the same moment, many rounds, exactly one takes it and the other is `session_in_use`; a held
+session whose replica stopped renewing its lease leaves the store (record and conversation) soon after its grace
+period while a renewed one stays."""
 from __future__ import annotations
 
 import asyncio
@@ -181,3 +186,121 @@ def test_the_lost_answer_ends_in_the_replayed_events(lost):
     assert len(errors) == 1 and errors[0].error.code == "ingress_lost" and errors[0].error.type == "server_error"
     deleted = [e.item_id for e in replayed if e.type == "conversation.item.deleted"]
     assert deleted == [e.item.id for e in seen if e.type == "response.output_item.added"][-1:]  # not in the history
+
+
+# -- racing resumes, and an abandoned session leaving the store (no Ray: `Saved` objects as the replicas) ----------
+RACE_ROUNDS = 20
+SNAPSHOT = {"messages": ["an earlier turn"]}  # opaque to the store and to Saved
+MISSED = [{"type": "response.done", "response": {"status": "cancelled"}}]
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    from redis_testing import RedisServer, need_redis_server
+
+    need_redis_server()
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request, tmp_path):
+    if request.param == "sqlite":
+        return str(tmp_path / "state")
+    return request.getfixturevalue("redis_server").url()
+
+
+def limits(grace_s: float = 30.0):
+    from serve.routes_realtime import SessionLimits
+
+    return SessionLimits(resume_grace_s=grace_s, max_session_s=3600.0, sessions_per_key=RACE_ROUNDS + 4)
+
+
+def held_session(store, sid: str, grace_s: float = 30.0):
+    """A session a socket holds (lease "first", resume secret "secret"): its Saved and record."""
+    import hashlib
+
+    from serve.keys import owner_id
+    from serve.routes_realtime import Saved
+
+    saved, now = Saved(store, owner_id(API_KEY), sid, limits(grace_s)), time.time()
+    record = {"secret": hashlib.sha256(b"secret").hexdigest(), "started_at": now, "attached": True,
+              "lease": "first", "seen_at": now}
+    saved.create(record, SNAPSHOT)
+    return saved, record
+
+
+def test_two_resumes_at_once_exactly_one_takes_the_session(store_url):
+    """A dropped session resumed on two replicas at the same moment (each its own store connection), RACE_ROUNDS
+    times: each time exactly one takes it (the conversation and the missed events), the other is refused
+    `session_in_use` (close 1013: the SDK would retry, and find it held), and the store names the winner's lease."""
+    from serve.api import APIError
+    from serve.keys import owner_id
+    from serve.routes_realtime import Saved
+    from serve.state import REALTIME, open_store
+
+    import threading
+
+    barrier = threading.Barrier(2)
+    with open_store(store_url) as store:
+        for r in range(RACE_ROUNDS):
+            sid = f"sess_race{r}"
+            saved, record = held_session(store, sid)
+            saved.keep({**record, "attached": False, "missed": MISSED, "lost": []}, SNAPSHOT)  # the drop
+            results = [None, None]
+
+            def resume(i: int) -> None:
+                with open_store(store_url) as mine:
+                    replica = Saved(mine, owner_id(API_KEY), sid, limits())
+                    barrier.wait(60)
+                    try:
+                        results[i] = replica.take("secret", f"lease{i}")
+                    except APIError as err:
+                        results[i] = err.code
+                    except BaseException as err:  # reported, not hung
+                        results[i] = repr(err)
+
+            threads = [threading.Thread(target=resume, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            won = [x for x in results if isinstance(x, tuple)]
+            assert len(won) == 1 and results.count("session_in_use") == 1, (r, results)
+            taken, snapshot, replay = won[0]
+            assert snapshot == SNAPSHOT and replay == MISSED
+            assert store.get(REALTIME, owner_id(API_KEY), sid).data["lease"] == taken["lease"]
+
+
+def test_an_abandoned_session_leaves_the_store_soon_after_its_grace_period(store_url):
+    """A held session's record and conversation expire together, LEASE_S + the grace period after the last
+    renewal of its lease: one whose replica stopped renewing (crashed LEASE_S ago, grace 1 s) is gone from the
+    store, both parts, long before its maximum length, while one renewed all along stays."""
+    from serve.keys import owner_id
+    from serve.routes_realtime import CONVERSATION, LEASE_S
+    from serve.state import REALTIME, NotFound, open_store
+
+    owner = owner_id(API_KEY)
+    with open_store(store_url) as store:
+        live, live_record = held_session(store, "sess_live", grace_s=1.0)
+        crashed, crashed_record = held_session(store, "sess_crashed", grace_s=1.0)
+        for sid in ("sess_live", "sess_crashed"):
+            record, conversation = store.get(REALTIME, owner, sid), store.get(CONVERSATION, owner, sid)
+            assert conversation.expires_at == record.expires_at <= time.time() + LEASE_S + 1.0
+        crashed.keep({**crashed_record, "seen_at": time.time() - LEASE_S}, None)  # its last renewal
+        deadline = time.monotonic() + 60
+        while True:
+            live.keep({**live_record, "seen_at": time.time()}, None)  # renewed every HEARTBEAT_S, here faster
+            left = []
+            for kind in (REALTIME, CONVERSATION):
+                try:
+                    left.append(store.get(kind, owner, "sess_crashed"))
+                except NotFound:
+                    pass
+            if not left:
+                break
+            assert time.monotonic() < deadline, "the abandoned session stayed in the store"
+            time.sleep(0.1)
+        assert store.get(CONVERSATION, owner, "sess_live").data == SNAPSHOT
+        assert store.get(REALTIME, owner, "sess_live").data["lease"] == "first"
