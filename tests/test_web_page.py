@@ -3,11 +3,13 @@
 
 Hands-free (the default): a fake microphone plays a recording of three mini-speech questions (A, a pause
 (PAUSE_S), B, then C while B's answer plays): the server's VAD finds the turns, both answers play, C interrupts
-B's answer (the page stops it, marks it in the transcript pane and truncates it to what it played), the user's
-turns are transcribed; a screenshot is kept in test-artifacts/. Push-to-talk (the toggle): Talk, then Stop &
-send, and the answer's transcript and audio. Also: a message typed during an answer waits for it and is
-answered; opened from a non-secure origin (http:// at a non-loopback address, reached through a loopback
-proxy) the page says the microphone needs https or localhost, and typed messages still work."""
+B's answer (the page stops it, marks it in the transcript pane, strikes through the part of its transcript that
+was not heard and truncates it to what it played: the heard part is what the server's conversation keeps), the
+user's turns are transcribed, no "(speaking…)" row is left; a screenshot is kept in test-artifacts/. A speech
+the server does not commit (too short for a turn: speech_stopped, no committed) leaves no row. Push-to-talk (the
+toggle): Talk, then Stop & send, and the answer's transcript and audio. Also: a message typed during an answer
+waits for it and is answered; opened from a non-secure origin (http:// at a non-loopback address, reached through
+a loopback proxy) the page says the microphone needs https or localhost, and typed messages still work."""
 from __future__ import annotations
 
 import asyncio
@@ -154,6 +156,22 @@ def wait_for(page, condition, what: str, timeout: float, errors: int = 0) -> dic
     return current
 
 
+def retrieve(page, item_id: str) -> dict:
+    """The item as the server's conversation holds it (conversation.item.retrieve on the page's socket)."""
+    return page.evaluate("""(itemId) => new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error("no conversation.item.retrieved in 30 s")), 30000);
+      const listen = (m) => {
+        const event = JSON.parse(m.data);
+        if (event.type === "conversation.item.retrieved" && event.item.id === itemId) resolve(event.item);
+        else if (event.type === "error") reject(new Error(event.error.message));
+        else return;
+        clearTimeout(timer); ws.removeEventListener("message", listen);
+      };
+      ws.addEventListener("message", listen);
+      ws.send(JSON.stringify({ type: "conversation.item.retrieve", item_id: itemId }));
+    })""", item_id)
+
+
 def recording(shared_dir: Path, path: Path) -> Path:
     """A, PAUSE_S of silence, B, INTERRUPT_AFTER_S of silence, C, then silence: one 16 kHz wav."""
     rate = 16000
@@ -196,6 +214,20 @@ def test_hands_free_answers_each_pause_and_speech_interrupts_the_answer(serve_ur
         rows = tab.locator("#log .assistant")
         assert "interrupted" in (rows.nth(1).get_attribute("class") or "")
         assert "interrupted" in rows.nth(1).inner_text()
+        # B's transcript: what the user heard plain, the rest (positioned in the audio after the ms played)
+        # struck through; the heard part is what the server's conversation keeps of the answer after the truncate
+        text = rows.nth(1).locator(".text")
+        whole, struck = text.text_content(), "".join(text.locator("del.unheard").all_text_contents())
+        heard = whole[:len(whole) - len(struck)]
+        print("B's answer: heard", repr(heard), "struck", repr(struck))
+        assert whole.endswith(struck) and (second["heardChars"], second["chars"]) == (len(heard), len(whole))
+        kept = retrieve(tab, second["itemId"])
+        assert kept["status"] == "incomplete" and kept["content"][0]["transcript"] == heard, (kept, heard)
+        # it spoke before C came (heardMs > 0), and a step's text comes before its audio: the text of the first
+        # audio was heard; its text beyond what played is struck, unless all of it came before the audio that
+        # was playing when C came (then all of it was heard)
+        assert heard, f"{second['heardMs']} ms of B's answer heard, yet none of its text: {second}"
+        assert struck or second["lastTextAtMs"] < second["heardMs"], second
         said = [t.strip() for t in tab.locator("#log .user .text").all_inner_texts()]
         assert len(said) >= 3 and all(said) and "(speaking…)" not in said, said
         # the readout: end of speech -> first answer audio, for each answer heard
@@ -249,6 +281,38 @@ def test_a_message_typed_during_an_answer_waits_for_it_and_is_answered(page):
     assert page.locator("#log .assistant").count() == answers + 2 and page.locator("#log .queued").count() == 0
     assert [t.strip() for t in page.locator("#log .user .text").all_inner_texts()[-2:]] == ["Tell me a story.",
                                                                                              "And then?"]
+
+
+def test_a_speech_the_server_does_not_commit_leaves_no_row(browser, serve_url):
+    """The server's events for a speech too short to be a turn (serve.realtime.Session._end_speech: speech_stopped,
+    no committed, no item), given to the page's event handler: the page's VAD settings (300 ms of prefix padding,
+    500 ms of silence in every clip) never make so short a clip, so a recording cannot reach it."""
+    tab = browser.new_page()
+    tab.goto(serve_url + "/", timeout=30_000)
+
+    def given(*events):
+        tab.evaluate("(events) => events.forEach(onEvent)", [{"event_id": f"event_{n}", **e}
+                                                            for n, e in enumerate(events)])
+
+    def speech(kind: str, item_id: str, ms: int) -> dict:
+        return {"type": f"input_audio_buffer.speech_{kind}", "item_id": item_id,
+                f"audio_{'start' if kind == 'started' else 'end'}_ms": ms}
+
+    def rows() -> list[str]:
+        return [t.strip() for t in tab.locator("#log .user .text").all_text_contents()]
+
+    committed = {"type": "input_audio_buffer.committed", "item_id": "item_b", "previous_item_id": None}
+    given(speech("started", "item_a", 1000), speech("stopped", "item_a", 1040), speech("started", "item_b", 3000))
+    assert rows() == ["(speaking…)"] and stats(tab)["speechDropped"] == 1  # item_a's row went at the next event
+    given(speech("stopped", "item_b", 4000), committed)
+    assert rows() == ["(transcribing…)"]
+    given({"type": "conversation.item.input_audio_transcription.completed", "item_id": "item_b",
+           "content_index": 0, "transcript": "hello"})
+    assert rows() == ["hello"]
+    given(speech("started", "item_c", 6000), speech("stopped", "item_c", 6040))  # and then nothing
+    wait_for(tab, lambda s: s["speechDropped"] == 2, "the last uncommitted speech's row gone", 30)
+    assert rows() == ["hello"] and not stats(tab)["errors"]
+    tab.close()
 
 
 def test_an_insecure_origin_says_the_mic_needs_https_and_typed_messages_work(browser, serve_url):
