@@ -188,6 +188,60 @@ def test_the_lost_answer_ends_in_the_replayed_events(lost):
     assert deleted == [e.item.id for e in seen if e.type == "response.output_item.added"][-1:]  # not in the history
 
 
+async def racing_resumes(url: str) -> dict:
+    """A session with a turn drops (no close frame); two sockets resume it at the same moment, again while both
+    are refused because the drop is not yet seen (a bounded wait), until one continues it."""
+    from websockets.exceptions import ConnectionClosed
+
+    async with connect(url) as conn:
+        created = (await until(conn, "session.created"))[-1]
+        await ask(conn, "Hello there.", output_modalities=["text"], max_output_tokens=8)
+        first = await until(conn, "response.done")
+        conn._connection.transport.abort()  # the network drops
+
+    async def open_one() -> tuple:
+        manager = connect(url, resume=created.resume_token)
+        conn = await manager.enter()
+        return manager, conn, await asyncio.wait_for(conn.recv(), WAIT_S)
+
+    deadline = time.monotonic() + RESUME_S
+    while True:
+        tries = await asyncio.gather(open_one(), open_one())
+        if any(event.type == "session.created" for _, _, event in tries):
+            break
+        assert all(event.type == "error" and event.error.code == "session_in_use" for _, _, event in tries), tries
+        for manager, _, _ in tries:
+            await manager.__aexit__(None, None, None)
+        assert time.monotonic() < deadline, "the dropped session never became free"
+        await asyncio.sleep(0.5)
+    firsts, out = [event for _, _, event in tries], {"created": created, "first": first}
+    try:
+        for manager, conn, event in tries:
+            if event.type == "session.created":
+                await conn.conversation.item.retrieve(item_id=first[-1].response.output[0].id)
+                out["retrieved"] = (await until(conn, "conversation.item.retrieved"))[-1]
+            else:
+                try:
+                    await asyncio.wait_for(conn.recv(), WAIT_S)
+                except ConnectionClosed as closed:
+                    out["refused_close"] = closed.rcvd.code if closed.rcvd else None
+    finally:
+        for manager, _, _ in tries:
+            await manager.__aexit__(None, None, None)
+    return {**out, "firsts": firsts}
+
+
+def test_two_sockets_resuming_one_session_at_once_one_continues_it(app):
+    raced = asyncio.run(racing_resumes(app[0]))
+    kinds = sorted(event.type for event in raced["firsts"])
+    assert kinds == ["error", "session.created"], raced["firsts"]
+    created = next(e for e in raced["firsts"] if e.type == "session.created")
+    refused = next(e for e in raced["firsts"] if e.type == "error")
+    assert created.session.id == raced["created"].session.id
+    assert refused.error.code == "session_in_use" and raced["refused_close"] == 1013
+    assert raced["retrieved"].item.id == raced["first"][-1].response.output[0].id  # the earlier turn is there
+
+
 # -- racing resumes, and an abandoned session leaving the store (no Ray: `Saved` objects as the replicas) ----------
 RACE_ROUNDS = 20
 SNAPSHOT = {"messages": ["an earlier turn"]}  # opaque to the store and to Saved

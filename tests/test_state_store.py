@@ -3,10 +3,11 @@ state folder and a real Redis (Debian's `redis-server`, started here on a free l
 stopped in teardown). Also the API key set (serve.keys): several keys, a keys file, revocation, owner ids.
 
 Concurrency: 32 creates of one name at once, from threads (each with its own connection) and from separate
-processes, give exactly one success and 31 name conflicts; two compare-and-sets of one item at the version
-both read, 40 rounds, give exactly one winner each round. A renewed item outlives one left to expire. Restart: the SQLite store reopened on its folder keeps
-everything unexpired; a Redis restarted with persistence off starts empty (on clusters the store is the GCS
-fault-tolerance Redis, whose persistence is its own) and the store reconnects to it by itself.
+processes, give exactly one success and 31 name conflicts; two compare-and-sets of one item at the
+version both read, 40 rounds, give exactly one winner each round. A renewed item outlives one left to expire.
+Restart: the SQLite store reopened on its folder keeps everything unexpired; a Redis restarted with persistence off
+starts empty (on clusters the store is the GCS fault-tolerance Redis, whose persistence is its own) and the store
+reconnects to it by itself.
 """
 from __future__ import annotations
 
