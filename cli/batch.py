@@ -1,11 +1,15 @@
-"""`vita-audio batch asr|tts`: transcribe or synthesise a whole archive on Ray Data, exactly once, resumable.
+"""`vita-audio batch asr|tts`: transcribe or synthesise a whole archive on Ray Data, exactly once, resumable;
+`vita-audio batch cancel`: stop one from another shell.
 
     vita-audio batch asr --input corpus/ --out runs/asr          # folder, .jsonl / .csv manifest, or .tar shard
     vita-audio batch tts --input texts.jsonl --out runs/tts      # FLAC files under runs/tts/audio/
     vita-audio batch asr --input big.jsonl --out runs/asr --llm-pool 2 --llm-batch-size 32 --json
+    vita-audio batch cancel --out runs/asr                       # the job on runs/asr stops after its current block
 
 Writes DIR/results/part-*.parquet (one row per input), DIR/summary.json and DIR/report.md. Rerunning on the
-same --out resumes: only inputs without a row are processed; a finished run rerun does nothing.
+same --out resumes: only inputs without a row are processed; a finished run rerun does nothing. A cancelled job
+(`jobs.batch.job.request_cancel`, the Batch API's cancel) keeps the blocks it finished and exits 3
+(`EXIT_CANCELLED`); rerunning its command resumes it.
 """
 from __future__ import annotations
 
@@ -17,9 +21,20 @@ from jobs.storage import location
 from cli import checks
 from cli.speech import FLAG_NAMES, add_sampling_arguments
 
+EXIT_CANCELLED = 3  # the job stopped on `vita-audio batch cancel`: its finished blocks kept, a rerun resumes
+
 
 def add_arguments(p, name: str) -> None:
-    p.add_argument("task", choices=["asr", "tts"])
+    tasks = p.add_subparsers(dest="task", required=True, metavar="{asr,tts,cancel}")
+    for task, text in (("asr", "transcribe the inputs"), ("tts", "speak the inputs' texts")):
+        add_job_arguments(tasks.add_parser(task, help=text, description=f"vita-audio batch {task}: {text}"))
+    cancel = tasks.add_parser("cancel", help="stop the job writing --out after its current block (rerun its command "
+                                             "to resume)")
+    cancel.add_argument("--out", required=True, help="the job's results folder or object-store prefix")
+    cancel.add_argument("--json", action="store_true")
+
+
+def add_job_arguments(p) -> None:
     p.add_argument("--input", required=True, help="asr: folder, .jsonl/.csv manifest (id, path, text), .tar shards or "
                                                   "a Parquet dataset (audio bytes in a column); tts: .jsonl/.csv "
                                                   "(id, text) or .txt (one text a line); local or s3://, gs://, ...")
@@ -92,12 +107,14 @@ def config_from_args(args):
                            block_size=args.block_size, max_audio_seconds=args.max_audio_seconds,
                            torch_threads=args.torch_threads or None, address=args.address,
                            progress=not args.no_progress, restart=args.restart, retry_errors=args.retry_errors,
-                           max_error_share=args.max_error_share)
+                           max_error_share=args.max_error_share, resume_cancelled=True)
     except ValueError as err:
         raise InputError(str(err)) from None
 
 
 def run(args) -> dict:
+    if args.task == "cancel":
+        return cancel(args.out)
     from jobs.batch.job import TooManyErrors, run_batch
 
     config = config_from_args(args)
@@ -111,7 +128,29 @@ def run(args) -> dict:
         print(f"vita-audio batch {args.task}: {err}", file=sys.stderr)
         return {**err.summary, "exit_code": 1}
     done = summary["this_run"]["inputs"]
+    if summary["state"] == "cancelled":
+        print(f"vita-audio batch {args.task}: cancelled: stopped at a block boundary with {summary['rows']}/"
+              f"{summary['inputs']} rows written (this run processed {done} input(s)); rerun the same command to "
+              f"resume; report: {location(args.out) / 'report.md'}", file=sys.stderr)
+        return {**summary, "exit_code": EXIT_CANCELLED}
     print(f"vita-audio batch {args.task}: {summary['rows']}/{summary['inputs']} rows ({summary['errors']} errors); "
           f"this run processed {done} input(s); report: {location(args.out) / 'report.md'}", file=sys.stderr)
     return summary
 
+
+
+def cancel(out: str) -> dict:
+    """Ask the job writing OUT to stop at its next block boundary (`request_cancel`: OUT/cancel, which the job
+    checks after each block it writes). OUT must hold a batch run (its lock or its plan), else an InputError."""
+    from jobs.batch.job import request_cancel
+    from jobs.batch.results import CANCEL
+    from jobs.run_folder import LOCK, PLAN, out_location
+
+    folder = out_location(out, "--out")
+    if not folder.is_dir() or not ((folder / LOCK).exists() or (folder / PLAN).exists()):
+        raise InputError(f"--out {out}: no batch run there (neither {LOCK} nor {PLAN}); give the --out of the job "
+                         "to cancel")
+    request_cancel(folder)
+    print(f"vita-audio batch cancel: asked the job writing {folder} to stop after its current block (finished blocks "
+          "are kept; rerun its command to resume)", file=sys.stderr)
+    return {"out": str(folder), "cancel": str(folder / CANCEL)}

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from driver_cancel import cancel_driver_when, cli
 from driver_kill import kill_driver_when
 
 from jobs.batch.inputs import enumerate_inputs, read_audio_bytes
@@ -288,6 +289,45 @@ def test_killed_driver_resumes_exactly_once(ray_session, tiny_models, mini, tmp_
     assert whole["rows"] == 120
     expect = {r["id"]: r["text"] for r in read_results(tmp_path / "whole").to_pylist()}
     assert {r["id"]: r["text"] for r in table.to_pylist()} == expect
+
+
+@pytest.mark.slow
+def test_cancel_from_another_shell_stops_at_a_block_boundary_and_a_rerun_resumes(ray_session, tiny_models, mini,
+                                                                                  tmp_path):
+    """`vita-audio batch cancel --out DIR` (another process) once 2 of 30 result files exist: the running
+    `vita-audio batch asr` stops at its next block boundary and exits 3, every file it wrote whole; the same
+    command rerun resumes with the other blocks only: one row per input. A folder without a run is refused."""
+    from jobs.batch.job import read_results
+    from jobs.storage import read_metadata
+
+    files = sorted(mini.rglob("*.flac"))
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"c{k}-{f.stem}", "path": str(f)}) + "\n"
+                                for k in range(3) for f in files))  # 120 inputs, 30 blocks
+    out = tmp_path / "cancelled"
+    argv = ["batch", "asr", "--input", str(manifest), "--out", str(out), "--models", str(tiny_models), "--address",
+            ray_session.get_runtime_context().gcs_address, "--block-size", "4", "--max-new-tokens", "48",
+            "--encoder-rows", "4", "--llm-rows", "4", "--no-progress", "--json"]
+    refused = cli(["batch", "cancel", "--out", str(tmp_path / "nothing")])
+    assert refused.returncode == 2 and "no batch run there" in refused.stderr
+
+    parts = lambda: sorted((out / "results").glob("part-*.parquet"))  # noqa: E731
+    cancel, job = cancel_driver_when(argv, str(out), lambda: len(parts()), at=2, timeout_s=240)
+    assert cancel.returncode == 0 and "stop after its current block" in cancel.stderr, cancel.stderr
+    assert job.returncode == 3, job.stderr[-2000:]
+    assert "cancelled: stopped at a block boundary" in job.stderr and "rerun the same command to resume" in job.stderr
+    stopped = json.loads(job.stdout.strip().splitlines()[-1])
+    written = parts()
+    assert stopped["state"] == "cancelled" and 2 <= len(written) < 30, len(written)
+    assert [read_metadata(p).num_rows for p in written] == [4] * len(written)  # whole blocks only
+    assert stopped["rows"] == 4 * len(written)
+
+    rerun = cli(argv)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    resumed = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert resumed["state"] == "completed" and resumed["this_run"]["blocks"] == 30 - len(written)
+    ids = read_results(out).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 120 and resumed["complete"]
 
 
 # ---------------------------------------------------------------------------------------------------------

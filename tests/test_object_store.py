@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from driver_cancel import cancel_driver_when, cli
 from driver_kill import kill_driver_when
 
 BUCKET = "speech"
@@ -241,6 +242,36 @@ def test_batch_asr_over_an_s3_parquet_dataset_killed_and_rerun(ray_session, tiny
     assert all(r["text"] is not None and r["audio_seconds"] > 0 for r in rows if r["status"] == "ok")
     assert _objects(s3, "runs/asr-parquet", "summary.json") == 1 and _objects(s3, "runs/asr-parquet", ".lock") == 0
     assert run_batch(config)["this_run"]["inputs"] == 0  # a finished run rerun does nothing
+
+
+@pytest.mark.slow
+def test_batch_asr_on_s3_cancelled_from_another_shell_and_rerun(ray_session, tiny_models, s3, utterances):
+    """`vita-audio batch cancel --out s3://...` once 2 of 12 result objects exist: the job stops at its next block
+    boundary (exit 3, its result objects whole), and the same command rerun resumes: one row per input."""
+    from jobs.batch.job import read_results
+    from jobs.storage import location, read_metadata
+
+    dataset = _parquet_dataset(s3, "cancel/parquet", utterances[:24])
+    out = f"s3://{BUCKET}/runs/asr-cancelled"
+    argv = ["batch", "asr", "--input", dataset, "--out", out, "--models", str(tiny_models), "--address",
+            ray_session.get_runtime_context().gcs_address, "--block-size", "2", "--max-new-tokens", "24",
+            "--encoder-rows", "2", "--llm-rows", "2", "--no-progress", "--json"]
+    parts = lambda: _objects(s3, "runs/asr-cancelled/results", "part-*.parquet")  # noqa: E731
+    cancel, job = cancel_driver_when(argv, out, parts, at=2, timeout_s=240)
+    assert cancel.returncode == 0 and "stop after its current block" in cancel.stderr, cancel.stderr
+    assert job.returncode == 3 and "cancelled: stopped at a block boundary" in job.stderr, job.stderr[-2000:]
+    written = parts()
+    assert json.loads(job.stdout.strip().splitlines()[-1])["state"] == "cancelled" and 2 <= written < 12, written
+    results = location(out) / "results"
+    assert [read_metadata(p).num_rows for p in results.glob("part-*.parquet")] == [2] * written
+    assert _objects(s3, "runs/asr-cancelled", ".lock") == 0 and _objects(s3, "runs/asr-cancelled", "cancel") == 1
+
+    rerun = cli(argv)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    resumed = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert resumed["state"] == "completed" and resumed["this_run"]["blocks"] == 12 - written
+    ids = read_results(out).column("id").to_pylist()
+    assert sorted(ids) == sorted(i for i, _, _ in utterances[:24]) and _objects(s3, "runs/asr-cancelled", "cancel") == 0
 
 
 @pytest.mark.slow

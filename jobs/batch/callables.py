@@ -315,7 +315,7 @@ class SpeechLLM(_AsyncStage):
 class AudioDecoder(_AsyncStage):
     """Decodes each row's audio chunks as one incremental stream (as the live pipeline does) and writes
     `audio_dir/<id>.flac` (a request line's answer: `audio_dir/<hash of its id>.npy`, float32 PCM) whole
-    (`jobs.storage.write_atomic`: a local file renamed into place, an object in one PUT)."""
+    (`jobs.storage.write_atomic`: under a temporary name, then moved into place)."""
 
     def __init__(self, config: DecoderStageConfig, audio_dir: str | os.PathLike):
         from actors.decoder_stage import DecoderStage

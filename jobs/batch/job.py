@@ -11,8 +11,10 @@ input of the block has its row, under a temporary name and renamed (a result fil
 - a row whose stage crashed or ran out of memory (`jobs.batch.results.transient`) leaves the job incomplete:
   a rerun processes those rows again and rewrites their blocks (`retry_errors` retries every error row);
 - more than `max_error_share` of the rows in error ends the job with `TooManyErrors` (the report is written);
-- `DIR/cancel` (`request_cancel`) stops the job at its next block boundary: the blocks written stay, a rerun
-  (or a restarted driver) starts nothing while it is there; the summary's `state` says "cancelled";
+- `DIR/cancel` (`request_cancel`; `vita-audio batch cancel --out DIR`) stops the job at its next block boundary:
+  the blocks written stay and the summary's `state` says "cancelled". A rerun (or the Batch API's restarted
+  driver) starts nothing while it is there, unless `resume_cancelled` (the CLI's reruns): a cancel written before
+  that run started is then withdrawn and the run resumes, while one written after it started still stops it;
 - `DIR/progress.json` counts the rows written so far (ok / error), rewritten after each block.
 `DIR/plan.json` pins what the blocks mean (task, the input ids, block size, models and decoding settings); a
 rerun with other settings is refused naming the setting rather than mixing two runs' results in one folder,
@@ -111,6 +113,7 @@ class BatchConfig:
     retry_errors: bool = False  # a rerun also redoes the error rows that are not transient (bad input, too long)
     max_error_share: float = 0.5  # more error rows than this share of the inputs: TooManyErrors (non-zero exit)
     restart: bool = False  # clear the job's files in `out` and start over (else a rerun with other settings is refused)
+    resume_cancelled: bool = False  # withdraw a cancel written before this run started (the CLI: a rerun resumes)
     max_new_tokens_cap: int | None = None  # an operator's caps on every request (the endpoint's max_tokens and
     max_text_chars: int | None = None  # max_text_chars for the batch API's lines)
 
@@ -133,12 +136,15 @@ class BatchConfig:
 def run_batch(config: BatchConfig) -> dict:
     """Run (or resume) the job; returns the summary (also written to DIR/summary.json with DIR/report.md).
     Raises TooManyErrors (after writing them) when more than `max_error_share` of the rows are errors."""
+    called = time.time()  # a cancel written from now on is for this run
     out = out_location(config.out, "--out")
     models = resolve_models_dir(config.models)
     items = enumerate_inputs(config.input, config.task)
     blocks = [items[i : i + config.block_size] for i in range(0, len(items), config.block_size)]
     folder = RunFolder(out, "batch", OUTPUTS)
     with folder.open(_plan(config, models, items), restart=config.restart):  # locked until the run ends
+        if config.resume_cancelled:
+            _withdraw_cancel(out, before=called)
         folder.mkdir(out / "results")
         clear_temporaries(out / "results", out / "audio")  # a crash mid-write leaves only a temporary file
         redo, counts = _pending(out, blocks, config.retry_errors)
@@ -168,6 +174,20 @@ def request_cancel(out) -> None:
 
 def cancel_requested(out) -> bool:
     return (location(out) / CANCEL).exists()
+
+
+def _withdraw_cancel(out, before: float) -> None:
+    """Remove DIR/cancel if it was written before `before` (its time, as `request_cancel` wrote it): the cancel
+    that stopped an earlier run, not one meant for the run starting now."""
+    path = location(out) / CANCEL
+    try:
+        written = float(path.read_text().strip() or 0)
+    except FileNotFoundError:
+        return
+    except ValueError:  # not request_cancel's: as old
+        written = 0.0
+    if written < before:
+        path.unlink(missing_ok=True)
 
 
 def _pending(out, blocks: list[list[BatchInput]], retry_errors: bool) -> tuple[dict, dict]:
@@ -312,8 +332,8 @@ def _input_row(item: BatchInput, task: str) -> dict:
 
 def write_block(out, b: int, rows: list[dict], schema: pa.Schema = RESULT_SCHEMA) -> list[dict]:
     """Block b's result file: the new rows, merged by id into the rows the file already holds (a retry
-    replaces only its own rows), in the file's order; written whole (a local file under a temporary name, then
-    renamed; an object in one PUT). Returns the file's rows."""
+    replaces only its own rows), in the file's order; written whole (`write_atomic`: under a temporary name,
+    then moved into place). Returns the file's rows."""
     path = block_path(out, b)
     if path.exists():
         new = {r["id"]: r for r in rows}
