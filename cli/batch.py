@@ -138,7 +138,6 @@ def run(args) -> dict:
     return summary
 
 
-
 def cancel(out: str) -> dict:
     """Ask the job writing OUT to stop at its next block boundary (`request_cancel`: OUT/cancel, which the job
     checks after each block it writes). OUT must hold a batch run (its lock or its plan), else an InputError."""
