@@ -12,6 +12,7 @@ A transport subclass says how a call reaches its stage (`_await`) and how the LL
 """
 from __future__ import annotations
 
+import contextvars
 from typing import AsyncIterator
 
 from actors.orchestration import StageBusy, StageFailure, StageRestarting
@@ -96,7 +97,10 @@ class HandleStageClients:
 
 
 def _fire(method, *args) -> None:
+    """Send a free (abort, close) without waiting for it. It is sent in a fresh context, not as a child of the
+    request being served: a consumer that went away cancels that request, and Ray Serve then cancels the
+    request's child calls still being routed, which would drop this one and leave the stream open."""
     try:  # a dead stage is ignored: there is nothing left to free on it
-        method.remote(*args)
+        contextvars.Context().run(method.remote, *args)
     except Exception:
         pass

@@ -71,11 +71,22 @@ def jsonl(client, file_id: str | None) -> list[dict]:
     return [json.loads(ln) for ln in client.files.content(file_id).text.splitlines() if ln.strip()]
 
 
-def kill_driver(batch_id: str) -> None:
-    """SIGKILL the process of the batch's driver actor (no clean-up of any kind, as a crash)."""
+def kill_driver(batch_id: str, written, at: int = 1, timeout_s: float = 240) -> int:
+    """SIGKILL the process of the batch's driver actor (no clean-up of any kind, as a crash) as soon as `written()`
+    (the result blocks in its run folder, polled every 50 ms) reaches `at`; the blocks written then. The SDK's
+    request counts are not polled for this: a small batch can end between two polls, and its driver with it."""
     import ray
 
     from jobs.batch.driver import NAMESPACE, driver_name
 
-    driver = ray.get_actor(driver_name(batch_id), namespace=NAMESPACE)
-    os.kill(ray.get(driver.__ray_call__.remote(lambda self: os.getpid())), signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while (count := written()) < at:
+        assert time.monotonic() < deadline, f"batch {batch_id}: {count} blocks written after {timeout_s:g} s"
+        time.sleep(0.05)
+    try:
+        driver = ray.get_actor(driver_name(batch_id), namespace=NAMESPACE)
+        os.kill(ray.get(driver.__ray_call__.remote(lambda self: os.getpid())), signal.SIGKILL)
+    except ValueError:
+        raise AssertionError(f"batch {batch_id}: its driver ended before it could be killed "
+                             f"({written()} blocks written)") from None
+    return count
