@@ -3,7 +3,8 @@
 Contracts (../shared/DESIGN.md): with no model paths every command runs on the tiny set, built once
 into a cache folder (`--models DIR` or `VITA_AUDIO_MODELS` points to a folder holding llm/, encoder/,
 decoder/); `--json` prints one JSON object as the last line of stdout (an {"error": ...} object on
-failure). Exit codes: 0 ok, 2 bad input (one line naming it), 1 internal failure (one line), 130 Ctrl-C;
+failure). Exit codes: 0 ok, 2 bad input (one line naming it), 1 internal failure (one line), 130 Ctrl-C,
+3 a batch job stopped by `vita-audio batch cancel`;
 a traceback only with `--debug`. `--help` and argument errors import neither torch nor ray.
 """
 from __future__ import annotations

@@ -15,8 +15,8 @@
   by the block writer before its first block); a run that fails before that removes the folders, the lock file
   and the folder itself it created, so the next run is not refused by a plan of a run that never ran.
 - **Blocks:** input k of the fixed input order belongs to block k // block_size; `block_file` names a block's
-  file; every file is written whole (`write_atomic`: a local file under a temporary name, then renamed; an
-  object as one PUT, which is atomic), so a block's file is there whole or not at all.
+  file; every file is written whole (`write_atomic`: under a temporary name beside it, then renamed locally or
+  moved into place on an object store), so a block's file is there whole or not at all.
 - **Locations:** OUT is a local path or a URL of an object store or any filesystem pyarrow / fsspec knows
   (`jobs.storage.location`: `s3://bucket/run`); an unknown scheme is refused by name before anything starts.
   `local_path` (the training job's folders) still refuses every URL by name.
@@ -88,8 +88,7 @@ def write_if_changed(path, text: str) -> None:
 
 
 def clear_temporaries(*folders) -> None:
-    """Remove the temporary files (`.*.tmp`) a killed run left in local `folders` (an object store has none:
-    its objects are written whole)."""
+    """Remove the temporary files (`.*.tmp`) a killed run left in `folders` (local or on an object store)."""
     for folder in folders:
         for stale in location(folder).glob(".*.tmp"):
             stale.unlink(missing_ok=True)

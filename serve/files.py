@@ -5,7 +5,7 @@ as an absent one (NotFound: the routes answer 404).
 The files store is a local folder or a URL of any filesystem `jobs.storage` knows (`s3://bucket/vita-files`):
 on a multi-node cluster the batch drivers run wherever Ray places them, and read the batches' inputs and write
 their results through the same location. Each file is written whole (`jobs.storage.write_atomic`: a local file
-under a temporary name, renamed; one object on an object store), so a reader never sees a part of it.
+under a temporary key beside it, then renamed or moved into place), so a reader never sees a part of it.
 
     files = FileStore(state, "s3://bucket/vita-files")
     obj = files.create(owner, b"...", "requests.jsonl", "batch")   # OpenAI's FileObject dict
