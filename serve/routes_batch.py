@@ -20,6 +20,13 @@
   base64 in the JSONL. Then `completed` (or `cancelled`, `failed`, `expired`).
 - **Cancel** (`cancelling`): the job stops at its next block boundary; the lines finished by then are in the
   output file.
+- **Records**: every change of a batch record is a compare-and-set in the state store (`_update`: the change is
+  recomputed from the record as it stands and written at its version, retried a few times when another replica
+  or request came between), and moves the batch only forward (`validating → in_progress → cancelling →
+  finalizing → completed | failed | cancelled | expired`; a final status never changes). So a poll that refreshes
+  the counts never writes `in_progress` over a concurrent cancel, and of two replicas polling an ended job at
+  once one claims `finalizing` and writes the output files, the other waits for its answer. A finalizer that
+  went away (its replica lost) is taken over after `FINALIZE_LEASE_S`.
 Batches (kind BATCH) and files (kind FILE) belong to the API key that created them: another key gets 404.
 The files store, and with it each batch's run folder (`FILES/batches/BATCH_ID`), may be on object storage
 (`Args.files = s3://...`, serve.files): every path here is a `jobs.storage` location, so a driver on any node
@@ -32,10 +39,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import hashlib
 import json
+import random
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import Request
@@ -56,13 +66,17 @@ from serve.files import UPLOAD_PURPOSES, FileStore, default_files_dir
 from serve.http import (app, check_text, refused, request_options, speech_usage, transcription_usage,
                         verbose_transcription)
 from serve.keys import OPEN_OWNER, owner_id
-from serve.state import BATCH, NotFound, default_state, open_store
+from serve.state import BATCH, NotFound, Stale, default_state, open_store
 
 ENDPOINTS = ("/v1/audio/speech", "/v1/audio/transcriptions", "/v1/chat/completions")
 COMPLETION_WINDOW_S = {"24h": 24 * 3600}
 MAX_LINES = 50_000  # OpenAI's cap on requests per batch
 MAX_FILE_BYTES = 200 * 2**20  # OpenAI's cap on a batch input file
 FINAL = ("completed", "failed", "cancelled", "expired")
+STAGES = {"validating": 0, "in_progress": 1, "cancelling": 2, "finalizing": 3, **dict.fromkeys(FINAL, 4)}
+UPDATE_TRIES = 20  # compare-and-set attempts of one change before the request is answered 503
+FINALIZE_LEASE_S = 1800  # a batch `finalizing` this long lost its finalizer (replica gone): another takes over
+FINALIZE_WAIT_S = 30.0  # how long a poll waits for another replica's finalize before answering `finalizing`
 CHAT_AUDIO_OUT = {"wav": "wav", "flac": "flac", "pcm16": "pcm", "mp3": "mp3", "opus": "opus"}
 REFUSED = "refused.jsonl"
 VALIDATION_S = 600  # a batch still `validating` after this long lost its replica: failed
@@ -192,7 +206,7 @@ class BatchRoutes:
                  "cancelling_at": None, "cancelled_at": None, "model": MODEL_ID,
                  "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": metadata}
         folder = files.root / "batches" / batch_id
-        record = {"batch": batch, "folder": str(folder)}
+        record = {"batch": batch, "folder": str(folder), "job": False}  # job: a driver runs its lines
         state = self._batch_state()
         state.create(BATCH, owner, record, id=batch_id)
         record = await asyncio.to_thread(self._validate_and_start, owner, record, files.location(owner, input_id))
@@ -207,8 +221,8 @@ class BatchRoutes:
     async def list_batches(self, request: Request, limit: int = 20, after: str | None = None):
         owner = self._owner(request)
 
-        def listing():
-            return [self._refresh(owner, r.data)["batch"] for r in self._batch_state().list(BATCH, owner)]
+        def listing():  # a batch another request is finalizing is listed as `finalizing` (not waited for)
+            return [self._refresh(owner, r.data, wait=False)["batch"] for r in self._batch_state().list(BATCH, owner)]
 
         return _page(await asyncio.to_thread(listing), limit, after, "desc")
 
@@ -217,16 +231,22 @@ class BatchRoutes:
         owner = self._owner(request)
         record = self._get_batch(owner, batch_id)
 
-        def cancel():
+        def stop(record):
             batch = record["batch"]
-            if batch["status"] in ("validating", "in_progress"):
-                request_cancel(record["folder"])
-                batch.update(status="cancelling", cancelling_at=int(time.time()))
-                self._batch_state().put(BATCH, owner, batch_id, record)
-            elif batch["status"] in ("completed", "failed", "expired"):
+            if batch["status"] in ("completed", "failed", "expired"):
                 raise APIError(409, f"batch {batch_id} is {batch['status']}: it cannot be cancelled",
                                code="batch_not_cancellable")
-            return self._refresh(owner, record)
+            if batch["status"] not in ("validating", "in_progress"):
+                return None  # cancelling, finalizing or cancelled already: as it stands
+            batch.update(status="cancelling", cancelling_at=int(time.time()))
+            return record
+
+        def cancel():
+            if record["batch"]["status"] in ("validating", "in_progress"):  # the job's marker before the record
+                folder = location(record["folder"], "files")
+                folder.mkdir(parents=True, exist_ok=True)  # a batch still validating may have no folder yet
+                request_cancel(folder)
+            return self._refresh(owner, self._update(owner, batch_id, stop)[0])
 
         return (await asyncio.to_thread(cancel))["batch"]
 
@@ -236,29 +256,64 @@ class BatchRoutes:
         except (NotFound, ValueError):
             raise not_found("Batch", batch_id) from None
 
+    def _update(self, owner: str, batch_id: str, change: Callable[[dict], dict | None]) -> tuple[dict, bool]:
+        """One change of a batch record, as a compare-and-set: `change` gets a copy of the record as it stands
+        and returns it changed (or None: nothing to write); it is written only at the version it was computed
+        from, else recomputed from the fresh record (UPDATE_TRIES times, then 503). A change that would move the
+        batch back (`STAGES`; a final status never changes) is not written. The record as it stands after, and
+        whether this call wrote it."""
+        state = self._batch_state()
+        for attempt in range(UPDATE_TRIES):
+            try:
+                held = state.get(BATCH, owner, batch_id)
+            except (NotFound, ValueError):
+                raise not_found("Batch", batch_id) from None
+            record = change(copy.deepcopy(held.data))
+            if record is None or not _forward(held.data["batch"]["status"], record["batch"]["status"]):
+                return held.data, False
+            try:
+                return state.put(BATCH, owner, batch_id, record, if_version=held.version).data, True
+            except Stale:  # another writer came between: recompute from theirs
+                time.sleep(random.uniform(0, 0.005 * (attempt + 1)))
+            except NotFound:
+                raise not_found("Batch", batch_id) from None
+        raise APIError(503, f"batch {batch_id} is being changed by many requests at once; try again",
+                       type="server_error", code="batch_busy")
+
     # -- validation and start --------------------------------------------------------------------------------
     def _validate_and_start(self, owner: str, record: dict, input_path) -> dict:
-        batch, folder = record["batch"], location(record["folder"], "files")
-        state = self._batch_state()
+        batch_id, folder = record["batch"]["id"], location(record["folder"], "files")
         try:
             specs, refusals = self._check_lines(owner, input_path.read_bytes())
         except APIError as err:  # the file itself is unusable: the batch fails validation
-            batch.update(status="failed", failed_at=int(time.time()),
-                         errors={"object": "list", "data": [{"code": err.code or "invalid_input_file",
-                                                             "message": err.message, "param": err.param,
-                                                             "line": None}]})
-            state.put(BATCH, owner, batch["id"], record)
-            return record
+            errors = {"object": "list", "data": [{"code": err.code or "invalid_input_file", "message": err.message,
+                                                  "param": err.param, "line": None}]}
+
+            def fail(record):
+                record["batch"].update(status="failed", failed_at=int(time.time()), errors=errors)
+                return record
+
+            return self._update(owner, batch_id, fail)[0]
         folder.mkdir(parents=True, exist_ok=True)
         write_specs(folder, specs)
         write_atomic(folder / REFUSED, "".join(json.dumps(r) + "\n" for r in refusals))
-        batch["request_counts"] = {"total": len(specs) + len(refusals), "completed": 0, "failed": len(refusals)}
-        batch.update(status="in_progress", in_progress_at=int(time.time()))
-        state.put(BATCH, owner, batch["id"], record)
-        if specs:
-            self._start_driver(batch["id"], folder)
-        else:  # nothing to run: the job has ended already
+        if not specs:  # nothing to run: the job has ended already
             write_atomic(folder / drivers.STATE, json.dumps({"state": "completed", "ended_at": time.time()}))
+        counts = {"total": len(specs) + len(refusals), "completed": 0, "failed": len(refusals)}
+
+        def start(record):
+            batch = record["batch"]
+            if batch["status"] not in ("validating", "cancelling"):
+                return None  # failed meanwhile (validation_interrupted): nothing starts
+            record["job"] = bool(specs)
+            batch["request_counts"] = counts
+            if batch["status"] == "validating":  # a batch cancelled while validating runs to its first boundary
+                batch.update(status="in_progress", in_progress_at=int(time.time()))
+            return record
+
+        record, started = self._update(owner, batch_id, start)
+        if started and specs:
+            self._start_driver(batch_id, folder)
         return record
 
     def _job_config(self, folder) -> OpenAIBatchConfig:
@@ -450,53 +505,115 @@ class BatchRoutes:
         raise APIError(400, f"{param}: give the audio as a file id, {{'url': ...}} or base64 data", param=param)
 
     # -- progress and finalizing -----------------------------------------------------------------------------
-    def _refresh(self, owner: str, record: dict) -> dict:
-        """The batch as it stands: counts from the job, a dead driver restarted, an ended job finalized."""
+    def _refresh(self, owner: str, record: dict, wait: bool = True) -> dict:
+        """The batch as it stands: counts from the job, a dead driver restarted, an ended job finalized (by one
+        request: `wait`: another's finalize is waited for, up to FINALIZE_WAIT_S)."""
         batch, folder = record["batch"], location(record["folder"], "files")
-        state = self._batch_state()
-        if batch["status"] == "validating" and time.time() > batch["created_at"] + VALIDATION_S:
-            # the replica that validated it went away before it started the job (validation is synchronous)
-            batch.update(status="failed", failed_at=int(time.time()), errors={"object": "list", "data": [
-                {"code": "validation_interrupted", "message": "the endpoint restarted while validating the input; "
-                 "create the batch again", "param": None, "line": None}]})
-            state.put(BATCH, owner, batch["id"], record)
-        if batch["status"] in FINAL or batch["status"] == "validating":
+        if batch["status"] in FINAL:
             return record
+        if batch["status"] == "validating":
+            if time.time() <= batch["created_at"] + VALIDATION_S:
+                return record
+            # the replica that validated it went away before it started the job (validation is synchronous)
+            errors = {"object": "list", "data": [{"code": "validation_interrupted", "message": "the endpoint "
+                      "restarted while validating the input; create the batch again", "param": None, "line": None}]}
+
+            def interrupt(record):
+                if record["batch"]["status"] != "validating":
+                    return None
+                record["batch"].update(status="failed", failed_at=int(time.time()), errors=errors)
+                return record
+
+            return self._update(owner, batch["id"], interrupt)[0]
         end = drivers.ended(folder)
         if end is None:
-            if time.time() > batch["expires_at"] and not cancel_requested(folder):
-                request_cancel(folder)
-                batch["expired_at"] = int(time.time())
-            if not drivers.driver_alive(batch["id"]):
-                self._start_driver(batch["id"], folder)  # resumes at the first block without a result file
-            progress = read_progress(folder)
-            refused_lines = _read_jsonl(folder / REFUSED)
-            batch["request_counts"].update(completed=progress["completed"],
-                                           failed=progress["failed"] + len(refused_lines))
-            state.put(BATCH, owner, batch["id"], record)
-            return record
-        drivers.stop_driver(batch["id"])  # it has ended: free its actor
+            return self._progress(owner, record, folder)
         if end["state"] == "failed":
-            batch.update(status="failed", failed_at=int(time.time()),
-                         errors={"object": "list", "data": [{"code": "batch_failed", "message": end.get("error"),
-                                                             "param": None, "line": None}]})
-            state.put(BATCH, owner, batch["id"], record)
-            return record
-        batch.update(status="finalizing", finalizing_at=int(time.time()))
-        state.put(BATCH, owner, batch["id"], record)
-        self._finalize(owner, record)
-        now = int(time.time())
-        if batch.get("expired_at"):
-            batch.update(status="expired")
-        elif cancel_requested(folder):
-            batch.update(status="cancelled", cancelled_at=now)
-        else:
-            batch.update(status="completed", completed_at=now)
-        state.put(BATCH, owner, batch["id"], record)
+            if record.get("job", True):
+                drivers.stop_driver(batch["id"])  # it has ended: free its actor
+            errors = {"object": "list", "data": [{"code": "batch_failed", "message": end.get("error"),
+                                                  "param": None, "line": None}]}
+
+            def fail(record):
+                record["batch"].update(status="failed", failed_at=int(time.time()), errors=errors)
+                return record
+
+            return self._update(owner, batch["id"], fail)[0]
+        record = self._settle(owner, record, end)
+        if wait:  # another request finalizes it: its answer (the output files), once written
+            deadline = time.monotonic() + FINALIZE_WAIT_S
+            while record["batch"]["status"] == "finalizing" and time.monotonic() < deadline:
+                time.sleep(0.05)
+                record = self._get_batch(owner, batch["id"])
         return record
 
-    def _finalize(self, owner: str, record: dict) -> None:
-        """The output and error files: one line per custom_id the batch ran (or refused), in input order."""
+    def _progress(self, owner: str, record: dict, folder) -> dict:
+        """A running job's counts (never lower than recorded), a dead driver restarted, an expired batch
+        stopped."""
+        batch = record["batch"]
+        expired = time.time() > batch["expires_at"]
+        if expired and not cancel_requested(folder):
+            request_cancel(folder)
+        if record.get("job", True) and not drivers.driver_alive(batch["id"]):
+            self._start_driver(batch["id"], folder)  # resumes at the first block without a result file
+        progress = read_progress(folder)
+        refused_lines = len(_read_jsonl(folder / REFUSED))
+
+        def count(record):
+            batch = record["batch"]
+            if batch["status"] not in ("in_progress", "cancelling"):
+                return None
+            counts = batch["request_counts"]
+            fresh = {**counts, "completed": max(counts["completed"], progress["completed"]),
+                     "failed": max(counts["failed"], progress["failed"] + refused_lines)}
+            expired_at = batch["expired_at"] or (int(time.time()) if expired else None)
+            if fresh == counts and expired_at == batch["expired_at"]:
+                return None
+            batch.update(request_counts=fresh, expired_at=expired_at)
+            return record
+
+        return self._update(owner, batch["id"], count)[0]
+
+    def _settle(self, owner: str, record: dict, end: dict) -> dict:
+        """An ended job's batch finalized once: this request claims it (`finalizing`, by a token of its own)
+        unless another holds the claim, writes the output files and the final status. A claim older than
+        FINALIZE_LEASE_S (its replica lost) is taken over; the files' ids are the same on every finalize."""
+        batch_id, token = record["batch"]["id"], uuid.uuid4().hex
+
+        def claim(record):
+            batch, now = record["batch"], int(time.time())
+            lapsed = batch["status"] == "finalizing" and now > (batch["finalizing_at"] or 0) + FINALIZE_LEASE_S
+            if batch["status"] not in ("in_progress", "cancelling") and not lapsed:
+                return None
+            batch.update(status="finalizing", finalizing_at=now)
+            record["finalizer"] = token
+            return record
+
+        record, claimed = self._update(owner, batch_id, claim)
+        if not claimed:
+            return record
+        if record.get("job", True):
+            drivers.stop_driver(batch_id)  # it has ended: free its actor
+        fields = self._finalize(owner, record)
+
+        def finish(record):
+            batch, now = record["batch"], int(time.time())
+            if batch["status"] != "finalizing" or record.get("finalizer") != token:
+                return None  # taken over (this request was slower than the lease)
+            if batch["expired_at"]:
+                batch.update(status="expired")
+            elif batch["cancelling_at"] or end["state"] == "cancelled":
+                batch.update(status="cancelled", cancelled_at=now)
+            else:
+                batch.update(status="completed", completed_at=now)
+            batch.update(fields)
+            return record
+
+        return self._update(owner, batch_id, finish)[0]
+
+    def _finalize(self, owner: str, record: dict) -> dict:
+        """The output and error files: one line per custom_id the batch ran (or refused), in input order. The
+        batch's fields for them (their file ids, the final counts)."""
         batch, folder = record["batch"], location(record["folder"], "files")
         files = self._file_store()
         specs = {s["custom_id"]: s for s in read_specs(folder)}
@@ -514,15 +631,16 @@ class BatchRoutes:
         lines.sort(key=lambda x: x[0])
         outputs = [ln for _, ok, ln in lines if ok]
         errors = [ln for _, ok, ln in lines if not ok]
-        counts = {"total": batch["request_counts"]["total"], "completed": len(outputs), "failed": len(errors)}
+        fields = {"request_counts": {"total": batch["request_counts"]["total"], "completed": len(outputs),
+                                     "failed": len(errors)}}
         for kind, chosen, key in (("output", outputs, "output_file_id"), ("error", errors, "error_file_id")):
             if not chosen and kind == "error":
                 continue
             data = "".join(json.dumps(ln, ensure_ascii=False) + "\n" for ln in chosen).encode()
             obj = files.create(owner, data, f"{batch['id']}_{kind}.jsonl", "batch_output",
                                file_id=_derived_id(batch["id"], kind))
-            batch[key] = obj["id"]
-        batch["request_counts"] = counts
+            fields[key] = obj["id"]
+        return fields
 
     def _response_body(self, owner: str, batch_id: str, spec: dict, row: dict, files: FileStore):
         """The online route's response body for a result row (spoken audio as a file of its own)."""
@@ -595,6 +713,11 @@ def _line(batch_id: str, custom_id: str, status: int, body) -> dict:
         error = {"code": inner.get("code") or inner.get("type"), "message": inner.get("message")}
     return {"id": f"batch_req_{digest[:24]}", "custom_id": custom_id,
             "response": {"status_code": status, "request_id": f"req_{digest[24:48]}", "body": body}, "error": error}
+
+
+def _forward(old: str, new: str) -> bool:
+    """Whether a batch may go from status `old` to `new`: only onwards, and never from a final status."""
+    return old == new or (old not in FINAL and STAGES[new] > STAGES[old])
 
 
 def _row_error(row: dict) -> tuple[int, dict]:
