@@ -3,11 +3,13 @@ compare-and-set of the state store, moving the batch only forward): a cancel rac
 whose job has ended, and many retrieves finalizing one batch at once, round after round on threads. The ingress
 class in process (tests/serve_testing.local_ingress: no Ray, no Serve) over a SQLite state store and a files
 folder of the module's own; the batches' lines are all refused at validation, so no job runs (the run folder
-says it ended at once) and every retrieve races to finalize."""
+says it ended at once) and every retrieve races to finalize. One slow test runs a real job (its driver on the
+session's Ray) and races a cancel with the polls that refresh its counts."""
 from __future__ import annotations
 
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from unittest import mock
@@ -29,14 +31,16 @@ REFUSED = [line("bad-url", "/v1/embeddings", {"model": "vita-audio", "input": "x
 def client(tiny_models, tmp_path_factory):
     from ray import serve
 
+    from serve.app import Args
     from serve.state import open_store
 
     root = tmp_path_factory.mktemp("batch-records")
-    # no stage is called: every line is refused before a job would run
+    args = Args.model_validate({"models": str(tiny_models), "files": str(root / "files"), "batch_block_size": 2})
+    # no stage of this process is called: a batch's lines are refused, or run by its driver (the job's own pool)
     with local_ingress(tiny_models, pipe=SimpleNamespace(clients={})) as client:
         ingress = serve.get_replica_context().servable_object  # the class as a replica builds it (in process)
         ingress.state = open_store(root / "state")  # SQLite in a folder, as the replicas of one machine share it
-        ingress.batch_settings = {"files": str(root / "files")}
+        ingress.batch_settings = args.batch_settings()
         yield client
         ingress.state.close()
 
@@ -57,8 +61,8 @@ def finalizes():
         yield counts
 
 
-def _create(client) -> dict:
-    data = "".join(json.dumps(ln) + "\n" for ln in REFUSED).encode()
+def _create(client, lines=REFUSED) -> dict:
+    data = "".join(json.dumps(ln) + "\n" for ln in lines).encode()
     source = client.post("/v1/files", files={"file": ("requests.jsonl", data)}, data={"purpose": "batch"})
     assert source.status_code == 200, source.text
     batch = client.post("/v1/batches", json={"input_file_id": source.json()["id"], "endpoint": "/v1/audio/speech",
@@ -66,6 +70,14 @@ def _create(client) -> dict:
     assert batch.status_code == 200, batch.text
     assert batch.json()["status"] == "in_progress", batch.json()
     return batch.json()
+
+
+def _end(client, batch_id: str, timeout_s: float = 300) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while (batch := client.get(f"/v1/batches/{batch_id}").json())["status"] not in FINAL:
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+    return batch
 
 
 def _at_once(calls: list) -> list:
@@ -148,3 +160,41 @@ def test_concurrent_finalizes_write_one_answer(client, finalizes):
         assert sorted(json.loads(ln)["custom_id"] for ln in errors.text.splitlines()) == \
             sorted(ln["custom_id"] for ln in REFUSED)
         assert client.get(f"/v1/files/{answers[0]['output_file_id']}/content").text == ""
+
+
+@pytest.mark.slow
+def test_a_cancel_racing_polls_of_a_running_job(ray_session, client, finalizes):
+    """A batch whose job runs (its driver on the session's Ray, blocks of 2 lines): a cancel and POLLERS pollers
+    at once while the job runs, the polls refreshing the counts from the run folder. No poll writes
+    `in_progress` over the cancel: every poller's answers only go forward, no poll sent after the cancel
+    answered `cancelling` reads `in_progress`, and the batch ends `cancelled`, finalized once, with whole
+    blocks of lines done."""
+    lines = [line(f"s-{i:02d}", "/v1/audio/speech", {"model": "vita-audio", "input": f"Sentence number {i}.",
+                                                   "voice": "alloy", "max_new_tokens": 48}) for i in range(24)]
+    batch_id = _create(client, lines)["id"]
+    cancelled_at = []
+
+    def cancel():
+        answer = client.post(f"/v1/batches/{batch_id}/cancel")
+        cancelled_at.append(time.monotonic())
+        return answer
+
+    def poll():
+        answers = []
+        for _ in range(10):
+            sent = time.monotonic()
+            answer = client.get(f"/v1/batches/{batch_id}")
+            assert answer.status_code == 200, answer.text
+            answers.append((sent, answer.json()))
+        return answers
+
+    cancelled, *polls = _at_once([cancel] + [poll] * POLLERS)
+    assert cancelled.status_code == 200, cancelled.text
+    assert cancelled.json()["status"] == "cancelling", cancelled.json()  # 24 lines do not end that soon
+    for answers in polls:
+        _monotonic([a for _, a in answers])
+        assert all(a["status"] != "in_progress" for sent, a in answers if sent > cancelled_at[0])
+    end = _end(client, batch_id)
+    assert end["status"] == "cancelled" and end["cancelled_at"], end
+    assert end["request_counts"]["completed"] % 2 == 0 and end["request_counts"]["completed"] < 24, end
+    assert finalizes[batch_id] == 1
