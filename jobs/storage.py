@@ -292,16 +292,13 @@ class ObjectPath:
 def write_atomic(path, data) -> None:
     """Write text, bytes, a binary file object (copied in chunks, never whole in memory: an upload) or a pyarrow
     Table (as Parquet) so that `path` is never seen part-written: the data goes to a temporary file beside it
-    (`.NAME.tmp` locally, `.NAME.<token>.tmp` on an object store), moved into place once whole and deleted if the
+    (`.NAME.<token>.tmp`: two writers never share one), moved into place once whole and deleted if the
     write fails (a reader that raises part-way, a store that refuses). Locally the move is a rename; on an object
     store a copy and a delete, so the final key appears whole or not at all (pyarrow's output stream cannot abort:
     closing it completes what was uploaded, which must not happen at the final key). A killed writer can leave a
     temporary file (`jobs.run_folder.clear_temporaries` removes them)."""
-    if isinstance(path, ObjectPath):
-        temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # two writers never share one
-    else:
-        path = Path(path)
-        temp = path.with_name(f".{path.name}.tmp")
+    path = path if isinstance(path, ObjectPath) else Path(path)
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # two writers never share one
     try:
         with _open_output(temp) as out:
             if hasattr(data, "read"):
