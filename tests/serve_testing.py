@@ -56,7 +56,8 @@ def local_pipeline(tiny_models):
 def local_ingress(models, pipe=None, **args):
     """The ingress' FastAPI app in this process, no Ray and no Serve: the `Ingress` class (its routes, checks
     and request policy as deployed) over a LocalPipeline's stage clients, behind a Starlette TestClient (HTTP
-    and the realtime WebSocket). `pipe`: a LocalPipeline of `models` to reuse; `args`: Serve app args."""
+    and the realtime WebSocket). `pipe`: a LocalPipeline of `models` to reuse; `args`: Serve app args (`state`:
+    this process' memory unless given, so a test leaves nothing behind)."""
     from types import SimpleNamespace
     from unittest import mock
 
@@ -76,8 +77,9 @@ def local_ingress(models, pipe=None, **args):
         if pipe is None:
             pipe = stack.enter_context(local_pipeline(models))
         config = args.pipeline_config()
-        ingress = Ingress.__mro__[1](None, None, None, args.caps(), args.api_key, Limits.of(config),
-                                     config.llm.path)  # the class under @serve.ingress, as a replica builds it
+        ingress = Ingress.__mro__[1](None, None, None, args.caps(), args.api_key, Limits.of(config), config.llm.path,
+                                     api_keys_file=args.api_keys_file, state=args.state or "memory",
+                                     batch=args.batch_settings())  # the class under @serve.ingress, as serve.app builds it
         ingress.clients = pipe.clients
         replica = SimpleNamespace(servable_object=ingress)  # what Serve's route dependency asks for
         stack.enter_context(mock.patch.object(serve, "get_replica_context", lambda: replica))

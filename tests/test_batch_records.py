@@ -31,16 +31,12 @@ REFUSED = [line("bad-url", "/v1/embeddings", {"model": "vita-audio", "input": "x
 def client(tiny_models, tmp_path_factory):
     from ray import serve
 
-    from serve.app import Args
-    from serve.state import open_store
-
     root = tmp_path_factory.mktemp("batch-records")
-    args = Args.model_validate({"models": str(tiny_models), "files": str(root / "files"), "batch_block_size": 2})
-    # no stage of this process is called: a batch's lines are refused, or run by its driver (the job's own pool)
-    with local_ingress(tiny_models, pipe=SimpleNamespace(clients={})) as client:
+    # no stage of this process is called: a batch's lines are refused, or run by its driver (the job's own pool);
+    # the state store is SQLite in a folder, as the replicas of one machine share it
+    with local_ingress(tiny_models, pipe=SimpleNamespace(clients={}), files=str(root / "files"),
+                       state=str(root / "state"), batch_block_size=2) as client:
         ingress = serve.get_replica_context().servable_object  # the class as a replica builds it (in process)
-        ingress.state = open_store(root / "state")  # SQLite in a folder, as the replicas of one machine share it
-        ingress.batch_settings = args.batch_settings()
         yield client
         ingress.state.close()
 
